@@ -1,0 +1,1 @@
+"""sa2crq components: data, tokenizers, retriever, metrics. Flows and stages call these."""

@@ -1,0 +1,136 @@
+"""The `sa2crq` command: every subcommand calls the same step functions as DVC and Prefect."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import subprocess
+import sys
+from typing import Callable
+
+from components.runtime_env import set_offline_defaults
+
+EPILOG = """examples:
+  sa2crq run                             whole pipeline on the default dataset (dvc repro), prints the report path
+  sa2crq run --dataset climate-fever     the same pipeline on the search dataset
+  sa2crq stage prepare                   one step, as DVC runs it
+  sa2crq stage train_head -s tokenizer.sarq.tau=4   one step with a param override
+  sa2crq retrain --new-items new.jsonl   give new items SIDs, fine-tune, check, promote
+  sa2crq candidates --a outputs/ab/A --b outputs --queries q.parquet
+  sa2crq sweep --grid tokenizer.sarq.tau=[3,6] --grid seed=[0,1]
+"""
+
+
+def _load(spec: str) -> Callable:
+    module, func = spec.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _params(args: argparse.Namespace) -> dict:
+    from components.config import load_params
+
+    return load_params(args.params, args.set)
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from components.stages import get_step
+
+    summary = get_step(args.name)(_params(args))
+    print(json.dumps(summary or {}, indent=2, default=str))
+    return 0
+
+
+def cmd_steps(args: argparse.Namespace) -> int:
+    from components.stages import STEPS
+
+    for name, spec in STEPS.items():
+        print(f"{name:16s} {spec}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the DVC pipeline; --dataset / --profile / -s are passed as dvc exp params."""
+    sets = list(args.set)
+    if args.dataset:
+        sets.append(f"dataset={args.dataset}")
+    if args.profile:
+        sets.append(f"profile={args.profile}")
+    if sets:
+        cmd = ["dvc", "exp", "run"] + [x for s in sets for x in ("-S", s)]
+    else:
+        cmd = ["dvc", "repro"]
+    print("+", " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd)
+    if rc == 0:
+        print("\nreport: outputs/report/report.md (and report.html); metrics: `dvc metrics show`")
+    return rc
+
+
+def cmd_flow(spec: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        result = _load(spec)(params=_params(args), **{k: v for k, v in vars(args).items() if k.startswith("opt_")})
+        print(json.dumps(result or {}, indent=2, default=str))
+        return 0
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sa2crq",
+        description="Generative retrieval with adaptive semantic IDs (SA2CRQ): data, tokenizers, retriever, evaluation.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    common.add_argument("-s", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, e.g. -s tokenizer.sarq.tau=4 (repeatable)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("run", parents=[common], help="run the whole pipeline through DVC and print where the report is")
+    s.add_argument("--dataset", help="amazon-scientific (default) | climate-fever | generic")
+    s.add_argument("--profile", help="default | smoke (a small slice, few epochs)")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("stage", parents=[common], help="run one pipeline step (what each DVC stage calls)")
+    s.add_argument("name", help="step name; `sa2crq steps` lists them")
+    s.set_defaults(func=cmd_stage)
+
+    s = sub.add_parser("steps", help="list the pipeline steps and the functions behind them")
+    s.set_defaults(func=cmd_steps)
+
+    s = sub.add_parser("retrain", parents=[common], help="assign SIDs to new items, fine-tune with replay, check, promote")
+    s.add_argument("--new-items", dest="opt_new_items", required=True, metavar="FILE",
+                   help="new items in the data contract's item format (parquet / csv / jsonl)")
+    s.set_defaults(func=cmd_flow("flows.retrain_flow:retrain_flow"))
+
+    s = sub.add_parser("candidates", parents=[common], help="write per-query top-K candidates for an A/B test")
+    s.add_argument("--a", dest="opt_a", required=True, help="model version A (an output folder)")
+    s.add_argument("--b", dest="opt_b", required=True, help="model version B (an output folder)")
+    s.add_argument("--queries", dest="opt_queries", required=True, metavar="FILE", help="queries (data contract format)")
+    s.add_argument("--k", dest="opt_k", type=int, default=100, help="candidates per query (default 100)")
+    s.add_argument("--out", dest="opt_out", default="outputs/ab", help="output folder (default outputs/ab)")
+    s.set_defaults(func=cmd_flow("flows.candidates_flow:candidates_flow"))
+
+    s = sub.add_parser("sweep", parents=[common], help="run a grid of params points in parallel and gather one table")
+    s.add_argument("--grid", dest="opt_grid", action="append", default=[], metavar="KEY=[V1,V2]",
+                   help="a swept param, e.g. --grid tokenizer.sarq.tau=[3,6] (repeatable)")
+    s.set_defaults(func=cmd_flow("flows.sweep_flow:sweep_flow"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    set_offline_defaults()
+    args = build_parser().parse_args(argv)
+    from components.errors import ConfigError, DataError
+
+    try:
+        return args.func(args)
+    except (DataError, ConfigError, FileNotFoundError, KeyError) as exc:
+        print(f"sa2crq: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

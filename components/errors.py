@@ -1,0 +1,27 @@
+"""One error type for bad user input, so the CLI can print it plainly and exit non-zero."""
+from __future__ import annotations
+
+from typing import Iterable
+
+
+class DataError(ValueError):
+    """Bad input data: names the file, the column and the first offending rows."""
+
+    def __init__(self, file: str, message: str, column: str | None = None, rows: Iterable | None = None):
+        self.file = str(file)
+        self.column = column
+        self.rows = list(rows)[:5] if rows is not None else []
+        where = f"{self.file}"
+        if column is not None:
+            where += f", column '{column}'"
+        if self.rows:
+            where += f", rows {self.rows}"
+        super().__init__(f"{where}: {message}")
+
+
+class ConfigError(ValueError):
+    """A params.yaml value that cannot work, named by its key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"params.yaml '{key}': {message}")
