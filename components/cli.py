@@ -35,7 +35,8 @@ def _params(args: argparse.Namespace) -> dict:
 def cmd_stage(args: argparse.Namespace) -> int:
     from components.stages import get_step
 
-    summary = get_step(args.name)(_params(args))
+    params = _params(args)
+    summary = get_step(args.name)(params)
     print(json.dumps(summary or {}, indent=2, default=str))
     return 0
 

@@ -1,0 +1,238 @@
+"""Trie-constrained beam search: ours against two peers on the same model weights.
+
+Model: components.retriever.RetrieverModel with backbone `t5` (a T5ForConditionalGeneration
+built from a T5Config, random init, sizes from params.yaml `retriever`), text queries
+(synthetic 384-d query vectors -> the model's own query projection). Random weights do not
+change the work a beam search does: every step scores all live beams and masks by the trie.
+  ours      components.retriever.decode -> constrained_decoding.beam_search (vectorised trie
+            tables; with T5 the model recomputes the 1-3 token SID prefix each step);
+  hf        the same T5 weights through transformers `generate(num_beams=B,
+            prefix_allowed_tokens_fn=...)` with a precomputed prefix -> allowed-tokens dict
+            (the usual GENRE/TIGER recipe), length_penalty=0 (summed log-probs, like ours);
+  dicttrie  a plain Python beam search with a dict trie over the same T5 (encoder run once,
+            each step one batched forward over all live beams, then Python loops over
+            beams and trie children). It scores exactly like ours, so its output must equal
+            ours: the `agree_*` columns check that.
+  ours-small  our default backbone (`small`: own Transformer with a KV cache), no HF twin,
+            same search code: shows what the pipeline's default model costs.
+Latency: batch 1 = per-query wall time over many queries; batch 64 = wall time of one
+batch call (each query waits for its batch); q/s = queries / median batch time.
+SID table: outputs/sids/sid_table.parquet when present, else a synthetic SARQ-like table
+(4,344 items, codebook sizes 64/128/256, lengths 1-3; bench.common.synthetic_sid_table).
+
+    .venv/bin/python bench/bench_decoding.py [--beams 20 100] [--batches 1 64] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import heapq
+import time
+
+import numpy as np
+import torch
+
+from common import (ROOT, clustered_embeddings, load_real_sid_table, print_table, set_threads, stats, synthetic_sid_table,
+                    write_result)
+
+SIZES = (64, 128, 256)
+
+
+def build_model(backbone: str, sids: list[tuple[int, ...]], seed: int):
+    """A RetrieverModel over `sids` with params.yaml's retriever sizes and the given backbone."""
+    from components.config import load_params
+    from components.retriever import RetrieverModel, model_config
+    from components.sid_vocab import SidCatalog
+
+    rp = dict(load_params(ROOT / "params.yaml")["retriever"], backbone=backbone)
+    torch.manual_seed(seed)
+    model = RetrieverModel(model_config(rp, SIZES, 384, 20)).eval()
+    n = len(sids)
+    catalog = SidCatalog.build(np.array([f"i{i}" for i in range(n)], dtype=object), np.ones(n, np.int64),
+                               [list(s) for s in sids], len(SIZES))
+    model.attach_catalog(catalog)
+    return model
+
+
+def text_batch(x: np.ndarray) -> dict:
+    t = torch.from_numpy(np.ascontiguousarray(x))[:, None, :]
+    return {"kind": "text", "x": t, "mask": torch.ones(t.shape[:2], dtype=torch.bool)}
+
+
+# ---- peer (a): Hugging Face generate + prefix_allowed_tokens_fn ---------------------------------
+def allowed_tokens_dict(sids: list[tuple[int, ...]], vocab) -> dict[tuple[int, ...], list[int]]:
+    """Decoder token prefix (BOS first) -> allowed next token ids (END where an issued SID ends)."""
+    from components.sid_vocab import BOS, END
+
+    nxt: dict[tuple[int, ...], set[int]] = {}
+    for sid in set(sids):
+        toks = (BOS, *(vocab.offsets[d] + c for d, c in enumerate(sid)))
+        for t in range(1, len(toks)):
+            nxt.setdefault(toks[:t], set()).add(toks[t])
+        if len(sid) < vocab.max_len:
+            nxt.setdefault(toks, set()).add(END)
+    return {k: sorted(v) for k, v in nxt.items()}
+
+
+def hf_generate(model, batch: dict, beam: int, allowed: dict[tuple[int, ...], list[int]]) -> list[list[tuple[int, ...]]]:
+    from components.sid_vocab import BOS, END, PAD
+
+    fallback = [END]
+
+    def prefix_fn(_batch_id: int, input_ids: torch.Tensor) -> list[int]:
+        return allowed.get(tuple(input_ids.tolist()), fallback)
+
+    with torch.inference_mode():
+        memory, mask = model.query(batch)
+        out = model.backbone.model.generate(
+            inputs_embeds=memory, attention_mask=mask.long(), num_beams=beam, num_return_sequences=beam,
+            max_new_tokens=model.vocab.max_len, prefix_allowed_tokens_fn=prefix_fn, do_sample=False,
+            length_penalty=0.0, early_stopping=True, decoder_start_token_id=BOS, eos_token_id=END, pad_token_id=PAD)
+    offsets = model.vocab.offsets
+    seqs = []
+    for row in out.tolist():
+        codes = []
+        for d, tok in enumerate(row[1:]):
+            if tok in (END, PAD):
+                break
+            codes.append(tok - offsets[d])
+        seqs.append(tuple(codes))
+    return [seqs[q * beam:(q + 1) * beam] for q in range(len(seqs) // beam)]
+
+
+# ---- peer (b): plain Python dict-trie beam search over the same T5 --------------------------------
+def dict_trie(sids: list[tuple[int, ...]]) -> tuple[dict[tuple[int, ...], list[int]], set[tuple[int, ...]]]:
+    """Code prefix -> child codes, and the set of issued SIDs."""
+    children: dict[tuple[int, ...], set[int]] = {}
+    for sid in set(sids):
+        for t in range(len(sid)):
+            children.setdefault(sid[:t], set()).add(sid[t])
+    return {k: sorted(v) for k, v in children.items()}, set(sids)
+
+
+def dict_trie_beam_search(model, batch: dict, beam: int, trie: tuple[dict, set]) -> list[list[tuple[int, ...]]]:
+    """Beam search with Python lists and a dict trie; finished SIDs compete with live beams
+    (same rule as ours), scores = log-softmax over the depth's layer columns (same as ours)."""
+    from components.sid_vocab import BOS
+
+    children, issued = trie
+    vocab = model.vocab
+    t5 = model.backbone.model
+    with torch.inference_mode():
+        memory, mask = model.query(batch)
+        enc = t5.get_encoder()(inputs_embeds=memory, attention_mask=mask.long()).last_hidden_state
+        n = enc.shape[0]
+        live: list[list[tuple[float, tuple[int, ...]]]] = [[(0.0, ())] for _ in range(n)]
+        done: list[list[tuple[float, tuple[int, ...]]]] = [[] for _ in range(n)]
+        for depth in range(vocab.max_len):
+            owners = [q for q in range(n) for _ in live[q]]
+            if not owners:
+                break
+            prefixes = [p for q in range(n) for _, p in live[q]]
+            dec = torch.tensor([[BOS, *(vocab.offsets[d] + c for d, c in enumerate(p))] for p in prefixes])
+            own = torch.tensor(owners)
+            logits = t5(encoder_outputs=(enc[own],), attention_mask=mask.long()[own], decoder_input_ids=dec,
+                        use_cache=False).logits[:, -1]
+            cols = torch.from_numpy(vocab.layer_columns(depth))
+            logp = (logits[:, cols] + model.layer_bias[depth, cols]).log_softmax(-1).numpy()
+            end_col = len(cols) - 1
+            row = 0
+            for q in range(n):
+                cand = [(s, p, True) for s, p in done[q]]
+                for score, prefix in live[q]:
+                    lp = logp[row]
+                    row += 1
+                    for c in children.get(prefix, ()):
+                        cand.append((score + float(lp[c]), prefix + (c,), False))
+                    if depth > 0 and prefix in issued:
+                        cand.append((score + float(lp[end_col]), prefix, True))
+                top = heapq.nlargest(beam, cand, key=lambda c: c[0])
+                done[q] = [(s, p) for s, p, fin in top if fin or len(p) == vocab.max_len]
+                live[q] = [(s, p) for s, p, fin in top if not fin and len(p) < vocab.max_len]
+    out = []
+    for q in range(n):
+        final = sorted(done[q] + live[q], key=lambda c: -c[0])[:beam]
+        out.append([p for _, p in final])
+    return out
+
+
+def ours(model, batch: dict, beam: int) -> list[list[tuple[int, ...]]]:
+    from components.retriever import decode
+
+    return decode(model, batch, beam).to_lists()[0]
+
+
+# ---- harness ---------------------------------------------------------------------------------------
+def measure(fn, queries: np.ndarray, batch: int, n_calls: int) -> tuple[dict, list]:
+    """Call fn on `n_calls` consecutive batches (one warm-up call first); return latency stats."""
+    fn(text_batch(queries[:batch]))
+    times, outs = [], []
+    for i in range(n_calls):
+        sl = queries[(i * batch) % len(queries):][:batch]
+        t0 = time.perf_counter()
+        outs.extend(fn(text_batch(sl)))
+        times.append(time.perf_counter() - t0)
+    s = stats(times)
+    return {"lat_p50_ms": 1e3 * s["p50"], "lat_p99_ms": 1e3 * s["p99"], "qps": batch / s["p50"], "calls": s["n"]}, outs
+
+
+def agreement(a: list[list[tuple]], b: list[list[tuple]]) -> tuple[float, float]:
+    """(share of queries with the same top-1 SID, mean overlap of the returned SID sets)."""
+    n = min(len(a), len(b))
+    top1 = np.mean([bool(a[i]) and bool(b[i]) and a[i][0] == b[i][0] for i in range(n)])
+    overlap = np.mean([len(set(a[i]) & set(b[i])) / max(1, len(set(a[i]) | set(b[i]))) for i in range(n)])
+    return float(top1), float(overlap)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--beams", type=int, nargs="+", default=[20, 100])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ours-calls", type=int, nargs=2, default=[200, 10], metavar=("B1", "B64"),
+                    help="timed calls for ours at batch 1 / larger batches")
+    ap.add_argument("--peer-calls", type=int, nargs=2, default=[30, 3], metavar=("B1", "B64"),
+                    help="timed calls for the peers at batch 1 / larger batches")
+    args = ap.parse_args()
+    set_threads(args.threads)
+    sids = load_real_sid_table()
+    source = "outputs/sids/sid_table.parquet"
+    if sids is None:
+        sids, source = synthetic_sid_table(4344, SIZES, seed=args.seed), "synthetic (4344 items, 64/128/256, len 1-3)"
+    queries = clustered_embeddings(2000, seed=args.seed + 1)
+    t5 = build_model("t5", sids, args.seed)
+    small = build_model("small", sids, args.seed)
+    allowed = allowed_tokens_dict(sids, t5.vocab)
+    trie = dict_trie(sids)
+    methods = {
+        "ours": lambda b, B: ours(t5, b, B),
+        "hf": lambda b, B: hf_generate(t5, b, B, allowed),
+        "dicttrie": lambda b, B: dict_trie_beam_search(t5, b, B, trie),
+        "ours-small": lambda b, B: ours(small, b, B),
+    }
+    rows = []
+    for B in args.beams:
+        for bs in args.batches:
+            outs = {}
+            for name, fn in methods.items():
+                peer = name in ("hf", "dicttrie")
+                calls = (args.peer_calls if peer else args.ours_calls)[0 if bs == 1 else 1]
+                res, outs[name] = measure(lambda b, fn=fn: fn(b, B), queries, bs, calls)
+                rows.append({"beam": B, "batch": bs, "method": name, **res})
+                print(f"  B={B} batch={bs} {name}: {res}", flush=True)
+            ours_qps = next(r["qps"] for r in rows if r["beam"] == B and r["batch"] == bs and r["method"] == "ours")
+            for r in rows:
+                if r["beam"] == B and r["batch"] == bs:
+                    r["ours_speedup"] = ours_qps / r["qps"]
+                    if r["method"] in ("hf", "dicttrie"):
+                        r["agree_top1"], r["agree_set"] = agreement(outs["ours"], outs[r["method"]])
+    cols = ["beam", "batch", "method", "lat_p50_ms", "lat_p99_ms", "qps", "ours_speedup", "agree_top1", "agree_set",
+            "calls"]
+    print_table(rows, cols, f"Constrained beam search, {len(set(sids))} distinct SIDs ({source}), {args.threads} threads")
+    path = write_result("decoding", {"config": {**vars(args), "sid_table": source, "n_items": len(sids),
+                                                "n_sids": len(set(sids)), "codebook_sizes": SIZES}, "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

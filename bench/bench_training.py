@@ -1,0 +1,152 @@
+"""RQ-VAE epoch time: our components.rqvae against vector-quantize-pytorch's ResidualVQ.
+
+Same sizes on both sides: 384 -> MLP [256, 128] -> 64-dim latent, codebooks (64, 128, 256),
+batch 256, Adam lr 1e-3, beta 0.25, on synthetic clustered embeddings (bench.common).
+Rows:
+  ours/lightning  components.rqvae.fit: the tokenizer as the pipeline trains it (Lightning,
+                  dead-code re-seeding, epoch-end bookkeeping);
+  ours/plain      the same RQVAE.losses in a bare PyTorch loop (isolates Lightning overhead);
+  vqtorch         the same MLPs around vector_quantize_pytorch.ResidualVQ (its default EMA
+                  codebooks, k-means init, dead-code replacement) in a bare PyTorch loop.
+Epoch time = median over the timed epochs after one warm-up epoch.
+
+    .venv/bin/python bench/bench_training.py [--n 50000] [--epochs 4] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch import nn
+
+from common import clustered_embeddings, print_table, set_threads, stats, write_result
+
+SIZES = (64, 128, 256)
+HIDDEN = [256, 128]
+LATENT = 64
+BATCH = 256
+LR = 1e-3
+BETA = 0.25
+
+
+def _batches(n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return list(torch.randperm(n, generator=g).split(BATCH))
+
+
+def ours_model(x: torch.Tensor, seed: int, cls: type | None = None):
+    """Our RQVAE (or a subclass), k-means initialised from the encoded data as the pipeline does."""
+    from components.quantizer import ResidualQuantizer, init_rows_kmeans
+    from components.rqvae import RQVAE, TrainSpec
+
+    torch.manual_seed(seed)
+    model = (cls or RQVAE)(x.shape[1], HIDDEN, LATENT, ResidualQuantizer(list(SIZES), LATENT))
+    model.spec = TrainSpec(epochs=1, batch_size=BATCH, lr=LR, beta=BETA, reseed_every=5, seed=seed)
+    with torch.no_grad():
+        init_rows_kmeans(model.quantizer, model.encoder(x), seed=seed, niter=10)
+    return model
+
+
+def time_ours_lightning(x: torch.Tensor, epochs: int, seed: int) -> list[float]:
+    """Per-epoch wall times of components.rqvae.fit, recorded by epoch hooks."""
+    from components.rqvae import RQVAE, TrainSpec, fit
+
+    marks: list[float] = []
+
+    class Timed(RQVAE):
+        def on_train_epoch_start(self) -> None:
+            marks.append(time.perf_counter())
+            super().on_train_epoch_start()
+
+        def on_train_epoch_end(self) -> None:
+            super().on_train_epoch_end()
+            marks.append(time.perf_counter())
+
+    model = ours_model(x, seed, Timed)
+    spec = TrainSpec(epochs=epochs + 1, batch_size=BATCH, lr=LR, beta=BETA, reseed_every=5, seed=seed)
+    fit(model, x, spec, sarq=None, init_kmeans=False, progress=False)
+    per_epoch = [marks[i + 1] - marks[i] for i in range(0, len(marks), 2)]
+    return per_epoch[1:]
+
+
+def time_ours_plain(x: torch.Tensor, epochs: int, seed: int) -> list[float]:
+    """RQVAE.losses in a bare loop: the model's own cost without the trainer."""
+    model = ours_model(x, seed)
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=LR)
+    out = []
+    for epoch in range(epochs + 1):
+        t0 = time.perf_counter()
+        for idx in _batches(len(x), seed + epoch):
+            loss = model.losses(x[idx])["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        out.append(time.perf_counter() - t0)
+    return out[1:]
+
+
+class VQTorchRQVAE(nn.Module):
+    """The same MLP encoder / decoder around vector-quantize-pytorch's ResidualVQ."""
+
+    def __init__(self, in_dim: int):
+        super().__init__()
+        from components.rqvae import mlp
+        from vector_quantize_pytorch import ResidualVQ
+
+        self.encoder = mlp([in_dim, *HIDDEN, LATENT])
+        self.decoder = mlp([LATENT, *reversed(HIDDEN), in_dim])
+        self.rvq = ResidualVQ(dim=LATENT, codebook_size=SIZES, kmeans_init=True, kmeans_iters=10,
+                              threshold_ema_dead_code=2, commitment_weight=BETA)
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.encoder(x)
+        z_hat, _codes, commit = self.rvq(z)
+        return ((x - self.decoder(z_hat)) ** 2).sum(1).mean() + commit.sum()
+
+
+def time_vqtorch(x: torch.Tensor, epochs: int, seed: int) -> list[float]:
+    torch.manual_seed(seed)
+    model = VQTorchRQVAE(x.shape[1])
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    out = []
+    for epoch in range(epochs + 1):
+        t0 = time.perf_counter()
+        for idx in _batches(len(x), seed + epoch):
+            loss = model.loss(x[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        out.append(time.perf_counter() - t0)
+    return out[1:]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=50_000, help="synthetic training items")
+    ap.add_argument("--epochs", type=int, default=4, help="timed epochs per method (after 1 warm-up)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    set_threads(args.threads)
+    x = torch.from_numpy(clustered_embeddings(args.n, seed=args.seed))
+    rows = []
+    for name, fn in (("vqtorch", time_vqtorch), ("ours/plain", time_ours_plain), ("ours/lightning", time_ours_lightning)):
+        s = stats(fn(x, args.epochs, args.seed))
+        rows.append({"method": name, "epoch_s_p50": s["p50"], "epoch_s_min": s["min"], "epochs": s["n"],
+                     "items_per_s": args.n / s["p50"]})
+    peer = rows[0]["epoch_s_p50"]
+    for r in rows:
+        r["speedup_vs_vqtorch"] = peer / r["epoch_s_p50"]
+    cols = ["method", "epoch_s_p50", "epoch_s_min", "items_per_s", "speedup_vs_vqtorch", "epochs"]
+    print_table(rows, cols, f"RQ-VAE epoch time, {args.n} synthetic items, batch {BATCH}, {args.threads} threads")
+    path = write_result("training", {"config": {**vars(args), "sizes": SIZES, "hidden": HIDDEN, "latent": LATENT,
+                                                "batch": BATCH, "data": "synthetic clustered (bench.common)"},
+                                     "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

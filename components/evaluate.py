@@ -1,0 +1,240 @@
+"""The `evaluate` step: the trained generative retriever and the baselines on the test split.
+
+Writes eval/results.json (per method and group: metrics with 95% CIs), eval/deciles.json,
+metrics/eval.json (headline numbers for `dvc metrics show`), report/report.md + .html and
+plots/eval_*.png, and logs the same to Weights & Biases (offline unless wandb.mode says
+otherwise; WANDB_MODE=disabled turns it off).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from components.atomic import write_json
+from components.config import out_path, params_hash
+from components.errors import ConfigError, DataError
+from components.metrics import GROUPS, evaluate_ranked, hallucination_per_query, recall_by_popularity_decile
+from components.runtime_env import set_offline_defaults
+
+BASELINES = ("bm25", "dense", "popular", "two_tower")
+HEADLINE = ("recall@{k}", "ndcg@{k}", "mrr@{k}", "recall@all", "ret_per", "hallucination")
+
+
+@dataclass
+class EvalInputs:
+    """What the evaluation reads from earlier steps (paths relative to out_dir)."""
+
+    items: pd.DataFrame
+    train: pd.DataFrame
+    test: pd.DataFrame
+    item_emb: np.ndarray
+    query_emb: np.ndarray | None
+
+
+def load_eval_inputs(params: dict) -> EvalInputs:
+    """Read prepared items/queries and embeddings; fail with the file's name when one is off."""
+    root = out_path(params)
+    items = pd.read_parquet(root / "prepared" / "items.parquet")
+    queries = pd.read_parquet(root / "prepared" / "queries.parquet")
+    item_emb = np.load(root / "embeddings" / "items.npy").astype(np.float32, copy=False)
+    q_path = root / "embeddings" / "queries.npy"
+    query_emb = np.load(q_path).astype(np.float32, copy=False) if q_path.exists() else None
+    if len(item_emb) != len(items):
+        raise DataError(root / "embeddings" / "items.npy",
+                        f"{len(item_emb)} rows but prepared/items.parquet has {len(items)}")
+    test = queries[queries["split"] == "test"]
+    if test.empty:
+        raise DataError(root / "prepared" / "queries.parquet", "no query has split == 'test'", column="split")
+    return EvalInputs(items, queries[queries["split"] == "train"], test, item_emb, query_emb)
+
+
+def eval_depth(params: dict) -> int:
+    """How many items the baselines return: the deepest K evaluated."""
+    ev = params["eval"]
+    return int(max(list(ev["ks"]) + list(ev.get("deep_ks") or [])))
+
+
+def two_tower_config(params: dict) -> dict:
+    """eval.two_tower plus the query-encoder shape the retriever uses."""
+    rp = params["retriever"]
+    return {"dim": rp["d_model"], "n_memory": rp["n_memory"], "dropout": rp["dropout"],
+            "max_len": params["data"]["max_history"], **params["eval"]["two_tower"]}
+
+
+def run_baseline(name: str, params: dict, data: EvalInputs) -> pd.DataFrame:
+    """Ranked results of one baseline on the test queries."""
+    from components import baselines
+
+    ev, k = params["eval"], eval_depth(params)
+    if name == "bm25":
+        return baselines.bm25(data.test, data.items, k, last_n=int(ev["bm25_history"]))
+    if name == "dense":
+        return baselines.dense_zero_shot(data.test, data.items, data.item_emb, data.query_emb, k,
+                                         last_n=int(ev["dense_history"]))
+    if name == "popular":
+        return baselines.most_popular(data.test, data.items, k)
+    if name == "two_tower":
+        from components.two_tower import two_tower
+
+        return two_tower(data.train, data.test, data.items, data.item_emb, data.query_emb, two_tower_config(params),
+                         int(params["seed"]), k)
+    raise ConfigError("eval.baselines", f"unknown baseline {name!r}; choose from {list(BASELINES)}")
+
+
+def unconstrained_ranked(generated: pd.DataFrame, query_ids: np.ndarray, params: dict) -> pd.DataFrame:
+    """Items behind the SIDs of unconstrained decoding (hallucinated SIDs bring none), from one decode."""
+    from components.retrieve import ranked_from_beams
+    from components.sid_vocab import SidCatalog, load_sid_table
+
+    root = out_path(params)
+    items = pd.read_parquet(root / "prepared" / "items.parquet")
+    table, meta = load_sid_table(root / "sids", items)
+    catalog = SidCatalog.build(items["item_id"].astype(str).to_numpy(), items["popularity"].to_numpy(),
+                               list(table["codes"]), meta["max_len"])
+    width = int(generated["beam_rank"].max()) + 1 if len(generated) else 1
+    row = pd.Index(query_ids).get_indexer(generated["query_id"])
+    sid_index = np.full((len(query_ids), width), -1, dtype=np.int64)
+    scores = np.full((len(query_ids), width), -np.inf)
+    sid_index[row, generated["beam_rank"]] = generated["sid_index"]
+    scores[row, generated["beam_rank"]] = generated["score"]
+    return ranked_from_beams(np.asarray(query_ids), sid_index, scores, catalog)
+
+
+def run_generative(params: dict, test: pd.DataFrame) -> tuple[dict[str, pd.DataFrame], pd.Series]:
+    """Constrained and unconstrained ranked results of the trained retriever, and per-query hallucination."""
+    from components.retrieve import generate, retrieve
+
+    method = params["tokenizer"]["method"]
+    beam = int(params["retriever"]["beam"])
+    constrained = retrieve(params, test, beam=beam, constrained=True)
+    generated = generate(params, test, beam=beam, constrained=False)
+    free = unconstrained_ranked(generated, test["query_id"].astype(str).to_numpy(), params)
+    return {method: constrained, f"{method} (unconstrained)": free}, hallucination_per_query(generated)
+
+
+def headline(results: dict[str, dict], k: int) -> dict:
+    """The few numbers `dvc metrics show` prints: per method, overall and per group."""
+    keys = [h.format(k=k) for h in HEADLINE]
+    out: dict[str, dict] = {}
+    for method, res in results.items():
+        row: dict[str, float] = {}
+        for group in ("overall",) + GROUPS:
+            for key in keys:
+                stat = res[group]["metrics"].get(key)
+                if stat is not None and stat["mean"] is not None:
+                    row[key if group == "overall" else f"{key}_{group}"] = round(stat["mean"], 5)
+        out[method.replace(" ", "_").replace("(", "").replace(")", "")] = row
+    return out
+
+
+def sid_section(params: dict) -> tuple[pd.DataFrame | None, dict[str, Path]]:
+    """Table-2-style SID statistics row and the SID plots (made by assign_ids, or drawn here when missing)."""
+    from components.report import sid_stats_frame
+    from components.sid_stats import plot_sid_stats, sid_statistics
+
+    root = out_path(params)
+    table_path = root / "sids" / "sid_table.parquet"
+    if not table_path.exists():
+        return None, {}
+    items = pd.read_parquet(root / "prepared" / "items.parquet")
+    table = pd.read_parquet(table_path)
+    meta = json.loads((root / "sids" / "meta.json").read_text())
+    plots = {"SID length by group": root / "plots" / "sid_lengths.png",
+             "Items per SID": root / "plots" / "items_per_sid.png"}
+    if not all(p.exists() for p in plots.values()):
+        plots = {"SID length by group": root / "report" / "sid_lengths.png",
+                 "Items per SID": root / "report" / "items_per_sid.png"}
+        plot_sid_stats(table, items, *plots.values())
+    return sid_stats_frame({params["tokenizer"]["method"]: sid_statistics(table, items, meta)}), plots
+
+
+def log_to_wandb(params: dict, summary: dict, tables: dict[str, pd.DataFrame], plots: dict[str, Path],
+                 job: str = "evaluate") -> None:
+    """Log headline numbers, tables and plots to W&B (offline by default; WANDB_MODE=disabled skips)."""
+    if os.environ.get("WANDB_MODE") == "disabled" or params["wandb"]["mode"] == "disabled":
+        return
+    import wandb
+
+    run_dir = Path(os.environ.get("WANDB_DIR", "runs/wandb"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=params["wandb"]["project"], mode=params["wandb"]["mode"], dir=str(run_dir), job_type=job,
+                     name=f"{job}-{params['dataset']}-{params['tokenizer']['method']}-{params_hash(params)}",
+                     config={k: v for k, v in params.items() if not k.startswith("_")})
+    try:
+        run.summary.update({f"{m}/{k}": v for m, row in summary.items() for k, v in row.items()})
+        run.log({**{f"table/{name}": wandb.Table(dataframe=frame.reset_index()) for name, frame in tables.items()},
+                 **{f"plot/{name}": wandb.Image(str(path)) for name, path in plots.items()}})
+    finally:
+        run.finish()
+
+
+def evaluate_methods(params: dict, ranked: dict[str, pd.DataFrame], data: EvalInputs,
+                     hallucination: dict[str, pd.Series]) -> tuple[dict, dict[str, pd.DataFrame]]:
+    """Metrics with CIs and popularity-decile recall for every method's ranked results."""
+    ev = params["eval"]
+    ks, deep = [int(k) for k in ev["ks"]], [int(k) for k in ev.get("deep_ks") or []]
+    results, deciles = {}, {}
+    for method, frame in ranked.items():
+        results[method] = evaluate_ranked(frame, data.test, data.items, ks, deep, n_boot=int(ev["bootstrap"]),
+                                          seed=int(params["seed"]), hallucination=hallucination.get(method),
+                                          source=f"ranked results of {method}")
+        deciles[method] = recall_by_popularity_decile(frame, data.test, data.items, int(ev["headline_k"]))
+    return results, deciles
+
+
+def result_tables(params: dict, results: dict) -> dict[str, pd.DataFrame]:
+    """Overall table (all metrics) and per-group table (headline metrics) for the report."""
+    from components.report import results_frame
+
+    ev = params["eval"]
+    k = int(ev["headline_k"])
+    first = next(iter(results.values()))["overall"]["metrics"]
+    by_group = [m.format(k=k) for m in ("recall@{k}", "ndcg@{k}")] + ["recall@all", "ret_per"]
+    return {
+        "Results on the test split (overall)": results_frame(results, list(first), ["overall"]),
+        "Results by target group": results_frame(results, by_group, ["overall", *GROUPS], ci=False),
+    }
+
+
+def run_evaluate(params: dict) -> dict:
+    """Evaluate the pipeline's retriever (constrained + unconstrained) and the baselines on the test split."""
+    from components.report import plot_recall_by_decile, plot_recall_vs_k, write_report
+
+    set_offline_defaults()
+    import torch
+
+    torch.set_num_threads(int(params["eval"].get("threads", 2)))
+    ev = params["eval"]
+    root = out_path(params)
+    data = load_eval_inputs(params)
+    ranked, halluc = run_generative(params, data.test)
+    hallucination = {name: halluc for name in ranked if name.endswith("(unconstrained)")}
+    for name in ev["baselines"]:
+        ranked[name] = run_baseline(name, params, data)
+    results, deciles = evaluate_methods(params, ranked, data, hallucination)
+    k = int(ev["headline_k"])
+    summary = headline(results, k)
+
+    plots = {"Recall vs K": plot_recall_vs_k(results, root / "plots" / "eval_recall_vs_k.png"),
+             f"Recall@{k} by popularity decile": plot_recall_by_decile(deciles, k, root / "plots" /
+                                                                        "eval_recall_by_decile.png")}
+    tables = result_tables(params, results)
+    sid_frame, sid_plots = sid_section(params)
+    if sid_frame is not None:
+        tables["Semantic IDs (as the paper's Table 2)"] = sid_frame
+    plots.update(sid_plots)
+    context = {"dataset": params["dataset"], "profile": params.get("profile", "default"),
+               "tokenizer": params["tokenizer"]["method"], "test queries": str(len(data.test)),
+               "beam": str(params["retriever"]["beam"]), "baseline depth": str(eval_depth(params)),
+               "bootstrap resamples": str(ev["bootstrap"]), "params hash": params_hash(params)}
+    write_json({"methods": results, "context": context}, root / "eval" / "results.json")
+    write_json({m: f.to_dict(orient="list") for m, f in deciles.items()}, root / "eval" / "deciles.json")
+    write_json(summary, root / "metrics" / "eval.json")
+    report = write_report(root / "report", context, tables, plots)
+    log_to_wandb(params, summary, tables, plots)
+    return {"methods": list(results), "report": report, "headline": summary}

@@ -1,0 +1,187 @@
+"""Item-level retrieval metrics (Recall/MRR/NDCG@K, Ret-Per, hallucination) with bootstrap CIs.
+
+Every method hands over a ranked-results frame (query_id, rank, item_id, score, sid) whose
+`rank` is the 0-based *item* rank: a SID at beam rank r holding m items already occupies m
+consecutive item ranks there, so cutting at K counts items, not SIDs.
+
+Rules (also in the report):
+- A query with several targets (climate-fever) has recall@K = share of its targets found in the
+  top K; MRR@K uses the first target found; NDCG@K uses binary gains with the ideal DCG of
+  min(n_targets, K) hits.
+- Groups: a query counts in the group of every one of its targets; inside group g only its
+  targets of group g are relevant. With one target per query this is the plain split by the
+  target's group.
+- Ret-Per = items returned per query. Hallucination = per query, the share of generated SIDs
+  that match no item; its mean over queries is reported.
+- 95% intervals: percentile bootstrap over queries (within each group), fixed seed.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from components.errors import DataError
+
+GROUPS: tuple[str, ...] = ("head", "tail", "cold")
+RANKED_COLUMNS: tuple[str, ...] = ("query_id", "rank", "item_id", "score", "sid")
+
+
+def check_ranked(ranked: pd.DataFrame, source: str = "ranked results") -> None:
+    """Reject a ranked frame that breaks the contract, naming the first offending rows."""
+    missing = [c for c in RANKED_COLUMNS if c not in ranked.columns]
+    if missing:
+        raise DataError(source, f"missing columns {missing}; have {list(ranked.columns)}", column=missing[0])
+    negative = ranked.index[ranked["rank"] < 0]
+    if len(negative):
+        raise DataError(source, "rank must be >= 0", column="rank", rows=negative)
+    dup = ranked.duplicated(["query_id", "rank"], keep="first")
+    if dup.any():
+        raise DataError(source, "two rows share one (query_id, rank)", column="rank", rows=ranked.index[dup])
+
+
+def target_pairs(queries: pd.DataFrame, items: pd.DataFrame, source: str = "prepared/queries.parquet") -> pd.DataFrame:
+    """One row per (query, target item) with the target's group and popularity.
+
+    DataError rows are the queries frame's index labels (file row positions when read from parquet).
+    """
+    pairs = queries[["query_id", "targets"]].explode("targets").rename(columns={"targets": "item_id"})
+    empty = pairs["item_id"].isna()
+    if empty.any():
+        raise DataError(source, "every query needs at least one target", column="targets",
+                        rows=pairs.index[empty].unique())
+    info = items.set_index("item_id")[["group", "popularity"]]
+    unknown = ~pairs["item_id"].isin(info.index)
+    if unknown.any():
+        first = pairs.loc[unknown, "item_id"].iloc[0]
+        raise DataError(source, f"target {first!r} is not in prepared/items.parquet", column="targets",
+                        rows=pairs.index[unknown].unique())
+    pairs = pairs.drop_duplicates(["query_id", "item_id"]).reset_index(drop=True)
+    return pairs.join(info, on="item_id")
+
+
+def target_ranks(ranked: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
+    """`pairs` plus the item rank at which each target was returned (inf when not returned)."""
+    best = ranked.groupby(["query_id", "item_id"], sort=False)["rank"].min().rename("rank")
+    out = pairs.join(best, on=["query_id", "item_id"])
+    out["rank"] = out["rank"].astype(float).fillna(np.inf)
+    return out
+
+
+def _ideal_dcg(n_rel: np.ndarray, k: int) -> np.ndarray:
+    cum = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(k) + 2.0))])
+    return cum[np.minimum(n_rel, k)]
+
+
+def per_query_metrics(ranks: pd.DataFrame, ks: list[int], deep_ks: list[int] | None = None) -> pd.DataFrame:
+    """Per-query recall@K (ks + deep_ks), MRR@K, NDCG@K (ks) and recall@all, indexed by query_id."""
+    q = ranks["query_id"].to_numpy()
+    r = ranks["rank"].to_numpy(dtype=float)
+    codes, uniq = pd.factorize(q, sort=True)
+    n = len(uniq)
+    n_rel = np.bincount(codes, minlength=n)
+    first = np.full(n, np.inf)
+    np.minimum.at(first, codes, r)
+    cols: dict[str, np.ndarray] = {}
+    for k in sorted(set(ks) | set(deep_ks or [])):
+        cols[f"recall@{k}"] = np.bincount(codes, weights=(r < k).astype(float), minlength=n) / n_rel
+    for k in sorted(set(ks)):
+        cols[f"mrr@{k}"] = np.where(first < k, 1.0 / (first + 1.0), 0.0)
+        gain = np.where(r < k, 1.0 / np.log2(np.where(np.isfinite(r), r, 0.0) + 2.0), 0.0)
+        cols[f"ndcg@{k}"] = np.bincount(codes, weights=gain, minlength=n) / _ideal_dcg(n_rel, k)
+    cols["recall@all"] = np.bincount(codes, weights=np.isfinite(r).astype(float), minlength=n) / n_rel
+    return pd.DataFrame(cols, index=pd.Index(uniq, name="query_id"))
+
+
+def ret_per_query(ranked: pd.DataFrame, query_ids: pd.Index) -> pd.Series:
+    """Number of distinct items returned per query (0 for a query with no rows)."""
+    counts = ranked.groupby("query_id")["item_id"].nunique()
+    return counts.reindex(query_ids, fill_value=0).astype(float).rename("ret_per")
+
+
+def hallucination_per_query(generated: pd.DataFrame) -> pd.Series:
+    """Share of a query's generated SIDs that no item holds.
+
+    `generated`: one row per (query_id, decoded SID) from unconstrained decoding, with
+    `sid_index` = -1 where the SID was never issued (components.retrieve.generate).
+    """
+    return (generated["sid_index"] < 0).astype(float).groupby(generated["query_id"]).mean().rename("hallucination")
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int, seed: int, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap of column means over rows (queries); values is (n_queries, n_metrics).
+
+    Resampling is done as multiplicity counts so that every metric sees the same resamples.
+    """
+    values = np.asarray(values, dtype=float)
+    n, m = values.shape
+    if n == 0 or n_boot <= 0:
+        nan = np.full(m, np.nan)
+        return nan, nan
+    rng = np.random.default_rng(seed)
+    means = np.empty((n_boot, m))
+    chunk = max(1, min(n_boot, 4_000_000 // max(n, 1)))
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        idx = rng.integers(0, n, size=(b, n)) + (np.arange(b)[:, None] * n)
+        counts = np.bincount(idx.ravel(), minlength=b * n).reshape(b, n)
+        means[start:start + b] = counts @ values / n
+    lo, hi = np.percentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
+    return lo, hi
+
+
+def _summarise(table: pd.DataFrame, n_boot: int, seed: int) -> dict:
+    if len(table) == 0:
+        return {"n_queries": 0, "metrics": {c: {"mean": None, "lo": None, "hi": None} for c in table.columns}}
+    out: dict[str, dict] = {}
+    for cols in (list(table.columns[table.notna().all()]), list(table.columns[~table.notna().all()])):
+        if not cols:
+            continue
+        sub = table[cols].dropna()
+        lo, hi = bootstrap_ci(sub.to_numpy(), n_boot, seed)
+        for c, mean, a, b in zip(cols, sub.mean().to_numpy(), lo, hi):
+            out[c] = {"mean": float(mean), "lo": float(a), "hi": float(b)}
+    return {"n_queries": int(len(table)), "metrics": {c: out[c] for c in table.columns}}
+
+
+def evaluate_ranked(
+    ranked: pd.DataFrame,
+    queries: pd.DataFrame,
+    items: pd.DataFrame,
+    ks: list[int],
+    deep_ks: list[int] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    hallucination: pd.Series | None = None,
+    source: str = "ranked results",
+) -> dict:
+    """Metrics with 95% CIs for one method: {"overall"|"head"|"tail"|"cold": {n_queries, metrics}}.
+
+    `hallucination`: optional per-query rate (see hallucination_per_query), reported as `hallucination`.
+    """
+    check_ranked(ranked, source)
+    pairs = target_ranks(ranked, target_pairs(queries, items))
+    ret_per = ret_per_query(ranked, pd.Index(queries["query_id"]))
+    result: dict[str, dict] = {}
+    for group in ("overall",) + GROUPS:
+        sub = pairs if group == "overall" else pairs[pairs["group"] == group]
+        table = per_query_metrics(sub, ks, deep_ks)
+        table["ret_per"] = ret_per.reindex(table.index).to_numpy()
+        if hallucination is not None:
+            table["hallucination"] = hallucination.reindex(table.index).to_numpy()
+        result[group] = _summarise(table, n_boot, seed)
+    return result
+
+
+def recall_by_popularity_decile(ranked: pd.DataFrame, queries: pd.DataFrame, items: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Recall@k of (query, target) pairs by the target's catalog popularity decile (10 = most popular).
+
+    Deciles split the catalog into ten equal item counts by popularity (ties by item_id), so cold
+    items sit in the lowest deciles.
+    """
+    order = items.sort_values(["popularity", "item_id"], kind="stable")["item_id"].to_numpy()
+    decile = pd.Series(np.arange(len(order)) * 10 // max(len(order), 1) + 1, index=order, name="decile")
+    pairs = target_ranks(ranked, target_pairs(queries, items))
+    pairs["decile"] = decile.reindex(pairs["item_id"]).to_numpy()
+    pairs["hit"] = (pairs["rank"] < k).astype(float)
+    out = pairs.groupby("decile").agg(recall=("hit", "mean"), n_pairs=("hit", "size"))
+    return out.reindex(range(1, 11)).fillna({"n_pairs": 0}).reset_index()

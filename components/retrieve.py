@@ -1,0 +1,149 @@
+"""Ranked retrieval with the trained generative retriever.
+
+`generate` decodes each query into B SIDs (constrained by the trie of issued SIDs, or
+unconstrained to measure hallucination). `retrieve` expands every decoded SID into all the
+items that share it, in popularity order then item_id, giving the ranked-results frame of
+docs/ARCHITECTURE.md; the number of items per query is Ret-Per.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from components.config import out_path
+from components.errors import DataError
+from components.retriever import RetrieverModel, decode, load_retriever
+from components.retriever_data import BucketBatchSampler, ExampleDataset, load_inputs, query_examples
+from components.sid_vocab import SidCatalog, sid_string
+
+GENERATED_COLUMNS = ("query_id", "beam_rank", "sid", "score", "sid_index")
+
+
+def _text_vectors(queries: pd.DataFrame, query_emb: np.ndarray, params: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of text queries into a vector matrix: queries.npy rows, or fresh MiniLM encodings for
+    text queries without an emb_row (new queries that the embed step never saw)."""
+    text = queries["text"] if "text" in queries.columns else pd.Series([None] * len(queries), index=queries.index)
+    has_text = text.notna().to_numpy() & (text.astype(str).str.strip() != "").to_numpy()
+    hist_n = queries["history"].map(len).to_numpy() if "history" in queries.columns else np.zeros(len(queries), int)
+    is_text = has_text & (hist_n == 0)
+    emb_row = queries["emb_row"].to_numpy(dtype=np.int64) if "emb_row" in queries.columns \
+        else np.full(len(queries), -1, np.int64)
+    bad = is_text & (emb_row >= len(query_emb))
+    if bad.any():
+        raise DataError("prepared/queries.parquet", f"emb_row outside embeddings/queries.npy ({len(query_emb)} rows)",
+                        column="emb_row", rows=np.flatnonzero(bad))
+    fresh = is_text & (emb_row < 0)
+    rows = np.where(is_text, emb_row, -1)
+    if not fresh.any():
+        return query_emb, rows
+    from components.embed import encode_texts
+
+    emb = params.get("embed", {})
+    new = encode_texts(text[fresh].astype(str).tolist(), batch_size=int(emb.get("batch_size", 64)),
+                       max_chars=int(emb.get("max_chars", 1000)), normalize=bool(emb.get("normalize", True)))
+    rows[fresh] = len(query_emb) + np.arange(int(fresh.sum()))
+    return np.concatenate([query_emb, new]), rows
+
+
+def _prepare(params: dict, queries: pd.DataFrame, model: RetrieverModel | None, out_dir: str | Path | None
+             ) -> tuple[RetrieverModel, ExampleDataset, SidCatalog]:
+    root = Path(out_dir) if out_dir is not None else out_path(params)
+    inputs = load_inputs(params, root, with_queries=False)
+    if model is None:
+        model = load_retriever(root / "retriever" / "model.pt")
+    model = getattr(model, "net", model)
+    if tuple(model.vocab.codebook_sizes) != tuple(inputs.codebook_sizes):
+        known = model.vocab.codebook_sizes
+        big = np.flatnonzero((inputs.catalog.codes >= np.asarray(known)[None, :]).any(1))
+        if len(big):
+            raise DataError(root / "sids" / "sid_table.parquet", f"SIDs use codes beyond the model's codebook sizes "
+                            f"{list(known)}: retrain the retriever", column="codes", rows=big)
+    model.attach_catalog(inputs.catalog)
+    vectors, text_rows = _text_vectors(queries, inputs.query_emb, params)
+    examples = query_examples(queries, inputs.item_index, text_rows, model.config["max_history"])
+    dataset = ExampleDataset(examples, vectors, inputs.item_emb, model.vocab, inputs.catalog)
+    return model, dataset, inputs.catalog
+
+
+def _decode_all(params: dict, model: RetrieverModel, dataset: ExampleDataset, beam: int, constrained: bool
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Decode every query; return (sid_index, scores, codes, lengths) in query order."""
+    rp = params["retriever"]
+    torch.set_num_threads(int(rp.get("num_threads", 2)))
+    n, max_len = len(dataset), model.vocab.max_len
+    sid_index = np.full((n, beam), -1, dtype=np.int64)
+    scores = np.full((n, beam), -np.inf, dtype=np.float32)
+    codes = np.full((n, beam, max_len), -1, dtype=np.int64)
+    lengths = np.zeros((n, beam), dtype=np.int64)
+    sampler = BucketBatchSampler(dataset.ex.bucket_keys(), int(rp.get("decode_batch_size", 64)), shuffle=False)
+    for idx in tqdm(sampler, desc="decode", disable=len(sampler) < 20):
+        res = decode(model, dataset[idx], beam, constrained)
+        sid_index[idx], scores[idx] = res.sid_index.numpy(), res.scores.numpy()
+        codes[idx], lengths[idx] = res.codes.numpy(), res.lengths.numpy()
+    return sid_index, scores, codes, lengths
+
+
+def generate(params: dict, queries: pd.DataFrame, *, model: RetrieverModel | None = None, beam: int | None = None,
+             constrained: bool = False, out_dir: str | Path | None = None) -> pd.DataFrame:
+    """One row per (query, decoded SID): query_id, beam_rank, sid, score, sid_index (-1 = no item has it)."""
+    beam = int(beam or params["retriever"]["beam"])
+    model, dataset, catalog = _prepare(params, queries, model, out_dir)
+    sid_index, scores, codes, lengths = _decode_all(params, model, dataset, beam, constrained)
+    keep = np.isfinite(scores)
+    q, b = np.nonzero(keep)
+    found = catalog.find(codes[q, b], lengths[q, b])
+    return pd.DataFrame({
+        "query_id": queries["query_id"].astype(str).to_numpy()[q],
+        "beam_rank": b.astype(np.int64),
+        "sid": [sid_string(c[:n]) for c, n in zip(codes[q, b], lengths[q, b])],
+        "score": scores[q, b].astype(float),
+        "sid_index": found.astype(np.int64),
+    })
+
+
+def hallucination_rate(generated: pd.DataFrame) -> float:
+    """Mean over queries of the share of generated SIDs that match no issued SID."""
+    if generated.empty:
+        return 0.0
+    return float((generated["sid_index"] < 0).groupby(generated["query_id"]).mean().mean())
+
+
+def ranked_from_beams(query_ids: np.ndarray, sid_index: np.ndarray, scores: np.ndarray, catalog: SidCatalog
+                      ) -> pd.DataFrame:
+    """Expand beams (N, B) of sid indices into the ranked item frame (vectorised)."""
+    valid = (sid_index >= 0) & np.isfinite(scores)
+    sizes = np.where(valid, catalog.group_sizes()[np.maximum(sid_index, 0)], 0)
+    flat_sizes = sizes.reshape(-1)
+    total = int(flat_sizes.sum())
+    sid_rep = np.repeat(sid_index.reshape(-1), flat_sizes)
+    within = np.arange(total) - np.repeat(np.cumsum(flat_sizes) - flat_sizes, flat_sizes)
+    item_rows = catalog.group_items[catalog.group_ptr[sid_rep] + within]
+    per_query = sizes.sum(1)
+    rank = np.arange(total) - np.repeat(np.cumsum(per_query) - per_query, per_query)
+    sid_text = np.array([sid_string(catalog.codes[s, : catalog.lengths[s]]) for s in range(catalog.n_sids)], dtype=object)
+    return pd.DataFrame({
+        "query_id": np.repeat(np.asarray(query_ids, dtype=object), per_query).astype(str),
+        "rank": rank.astype(np.int64),
+        "item_id": catalog.item_ids[item_rows].astype(str),
+        "score": np.repeat(scores.reshape(-1), flat_sizes).astype(float),
+        "sid": sid_text[sid_rep].astype(str),
+    })
+
+
+def retrieve(params: dict, queries: pd.DataFrame, *, model: RetrieverModel | None = None, beam: int | None = None,
+             constrained: bool = True, out_dir: str | Path | None = None) -> pd.DataFrame:
+    """Ranked results (query_id, rank, item_id, score, sid) for `queries` (data-contract format).
+
+    Unconstrained decoding drops generated SIDs that no item holds (see `generate` to count them).
+    """
+    beam = int(beam or params["retriever"]["beam"])
+    model, dataset, catalog = _prepare(params, queries, model, out_dir)
+    sid_index, scores, codes, lengths = _decode_all(params, model, dataset, beam, constrained)
+    if not constrained:
+        found = catalog.find(codes.reshape(-1, codes.shape[2]), lengths.reshape(-1)).reshape(sid_index.shape)
+        sid_index = np.where(np.isfinite(scores), found, -1)
+    return ranked_from_beams(queries["query_id"].astype(str).to_numpy(), sid_index, scores, catalog)

@@ -1,0 +1,220 @@
+"""The generative retriever: query encoder + seq2seq backbone over SID tokens.
+
+`RetrieverModel` (a plain nn.Module, what is saved and served) scores SID tokens with the
+per-depth vocabulary mask (depth t may emit only layer-t codes or END), trains by teacher
+forcing with cross-entropy, and is the step decoder of `constrained_decoding.beam_search`.
+`RetrieverModule` is its LightningModule: training loop, validation Recall@K each epoch, and
+the best-epoch weights. Checkpoint = {"state_dict", "config"} (json-able config), loadable
+with torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.atomic import atomic_path
+from components.constrained_decoding import BeamResult, SidTrie, beam_search
+from components.errors import ConfigError
+from components.query_encoders import QueryEncoder
+from components.seq2seq_backbones import HFSeq2Seq, SmallSeq2Seq
+from components.sid_vocab import BOS, END, PAD, SidCatalog, SidVocab
+
+BACKBONES = ("small", "t5", "pretrained")
+
+
+def model_config(rp: dict, codebook_sizes: tuple[int, ...], emb_dim: int, max_history: int) -> dict:
+    """The json-able description a checkpoint needs to rebuild the model."""
+    backbone = rp.get("backbone", "small")
+    if backbone not in BACKBONES:
+        raise ConfigError("retriever.backbone", f"must be one of {BACKBONES}, got {backbone!r}")
+    cfg = {"backbone": backbone, "codebook_sizes": [int(k) for k in codebook_sizes], "emb_dim": int(emb_dim),
+           "max_history": int(max_history), "d_model": int(rp["d_model"]), "n_heads": int(rp["n_heads"]),
+           "n_layers": int(rp["n_layers"]), "ff_dim": int(rp["ff_dim"]), "dropout": float(rp["dropout"]),
+           "n_memory": int(rp["n_memory"]), "hf_config": None}
+    vocab = SidVocab(tuple(cfg["codebook_sizes"]))
+    if backbone == "t5":
+        from transformers import T5Config
+
+        t5 = T5Config(vocab_size=vocab.size, d_model=cfg["d_model"], d_kv=cfg["d_model"] // cfg["n_heads"],
+                      d_ff=cfg["ff_dim"], num_layers=cfg["n_layers"], num_heads=cfg["n_heads"],
+                      dropout_rate=cfg["dropout"], pad_token_id=PAD, eos_token_id=END, decoder_start_token_id=BOS)
+        cfg["hf_config"] = json.loads(t5.to_json_string())
+    elif backbone == "pretrained":
+        path = Path(str(rp.get("pretrained_path") or ""))
+        if not str(rp.get("pretrained_path") or "") or not path.is_dir():
+            raise ConfigError("retriever.pretrained_path", f"must be a local checkpoint folder, got {str(path)!r}")
+        from transformers import AutoConfig
+
+        hf = AutoConfig.from_pretrained(path, local_files_only=True)
+        if not getattr(hf, "is_encoder_decoder", False) or not hasattr(hf, "d_model"):
+            raise ConfigError("retriever.pretrained_path", f"{path} is not an encoder-decoder with d_model")
+        hf.vocab_size = vocab.size
+        cfg["hf_config"] = json.loads(hf.to_json_string())
+        cfg["d_model"] = int(hf.d_model)
+        cfg["pretrained_path"] = str(path)
+    return cfg
+
+
+def _hf_model(cfg: dict, load_pretrained: bool) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    vocab_size = SidVocab(tuple(cfg["codebook_sizes"])).size
+    if load_pretrained:
+        model = AutoModelForSeq2SeqLM.from_pretrained(cfg["pretrained_path"], local_files_only=True)
+        model.resize_token_embeddings(vocab_size)
+        return model
+    hf = dict(cfg["hf_config"])
+    config = AutoConfig.for_model(hf.pop("model_type"), **hf)
+    return AutoModelForSeq2SeqLM.from_config(config)
+
+
+class RetrieverModel(nn.Module):
+    """Query -> SID scores; also the step decoder that beam search drives."""
+
+    def __init__(self, config: dict, load_pretrained: bool = False):
+        super().__init__()
+        self.config = copy.deepcopy(config)
+        self.vocab = SidVocab(tuple(config["codebook_sizes"]))
+        d = config["d_model"]
+        self.query = QueryEncoder(config["emb_dim"], d, config["n_memory"], config["max_history"], config["dropout"])
+        if config["backbone"] == "small":
+            self.backbone: nn.Module = SmallSeq2Seq(self.vocab.size, self.vocab.max_len, d, config["n_heads"],
+                                                    config["n_layers"], config["ff_dim"], config["dropout"])
+        else:
+            self.backbone = HFSeq2Seq(_hf_model(config, load_pretrained and config["backbone"] == "pretrained"))
+        bias = np.where(self.vocab.layer_mask(), 0.0, float("-inf")).astype(np.float32)
+        self.register_buffer("layer_bias", torch.from_numpy(bias), persistent=False)
+        self.catalog: SidCatalog | None = None
+        self.trie: SidTrie | None = None
+
+    def attach_catalog(self, catalog: SidCatalog) -> None:
+        """Issued SIDs to decode into (rebuild after new items get SIDs; no retraining needed)."""
+        if catalog.max_len != self.vocab.max_len:
+            raise ValueError(f"catalog SIDs have max_len {catalog.max_len}, the model {self.vocab.max_len}")
+        self.catalog = catalog
+        self.trie = SidTrie.from_catalog(catalog, self.vocab.codebook_sizes)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Teacher-forced logits (N, max_len, V), tokens outside each depth's layer at -inf."""
+        memory, mask = self.query(batch)
+        logits = self.backbone(memory, mask, batch["dec_in"])
+        return logits + self.layer_bias[: logits.shape[1]]
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        logits = self(batch)
+        return F.cross_entropy(logits.flatten(0, 1), batch["target"].flatten(), ignore_index=PAD)
+
+    # --- StepDecoder protocol (constrained_decoding.beam_search)
+    def start(self, batch: dict) -> dict:
+        memory, mask = self.query(batch)
+        return self.backbone.start(memory, mask)
+
+    def step(self, state: dict, tokens: torch.Tensor, depth: int, columns: torch.Tensor) -> torch.Tensor:
+        logits = self.backbone.step(state, tokens, depth, columns) + self.layer_bias[depth, columns]
+        return logits.log_softmax(-1)
+
+    def reorder(self, state: dict, index: torch.Tensor) -> dict:
+        return self.backbone.reorder(state, index)
+
+
+def _net(model: nn.Module) -> RetrieverModel:
+    return model.net if isinstance(model, RetrieverModule) else model
+
+
+def decode(model: nn.Module, batch: dict, beam: int, constrained: bool = True) -> BeamResult:
+    """Beam search for a batch; constrained decoding needs `attach_catalog` first."""
+    net = _net(model)
+    if constrained and net.trie is None:
+        raise ValueError("constrained decoding needs the issued SIDs: call model.attach_catalog(catalog)")
+    was_training = net.training
+    net.eval()
+    try:
+        return beam_search(net, batch, net.vocab, beam, net.trie if constrained else None)
+    finally:
+        net.train(was_training)
+
+
+def generate_sids(model: nn.Module, batch: dict, beam: int, constrained: bool = True
+                  ) -> tuple[list[list[tuple[int, ...]]], list[list[float]]]:
+    """Per query: the decoded SIDs (best first, distinct) and their summed log-probabilities."""
+    return decode(model, batch, beam, constrained).to_lists()
+
+
+def save_retriever(model: nn.Module, path: str | Path) -> None:
+    net = _net(model)
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": net.state_dict(), "config": net.config}, tmp)
+
+
+def load_retriever(path: str | Path) -> RetrieverModel:
+    """Rebuild from a checkpoint written by save_retriever (no pretrained download needed)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no retriever checkpoint (run the train_retriever step first)")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    net = RetrieverModel(blob["config"])
+    net.load_state_dict(blob["state_dict"])
+    net.eval()
+    return net
+
+
+class RetrieverModule(L.LightningModule):
+    """Training loop; validation = constrained beam search, item-level Recall@K per epoch."""
+
+    def __init__(self, net: RetrieverModel, lr: float, weight_decay: float, eval_beam: int, val_k: int = 10,
+                 warmup_steps: int = 0, total_steps: int = 0):
+        super().__init__()
+        self.net = net
+        self.lr, self.weight_decay, self.eval_beam, self.val_k = lr, weight_decay, eval_beam, val_k
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        self.curve: list[dict] = []
+        self.best_state: dict | None = None
+        self.best_recall = -1.0
+        self.best_epoch = -1
+        self._losses: list[float] = []
+        self._hits: list[np.ndarray] = []
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.net.loss(batch)
+        self._losses.append(float(loss.detach()))
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["x"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        result = beam_search(self.net, batch, self.net.vocab, self.eval_beam, self.net.trie)
+        ranks = self.net.catalog.target_ranks(result.sid_index.numpy(), batch["targets"].numpy())
+        valid = batch["targets"].numpy() >= 0
+        self._hits.append(((ranks < self.val_k) & valid).sum(1) / valid.sum(1))
+
+    def on_validation_epoch_end(self) -> None:
+        recall = float(np.concatenate(self._hits).mean()) if self._hits else 0.0
+        train_loss = float(np.mean(self._losses)) if self._losses else float("nan")
+        self._hits, self._losses = [], []
+        if self.trainer.sanity_checking:
+            return
+        self.log(f"val_recall@{self.val_k}", recall, prog_bar=True)
+        self.curve.append({"epoch": int(self.current_epoch), "train_loss": train_loss, f"val_recall@{self.val_k}": recall})
+        if recall > self.best_recall:
+            self.best_recall, self.best_epoch = recall, int(self.current_epoch)
+            self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.total_steps <= 0:
+            return opt
+        warm, total = max(self.warmup_steps, 1), self.total_steps
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + np.cos(np.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

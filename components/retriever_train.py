@@ -1,0 +1,129 @@
+"""Step `train_retriever`: fit the generative retriever on (query, SID) and indexing pairs.
+
+Writes retriever/model.pt (best validation epoch), plots/retriever_curve.csv (epoch,
+train_loss, val_recall@10) and metrics/retriever_train.json.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from components.atomic import atomic_path, write_json
+from components.config import out_path
+from components.errors import ConfigError
+from components.query_encoders import check_text_encoder_option
+from components.retriever import RetrieverModel, RetrieverModule, model_config, save_retriever
+from components.retriever_data import (KIND_HISTORY, KIND_TEXT, BucketBatchSampler, ExampleDataset, Examples,
+                                       RetrieverInputs, indexing_pairs, load_inputs, query_examples, training_pairs)
+from components.runtime_env import set_offline_defaults
+
+VAL_K = 10
+
+
+def build_examples(inputs: RetrieverInputs, rp: dict, max_history: int, seed: int
+                   ) -> tuple[Examples, Examples, np.ndarray, dict]:
+    """Training examples (pairs + indexing pairs), validation examples, text vectors, counts."""
+    q = inputs.queries
+    text_rows = q["emb_row"].to_numpy(dtype=np.int64)
+    train_q = (q["split"] == "train").to_numpy()
+    valid_q = (q["split"] == "valid").to_numpy()
+    train = training_pairs(query_examples(q[train_q], inputs.item_index, text_rows[train_q], max_history))
+    valid = query_examples(q[valid_q], inputs.item_index, text_rows[valid_q], max_history)
+    cap = int(rp.get("val_max_queries", 0))
+    if cap and len(valid) > cap:
+        valid = valid.take(np.sort(np.random.default_rng(seed).choice(len(valid), cap, replace=False)))
+    # items are indexed through the query path the data has: one-item histories, or item text vectors
+    index_kind = KIND_HISTORY if (train.kind == KIND_HISTORY).any() or not len(train) else KIND_TEXT
+    text_vectors = np.concatenate([inputs.query_emb, inputs.item_emb]) if index_kind == KIND_TEXT else inputs.query_emb
+    parts = [train]
+    if rp.get("indexing_pairs", True):
+        parts.append(indexing_pairs(len(inputs.items), index_kind, len(inputs.query_emb), max_history))
+    examples = Examples.concat(parts)
+    if not len(examples):
+        raise ConfigError("retriever.indexing_pairs", "no training pairs and no indexing pairs: nothing to train on")
+    counts = {"n_train_pairs": int(len(train)), "n_indexing_pairs": int(len(examples) - len(train)),
+              "n_val_queries": int(len(valid)), "index_kind": "history" if index_kind == KIND_HISTORY else "text"}
+    return examples, valid, text_vectors, counts
+
+
+def _logger(params: dict, run_dir: Path):
+    """Offline W&B logger unless W&B is disabled (params or WANDB_MODE=disabled)."""
+    mode = str(params.get("wandb", {}).get("mode", "offline"))
+    if mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
+        return False
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(mode=mode, dir=str(run_dir), project=str(params.get("wandb", {}).get("project", "sa2crq")),
+                     job_type="train_retriever", config={"retriever": params["retriever"], "seed": params.get("seed")},
+                     reinit="finish_previous")
+    return WandbLogger(experiment=run)
+
+
+def run_train_retriever(params: dict) -> dict:
+    """Train, keep the best validation epoch, write the checkpoint, curve and metrics."""
+    set_offline_defaults()
+    rp = params["retriever"]
+    check_text_encoder_option(rp)
+    seed = int(params.get("seed", 0))
+    torch.set_num_threads(int(rp.get("num_threads", 2)))
+    L.seed_everything(seed, workers=True, verbose=False)
+    max_history = int(params.get("data", {}).get("max_history", 20))
+    inputs = load_inputs(params)
+    examples, valid, text_vectors, counts = build_examples(inputs, rp, max_history, seed)
+
+    config = model_config(rp, inputs.codebook_sizes, inputs.item_emb.shape[1], max_history)
+    config["sid_version"] = inputs.sid_version
+    net = RetrieverModel(config, load_pretrained=True)
+    net.attach_catalog(inputs.catalog)
+    train_ds = ExampleDataset(examples, text_vectors, inputs.item_emb, net.vocab, inputs.catalog)
+    val_ds = ExampleDataset(valid, text_vectors, inputs.item_emb, net.vocab, inputs.catalog)
+    sampler = BucketBatchSampler(examples.bucket_keys(), int(rp["batch_size"]), shuffle=True, seed=seed)
+    train_dl = DataLoader(train_ds, sampler=sampler, batch_size=None)
+    val_dl = DataLoader(val_ds, sampler=BucketBatchSampler(valid.bucket_keys(), int(rp.get("decode_batch_size", 64)),
+                                                           shuffle=False), batch_size=None)
+    epochs = int(rp["epochs"])
+    module = RetrieverModule(net, lr=float(rp["lr"]), weight_decay=float(rp.get("weight_decay", 0.0)),
+                             eval_beam=int(rp["eval_beam"]), val_k=VAL_K,
+                             warmup_steps=int(rp.get("warmup_steps", 0)), total_steps=epochs * len(sampler))
+    tr = rp.get("trainer", {})
+    run_dir = Path("runs")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*`isinstance.*treespec.*")
+        trainer = L.Trainer(max_epochs=epochs, accelerator=tr.get("accelerator", "cpu"), devices=tr.get("devices", 1),
+                            strategy=tr.get("strategy", "auto"), precision=tr.get("precision", "32-true"),
+                            logger=_logger(params, run_dir), enable_checkpointing=False, num_sanity_val_steps=0,
+                            deterministic=True, use_distributed_sampler=False, enable_model_summary=False,
+                            gradient_clip_val=float(rp.get("grad_clip", 1.0)), default_root_dir=str(run_dir / "lightning"),
+                            log_every_n_steps=10, check_val_every_n_epoch=1)
+        start = time.perf_counter()
+        trainer.fit(module, train_dl, val_dl)
+        seconds = time.perf_counter() - start
+    if trainer.logger:
+        trainer.logger.experiment.finish()
+    if module.best_state is not None:
+        net.load_state_dict(module.best_state)
+    save_retriever(net, out_path(params, "retriever", "model.pt"))
+    curve = pd.DataFrame(module.curve, columns=["epoch", "train_loss", f"val_recall@{VAL_K}"])
+    with atomic_path(out_path(params, "plots", "retriever_curve.csv")) as tmp:
+        curve.to_csv(tmp, index=False)
+    summary = {
+        "backbone": config["backbone"], "n_params": int(sum(p.numel() for p in net.parameters())),
+        "epochs": epochs, "best_epoch": module.best_epoch, f"best_val_recall@{VAL_K}": module.best_recall,
+        f"final_val_recall@{VAL_K}": float(curve[f"val_recall@{VAL_K}"].iloc[-1]) if len(curve) else None,
+        "train_seconds": round(seconds, 2), "seconds_per_epoch": round(seconds / max(epochs, 1), 2),
+        "eval_beam": int(rp["eval_beam"]), "sid_version": inputs.sid_version, "n_sids": int(inputs.catalog.n_sids),
+        **counts,
+    }
+    write_json(summary, out_path(params, "metrics", "retriever_train.json"))
+    return summary

@@ -1,0 +1,189 @@
+"""RQ-VAE (TIGER) as a Lightning module, with SARQ depth masks and ACRQ frozen parts.
+
+One class serves every trained tokenizer stage: one-stage RQ-VAE / SARQ on all items,
+ACRQ Stage 1 on head items and Stage 2 on tail items (encoder and decoder frozen, anchors
+frozen, only extension rows train). Losses sum only up to each item's depth L(i).
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from components.quantizer import (ResidualQuantizer, depth_mask, init_rows_kmeans, reseed_dead_rows,
+                                  rq_losses)
+from components.sarq import PathTable, stop_depths
+
+
+def mlp(dims: list[int]) -> nn.Sequential:
+    """Linear layers with ReLU between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class SarqSpec:
+    """Adaptive depth: tau / L_min / L_max, and how the path table is (re-)estimated."""
+
+    tau: float
+    min_len: int
+    max_len: int
+    smoothing: float
+    warmup_epochs: int = 0
+    reestimate_every: int = 1
+    weights: Tensor | None = None      # per training item, for the table
+    frozen_table: PathTable | None = None  # Stage 2: the head table, never re-estimated
+
+
+@dataclass
+class TrainSpec:
+    epochs: int
+    batch_size: int
+    lr: float
+    beta: float
+    reseed_every: int
+    seed: int
+    kmeans_iters: int = 20
+    history: list[dict] = field(default_factory=list)
+
+
+class RQVAE(L.LightningModule):
+    """Encoder MLP -> residual quantizer -> decoder MLP, trained with STE."""
+
+    def __init__(self, in_dim: int, hidden_dims: list[int], latent_dim: int, quantizer: ResidualQuantizer):
+        super().__init__()
+        self.in_dim, self.hidden_dims, self.latent_dim = int(in_dim), list(hidden_dims), int(latent_dim)
+        self.encoder = mlp([self.in_dim, *self.hidden_dims, self.latent_dim])
+        self.decoder = mlp([self.latent_dim, *reversed(self.hidden_dims), self.in_dim])
+        self.quantizer = quantizer
+        self.spec: TrainSpec | None = None
+        self.sarq: SarqSpec | None = None
+        self.table: PathTable | None = None
+        self.train_x: Tensor | None = None
+        self._epoch_sums: dict[str, float] = {}
+
+    # ---- depth -------------------------------------------------------------------------
+    def depths(self, codes: Tensor) -> Tensor:
+        """L(i) from the current path table; full depth without SARQ or before warm-up ends."""
+        full = torch.full((codes.shape[0],), codes.shape[1], dtype=torch.int64)
+        if self.sarq is None or self.table is None:
+            return full
+        info = self.table.information(codes.cpu())
+        return stop_depths(info, self.sarq.tau, self.sarq.min_len, self.sarq.max_len)
+
+    # ---- forward / loss ----------------------------------------------------------------
+    def losses(self, x: Tensor) -> dict[str, Tensor]:
+        z = self.encoder(x)
+        out = self.quantizer(z)
+        mask = depth_mask(self.depths(out.codes), self.quantizer.n_layers)
+        z_hat, codebook, commit = rq_losses(out, z, mask, self.spec.beta if self.spec else 0.25)
+        recon = ((x - self.decoder(z_hat)) ** 2).sum(1).mean()
+        return {"loss": recon + codebook + commit, "recon": recon, "codebook": codebook, "commit": commit}
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        parts = self.losses(self.train_x[batch[0]])
+        n = batch[0].numel()
+        for key, value in parts.items():
+            self._epoch_sums[key] = self._epoch_sums.get(key, 0.0) + float(value.detach()) * n
+        self._epoch_sums["n"] = self._epoch_sums.get("n", 0.0) + n
+        self.log("loss", parts["loss"], prog_bar=True, on_step=True, on_epoch=False)
+        return parts["loss"]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=self.spec.lr)
+
+    # ---- epoch end: dead codes, path tables ----------------------------------------------
+    @torch.no_grad()
+    def full_pass(self):
+        out = self.quantizer(self.encoder(self.train_x))
+        return out, depth_mask(self.depths(out.codes), self.quantizer.n_layers)
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_sums = {}
+
+    @torch.no_grad()
+    def on_train_epoch_end(self) -> None:
+        epoch = self.current_epoch + 1
+        n = max(self._epoch_sums.pop("n", 1.0), 1.0)
+        row = {"epoch": epoch, **{k: v / n for k, v in self._epoch_sums.items()}}
+        last = epoch >= self.spec.epochs
+        if self.spec.reseed_every > 0 and epoch % self.spec.reseed_every == 0 and not last:
+            out, mask = self.full_pass()
+            row["reseeded"] = reseed_dead_rows(self.quantizer, out, mask)
+        if self._reestimate_due(epoch):
+            self.reestimate_table()
+        self.spec.history.append(row)
+
+    def _reestimate_due(self, epoch: int) -> bool:
+        if self.sarq is None or self.sarq.frozen_table is not None or epoch < self.sarq.warmup_epochs:
+            return False
+        return (epoch - self.sarq.warmup_epochs) % max(1, self.sarq.reestimate_every) == 0
+
+    @torch.no_grad()
+    def reestimate_table(self) -> None:
+        """Path table from the full-depth codes of all training items (not their truncated SIDs)."""
+        codes = self.quantizer(self.encoder(self.train_x)).codes
+        self.table = PathTable.build(codes.cpu(), self.quantizer.sizes, self.sarq.smoothing, self.sarq.weights)
+
+    # ---- persistence ---------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"in_dim": self.in_dim, "hidden_dims": self.hidden_dims, "latent_dim": self.latent_dim,
+                "encoder": {k: v.detach().clone() for k, v in self.encoder.state_dict().items()},
+                "decoder": {k: v.detach().clone() for k, v in self.decoder.state_dict().items()},
+                "quantizer": self.quantizer.state()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "RQVAE":
+        model = cls(state["in_dim"], state["hidden_dims"], state["latent_dim"],
+                    ResidualQuantizer.from_state(state["quantizer"]))
+        model.encoder.load_state_dict(state["encoder"])
+        model.decoder.load_state_dict(state["decoder"])
+        return model
+
+
+def _quiet_lightning() -> None:
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+
+
+def fit(model: RQVAE, x: Tensor, spec: TrainSpec, sarq: SarqSpec | None, init_kmeans: bool,
+        progress: bool = True) -> dict:
+    """Train `model` on x (rows = training items); returns a summary with the loss history.
+
+    k-means initialises the trainable codebook rows from the encoded sample first; with SARQ
+    the path table is re-estimated on schedule (or stays the frozen one given) and is
+    re-estimated once more at the end, then frozen in `model.table`."""
+    _quiet_lightning()
+    L.seed_everything(spec.seed, workers=True, verbose=False)
+    model.spec, model.sarq, model.train_x = spec, sarq, x.float()
+    model.table = sarq.frozen_table if sarq is not None else None
+    if init_kmeans:
+        with torch.no_grad():
+            init_rows_kmeans(model.quantizer, model.encoder(model.train_x), seed=spec.seed, niter=spec.kmeans_iters)
+    start = time.perf_counter()
+    if spec.epochs > 0 and len(x) > 0:
+        loader = DataLoader(TensorDataset(torch.arange(len(x))), batch_size=spec.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(spec.seed))
+        trainer = L.Trainer(max_epochs=spec.epochs, accelerator="cpu", devices=1, logger=False,
+                            enable_checkpointing=False, enable_model_summary=False, deterministic=True,
+                            enable_progress_bar=progress, num_sanity_val_steps=0)
+        trainer.fit(model, loader)
+    if sarq is not None and sarq.frozen_table is None:
+        model.reestimate_table()
+    model.train_x = None
+    model.eval()
+    return {"epochs": spec.epochs, "wall_s": round(time.perf_counter() - start, 2),
+            "final": spec.history[-1] if spec.history else {}}

@@ -1,0 +1,154 @@
+"""Encoder-decoder backbones over query memory vectors and SID tokens.
+
+`SmallSeq2Seq`: our own pre-LN Transformer, small enough for CPUs, with a key/value cache
+for decoding (each step feeds only the new token; beams of a query share one cross-attention
+memory, so it is never copied per beam). `HFSeq2Seq`: a Hugging Face encoder-decoder
+(T5 built from a T5Config with random weights, or a local pretrained checkpoint) fed
+`inputs_embeds`; it recomputes the short SID prefix at each step (SIDs are 3-4 tokens).
+Both expose: forward (teacher forcing) -> logits, start / step / reorder for beam search.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} must be divisible by n_heads {n_heads}")
+        self.h, self.dh = n_heads, d_model // n_heads
+        self.q = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., T, d) -> (..., H, T, dh)."""
+        return x.unflatten(-1, (self.h, self.dh)).transpose(-3, -2)
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv(x).chunk(2, dim=-1)
+        return self.split(k), self.split(v)
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+               causal: bool = False) -> torch.Tensor:
+        q = self.split(self.q(x))
+        p = self.dropout if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        return self.out(o.transpose(-3, -2).flatten(-2))
+
+
+class _DecoderLayer(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, ff_dim: int, dropout: float):
+        super().__init__()
+        self.self_attn = _Attention(d_model, n_heads, dropout)
+        self.cross_attn = _Attention(d_model, n_heads, dropout)
+        self.ff = nn.Sequential(nn.Linear(d_model, ff_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ff_dim, d_model))
+        self.n1, self.n2, self.n3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, y: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor, cross_mask: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: y (N, T, d); causal self-attention over the whole prefix."""
+        h = self.n1(y)
+        k, v = self.self_attn.keys_values(h)
+        y = y + self.drop(self.self_attn.attend(h, k, v, causal=True))
+        y = y + self.drop(self.cross_attn.attend(self.n2(y), cross_k, cross_v, cross_mask))
+        return y + self.drop(self.ff(self.n3(y)))
+
+    def step(self, y: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None, cross_k: torch.Tensor,
+             cross_v: torch.Tensor, cross_mask: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Decoding: y (N, W, d) one new token per beam; cache (N, W, H, t, dh) keys/values."""
+        h = self.n1(y)
+        k, v = self.self_attn.keys_values(h.unsqueeze(2))          # (N, W, H, 1, dh)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=3), torch.cat([cache[1], v], dim=3)
+        y = y + self.self_attn.attend(h.unsqueeze(2), k, v).squeeze(2)
+        # beams of a query are the "positions" of one cross-attention call: memory is shared
+        y = y + self.cross_attn.attend(self.n2(y), cross_k, cross_v, cross_mask)
+        return y + self.ff(self.n3(y)), (k, v)
+
+
+class SmallSeq2Seq(nn.Module):
+    """Pre-LN Transformer encoder-decoder with a KV-cached decoding step."""
+
+    def __init__(self, vocab_size: int, max_len: int, d_model: int, n_heads: int, n_layers: int, ff_dim: int,
+                 dropout: float):
+        super().__init__()
+        self.d_model = d_model
+        layer = nn.TransformerEncoderLayer(d_model, n_heads, ff_dim, dropout, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, n_layers, norm=nn.LayerNorm(d_model), enable_nested_tensor=False)
+        self.tok = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Embedding(max_len, d_model)
+        self.layers = nn.ModuleList(_DecoderLayer(d_model, n_heads, ff_dim, dropout) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size)
+        nn.init.normal_(self.tok.weight, std=1.0 / math.sqrt(d_model))
+
+    def encode(self, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(memory, src_key_padding_mask=~mask)
+
+    def _cross(self, enc: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [layer.cross_attn.keys_values(enc) for layer in self.layers]
+
+    def forward(self, memory: torch.Tensor, mask: torch.Tensor, dec_in: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: logits (N, T, V) for decoder inputs dec_in (N, T)."""
+        enc = self.encode(memory, mask)
+        cross_mask = mask[:, None, None, :]
+        y = self.tok(dec_in) + self.pos.weight[: dec_in.shape[1]]
+        for layer, (k, v) in zip(self.layers, self._cross(enc)):
+            y = layer(y, k, v, cross_mask)
+        return self.head(self.norm(y))
+
+    def start(self, memory: torch.Tensor, mask: torch.Tensor) -> dict:
+        enc = self.encode(memory, mask)
+        return {"cross": self._cross(enc), "mask": mask[:, None, None, :], "cache": [None] * len(self.layers)}
+
+    def step(self, state: dict, tokens: torch.Tensor, depth: int, columns: torch.Tensor) -> torch.Tensor:
+        """tokens (N, W) at position `depth` -> logits (N, W, len(columns)); extends the cache."""
+        y = self.tok(tokens) + self.pos.weight[depth]
+        for i, (layer, (k, v)) in enumerate(zip(self.layers, state["cross"])):
+            y, state["cache"][i] = layer.step(y, state["cache"][i], k, v, state["mask"])
+        return F.linear(self.norm(y), self.head.weight[columns], self.head.bias[columns])
+
+    def reorder(self, state: dict, index: torch.Tensor) -> dict:
+        rows = torch.arange(index.shape[0], device=index.device)[:, None]
+        state["cache"] = [(k[rows, index], v[rows, index]) for k, v in state["cache"]]
+        return state
+
+
+class HFSeq2Seq(nn.Module):
+    """A Hugging Face encoder-decoder (T5, BART, ...) driven by inputs_embeds and SID token ids."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.d_model = int(model.config.d_model)
+
+    def forward(self, memory: torch.Tensor, mask: torch.Tensor, dec_in: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs_embeds=memory, attention_mask=mask.long(), decoder_input_ids=dec_in,
+                          use_cache=False).logits
+
+    def start(self, memory: torch.Tensor, mask: torch.Tensor) -> dict:
+        enc = self.model.get_encoder()(inputs_embeds=memory, attention_mask=mask.long()).last_hidden_state
+        return {"enc": enc, "mask": mask.long(), "prefix": memory.new_zeros((memory.shape[0], 1, 0), dtype=torch.long)}
+
+    def step(self, state: dict, tokens: torch.Tensor, depth: int, columns: torch.Tensor) -> torch.Tensor:
+        prefix = torch.cat([state["prefix"], tokens.unsqueeze(-1)], dim=2)
+        state["prefix"] = prefix
+        n, w, t = prefix.shape
+        enc = state["enc"].repeat_interleave(w, dim=0)
+        mask = state["mask"].repeat_interleave(w, dim=0)
+        out = self.model(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=prefix.reshape(n * w, t),
+                         use_cache=False).logits
+        return out[:, -1, columns].reshape(n, w, len(columns))
+
+    def reorder(self, state: dict, index: torch.Tensor) -> dict:
+        rows = torch.arange(index.shape[0], device=index.device)[:, None]
+        state["prefix"] = state["prefix"][rows, index]
+        return state

@@ -1,0 +1,333 @@
+"""The tokenizer steps: train_head -> tokenizer/head.pt, train_tail -> tokenizer/tail.pt,
+assign_ids -> sids/ + metrics/sid_stats.json + plots. Behaviour comes from params alone.
+
+| method   | train_head                          | train_tail                              | length   |
+|----------|-------------------------------------|-----------------------------------------|----------|
+| rqkmeans | layer-wise k-means, all items       | nothing (writes a marker file)          | fixed    |
+| rqvae    | RQ-VAE, all items                   | nothing                                 | fixed    |
+| sarq     | RQ-VAE + SARQ, all items            | nothing                                 | adaptive |
+| acrq     | RQ-VAE on head, curriculum sizes    | anchors + extensions on tail and cold   | fixed    |
+| sa2crq   | acrq Stage 1 + SARQ on head         | acrq Stage 2 + frozen head path table   | adaptive |
+| import   | reads and checks tokenizer.import_path | nothing                              | as given |
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from components.acrq import anchored_model, check_curriculum, check_extensions
+from components.atomic import write_json
+from components.config import out_path, params_hash
+from components.errors import ConfigError, DataError
+from components.rq_kmeans import fit_rq_kmeans
+from components.rqvae import RQVAE, SarqSpec, TrainSpec, fit
+from components.quantizer import ResidualQuantizer
+from components.sarq import parse_tau, popularity_weights
+from components.sid_stats import plot_sid_stats, sid_statistics
+from components.sid_table import assert_stable, make_sid_table, read_import, write_sid_table
+from components.sid_tokenizer import (STAGE2_METHODS, Tokenizer, assign_new_items, load_checkpoint,
+                                      load_tokenizer, save_checkpoint)
+
+METHODS = ("rqkmeans", "rqvae", "acrq", "sarq", "sa2crq", "import")
+SARQ_METHODS = ("sarq", "sa2crq")
+FORMAT = 1
+
+__all__ = ["run_train_head", "run_train_tail", "run_assign_ids", "load_tokenizer", "assign_new_items",
+           "tokenizer_config", "TokenizerConfig"]
+
+
+@dataclass
+class TokenizerConfig:
+    """The `tokenizer:` section of params, checked."""
+
+    method: str
+    sizes: list[int]
+    ext_sizes: list[int]
+    latent_dim: int
+    hidden_dims: list[int]
+    beta: float
+    lr: float
+    batch_size: int
+    epochs_head: int
+    epochs_tail: int
+    epochs_full: int
+    reseed_every: int
+    kmeans_iters: int
+    threads: int
+    tau: float
+    min_len: int
+    max_len: int
+    smoothing: float
+    popularity_weighted: bool
+    warmup_epochs: int
+    reestimate_every: int
+    import_path: str
+    seed: int
+
+    @property
+    def adaptive(self) -> bool:
+        return self.method in SARQ_METHODS
+
+
+def _int_list(value: object, key: str) -> list[int]:
+    if not isinstance(value, list) or not value or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+        raise ConfigError(key, f"must be a non-empty list of integers, got {value!r}")
+    return list(value)
+
+
+def tokenizer_config(params: dict) -> TokenizerConfig:
+    """Read and check params['tokenizer']; ConfigError names the offending key."""
+    t = params.get("tokenizer") or {}
+    s = t.get("sarq") or {}
+    method = t.get("method")
+    if method not in METHODS:
+        raise ConfigError("tokenizer.method", f"must be one of {METHODS}, got {method!r}")
+    sizes = _int_list(t.get("codebook_sizes"), "tokenizer.codebook_sizes")
+    if any(k < 1 for k in sizes):
+        raise ConfigError("tokenizer.codebook_sizes", f"sizes must be >= 1, got {sizes}")
+    ext = _int_list(t.get("extension_sizes", [0] * len(sizes)), "tokenizer.extension_sizes")
+    min_len, max_len = int(s.get("min_len", 1)), int(s.get("max_len", len(sizes)))
+    if method in SARQ_METHODS:
+        if not 1 <= min_len <= max_len:
+            raise ConfigError("tokenizer.sarq.min_len", f"need 1 <= min_len <= max_len, got {min_len}, {max_len}")
+        if max_len > len(sizes):
+            raise ConfigError("tokenizer.sarq.max_len",
+                              f"{max_len} exceeds the number of layers in tokenizer.codebook_sizes ({len(sizes)})")
+        # layers beyond L_max could never be issued: they are not built
+        sizes, ext = sizes[:max_len], ext[:max_len]
+    else:
+        min_len = max_len = len(sizes)
+    if method in STAGE2_METHODS:
+        check_curriculum(sizes)
+        check_extensions(ext, len(sizes))
+    tau = parse_tau(s.get("tau")) if method in SARQ_METHODS else math.inf
+    cfg = TokenizerConfig(
+        method=method, sizes=sizes, ext_sizes=ext, latent_dim=int(t.get("latent_dim", 64)),
+        hidden_dims=[int(h) for h in t.get("hidden_dims", [])], beta=float(t.get("beta", 0.25)),
+        lr=float(t.get("lr", 1e-3)), batch_size=int(t.get("batch_size", 256)),
+        epochs_head=int(t.get("epochs_head", 0)), epochs_tail=int(t.get("epochs_tail", 0)),
+        epochs_full=int(t.get("epochs_full", 0)), reseed_every=int(t.get("dead_code_reseed_every", 0)),
+        kmeans_iters=int(t.get("kmeans_iters", 20)), threads=int(t.get("threads", 2)), tau=tau,
+        min_len=min_len, max_len=max_len, smoothing=float(s.get("smoothing", 1.0)),
+        popularity_weighted=bool(s.get("popularity_weighted", False)),
+        warmup_epochs=int(s.get("warmup_epochs", 0)), reestimate_every=int(s.get("reestimate_every", 1)),
+        import_path=str(t.get("import_path") or ""), seed=int(params.get("seed", 0)))
+    if cfg.method in SARQ_METHODS and cfg.smoothing <= 0:
+        raise ConfigError("tokenizer.sarq.smoothing", f"must be > 0, got {cfg.smoothing}")
+    for key, value in (("batch_size", cfg.batch_size), ("latent_dim", cfg.latent_dim), ("threads", cfg.threads)):
+        if value < 1:
+            raise ConfigError(f"tokenizer.{key}", f"must be >= 1, got {value}")
+    if cfg.method == "import" and not cfg.import_path:
+        raise ConfigError("tokenizer.import_path", "tokenizer.method=import needs a JSON or parquet file")
+    return cfg
+
+
+# ---- inputs --------------------------------------------------------------------------------
+
+def load_catalog(params: dict) -> tuple[pd.DataFrame, np.ndarray]:
+    """prepared/items.parquet and the row-aligned embeddings/items.npy, checked."""
+    items_path, emb_path = out_path(params, "prepared", "items.parquet"), out_path(params, "embeddings", "items.npy")
+    for path in (items_path, emb_path):
+        if not path.exists():
+            raise DataError(str(path), "not found (run the prepare and embed steps first)")
+    items = pd.read_parquet(items_path)
+    for col in ("item_id", "popularity", "group"):
+        if col not in items.columns:
+            raise DataError(str(items_path), "missing column", column=col)
+    bad = ~items["group"].isin(("head", "tail", "cold"))
+    if bad.any():
+        raise DataError(str(items_path), "group must be head, tail or cold", column="group", rows=np.flatnonzero(bad))
+    x = np.load(emb_path)
+    if x.ndim != 2 or len(x) != len(items):
+        raise DataError(str(emb_path), f"shape {x.shape} does not match {len(items)} items in {items_path}")
+    if not np.isfinite(x).all():
+        raise DataError(str(emb_path), "non-finite values", rows=np.flatnonzero(~np.isfinite(x).all(1)))
+    return items.reset_index(drop=True), x.astype(np.float32)
+
+
+def _setup(cfg: TokenizerConfig) -> None:
+    torch.set_num_threads(max(1, min(cfg.threads, os.cpu_count() or 1)))
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+
+def _version(params: dict, cfg: TokenizerConfig) -> str:
+    return f"{cfg.method}-{params_hash(params, ('dataset', 'data', 'embed', 'seed', 'tokenizer'))}"
+
+
+def _train_spec(cfg: TokenizerConfig, epochs: int) -> TrainSpec:
+    return TrainSpec(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, beta=cfg.beta,
+                     reseed_every=cfg.reseed_every, seed=cfg.seed, kmeans_iters=cfg.kmeans_iters)
+
+
+def _sarq_spec(cfg: TokenizerConfig, popularity: np.ndarray) -> SarqSpec:
+    weights = popularity_weights(torch.as_tensor(popularity)) if cfg.popularity_weighted else None
+    return SarqSpec(tau=cfg.tau, min_len=cfg.min_len, max_len=cfg.max_len, smoothing=cfg.smoothing,
+                    warmup_epochs=cfg.warmup_epochs, reestimate_every=cfg.reestimate_every, weights=weights)
+
+
+def _tokenizer(cfg: TokenizerConfig, model: RQVAE | None, quantizer: ResidualQuantizer, version: str,
+               table=None, anchor_sizes: list[int] | None = None) -> Tokenizer:
+    return Tokenizer(cfg.method, quantizer, model, table, cfg.tau, cfg.min_len, cfg.max_len, version,
+                     list(anchor_sizes if anchor_sizes is not None else quantizer.sizes))
+
+
+# ---- train_head ------------------------------------------------------------------------------
+
+def run_train_head(params: dict) -> dict:
+    """Stage 1 (or the only stage): writes tokenizer/head.pt."""
+    cfg = tokenizer_config(params)
+    _setup(cfg)
+    items, x = load_catalog(params)
+    version = _version(params, cfg)
+    start = time.perf_counter()
+    ckpt: dict = {"format": FORMAT, "method": cfg.method, "version": version, "tokenizer": None}
+    summary: dict = {"method": cfg.method}
+    if cfg.method == "import":
+        codes = read_import(cfg.import_path, items["item_id"].astype(str).tolist())
+        ckpt["import"] = {"file": cfg.import_path, "item_ids": items["item_id"].astype(str).tolist(), "codes": codes}
+        summary["n_items"] = len(codes)
+    elif cfg.method == "rqkmeans":
+        quantizer = fit_rq_kmeans(x, cfg.sizes, cfg.seed, cfg.kmeans_iters)
+        ckpt["tokenizer"] = _tokenizer(cfg, None, quantizer, version).state()
+        summary["n_train"] = len(x)
+    else:
+        stage1 = cfg.method in STAGE2_METHODS
+        train = (items["group"] == "head").to_numpy() if stage1 else np.ones(len(items), dtype=bool)
+        if not train.any():
+            raise DataError(str(out_path(params, "prepared", "items.parquet")),
+                            f"no head items: tokenizer.method={cfg.method} trains Stage 1 on head items", column="group")
+        model = RQVAE(x.shape[1], cfg.hidden_dims, cfg.latent_dim, ResidualQuantizer(cfg.sizes, cfg.latent_dim))
+        sarq = _sarq_spec(cfg, items["popularity"].to_numpy()[train]) if cfg.adaptive else None
+        spec = _train_spec(cfg, cfg.epochs_head if stage1 else cfg.epochs_full)
+        summary["train"] = fit(model, torch.from_numpy(x[train]), spec, sarq, init_kmeans=True)
+        summary["n_train"] = int(train.sum())
+        tok = _tokenizer(cfg, model, model.quantizer, version, table=model.table)
+        ckpt["tokenizer"] = tok.state()
+        ckpt["history"] = spec.history
+        if stage1:
+            codes, lengths = tok.assign(x[train])
+            ckpt["issued"] = {"item_ids": items["item_id"].astype(str)[train].tolist(),
+                              "codes": torch.from_numpy(codes), "lengths": torch.from_numpy(lengths)}
+    save_checkpoint(ckpt, out_path(params, "tokenizer", "head.pt"))
+    summary["wall_s"] = round(time.perf_counter() - start, 2)
+    return summary
+
+
+# ---- train_tail ------------------------------------------------------------------------------
+
+def _load_head(params: dict, cfg: TokenizerConfig) -> dict:
+    head = load_checkpoint(out_path(params, "tokenizer", "head.pt"))
+    if head.get("method") != cfg.method:
+        raise ConfigError("tokenizer.method", f"tokenizer/head.pt was trained with {head.get('method')!r}, "
+                                              f"params ask for {cfg.method!r}: run train_head again")
+    return head
+
+
+def run_train_tail(params: dict) -> dict:
+    """Stage 2 for ACRQ / SA2CRQ (anchors + extensions on tail and cold items); for the
+    one-stage methods it writes a marker tokenizer/tail.pt so the pipeline stays uniform."""
+    cfg = tokenizer_config(params)
+    _setup(cfg)
+    head = _load_head(params, cfg)
+    start = time.perf_counter()
+    if cfg.method not in STAGE2_METHODS:
+        save_checkpoint({"format": FORMAT, "method": cfg.method, "stage2": False, "tokenizer": None},
+                        out_path(params, "tokenizer", "tail.pt"))
+        return {"method": cfg.method, "stage2": False}
+    items, x = load_catalog(params)
+    stage1 = Tokenizer.from_state(head["tokenizer"])
+    model = anchored_model(stage1.model, cfg.ext_sizes)
+    train = (items["group"] != "head").to_numpy()
+    sarq = None
+    if cfg.adaptive:
+        sarq = SarqSpec(tau=cfg.tau, min_len=cfg.min_len, max_len=cfg.max_len, smoothing=cfg.smoothing,
+                        frozen_table=stage1.table)
+    spec = _train_spec(cfg, cfg.epochs_tail)
+    result = fit(model, torch.from_numpy(x[train]), spec, sarq, init_kmeans=True)
+    tok = _tokenizer(cfg, model, model.quantizer, head["version"], table=stage1.table,
+                     anchor_sizes=model.quantizer.anchor_sizes)
+    save_checkpoint({"format": FORMAT, "method": cfg.method, "stage2": True, "version": head["version"],
+                     "tokenizer": tok.state(), "history": spec.history}, out_path(params, "tokenizer", "tail.pt"))
+    return {"method": cfg.method, "stage2": True, "n_train": int(train.sum()), "train": result,
+            "codebook_sizes": model.quantizer.sizes, "wall_s": round(time.perf_counter() - start, 2)}
+
+
+# ---- assign_ids ------------------------------------------------------------------------------
+
+def _issued_head(head: dict, item_ids: list[str], codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Put the Stage-1 SIDs of head items back into (codes, lengths); returns their mask."""
+    issued = head["issued"]
+    pos = {i: k for k, i in enumerate(item_ids)}
+    rows = np.array([pos[i] for i in issued["item_ids"] if i in pos], dtype=np.int64)
+    keep = np.array([i in pos for i in issued["item_ids"]], dtype=bool)
+    codes[rows] = issued["codes"].numpy()[keep]
+    lengths[rows] = issued["lengths"].numpy()[keep]
+    mask = np.zeros(len(item_ids), dtype=bool)
+    mask[rows] = True
+    return mask
+
+
+def run_assign_ids(params: dict) -> dict:
+    """Write sids/sid_table.parquet, sids/meta.json, metrics/sid_stats.json and the plots."""
+    cfg = tokenizer_config(params)
+    _setup(cfg)
+    head = _load_head(params, cfg)
+    items, x = load_catalog(params)
+    item_ids = items["item_id"].astype(str).tolist()
+    table_path = out_path(params, "sids", "sid_table.parquet")
+    recon = None
+    if cfg.method == "import":
+        imported = dict(zip(head["import"]["item_ids"], head["import"]["codes"]))
+        missing = [i for i in item_ids if i not in imported]
+        if missing:
+            raise DataError(cfg.import_path, f"{len(missing)} catalog items have no SID, e.g. {missing[:5]} "
+                                             "(the catalog changed since train_head)", column="item_id")
+        codes_list = [imported[i] for i in item_ids]
+        table = make_sid_table(item_ids, codes_list, "import", head["version"])
+        sizes = [int(max((c[l] for c in codes_list if len(c) > l), default=-1)) + 1
+                 for l in range(max(map(len, codes_list)))]
+        meta = {"method": "import", "codebook_sizes": sizes, "anchor_sizes": sizes,
+                "max_len": len(sizes), "min_len": int(min(map(len, codes_list))), "tau": None}
+        residual = None
+    else:
+        tok = load_tokenizer(params)
+        codes, lengths = tok.assign(x)
+        stages = np.array(["full"] * len(items), dtype=object)
+        if cfg.method in STAGE2_METHODS:
+            is_head = _issued_head(head, item_ids, codes, lengths)
+            stages[:] = "tail"
+            stages[is_head] = "head"
+        recon = tok.reconstruction_error(x, codes, lengths)
+        codes_list = [codes[i, : lengths[i]].tolist() for i in range(len(items))]
+        table = make_sid_table(item_ids, codes_list, stages.tolist(), tok.version)
+        if cfg.method in STAGE2_METHODS:
+            issued = head["issued"]
+            old = make_sid_table(issued["item_ids"], [c[:n].tolist() for c, n in
+                                                      zip(issued["codes"].numpy(), issued["lengths"].numpy())],
+                                 "head", tok.version)
+            assert_stable(old, table, str(table_path))
+        meta = {"method": cfg.method, "codebook_sizes": tok.sizes, "anchor_sizes": tok.anchor_sizes,
+                "max_len": tok.max_len, "min_len": tok.min_len,
+                "tau": tok.tau if math.isfinite(tok.tau) else None}
+        dist = tok.residual_distances(x)
+        residual = {f"layer{l + 1}": {"q50": float(np.quantile(dist[:, l], 0.5)),
+                                      "q99": float(np.quantile(dist[:, l], 0.99))} for l in range(dist.shape[1])}
+    meta["version"] = str(table["version"].iloc[0])
+    write_sid_table(table, table_path)
+    write_json(meta, out_path(params, "sids", "meta.json"))
+    stats = sid_statistics(table, items, meta, recon)
+    if residual is not None:
+        stats["residual_distance"] = residual
+    write_json(stats, out_path(params, "metrics", "sid_stats.json"))
+    plot_sid_stats(table, items, out_path(params, "plots", "sid_lengths.png"),
+                   out_path(params, "plots", "items_per_sid.png"))
+    return {"method": cfg.method, "n_items": stats["n_items"], "n_sids": stats["n_sids"],
+            "unique_share": stats["unique_share"], "items_per_sid_mean": stats["items_per_sid"]["mean"],
+            "mean_length": {g: stats["length"][g]["mean"] for g in ("head", "tail", "cold")}}

@@ -1,0 +1,161 @@
+"""A trained dense two-tower retriever (the paper's DPR row), in Lightning.
+
+Query tower: the retriever's own query encoder (components.query_encoders.QueryEncoder: frozen
+MiniLM text embedding -> n_memory vectors, or the history items' embeddings with recency
+positions), masked-mean pooled and passed through a residual MLP. Item tower: a residual MLP
+projection of the frozen item embedding. Trained with in-batch softmax on the training
+split's (query, target) pairs; a batch's other copies of the positive item are masked out so
+popular items are not pushed away from themselves. Deterministic for a given seed.
+"""
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from components.baselines import check_queries, dense_search, history_rows, item_rows
+from components.errors import DataError
+from components.query_encoders import HISTORY, TEXT, QueryEncoder
+
+
+def query_index_table(queries: pd.DataFrame, items: pd.DataFrame, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows into [items.npy ; queries.npy ; zero row] per query, left-aligned, -1 padded; and is_text.
+
+    Text queries hold one index (n_items + emb_row); history queries their last max_len items,
+    oldest first (the layout QueryEncoder expects).
+    """
+    n_items = len(items)
+    is_text = check_queries(queries).to_numpy(copy=True)
+    out = np.full((len(queries), max_len), -1, dtype=np.int64)
+    out[is_text, 0] = n_items + queries.loc[is_text, "emb_row"].to_numpy(dtype=np.int64)
+    hist_pos = np.flatnonzero(~is_text)
+    for pos, rows in zip(hist_pos, history_rows(queries.iloc[hist_pos], item_rows(items), max_len)):
+        out[pos, : len(rows)] = rows
+    return out, is_text
+
+
+class QueryTower(nn.Module):
+    """Frozen vectors -> QueryEncoder memory -> masked mean -> residual MLP -> unit vector."""
+
+    def __init__(self, table: torch.Tensor, dim: int, max_len: int, n_memory: int, dropout: float):
+        super().__init__()
+        self.table = nn.Embedding.from_pretrained(table, freeze=True)
+        self.encoder = QueryEncoder(table.shape[1], dim, n_memory, max_len, dropout)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.pad = table.shape[0] - 1
+        self.dim = dim
+
+    def _pool(self, kind: str, idx: torch.Tensor) -> torch.Tensor:
+        mask = idx >= 0
+        x = self.table(torch.where(mask, idx, self.pad))
+        if kind == TEXT:
+            x, mask = x[:, :1], mask[:, :1]
+        memory, keep = self.encoder({"kind": kind, "x": x, "mask": mask})
+        keep = keep.unsqueeze(-1).float()
+        return (memory * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+
+    def forward(self, idx: torch.Tensor, is_text: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(len(idx), self.dim, device=idx.device)
+        for kind, sel in ((TEXT, is_text), (HISTORY, ~is_text)):
+            if bool(sel.any()):
+                h[sel] = self._pool(kind, idx[sel])
+        return F.normalize(h + self.mlp(h), dim=-1)
+
+
+class ItemTower(nn.Module):
+    """Residual MLP projection of a frozen item embedding to a unit vector."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        return F.normalize(h + self.mlp(h), dim=-1)
+
+
+class TwoTower(L.LightningModule):
+    """In-batch softmax over unit-vector dot products divided by a fixed temperature."""
+
+    def __init__(self, table: torch.Tensor, item_emb: torch.Tensor, cfg: dict):
+        super().__init__()
+        dim = int(cfg["dim"])
+        self.query_tower = QueryTower(table, dim, int(cfg["max_len"]), int(cfg["n_memory"]), float(cfg["dropout"]))
+        self.item_tower = ItemTower(item_emb.shape[1], dim)
+        self.register_buffer("item_emb", item_emb, persistent=False)
+        self.lr = float(cfg["lr"])
+        self.temperature = float(cfg["temperature"])
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        q_idx, is_text, target = batch
+        q = self.query_tower(q_idx, is_text)
+        i = self.item_tower(self.item_emb[target])
+        logits = q @ i.T / self.temperature
+        same = (target[:, None] == target[None, :]) & ~torch.eye(len(target), dtype=torch.bool, device=target.device)
+        loss = F.cross_entropy(logits.masked_fill(same, float("-inf")), torch.arange(len(target), device=q.device))
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+def _train_pairs(train: pd.DataFrame, items: pd.DataFrame) -> np.ndarray:
+    """(query position, target item row) for every (train query, target) pair."""
+    rows = item_rows(items)
+    pairs = []
+    for p, (label, targets) in enumerate(zip(train.index, train["targets"])):
+        for t in targets:
+            if t not in rows:
+                raise DataError("prepared/queries.parquet", f"target {t!r} is not in prepared/items.parquet",
+                                column="targets", rows=[label])
+            pairs.append((p, rows[t]))
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def train_two_tower(train: pd.DataFrame, items: pd.DataFrame, item_emb: np.ndarray, query_emb: np.ndarray | None,
+                    cfg: dict, seed: int) -> TwoTower:
+    """Fit the two-tower model on the training queries.
+
+    cfg: dim, max_len, n_memory, dropout, lr, temperature, batch_size, epochs.
+    """
+    L.seed_everything(seed, workers=True, verbose=False)
+    dim_in = item_emb.shape[1]
+    q_emb = query_emb if query_emb is not None else np.zeros((0, dim_in), np.float32)
+    table = torch.from_numpy(np.concatenate([item_emb, q_emb, np.zeros((1, dim_in))]).astype(np.float32))
+    q_idx, is_text = query_index_table(train, items, int(cfg["max_len"]))
+    pairs = _train_pairs(train, items)
+    model = TwoTower(table, torch.from_numpy(np.asarray(item_emb, np.float32)), cfg)
+    data = torch.utils.data.TensorDataset(torch.from_numpy(q_idx[pairs[:, 0]]),
+                                          torch.from_numpy(is_text[pairs[:, 0]]), torch.from_numpy(pairs[:, 1]))
+    batch = int(cfg["batch_size"])
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, drop_last=len(data) > batch,
+                                         generator=torch.Generator().manual_seed(seed))
+    trainer = L.Trainer(max_epochs=int(cfg["epochs"]), accelerator="cpu", devices=1, deterministic=True, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=True)
+    trainer.fit(model, loader)
+    return model.eval()
+
+
+@torch.no_grad()
+def two_tower_search(model: TwoTower, queries: pd.DataFrame, items: pd.DataFrame, k: int,
+                     batch_size: int = 2048) -> pd.DataFrame:
+    """Ranked results of the trained model for `queries` (exact search over all items)."""
+    q_idx, is_text = query_index_table(queries, items, model.query_tower.encoder.history.max_history)
+    q_idx, is_text = torch.from_numpy(q_idx), torch.from_numpy(is_text)
+    q_vecs = [model.query_tower(q_idx[s:s + batch_size], is_text[s:s + batch_size])
+              for s in range(0, len(q_idx), batch_size)]
+    i_vecs = torch.cat([model.item_tower(model.item_emb[s:s + batch_size])
+                        for s in range(0, len(model.item_emb), batch_size)])
+    q_mat = torch.cat(q_vecs) if q_vecs else torch.zeros(0, i_vecs.shape[1])
+    return dense_search(q_mat.numpy(), i_vecs.numpy(), queries["query_id"], items["item_id"].to_numpy(), k)
+
+
+def two_tower(train: pd.DataFrame, test: pd.DataFrame, items: pd.DataFrame, item_emb: np.ndarray,
+              query_emb: np.ndarray | None, cfg: dict, seed: int, k: int) -> pd.DataFrame:
+    """Train on `train`, then return the top-k ranked results for `test`."""
+    return two_tower_search(train_two_tower(train, items, item_emb, query_emb, cfg, seed), test, items, k)

@@ -1,0 +1,77 @@
+"""Flow: the whole pipeline (prepare -> evaluate), composed of the training and evaluation flows.
+
+`python -m flows.pipeline_flow --params-json FILE [--start STEP] [--stop STEP]` runs it in a
+fresh process: sweeps use that so each point has its own random state and W&B run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from prefect import flow
+
+from components.stages import STEPS
+from flows.evaluate_flow import evaluate_flow
+from flows.flow_params import apply_overrides, flow_run_name
+from flows.tasks import run_steps
+from flows.tracking import wandb_run
+from flows.train_head_flow import train_head_flow
+from flows.train_retriever_flow import train_retriever_flow
+from flows.train_tail_flow import train_tail_flow
+
+
+def select_steps(start: str, stop: str) -> list[str]:
+    """The steps from start to stop inclusive, in pipeline order."""
+    order = list(STEPS)
+    for name in (start, stop):
+        if name not in order:
+            raise KeyError(f"unknown step {name!r}; steps are: {', '.join(order)}")
+    if order.index(start) > order.index(stop):
+        raise ValueError(f"start step {start!r} comes after stop step {stop!r}")
+    return order[order.index(start): order.index(stop) + 1]
+
+
+@flow(name="pipeline", flow_run_name=flow_run_name)
+def pipeline_flow(params: dict, overrides: list[str] | None = None,
+                  start: str = "prepare", stop: str = "evaluate") -> dict:
+    """Run the selected steps; cached steps (same inputs, params, code) are skipped on rerun."""
+    params = apply_overrides(params, overrides)
+    steps = select_steps(start, stop)
+    out: dict = {}
+    with wandb_run(params, "pipeline", "pipeline") as run:
+        data_steps = [s for s in steps if s in ("prepare", "embed")]
+        if data_steps:
+            out.update(run_steps(params, data_steps, run))
+        if "train_head" in steps:
+            out.update(train_head_flow(params))
+        if "train_tail" in steps:
+            out.update(train_tail_flow(params, assign="assign_ids" in steps))
+        elif "assign_ids" in steps:
+            out.update(run_steps(params, ["assign_ids"], run))
+        if "train_retriever" in steps:
+            out.update(train_retriever_flow(params))
+        if "evaluate" in steps:
+            out.update(evaluate_flow(params))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for a pipeline run in its own process (sweep points)."""
+    from components.runtime_env import set_offline_defaults
+
+    set_offline_defaults()
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params-json", required=True, help="params as JSON (already resolved)")
+    ap.add_argument("--start", default="prepare")
+    ap.add_argument("--stop", default="evaluate")
+    args = ap.parse_args(argv)
+    params = json.loads(Path(args.params_json).read_text())
+    result = pipeline_flow(params=params, start=args.start, stop=args.stop)
+    print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

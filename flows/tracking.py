@@ -1,0 +1,117 @@
+"""Weights & Biases for every flow: config, metrics and artifacts (SID table, codebooks).
+
+Offline by default (params `wandb.mode`); `WANDB_MODE=disabled` in the environment wins, so
+tests never start wandb. A flow opens one run; flows it calls log into that same run, so a
+pipeline or a sweep point is one W&B run.
+"""
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from components.config import out_path, params_hash
+
+_ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("sa2crq_wandb_run", default=None)
+
+# what each step leaves that is worth keeping as a W&B artifact: (artifact type, paths under out_dir)
+STEP_ARTIFACTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "train_head": ("codebooks", ("tokenizer/head.pt",)),
+    "train_tail": ("codebooks", ("tokenizer/tail.pt",)),
+    "assign_ids": ("sid_table", ("sids",)),
+}
+
+
+def wandb_mode(params: dict) -> str:
+    """The mode a run would use: the environment's `disabled` beats params `wandb.mode`."""
+    if os.environ.get("WANDB_MODE", "").lower() == "disabled":
+        return "disabled"
+    return str(params.get("wandb", {}).get("mode", "offline"))
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists of scalars are kept whole."""
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    """Only the numbers of a flat dict (bools excluded): what W&B can chart."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+@contextmanager
+def wandb_run(params: dict, name: str, job_type: str, group: str | None = None) -> Iterator[Any]:
+    """Open a run for a flow (or reuse the caller's); yields None when W&B is disabled."""
+    active = _ACTIVE.get()
+    if active is not None:
+        yield active
+        return
+    mode = wandb_mode(params)
+    if mode == "disabled":
+        yield None
+        return
+    import wandb
+
+    wandb_dir = Path(os.environ.get("WANDB_DIR") or out_path(params, "wandb"))
+    wandb_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(
+        project=params.get("wandb", {}).get("project", "sa2crq"),
+        name=f"{name}-{params_hash(params)}",
+        job_type=job_type,
+        group=group,
+        config={k: v for k, v in params.items() if not k.startswith("_")},
+        mode=mode,
+        dir=str(wandb_dir),
+        reinit="create_new",
+    )
+    token = _ACTIVE.set(run)
+    try:
+        yield run
+    finally:
+        _ACTIVE.reset(token)
+        run.finish()
+
+
+def log_metrics(run: Any, metrics: dict[str, Any], prefix: str = "") -> None:
+    """Log the numeric part of a (nested) dict under `prefix/` and keep it in the summary."""
+    if run is None:
+        return
+    flat = numeric(flatten(metrics))
+    if flat:
+        run.log({f"{prefix}/{k}" if prefix else k: v for k, v in flat.items()})
+
+
+def log_step(run: Any, params: dict, step: str, summary: dict, metric_files: list[Path]) -> None:
+    """After a step: its summary, its metrics files, and its artifacts (SID table, codebooks)."""
+    if run is None:
+        return
+    log_metrics(run, summary or {}, prefix=step)
+    for path in metric_files:
+        if path.suffix == ".json" and path.exists():
+            log_metrics(run, json.loads(path.read_text()), prefix=f"{step}/{path.stem}")
+    if step in STEP_ARTIFACTS:
+        kind, rel_paths = STEP_ARTIFACTS[step]
+        log_artifact(run, f"{step}-{params_hash(params)}", kind, [out_path(params, p) for p in rel_paths])
+
+
+def log_artifact(run: Any, name: str, kind: str, paths: list[Path]) -> None:
+    """Attach files / folders to a W&B artifact (skipping the ones that do not exist)."""
+    if run is None:
+        return
+    import wandb
+
+    artifact = wandb.Artifact(name=name, type=kind)
+    for path in paths:
+        if path.is_dir():
+            artifact.add_dir(str(path), name=path.name)
+        elif path.exists():
+            artifact.add_file(str(path))
+    run.log_artifact(artifact)

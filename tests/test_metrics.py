@@ -1,0 +1,138 @@
+"""Metrics on hand-computed examples: recall / MRR / NDCG, groups, several targets, SID groups, CIs."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from components.errors import DataError
+from components.metrics import (
+    bootstrap_ci,
+    evaluate_ranked,
+    hallucination_per_query,
+    per_query_metrics,
+    recall_by_popularity_decile,
+    target_pairs,
+    target_ranks,
+)
+
+
+def ranked_from_lists(lists: dict[str, list[str]], sids: dict[str, str] | None = None) -> pd.DataFrame:
+    rows = [(q, r, item, -float(r), (sids or {}).get(item, "")) for q, items in lists.items()
+            for r, item in enumerate(items)]
+    return pd.DataFrame(rows, columns=["query_id", "rank", "item_id", "score", "sid"])
+
+
+@pytest.fixture
+def catalog() -> pd.DataFrame:
+    return pd.DataFrame({
+        "item_id": ["A", "B", "C", "D", "X", "Y"],
+        "text": list("abcdxy"),
+        "popularity": [50, 40, 2, 0, 1, 1],
+        "group": ["head", "head", "tail", "cold", "tail", "tail"],
+    })
+
+
+@pytest.fixture
+def queries() -> pd.DataFrame:
+    return pd.DataFrame({"query_id": ["q1", "q2", "q3"], "targets": [["A"], ["B", "C"], ["D"]]})
+
+
+@pytest.fixture
+def ranked() -> pd.DataFrame:
+    return ranked_from_lists({"q1": ["X", "A", "Y"], "q2": ["B", "X", "Y", "C"], "q3": ["X", "Y"]})
+
+
+def test_per_query_values_match_hand_computation(ranked, queries, catalog):
+    table = per_query_metrics(target_ranks(ranked, target_pairs(queries, catalog)), ks=[1, 5])
+    q1, q2, q3 = table.loc["q1"], table.loc["q2"], table.loc["q3"]
+    assert q1["recall@1"] == 0 and q1["recall@5"] == 1
+    assert q1["mrr@5"] == pytest.approx(0.5)
+    assert q1["ndcg@5"] == pytest.approx(1 / math.log2(3))
+    # two targets at ranks 0 and 3
+    assert q2["recall@1"] == pytest.approx(0.5) and q2["recall@5"] == 1
+    assert q2["mrr@5"] == 1
+    assert q2["ndcg@5"] == pytest.approx((1 + 1 / math.log2(5)) / (1 + 1 / math.log2(3)))
+    assert q2["ndcg@1"] == pytest.approx(1.0)  # ideal DCG@1 holds one hit only
+    assert (q3 == 0).all()
+
+
+def test_groups_count_a_query_in_each_target_group(ranked, queries, catalog):
+    res = evaluate_ranked(ranked, queries, catalog, ks=[1, 5], n_boot=20, seed=0)
+    assert res["overall"]["n_queries"] == 3
+    assert res["overall"]["metrics"]["recall@1"]["mean"] == pytest.approx((0 + 0.5 + 0) / 3)
+    # head: q1 (A at rank 1) and q2 with only B relevant (rank 0)
+    assert res["head"]["n_queries"] == 2
+    assert res["head"]["metrics"]["recall@1"]["mean"] == pytest.approx(0.5)
+    assert res["head"]["metrics"]["mrr@5"]["mean"] == pytest.approx((0.5 + 1) / 2)
+    # tail: q2 with only C relevant (rank 3)
+    assert res["tail"]["n_queries"] == 1
+    assert res["tail"]["metrics"]["mrr@5"]["mean"] == pytest.approx(0.25)
+    assert res["tail"]["metrics"]["ndcg@5"]["mean"] == pytest.approx(1 / math.log2(5))
+    assert res["cold"]["metrics"]["recall@5"]["mean"] == 0
+    assert res["overall"]["metrics"]["ret_per"]["mean"] == pytest.approx((3 + 4 + 2) / 3)
+    assert res["tail"]["metrics"]["ret_per"]["mean"] == 4
+
+
+def test_sid_group_fills_m_item_ranks(catalog):
+    # SID "1" holds X, Y (ranks 0, 1); SID "2-3" holds A, B, C (ranks 2, 3, 4): C sits at item rank 4
+    ranked = ranked_from_lists({"q": ["X", "Y", "A", "B", "C"]}, sids={"X": "1", "Y": "1", "A": "2-3", "B": "2-3",
+                                                                      "C": "2-3"})
+    q = pd.DataFrame({"query_id": ["q"], "targets": [["C"]]})
+    res = evaluate_ranked(ranked, q, catalog, ks=[3, 5], n_boot=10, seed=0)["overall"]["metrics"]
+    assert res["recall@3"]["mean"] == 0
+    assert res["recall@5"]["mean"] == 1
+    assert res["mrr@5"]["mean"] == pytest.approx(1 / 5)
+    assert res["ret_per"]["mean"] == 5
+
+
+def test_deep_ks_and_recall_all(catalog):
+    ranked = ranked_from_lists({"q": ["X", "Y", "B", "A"]})
+    q = pd.DataFrame({"query_id": ["q"], "targets": [["A", "D"]]})
+    table = per_query_metrics(target_ranks(ranked, target_pairs(q, catalog)), ks=[1], deep_ks=[4])
+    assert table.loc["q", "recall@4"] == pytest.approx(0.5)
+    assert table.loc["q", "recall@all"] == pytest.approx(0.5)
+    assert "mrr@4" not in table.columns
+
+
+def test_bad_inputs_name_the_problem(ranked, catalog):
+    q = pd.DataFrame({"query_id": ["q1"], "targets": [["ZZZ"]]})
+    with pytest.raises(DataError, match="targets"):
+        evaluate_ranked(ranked, q, catalog, ks=[1], n_boot=0)
+    dup = pd.concat([ranked, ranked.iloc[:1]], ignore_index=True)
+    with pytest.raises(DataError, match="rank"):
+        evaluate_ranked(dup, pd.DataFrame({"query_id": ["q1"], "targets": [["A"]]}), catalog, ks=[1], n_boot=0)
+
+
+def test_hallucination_rate(catalog):
+    gen = pd.DataFrame({"query_id": ["q1", "q1", "q1", "q2"], "sid": ["1-2", "9-9", "3", "7"],
+                        "sid_index": [0, -1, 4, -1]})
+    rate = hallucination_per_query(gen)
+    assert rate["q1"] == pytest.approx(1 / 3)
+    assert rate["q2"] == 1.0
+
+
+def test_bootstrap_contains_mean_and_shrinks():
+    rng = np.random.default_rng(1)
+    small = (rng.random((40, 1)) < 0.3).astype(float)
+    large = (rng.random((4000, 1)) < 0.3).astype(float)
+    lo_s, hi_s = bootstrap_ci(small, 300, seed=0)
+    lo_l, hi_l = bootstrap_ci(large, 300, seed=0)
+    assert lo_s[0] <= small.mean() <= hi_s[0]
+    assert lo_l[0] <= large.mean() <= hi_l[0]
+    assert (hi_l - lo_l)[0] < (hi_s - lo_s)[0] / 4
+    again = bootstrap_ci(small, 300, seed=0)
+    assert np.array_equal(again[0], lo_s) and np.array_equal(again[1], hi_s)
+
+
+def test_recall_by_decile_puts_targets_in_their_decile():
+    items = pd.DataFrame({"item_id": [f"i{j}" for j in range(20)], "popularity": range(20),
+                          "group": ["tail"] * 20, "text": ["t"] * 20})
+    q = pd.DataFrame({"query_id": ["a", "b", "c"], "targets": [["i19"], ["i18"], ["i0"]]})
+    ranked = ranked_from_lists({"a": ["i19"], "b": ["i5"], "c": ["i0"]})
+    dec = recall_by_popularity_decile(ranked, q, items, k=1).set_index("decile")
+    assert dec.loc[10, "recall"] == pytest.approx(0.5) and dec.loc[10, "n_pairs"] == 2
+    assert dec.loc[1, "recall"] == 1.0
+    assert dec.loc[5, "n_pairs"] == 0
