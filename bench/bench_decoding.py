@@ -15,6 +15,9 @@ change the work a beam search does: every step scores all live beams and masks b
             ours: the `agree_*` columns check that.
   ours-small  our default backbone (`small`: own Transformer with a KV cache), no HF twin,
             same search code: shows what the pipeline's default model costs.
+Methods are timed round-robin on the same batches (load swings hit all alike).
+Columns: lat_vs_ours = latency / ours (T5) latency (peers > 1: ours is faster);
+hf_lat_ratio = HF generate latency / this method's latency (the speed-up over HF).
 Latency: batch 1 = per-query wall time over many queries; batch 64 = wall time of one
 batch call (each query waits for its batch); q/s = queries / median batch time.
 SID table: outputs/sids/sid_table.parquet when present, else a synthetic SARQ-like table
@@ -35,6 +38,7 @@ from common import (ROOT, clustered_embeddings, load_real_sid_table, print_table
                     write_result)
 
 SIZES = (64, 128, 256)
+PEERS = ("hf", "dicttrie")
 
 
 def build_model(backbone: str, sids: list[tuple[int, ...]], seed: int):
@@ -162,17 +166,28 @@ def ours(model, batch: dict, beam: int) -> list[list[tuple[int, ...]]]:
 
 
 # ---- harness ---------------------------------------------------------------------------------------
-def measure(fn, queries: np.ndarray, batch: int, n_calls: int) -> tuple[dict, list]:
-    """Call fn on `n_calls` consecutive batches (one warm-up call first); return latency stats."""
-    fn(text_batch(queries[:batch]))
-    times, outs = [], []
-    for i in range(n_calls):
-        sl = queries[(i * batch) % len(queries):][:batch]
-        t0 = time.perf_counter()
-        outs.extend(fn(text_batch(sl)))
-        times.append(time.perf_counter() - t0)
-    s = stats(times)
-    return {"lat_p50_ms": 1e3 * s["p50"], "lat_p99_ms": 1e3 * s["p99"], "qps": batch / s["p50"], "calls": s["n"]}, outs
+def measure_round_robin(methods: dict, queries: np.ndarray, beam: int, batch: int, rounds: dict[str, int]
+                        ) -> tuple[dict[str, dict], dict[str, list]]:
+    """Time every method on the same batches, interleaved call by call, so load swings on a
+    shared machine hit all methods alike. Method m runs in the first rounds[m] rounds; one
+    untimed warm-up call each first. Returns per-method latency stats and outputs."""
+    for fn in methods.values():
+        fn(text_batch(queries[:batch]), beam)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    outs: dict[str, list] = {m: [] for m in methods}
+    for i in range(max(rounds.values())):
+        b = text_batch(queries[(i * batch) % len(queries):][:batch])
+        for name, fn in methods.items():
+            if i >= rounds[name]:
+                continue
+            t0 = time.perf_counter()
+            outs[name].extend(fn(b, beam))
+            times[name].append(time.perf_counter() - t0)
+    res = {}
+    for name, ts in times.items():
+        s = stats(ts)
+        res[name] = {"lat_p50_ms": 1e3 * s["p50"], "lat_p99_ms": 1e3 * s["p99"], "qps": batch / s["p50"], "calls": s["n"]}
+    return res, outs
 
 
 def agreement(a: list[list[tuple]], b: list[list[tuple]]) -> tuple[float, float]:
@@ -187,7 +202,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--beams", type=int, nargs="+", default=[20, 100])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="1 by default: on a shared, overloaded 2-core box two OpenMP threads spin against each other (50x slower)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ours-calls", type=int, nargs=2, default=[200, 10], metavar=("B1", "B64"),
                     help="timed calls for ours at batch 1 / larger batches")
@@ -213,20 +228,18 @@ def main() -> None:
     rows = []
     for B in args.beams:
         for bs in args.batches:
-            outs = {}
-            for name, fn in methods.items():
-                peer = name in ("hf", "dicttrie")
-                calls = (args.peer_calls if peer else args.ours_calls)[0 if bs == 1 else 1]
-                res, outs[name] = measure(lambda b, fn=fn: fn(b, B), queries, bs, calls)
-                rows.append({"beam": B, "batch": bs, "method": name, **res})
-                print(f"  B={B} batch={bs} {name}: {res}", flush=True)
-            ours_qps = next(r["qps"] for r in rows if r["beam"] == B and r["batch"] == bs and r["method"] == "ours")
-            for r in rows:
-                if r["beam"] == B and r["batch"] == bs:
-                    r["ours_speedup"] = ours_qps / r["qps"]
-                    if r["method"] in ("hf", "dicttrie"):
-                        r["agree_top1"], r["agree_set"] = agreement(outs["ours"], outs[r["method"]])
-    cols = ["beam", "batch", "method", "lat_p50_ms", "lat_p99_ms", "qps", "ours_speedup", "agree_top1", "agree_set",
+            i = 0 if bs == 1 else 1
+            rounds = {m: (args.peer_calls if m in PEERS else args.ours_calls)[i] for m in methods}
+            res, outs = measure_round_robin(methods, queries, B, bs, rounds)
+            for name, r in res.items():
+                row = {"beam": B, "batch": bs, "method": name, **r,
+                       "lat_vs_ours": r["lat_p50_ms"] / res["ours"]["lat_p50_ms"],
+                       "hf_lat_ratio": res["hf"]["lat_p50_ms"] / r["lat_p50_ms"]}
+                if name in PEERS:
+                    row["agree_top1"], row["agree_set"] = agreement(outs["ours"], outs[name])
+                rows.append(row)
+                print(f"  B={B} batch={bs} {name}: {r}", flush=True)
+    cols = ["beam", "batch", "method", "lat_p50_ms", "lat_p99_ms", "qps", "lat_vs_ours", "hf_lat_ratio", "agree_top1", "agree_set",
             "calls"]
     print_table(rows, cols, f"Constrained beam search, {len(set(sids))} distinct SIDs ({source}), {args.threads} threads")
     path = write_result("decoding", {"config": {**vars(args), "sid_table": source, "n_items": len(sids),

@@ -233,3 +233,39 @@ def print_table(rows: Iterable[dict[str, Any]], columns: Sequence[str], title: s
     print("  ".join("-" * w for w in widths))
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def synthetic_popularity(n: int, seed: int = 0) -> np.ndarray:
+    """Long-tail interaction counts: floor(lognormal(0, 1.5)); about 50% of items are cold and
+    with head_share 0.5 about 5% are head (enough head items to train Stage 1 on a sample)."""
+    return np.floor(np.random.default_rng(seed).lognormal(0.0, 1.5, size=n)).astype(np.int64)
+
+
+def train_tokenizer(method: str, x: np.ndarray, workdir: Path, seed: int = 0, epochs: int = 3,
+                    overrides: Sequence[str] = ()) -> Path:
+    """Train a tokenizer through the pipeline's own steps (train_head, train_tail) on synthetic
+    items in `workdir`, and save it with save_tokenizer; returns the file (load_tokenizer reads it).
+
+    Sizes and the SARQ settings come from params.yaml; only the epochs are cut for benchmarking."""
+    import pandas as pd
+
+    from components.atomic import write_npy, write_parquet
+    from components.config import load_params
+    from components.prepare import label_groups
+    from components.sid_tokenizer import load_tokenizer, save_tokenizer
+    from components.stages import get_step
+
+    params = load_params(ROOT / "params.yaml", [
+        f"out_dir={workdir}", f"seed={seed}", f"tokenizer.method={method}", f"tokenizer.epochs_head={epochs}",
+        f"tokenizer.epochs_tail={epochs}", f"tokenizer.epochs_full={epochs}", "tokenizer.sarq.warmup_epochs=1",
+        *overrides])
+    pop = synthetic_popularity(len(x), seed)
+    items = pd.DataFrame({"item_id": [f"i{i}" for i in range(len(x))], "text": "synthetic", "popularity": pop,
+                          "group": label_groups(pop, float(params["data"]["head_share"]))})
+    write_parquet(items, Path(workdir) / "prepared" / "items.parquet")
+    write_npy(np.ascontiguousarray(x, dtype=np.float32), Path(workdir) / "embeddings" / "items.npy")
+    get_step("train_head")(params)
+    get_step("train_tail")(params)
+    path = Path(workdir) / f"tokenizer_{method}.pt"
+    save_tokenizer(load_tokenizer(params), path)
+    return path

@@ -23,10 +23,22 @@ QUERIES_FILE = "prepared/queries.parquet"
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and values of the k best columns per row; ties go to the lower column index."""
+    """Indices and values of the k best columns per row, best first; ties go to the lower column index.
+
+    Exact tie rule at the cut too: all columns above the k-th value, then the lowest-index ones equal to it.
+    """
     k = min(k, scores.shape[1])
-    idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return idx, np.take_along_axis(scores, idx, axis=1)
+    if k == 0:
+        return np.zeros((len(scores), 0), dtype=np.int64), np.zeros((len(scores), 0), dtype=scores.dtype)
+    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1 : k]
+    above = scores > kth
+    equal = scores == kth
+    take = above | (equal & (np.cumsum(equal, axis=1) <= k - above.sum(1, keepdims=True)))
+    idx = np.nonzero(take)[1].reshape(len(scores), k)
+    vals = np.take_along_axis(scores, idx, axis=1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    idx = np.take_along_axis(idx, order, axis=1)
+    return idx, np.take_along_axis(vals, order, axis=1)
 
 
 def ranked_frame(query_ids: Iterable[str], idx: np.ndarray, vals: np.ndarray, item_ids: np.ndarray) -> pd.DataFrame:

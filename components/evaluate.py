@@ -53,6 +53,19 @@ def load_eval_inputs(params: dict) -> EvalInputs:
     return EvalInputs(items, queries[queries["split"] == "train"], test, item_emb, query_emb)
 
 
+def check_eval_params(params: dict) -> None:
+    """Fail early on eval settings that cannot work."""
+    ev = params["eval"]
+    ks = [int(k) for k in ev["ks"]]
+    if not ks or min(ks) < 1 or min([int(k) for k in ev.get("deep_ks") or []] or [1]) < 1:
+        raise ConfigError("eval.ks", f"Ks must be positive integers, got {ev['ks']} / {ev.get('deep_ks')}")
+    if int(ev["headline_k"]) not in ks:
+        raise ConfigError("eval.headline_k", f"{ev['headline_k']} must be one of eval.ks {ks}")
+    unknown = [b for b in ev["baselines"] if b not in BASELINES]
+    if unknown:
+        raise ConfigError("eval.baselines", f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
+
+
 def eval_depth(params: dict) -> int:
     """How many items the baselines return: the deepest K evaluated."""
     ev = params["eval"]
@@ -136,13 +149,14 @@ def sid_section(params: dict) -> tuple[pd.DataFrame | None, dict[str, Path]]:
     """Table-2-style SID statistics row and the SID plots (made by assign_ids, or drawn here when missing)."""
     from components.report import sid_stats_frame
     from components.sid_stats import plot_sid_stats, sid_statistics
+    from components.sid_table import read_sid_table
 
     root = out_path(params)
     table_path = root / "sids" / "sid_table.parquet"
     if not table_path.exists():
         return None, {}
     items = pd.read_parquet(root / "prepared" / "items.parquet")
-    table = pd.read_parquet(table_path)
+    table = read_sid_table(table_path)
     meta = json.loads((root / "sids" / "meta.json").read_text())
     plots = {"SID length by group": root / "plots" / "sid_lengths.png",
              "Items per SID": root / "plots" / "items_per_sid.png"}
@@ -188,15 +202,14 @@ def evaluate_methods(params: dict, ranked: dict[str, pd.DataFrame], data: EvalIn
 
 
 def result_tables(params: dict, results: dict) -> dict[str, pd.DataFrame]:
-    """Overall table (all metrics) and per-group table (headline metrics) for the report."""
-    from components.report import results_frame
+    """Overall table (every metric, with CIs) and per-group table (headline metrics) for the report."""
+    from components.report import metric_order, results_frame
 
-    ev = params["eval"]
-    k = int(ev["headline_k"])
-    first = next(iter(results.values()))["overall"]["metrics"]
-    by_group = [m.format(k=k) for m in ("recall@{k}", "ndcg@{k}")] + ["recall@all", "ret_per"]
+    k = int(params["eval"]["headline_k"])
+    names = metric_order([m for res in results.values() for m in res["overall"]["metrics"]])
+    by_group = [f"recall@{k}", f"ndcg@{k}", "recall@all", "ret_per"]
     return {
-        "Results on the test split (overall)": results_frame(results, list(first), ["overall"]),
+        "Results on the test split (overall, 95% CI)": results_frame(results, names, ["overall"]),
         "Results by target group": results_frame(results, by_group, ["overall", *GROUPS], ci=False),
     }
 
@@ -209,6 +222,7 @@ def run_evaluate(params: dict) -> dict:
     import torch
 
     torch.set_num_threads(int(params["eval"].get("threads", 2)))
+    check_eval_params(params)
     ev = params["eval"]
     root = out_path(params)
     data = load_eval_inputs(params)
@@ -228,8 +242,10 @@ def run_evaluate(params: dict) -> dict:
     if sid_frame is not None:
         tables["Semantic IDs (as the paper's Table 2)"] = sid_frame
     plots.update(sid_plots)
+    counts = next(iter(results.values()))
     context = {"dataset": params["dataset"], "profile": params.get("profile", "default"),
-               "tokenizer": params["tokenizer"]["method"], "test queries": str(len(data.test)),
+               "tokenizer": params["tokenizer"]["method"],
+               "test queries": ", ".join(f"{g} {counts[g]['n_queries']}" for g in ("overall",) + GROUPS),
                "beam": str(params["retriever"]["beam"]), "baseline depth": str(eval_depth(params)),
                "bootstrap resamples": str(ev["bootstrap"]), "params hash": params_hash(params)}
     write_json({"methods": results, "context": context}, root / "eval" / "results.json")

@@ -60,10 +60,19 @@ def target_pairs(queries: pd.DataFrame, items: pd.DataFrame, source: str = "prep
 
 
 def target_ranks(ranked: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
-    """`pairs` plus the item rank at which each target was returned (inf when not returned)."""
-    best = ranked.groupby(["query_id", "item_id"], sort=False)["rank"].min().rename("rank")
-    out = pairs.join(best, on=["query_id", "item_id"])
-    out["rank"] = out["rank"].astype(float).fillna(np.inf)
+    """`pairs` plus the item rank at which each target was returned (inf when not returned).
+
+    Only the ranked rows that hold a target are grouped, so deep result lists stay cheap.
+    """
+    queries = pd.Index(pairs["query_id"].unique())
+    items = pd.Index(pairs["item_id"].unique())
+    q_code, i_code = queries.get_indexer(ranked["query_id"]), items.get_indexer(ranked["item_id"])
+    hit = (q_code >= 0) & (i_code >= 0)
+    ranked_key = q_code[hit].astype(np.int64) * len(items) + i_code[hit]
+    pair_key = queries.get_indexer(pairs["query_id"]).astype(np.int64) * len(items) + items.get_indexer(pairs["item_id"])
+    best = pd.Series(ranked["rank"].to_numpy()[hit], dtype=float).groupby(ranked_key).min()
+    out = pairs.copy()
+    out["rank"] = best.reindex(pair_key).fillna(np.inf).to_numpy()
     return out
 
 
@@ -94,7 +103,7 @@ def per_query_metrics(ranks: pd.DataFrame, ks: list[int], deep_ks: list[int] | N
 
 def ret_per_query(ranked: pd.DataFrame, query_ids: pd.Index) -> pd.Series:
     """Number of distinct items returned per query (0 for a query with no rows)."""
-    counts = ranked.groupby("query_id")["item_id"].nunique()
+    counts = ranked.drop_duplicates(["query_id", "item_id"])["query_id"].value_counts()
     return counts.reindex(query_ids, fill_value=0).astype(float).rename("ret_per")
 
 

@@ -50,19 +50,28 @@ def _cell(stat: dict | None, ci: bool, digits: int) -> str:
 
 def results_frame(results: dict[str, dict], metrics: list[str], groups: list[str], ci: bool = True,
                   digits: int = 4) -> pd.DataFrame:
-    """Rows = methods, columns = metric (group); cells 'mean [lo, hi]' ('-' when absent)."""
+    """Rows = methods, columns = metric x group (grouped by metric); cells 'mean [lo, hi]', '-' when absent."""
     rows = {}
     for method, res in results.items():
         row = {}
-        for group in groups:
-            for metric in metrics:
+        for metric in metrics:
+            for group in groups:
                 stat = res.get(group, {}).get("metrics", {}).get(metric)
-                d = 1 if metric == "ret_per" else digits
-                label = metric_label(metric) + ("" if group == "overall" else f" {group}")
-                row[label] = _cell(stat, ci, d)
-        row_n = {f"n {g}": res.get(g, {}).get("n_queries", 0) for g in groups}
-        rows[method] = {**row, **row_n} if len(groups) > 1 else row
+                label = metric_label(metric) + ("" if groups == ["overall"] else f" {group}")
+                row[label] = _cell(stat, ci, 1 if metric == "ret_per" else digits)
+        rows[method] = row
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("method")
+
+
+def metric_order(names: list[str]) -> list[str]:
+    """Recall@K by K, then MRR@K, NDCG@K, recall@all, Ret-Per, hallucination."""
+    def key(name: str) -> tuple[int, int]:
+        base, _, k = name.partition("@")
+        rank = {"recall": 0, "mrr": 1, "ndcg": 2}.get(base, 3)
+        if name == "recall@all":
+            return 3, 0
+        return (rank, int(k)) if k.isdigit() else ({"ret_per": 4, "hallucination": 5}.get(name, 6), 0)
+    return sorted(dict.fromkeys(names), key=key)
 
 
 def sid_stats_row(stats: dict) -> dict[str, float | int | str | None]:
@@ -136,7 +145,7 @@ def write_report(report_dir: Path, context: dict[str, str], tables: dict[str, pd
     body = [f"<h1>{title}</h1>", "<ul>"] + [f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>"
                                               for k, v in context.items()] + ["</ul>"]
     for name, frame in tables.items():
-        md += [f"## {name}", "", frame.to_markdown(), ""]
+        md += [f"## {name}", "", frame.to_markdown(disable_numparse=True), ""]
         body += [f"<h2>{html.escape(name)}</h2>", frame.to_html(border=0, classes="results", na_rep="-")]
     if plots:
         md += ["## Plots", ""]

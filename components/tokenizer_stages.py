@@ -17,6 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 import pandas as pd
 import torch
@@ -113,7 +114,7 @@ def tokenizer_config(params: dict) -> TokenizerConfig:
         lr=float(t.get("lr", 1e-3)), batch_size=int(t.get("batch_size", 256)),
         epochs_head=int(t.get("epochs_head", 0)), epochs_tail=int(t.get("epochs_tail", 0)),
         epochs_full=int(t.get("epochs_full", 0)), reseed_every=int(t.get("dead_code_reseed_every", 0)),
-        kmeans_iters=int(t.get("kmeans_iters", 20)), threads=int(t.get("threads", 2)), tau=tau,
+        kmeans_iters=int(t.get("kmeans_iters", 20)), threads=int(t.get("threads", 1)), tau=tau,
         min_len=min_len, max_len=max_len, smoothing=float(s.get("smoothing", 1.0)),
         popularity_weighted=bool(s.get("popularity_weighted", False)),
         warmup_epochs=int(s.get("warmup_epochs", 0)), reestimate_every=int(s.get("reestimate_every", 1)),
@@ -152,7 +153,10 @@ def load_catalog(params: dict) -> tuple[pd.DataFrame, np.ndarray]:
 
 
 def _setup(cfg: TokenizerConfig) -> None:
-    torch.set_num_threads(max(1, min(cfg.threads, os.cpu_count() or 1)))
+    """Threads (small matmuls: 1 thread is fastest on a shared machine) and seeds."""
+    threads = max(1, min(cfg.threads, os.cpu_count() or 1))
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 

@@ -135,6 +135,13 @@ def test_generic_reads_csv_lists_and_jsonl(tmp_path):
     _, q2 = load_generic(_params("dataset=generic", f"data.generic.items={tmp_path / 'items.csv'}",
                                  f"data.generic.queries={tmp_path / 'q.jsonl'}"))
     assert q2["emb_row"].tolist() == [0, -1] and list(q2["targets"][0]) == ["9", "8"]
+    pd.DataFrame({"item_id": [1, 2, 3], "text": ["x", "y", "z"]}).to_parquet(tmp_path / "items.parquet")
+    pd.DataFrame({"query_id": ["p", "q"], "split": ["train", "test"], "order": [5, 6],
+                  "history": [[1, 2] * 15, [3]], "targets": [[3], [1, 2]]}).to_parquet(tmp_path / "q.parquet")
+    items3, q3 = load_generic(_params("dataset=generic", f"data.generic.items={tmp_path / 'items.parquet'}",
+                                      f"data.generic.queries={tmp_path / 'q.parquet'}"))
+    assert items3["item_id"].tolist() == ["1", "2", "3"] and items3["popularity"].tolist() == [0, 0, 1]
+    assert list(q3["history"][0]) == ["1", "2"] * 10 and q3["order"].tolist() == [5, 6]
 
 
 def test_prepare_outputs_are_byte_identical(tmp_path):

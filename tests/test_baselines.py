@@ -110,3 +110,16 @@ def test_two_tower_learns_next_item_and_is_deterministic(items, item_emb):
     assert hits >= n // 2
     again = two_tower(train, test, items, item_emb, None, cfg, seed=3, k=3)
     pd.testing.assert_frame_equal(res, again)
+
+
+def test_top_k_matches_a_stable_sort_with_ties():
+    from components.baselines import top_k
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scores = rng.integers(0, 3, size=(4, 11)).astype(np.float32)
+        k = int(rng.integers(1, 12))
+        idx, vals = top_k(scores, k)
+        expected = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        assert np.array_equal(idx, expected)
+        assert np.array_equal(vals, np.take_along_axis(scores, expected, axis=1))

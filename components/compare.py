@@ -1,0 +1,205 @@
+"""Tokenizer variants side by side (the paper's Tables 1 and 2), over several seeds.
+
+Each (variant, seed) runs train_head, train_tail, assign_ids and train_retriever in its own
+scratch out_dir (<out_dir>/<eval.compare_dir>/<variant>/seed<k>, with prepared/ and embeddings/
+linked from the main run), then the generative retriever is evaluated constrained (recall,
+Ret-Per) and unconstrained (hallucination). Baselines are evaluated once per seed (only the
+trained two-tower depends on it). A finished run whose params are unchanged is reused, so an
+interrupted comparison resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from components.atomic import atomic_path, write_json
+from components.config import deep_merge, out_path, params_hash
+from components.errors import ConfigError
+from components.evaluate import (
+    check_eval_params,
+    evaluate_methods,
+    load_eval_inputs,
+    log_to_wandb,
+    run_baseline,
+    run_generative,
+)
+from components.metrics import GROUPS
+from components.report import metric_label, sid_stats_row
+from components.runtime_env import set_offline_defaults
+
+TRAIN_STEPS = ("train_head", "train_tail", "assign_ids", "train_retriever")
+SEEDED_BASELINES = ("two_tower",)
+LINKED = ("prepared", "embeddings")
+
+
+def slug(name: str) -> str:
+    """A folder name for a variant: 'SARQ (tau=4)' -> 'sarq_tau_4'."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def table_metrics(params: dict) -> list[str]:
+    """Columns of the comparison: hallucination, recall at every K, NDCG@headline_k, recall@all, Ret-Per."""
+    ev = params["eval"]
+    ks = sorted({int(k) for k in list(ev["ks"]) + list(ev.get("deep_ks") or [])})
+    return ["hallucination"] + [f"recall@{k}" for k in ks] + [f"ndcg@{int(ev['headline_k'])}", "recall@all", "ret_per"]
+
+
+def _rows(method: str, seed: int, result: dict, hallucination: dict | None) -> list[dict]:
+    """Long-format rows (one per group) for one method and seed."""
+    rows = []
+    for group in ("overall",) + GROUPS:
+        metrics = {k: v["mean"] for k, v in result[group]["metrics"].items()}
+        if hallucination is not None:
+            metrics["hallucination"] = hallucination[group]["metrics"]["hallucination"]["mean"]
+        rows.append({"method": method, "group": group, "seed": seed, "n_queries": result[group]["n_queries"],
+                     **metrics})
+    return rows
+
+
+def variant_params(params: dict, variant: dict, seed: int) -> dict:
+    """The variant's params for one seed, writing into its own scratch out_dir."""
+    if "name" not in variant:
+        raise ConfigError("eval.variants", f"every variant needs a name, got {variant}")
+    p = deep_merge(params, variant.get("params") or {})
+    p["seed"] = int(seed)
+    p["out_dir"] = str(out_path(params, params["eval"]["compare_dir"], slug(variant["name"]), f"seed{seed}"))
+    return p
+
+
+def _link_inputs(params: dict, scratch: Path) -> None:
+    """Point the scratch run at the main run's prepared data and embeddings."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    for name in LINKED:
+        src, dst = out_path(params, name).resolve(), scratch / name
+        if not src.exists():
+            raise FileNotFoundError(f"{src}: missing (run the prepare and embed steps first)")
+        if dst.is_symlink() and dst.resolve() == src:
+            continue
+        if dst.is_symlink() or dst.exists():
+            dst.unlink()
+        dst.symlink_to(src, target_is_directory=True)
+
+
+def run_variant(params: dict, variant: dict, seed: int) -> dict:
+    """Train and evaluate one variant for one seed; reuse a finished run with the same params."""
+    from components.sid_stats import sid_statistics
+    from components.sid_table import read_sid_table
+    from components.stages import get_step
+
+    p = variant_params(params, variant, seed)
+    scratch = Path(p["out_dir"])
+    done = scratch / "eval" / "compare_run.json"
+    key = params_hash({k: v for k, v in p.items() if k not in ("out_dir", "wandb")})
+    if done.exists():
+        cached = json.loads(done.read_text())
+        if cached.get("params_hash") == key:
+            return cached
+    _link_inputs(params, scratch)
+    for step in TRAIN_STEPS:
+        get_step(step)(p)
+    data = load_eval_inputs(p)
+    ranked, halluc = run_generative(p, data.test)
+    names = list(ranked)
+    results, _ = evaluate_methods(p, ranked, data, {names[1]: halluc})
+    meta = json.loads((scratch / "sids" / "meta.json").read_text())
+    stats = sid_statistics(read_sid_table(scratch / "sids" / "sid_table.parquet"), data.items, meta)
+    out = {"params_hash": key, "name": variant["name"], "seed": int(seed),
+           "constrained": results[names[0]], "unconstrained": results[names[1]], "sid_stats": stats}
+    write_json(out, done)
+    return out
+
+
+def _aggregate(long: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Mean and std over seeds per (method, group); columns '<metric>' and '<metric> std'."""
+    cols = [m for m in metrics if m in long.columns]
+    grouped = long.groupby(["method", "group"], sort=False)[cols]
+    mean, std = grouped.mean(), grouped.std(ddof=1)
+    table = mean.join(std.add_suffix(" std"))
+    table["seeds"] = long.groupby(["method", "group"], sort=False)["seed"].nunique()
+    return table[[c for m in cols for c in (m, f"{m} std")] + ["seeds"]]
+
+
+def collect_runs(params: dict, variants: list[dict], seeds: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Long results (one row per method, group and seed) for variants and baselines, and SID statistics rows."""
+    rows: list[dict] = []
+    sid_rows: list[dict] = []
+    for variant in tqdm(variants, desc="variants"):
+        for seed in seeds:
+            run = run_variant(params, variant, seed)
+            rows += _rows(variant["name"], seed, run["constrained"], run["unconstrained"])
+            sid_rows.append({"config": variant["name"], "seed": seed, **sid_stats_row(run["sid_stats"])})
+    baselines = list(params["eval"]["baselines"])
+    if baselines:
+        data = load_eval_inputs(params)
+        fixed: dict[str, dict] = {}
+        for seed in seeds:
+            p = deep_merge(params, {"seed": int(seed)})
+            ranked = {name: run_baseline(name, p, data) for name in baselines
+                      if name in SEEDED_BASELINES or name not in fixed}
+            results, _ = evaluate_methods(p, ranked, data, {})
+            fixed.update({k: v for k, v in results.items() if k not in SEEDED_BASELINES})
+            for name in baselines:
+                rows += _rows(name, seed, results.get(name, fixed.get(name)), None)
+    return pd.DataFrame(rows), pd.DataFrame(sid_rows)
+
+
+def results_markdown(table: pd.DataFrame, sid_table: pd.DataFrame, params: dict) -> str:
+    """RESULTS-style Markdown: Table 1 (mean ± std over seeds, by group) and Table 2 (SID statistics)."""
+    ev = params["eval"]
+    metrics = [c for c in table.columns if not c.endswith(" std") and c != "seeds"]
+    cells = pd.DataFrame(index=[m if g == "overall" else f"({g})" for m, g in table.index])
+    for m in metrics:
+        digits = 1 if m == "ret_per" else 4
+        cells[metric_label(m)] = ["-" if pd.isna(a) else f"{a:.{digits}f}" + ("" if pd.isna(b) else f" ± {b:.{digits}f}")
+                                  for a, b in zip(table[m].to_numpy(), table[f"{m} std"].to_numpy())]
+    cells["seeds"] = table["seeds"].to_numpy()
+    depth = max(list(ev["ks"]) + list(ev.get("deep_ks") or []))
+    lines = [f"# Tokenizer comparison on {params['dataset']}", "",
+             f"Test split, item level; mean ± std over seeds {list(ev['seeds'])}; retriever beam "
+             f"{params['retriever']['beam']}; Hallu = share of SIDs from unconstrained decoding that match no item; "
+             f"baselines return {depth} items; rows '(group)' hold the queries whose target is in that group.", "",
+             "## Table 1: retrieval", "", cells.rename_axis("method").to_markdown(), ""]
+    if len(sid_table):
+        sid_mean = sid_table.drop(columns=["seed"]).groupby("config", sort=False).agg(
+            lambda s: round(float(s.mean()), 4) if pd.api.types.is_numeric_dtype(s) else s.iloc[0])
+        lines += ["## Table 2: semantic IDs (mean over seeds)", "", sid_mean.to_markdown(), ""]
+    return "\n".join(lines)
+
+
+def compare_variants(params: dict, variants: list[dict], seeds: list[int]) -> pd.DataFrame:
+    """Mean and std over seeds per (method, group) for every variant and baseline.
+
+    Writes <out_dir>/<eval.compare_dir>/: results.md (Tables 1 and 2), summary.csv, summary.json
+    (overall rows), results_long.csv (every seed), sid_stats.csv.
+    """
+    set_offline_defaults()
+    check_eval_params(params)
+    if not variants:
+        raise ConfigError("eval.variants", "no variants to compare")
+    long, sid_frame = collect_runs(params, variants, [int(s) for s in seeds])
+    table = _aggregate(long, table_metrics(params))
+    root = out_path(params, params["eval"]["compare_dir"])
+    with atomic_path(root / "results.md") as tmp:
+        tmp.write_text(results_markdown(table, sid_frame, params))
+    for name, frame in (("results_long", long), ("summary", table.reset_index()), ("sid_stats", sid_frame)):
+        with atomic_path(root / f"{name}.csv") as tmp:
+            frame.to_csv(tmp, index=False)
+    overall = {m: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
+               for m, row in table.xs("overall", level="group").iterrows()}
+    write_json(overall, root / "summary.json")
+    log_to_wandb(params, {m: {k: v for k, v in row.items() if v is not None} for m, row in overall.items()},
+                 {"comparison": table.reset_index(), "sid_stats": sid_frame}, {}, job="compare")
+    return table
+
+
+def run_compare(params: dict) -> dict:
+    """`sa2crq compare`: eval.variants x eval.seeds, then the tables under <out_dir>/<eval.compare_dir>/."""
+    ev = params["eval"]
+    table = compare_variants(params, list(ev.get("variants") or []), list(ev["seeds"]))
+    root = out_path(params, ev["compare_dir"])
+    return {"runs": len(ev["variants"]) * len(ev["seeds"]), "methods": list(dict.fromkeys(table.index.get_level_values(0))),
+            "markdown": str(root / "results.md"), "summary": str(root / "summary.csv")}

@@ -1,0 +1,130 @@
+"""Fine-tune a trained retriever on new items with replay of old pairs (the retrain flow's step).
+
+Starts from the live checkpoint. When new items grew extension rows, the SID vocabulary
+grows: every token of the old vocabulary keeps its learned rows (moved to its new id),
+new codes start from the fresh initialisation. Training examples = the new items'
+indexing pairs + a seeded sample of old pairs (training and indexing pairs), `replay_ratio`
+old pairs per new one, so old items are not forgotten. Validation = old validation queries
+plus the new items' indexing queries; the best epoch is kept. The examples, model and
+training loop are the retriever's own (components.retriever_train / retriever).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from components.config import out_path
+from components.retriever import RetrieverModel, RetrieverModule, save_retriever
+from components.retriever_data import BucketBatchSampler, ExampleDataset, Examples, load_inputs
+from components.retriever_train import VAL_K, build_examples
+from components.sid_vocab import N_SPECIAL, SidVocab
+
+
+def token_map(old: SidVocab, new: SidVocab) -> np.ndarray:
+    """New token id of every old token (specials keep theirs; layer codes move by offsets)."""
+    mapping = np.arange(old.size, dtype=np.int64)
+    for layer, (o_off, n_off, k) in enumerate(zip(old.offsets, new.offsets, old.codebook_sizes)):
+        if new.codebook_sizes[layer] < k:
+            raise ValueError(f"layer {layer}: codebook shrank from {k} to {new.codebook_sizes[layer]}")
+        mapping[o_off:o_off + k] = n_off + np.arange(k)
+    mapping[:N_SPECIAL] = np.arange(N_SPECIAL)
+    return mapping
+
+
+def load_grown(net: RetrieverModel, old_state: dict, old_sizes: tuple[int, ...]) -> int:
+    """Load an old checkpoint into a model whose vocabulary may have grown; returns rows moved."""
+    old_vocab, new_vocab = SidVocab(tuple(old_sizes)), net.vocab
+    mapping = torch.from_numpy(token_map(old_vocab, new_vocab))
+    state = net.state_dict()
+    moved = 0
+    for key, value in old_state.items():
+        target = state[key]
+        if value.shape == target.shape:
+            state[key] = value
+        elif (value.shape[0] == old_vocab.size and target.shape[0] == new_vocab.size
+              and value.shape[1:] == target.shape[1:]):
+            grown = target.clone()
+            grown[mapping] = value
+            state[key] = grown
+            moved += 1
+        else:
+            raise ValueError(f"checkpoint tensor {key} {tuple(value.shape)} does not fit the model {tuple(target.shape)}")
+    net.load_state_dict(state)
+    return moved
+
+
+def _replay_split(examples: Examples, new_rows: np.ndarray, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions of the new items' indexing pairs, a seeded sample of old pairs)."""
+    is_new = (examples.query < 0) & np.isin(examples.sid, new_rows)
+    new_idx = np.flatnonzero(is_new)
+    old_idx = np.flatnonzero(~is_new)
+    n_replay = min(len(old_idx), int(round(ratio * len(new_idx))))
+    replay = np.sort(np.random.default_rng(seed).choice(old_idx, n_replay, replace=False))
+    return new_idx, replay
+
+
+def finetune_retriever(params: dict, init_checkpoint: Path, new_item_ids: list[str], cfg: dict) -> tuple[RetrieverModel, dict]:
+    """Fine-tune the checkpoint on params' out_dir (the candidate version); writes retriever/model.pt.
+
+    cfg = params flows.retrain: epochs, replay_ratio, lr (null = retriever.lr).
+    """
+    rp = params["retriever"]
+    seed = int(params.get("seed", 0))
+    torch.set_num_threads(int(rp.get("num_threads", 2)))
+    L.seed_everything(seed, workers=True, verbose=False)
+    max_history = int(params.get("data", {}).get("max_history", 20))
+    inputs = load_inputs(params)
+    examples, valid, text_vectors, counts = build_examples(inputs, rp, max_history, seed)
+    new_rows = inputs.item_index.get_indexer(new_item_ids)
+    if (new_rows < 0).any():
+        raise KeyError(f"new items missing from {out_path(params, 'prepared')}: "
+                       f"{[i for i, r in zip(new_item_ids, new_rows) if r < 0][:5]}")
+    new_idx, replay = _replay_split(examples, new_rows, float(cfg.get("replay_ratio", 4.0)), seed)
+    train = examples.take(np.sort(np.concatenate([new_idx, replay])))
+    val = Examples.concat([valid, examples.take(new_idx)])
+
+    blob = torch.load(init_checkpoint, map_location="cpu", weights_only=True)
+    config = dict(blob["config"])
+    config["codebook_sizes"] = [int(k) for k in inputs.codebook_sizes]
+    config["sid_version"] = inputs.sid_version
+    if config.get("hf_config"):
+        config["hf_config"] = {**config["hf_config"], "vocab_size": SidVocab(tuple(inputs.codebook_sizes)).size}
+    net = RetrieverModel(config)
+    moved = load_grown(net, blob["state_dict"], tuple(blob["config"]["codebook_sizes"]))
+    net.attach_catalog(inputs.catalog)
+
+    epochs = int(cfg.get("epochs", 3))
+    sampler = BucketBatchSampler(train.bucket_keys(), int(rp["batch_size"]), shuffle=True, seed=seed)
+    train_dl = DataLoader(ExampleDataset(train, text_vectors, inputs.item_emb, net.vocab, inputs.catalog),
+                          sampler=sampler, batch_size=None)
+    val_dl = DataLoader(ExampleDataset(val, text_vectors, inputs.item_emb, net.vocab, inputs.catalog),
+                        sampler=BucketBatchSampler(val.bucket_keys(), int(rp.get("decode_batch_size", 64)), shuffle=False),
+                        batch_size=None)
+    lr = float(cfg.get("lr") or rp["lr"])
+    module = RetrieverModule(net, lr=lr, weight_decay=float(rp.get("weight_decay", 0.0)),
+                             eval_beam=int(rp["eval_beam"]), val_k=VAL_K)
+    tr = rp.get("trainer", {})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer = L.Trainer(max_epochs=epochs, accelerator=tr.get("accelerator", "cpu"), devices=tr.get("devices", 1),
+                            precision=tr.get("precision", "32-true"), logger=False, enable_checkpointing=False,
+                            num_sanity_val_steps=0, deterministic=True, use_distributed_sampler=False,
+                            enable_model_summary=False, gradient_clip_val=float(rp.get("grad_clip", 1.0)),
+                            default_root_dir=str(out_path(params, "lightning")))
+        start = time.perf_counter()
+        trainer.fit(module, train_dl, val_dl)
+        seconds = time.perf_counter() - start
+    if module.best_state is not None:
+        net.load_state_dict(module.best_state)
+    net.eval()
+    save_retriever(net, out_path(params, "retriever", "model.pt"))
+    return net, {"epochs": epochs, "lr": lr, "best_epoch": module.best_epoch,
+                 f"best_val_recall@{VAL_K}": module.best_recall, "n_new_pairs": int(len(new_idx)),
+                 "n_replay_pairs": int(len(replay)), "vocab_tensors_grown": moved,
+                 "train_seconds": round(seconds, 2), "index_kind": counts["index_kind"]}

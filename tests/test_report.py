@@ -1,0 +1,127 @@
+"""The evaluate step and the comparison on a tiny synthetic run (generative retriever and training faked)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from components import compare as compare_mod
+from components import evaluate as evaluate_mod
+from components.atomic import write_json, write_npy, write_parquet
+from components.config import load_params
+from components.report import results_frame, write_report
+from components.sid_table import make_sid_table, write_sid_table
+
+ROOT = Path(__file__).resolve().parents[1]
+N_ITEMS = 30
+
+
+def _write_run(out: Path, seed: int = 0) -> None:
+    """prepared/, embeddings/ and sids/ for 30 items and 40 history queries."""
+    rng = np.random.default_rng(seed)
+    pop = np.sort(rng.integers(0, 30, N_ITEMS))[::-1]
+    pop[-3:] = 0
+    items = pd.DataFrame({"item_id": [f"i{j:02d}" for j in range(N_ITEMS)],
+                          "text": [f"item {j} word{j % 7} thing{j % 5}" for j in range(N_ITEMS)],
+                          "popularity": pop, "group": ["head"] * 6 + ["tail"] * 21 + ["cold"] * 3})
+    rows = []
+    for q in range(40):
+        split = "train" if q < 24 else "test"
+        hist = [f"i{j:02d}" for j in rng.integers(0, N_ITEMS, 3)]
+        rows.append((f"q{q}", split, q, hist, None, [f"i{int(rng.integers(0, N_ITEMS)):02d}"], -1))
+    queries = pd.DataFrame(rows, columns=["query_id", "split", "order", "history", "text", "targets", "emb_row"])
+    emb = rng.normal(size=(N_ITEMS, 8)).astype(np.float32)
+    write_parquet(items, out / "prepared" / "items.parquet")
+    write_parquet(queries, out / "prepared" / "queries.parquet")
+    write_npy(emb / np.linalg.norm(emb, axis=1, keepdims=True), out / "embeddings" / "items.npy")
+    _write_sids(out, items)
+
+
+def _write_sids(out: Path, items: pd.DataFrame) -> None:
+    codes = [[j % 4, j % 3] if g == "head" else [j % 4] for j, g in enumerate(items["group"])]
+    write_sid_table(make_sid_table(items["item_id"], codes, "full", "v1"), out / "sids" / "sid_table.parquet")
+    write_json({"method": "sa2crq", "codebook_sizes": [4, 3], "anchor_sizes": [4, 3], "max_len": 2, "version": "v1",
+                "tau": 6.0}, out / "sids" / "meta.json")
+
+
+def _fake_generative(params: dict, test: pd.DataFrame) -> tuple[dict, pd.Series]:
+    """Every test query gets its target first (constrained) or nothing but a hallucinated SID (unconstrained)."""
+    rows = [(qid, 0, t[0], 1.0, "0") for qid, t in zip(test["query_id"], test["targets"])]
+    ranked = pd.DataFrame(rows, columns=["query_id", "rank", "item_id", "score", "sid"])
+    empty = ranked.iloc[:0]
+    halluc = pd.Series(0.25 + 0.0 * np.arange(len(test)), index=test["query_id"].to_numpy())
+    method = params["tokenizer"]["method"]
+    return {method: ranked, f"{method} (unconstrained)": empty}, halluc
+
+
+@pytest.fixture
+def run_params(tmp_path, monkeypatch) -> dict:
+    _write_run(tmp_path)
+    monkeypatch.setattr(evaluate_mod, "run_generative", _fake_generative)
+    monkeypatch.setattr(compare_mod, "run_generative", _fake_generative)
+    return load_params(ROOT / "params.yaml", ["profile=smoke", f"out_dir={tmp_path}", "eval.bootstrap=30",
+                                              "eval.ks=[1,5]", "eval.deep_ks=[10]", "eval.headline_k=5", "data.max_history=5",
+                                              "retriever.d_model=8", "retriever.n_memory=2"])
+
+
+def test_results_frame_and_report_files(tmp_path):
+    stat = {"mean": 0.5, "lo": 0.4, "hi": 0.6}
+    results = {"m1": {"overall": {"n_queries": 3, "metrics": {"recall@5": stat}}},
+               "m2": {"overall": {"n_queries": 3, "metrics": {"recall@5": {"mean": None, "lo": None, "hi": None}}}}}
+    frame = results_frame(results, ["recall@5"], ["overall"])
+    assert frame.loc["m1", "R@5"] == "0.5000 [0.4000, 0.6000]" and frame.loc["m2", "R@5"] == "-"
+    paths = write_report(tmp_path / "report", {"dataset": "x"}, {"Main table": frame}, {})
+    md, page = Path(paths["md"]).read_text(), Path(paths["html"]).read_text()
+    assert "## Main table" in md and "| m1 " in md and "0.5000 [0.4000, 0.6000]" in md
+    assert "<table" in page and "0.5000 [0.4000, 0.6000]" in page
+
+
+def test_run_evaluate_writes_results_report_and_metrics(run_params):
+    summary = evaluate_mod.run_evaluate(run_params)
+    out = Path(run_params["out_dir"])
+    res = json.loads((out / "eval" / "results.json").read_text())["methods"]
+    assert set(res) == {"sa2crq", "sa2crq (unconstrained)", "bm25", "dense", "popular", "two_tower"}
+    assert res["sa2crq"]["overall"]["metrics"]["recall@1"]["mean"] == 1.0
+    assert res["sa2crq (unconstrained)"]["overall"]["metrics"]["hallucination"]["mean"] == pytest.approx(0.25)
+    assert res["popular"]["overall"]["metrics"]["ret_per"]["mean"] == 10
+    head = json.loads((out / "metrics" / "eval.json").read_text())
+    assert head["sa2crq"]["recall@5"] == 1.0 and "recall@5_tail" in head["bm25"]
+    md = (out / "report" / "report.md").read_text()
+    for text in ("| sa2crq ", "| two_tower ", "R@5 tail", "Table 2", "eval_recall_vs_k.png", "items_per_sid.png"):
+        assert text in md
+    assert (out / "plots" / "eval_recall_by_decile.png").stat().st_size > 1000
+    assert "data:image/png;base64," in (out / "report" / "report.html").read_text()
+    assert summary["report"]["md"].endswith("report.md")
+
+
+def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypatch):
+    calls: list[tuple[str, str]] = []
+
+    def fake_step(name: str):
+        def step(p: dict) -> dict:
+            calls.append((name, p["out_dir"]))
+            if name == "assign_ids":
+                _write_sids(Path(p["out_dir"]), pd.read_parquet(Path(p["out_dir"]) / "prepared" / "items.parquet"))
+            return {}
+        return step
+
+    import components.stages
+
+    monkeypatch.setattr(components.stages, "get_step", fake_step)
+    params = dict(run_params, eval={**run_params["eval"], "baselines": ["popular"]})
+    variants = [{"name": "A one", "params": {"tokenizer": {"method": "rqkmeans"}}}, {"name": "B", "params": {}}]
+    table = compare_mod.compare_variants(params, variants, [0, 1])
+    assert len(calls) == 2 * 2 * len(compare_mod.TRAIN_STEPS)
+    assert {Path(d).parent.name for _, d in calls} == {"a_one", "b"}
+    row = table.loc[("A one", "overall")]
+    assert row["recall@1"] == 1.0 and row["recall@1 std"] == 0.0 and row["seeds"] == 2
+    assert row["hallucination"] == pytest.approx(0.25)
+    assert ("popular", "tail") in table.index
+    md = (Path(params["out_dir"]) / "compare" / "results.md").read_text()
+    assert "Table 1" in md and "A one" in md and "Table 2" in md and "± 0.0000" in md
+    calls.clear()
+    compare_mod.compare_variants(params, variants[:1], [0])  # finished run is reused
+    assert calls == []
