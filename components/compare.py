@@ -10,7 +10,6 @@ interrupted comparison resumes where it stopped.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -26,6 +25,7 @@ from components.evaluate import (
     log_to_wandb,
     run_baseline,
     run_generative,
+    slug,
 )
 from components.metrics import GROUPS
 from components.report import metric_label, sid_stats_row
@@ -34,11 +34,6 @@ from components.runtime_env import set_offline_defaults
 TRAIN_STEPS = ("train_head", "train_tail", "assign_ids", "train_retriever")
 SEEDED_BASELINES = ("two_tower",)
 LINKED = ("prepared", "embeddings")
-
-
-def slug(name: str) -> str:
-    """A folder name for a variant: 'SARQ (tau=4)' -> 'sarq_tau_4'."""
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def table_metrics(params: dict) -> list[str]:

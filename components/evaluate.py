@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,11 @@ from components.runtime_env import set_offline_defaults
 
 BASELINES = ("bm25", "dense", "popular", "two_tower")
 HEADLINE = ("recall@{k}", "ndcg@{k}", "mrr@{k}", "recall@all", "ret_per", "hallucination")
+
+
+def slug(name: str) -> str:
+    """A key or folder name from a title: 'SARQ (tau=4)' -> 'sarq_tau_4'."""
+    return re.sub(r"[^a-z0-9@]+", "_", name.lower()).strip("_")
 
 
 @dataclass
@@ -181,8 +187,8 @@ def log_to_wandb(params: dict, summary: dict, tables: dict[str, pd.DataFrame], p
                      config={k: v for k, v in params.items() if not k.startswith("_")})
     try:
         run.summary.update({f"{m}/{k}": v for m, row in summary.items() for k, v in row.items()})
-        run.log({**{f"table/{name}": wandb.Table(dataframe=frame.reset_index()) for name, frame in tables.items()},
-                 **{f"plot/{name}": wandb.Image(str(path)) for name, path in plots.items()}})
+        run.log({**{f"table/{slug(name)}": wandb.Table(dataframe=frame.reset_index()) for name, frame in tables.items()},
+                 **{f"plot/{slug(name)}": wandb.Image(str(path)) for name, path in plots.items()}})
     finally:
         run.finish()
 

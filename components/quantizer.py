@@ -15,9 +15,27 @@ import torch
 from torch import Tensor, nn
 
 
+def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding: spread initial centroids, so Lloyd's iterations rarely end with
+    two centroids inside one cluster and another cluster unserved."""
+    xt = torch.from_numpy(x)
+    n = len(x)
+    sq = (xt * xt).sum(1)
+    idx = [int(rng.integers(n))]
+    d2 = (sq - 2.0 * (xt @ xt[idx[0]]) + sq[idx[0]]).clamp_min(0.0)
+    for _ in range(1, k):
+        p = d2.double().numpy()
+        total = float(p.sum())
+        nxt = int(rng.choice(n, p=p / total)) if total > 0 else int(rng.integers(n))
+        idx.append(nxt)
+        d2 = torch.minimum(d2, (sq - 2.0 * (xt @ xt[nxt]) + sq[nxt]).clamp_min(0.0))
+    return x[idx].copy()
+
+
 def kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20) -> np.ndarray:
-    """k centroids of x (faiss, fixed seed). With fewer points than k, the spare rows are
-    jittered copies of points; they start as dead codes and are re-seeded during training."""
+    """k centroids of x: k-means++ seeds (fixed seed), then faiss Lloyd iterations. With
+    fewer points than k, the spare rows are jittered copies of points; they start as dead
+    codes and are re-seeded during training."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
     rng = np.random.default_rng(seed)
@@ -30,7 +48,7 @@ def kmeans(x: np.ndarray, k: int, seed: int, niter: int = 20) -> np.ndarray:
         return np.concatenate([x, spare]).astype(np.float32)
     km = faiss.Kmeans(d, k, niter=niter, seed=int(seed), verbose=False,
                       min_points_per_centroid=1, max_points_per_centroid=1 << 20)
-    km.train(x)
+    km.train(x, init_centroids=kmeans_plus_plus(x, k, rng))
     return np.asarray(km.centroids, dtype=np.float32).copy()
 
 

@@ -63,19 +63,29 @@ class HistoryQueryEncoder(nn.Module):
 
 
 class QueryEncoder(nn.Module):
-    """Dispatch a batch to the text or the history encoder; return (memory, mask)."""
+    """Dispatch a batch to the text or the history encoder; return (memory, mask).
+
+    Indexing pairs (an item standing in for a query that asks for itself) get a learned
+    marker added to their memory: a one-item history then means "this item" in an indexing
+    pair and "what comes after this item" in a real query, and the two tasks do not clash.
+    """
 
     def __init__(self, emb_dim: int, d_model: int, n_memory: int, max_history: int, dropout: float):
         super().__init__()
         self.text = TextQueryEncoder(emb_dim, d_model, n_memory, dropout)
         self.history = HistoryQueryEncoder(emb_dim, d_model, max_history, dropout)
+        self.index_marker = nn.Parameter(torch.zeros(d_model))
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """batch: kind ('text' | 'history'), x (N, L, emb_dim), mask (N, L) bool."""
+        """batch: kind ('text' | 'history'), x (N, L, emb_dim), mask (N, L) bool, optional indexing (bool)."""
         kind = batch["kind"]
         if kind == TEXT:
             memory = self.text(batch["x"])
-            return memory, torch.ones(memory.shape[:2], dtype=torch.bool, device=memory.device)
-        if kind == HISTORY:
-            return self.history(batch["x"], batch["mask"]), batch["mask"]
-        raise ValueError(f"unknown query kind {kind!r}")
+            mask = torch.ones(memory.shape[:2], dtype=torch.bool, device=memory.device)
+        elif kind == HISTORY:
+            memory, mask = self.history(batch["x"], batch["mask"]), batch["mask"]
+        else:
+            raise ValueError(f"unknown query kind {kind!r}")
+        if batch.get("indexing", False):
+            memory = memory + self.index_marker
+        return memory, mask

@@ -35,7 +35,7 @@ def _text_vectors(queries: pd.DataFrame, query_emb: np.ndarray, params: dict) ->
     bad = is_text & (emb_row >= len(query_emb))
     if bad.any():
         raise DataError("prepared/queries.parquet", f"emb_row outside embeddings/queries.npy ({len(query_emb)} rows)",
-                        column="emb_row", rows=np.flatnonzero(bad))
+                        column="emb_row", rows=np.flatnonzero(bad).tolist())
     fresh = is_text & (emb_row < 0)
     rows = np.where(is_text, emb_row, -1)
     if not fresh.any():
@@ -61,7 +61,7 @@ def _prepare(params: dict, queries: pd.DataFrame, model: RetrieverModel | None, 
         big = np.flatnonzero((inputs.catalog.codes >= np.asarray(known)[None, :]).any(1))
         if len(big):
             raise DataError(root / "sids" / "sid_table.parquet", f"SIDs use codes beyond the model's codebook sizes "
-                            f"{list(known)}: retrain the retriever", column="codes", rows=big)
+                            f"{list(known)}: retrain the retriever", column="codes", rows=big.tolist())
     model.attach_catalog(inputs.catalog)
     vectors, text_rows = _text_vectors(queries, inputs.query_emb, params)
     examples = query_examples(queries, inputs.item_index, text_rows, model.config["max_history"])

@@ -180,6 +180,7 @@ class RetrieverModule(L.LightningModule):
         self.best_epoch = -1
         self._losses: list[float] = []
         self._hits: list[np.ndarray] = []
+        self._last_recall = float("nan")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.net.loss(batch)
@@ -194,15 +195,21 @@ class RetrieverModule(L.LightningModule):
         self._hits.append(((ranks < self.val_k) & valid).sum(1) / valid.sum(1))
 
     def on_validation_epoch_end(self) -> None:
-        recall = float(np.concatenate(self._hits).mean()) if self._hits else 0.0
+        self._last_recall = float(np.concatenate(self._hits).mean()) if self._hits else float("nan")
+        self._hits = []
+        if not self.trainer.sanity_checking:
+            self.log(f"val_recall@{self.val_k}", self._last_recall, prog_bar=True)
+
+    def on_train_epoch_end(self) -> None:
+        """One curve row per epoch; keep the weights of the best validation epoch (else the last)."""
+        recall, self._last_recall = self._last_recall, float("nan")
         train_loss = float(np.mean(self._losses)) if self._losses else float("nan")
-        self._hits, self._losses = [], []
-        if self.trainer.sanity_checking:
-            return
-        self.log(f"val_recall@{self.val_k}", recall, prog_bar=True)
+        self._losses = []
         self.curve.append({"epoch": int(self.current_epoch), "train_loss": train_loss, f"val_recall@{self.val_k}": recall})
-        if recall > self.best_recall:
-            self.best_recall, self.best_epoch = recall, int(self.current_epoch)
+        validated = not np.isnan(recall)
+        if not validated or recall >= self.best_recall:  # ties: the later, longer-trained epoch
+            self.best_recall = recall if validated else self.best_recall
+            self.best_epoch = int(self.current_epoch)
             self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
 
     def configure_optimizers(self):

@@ -76,7 +76,7 @@ class Examples:
     hist_len: np.ndarray  # (E,)
     sid: np.ndarray       # (E,) target item row whose SID is learned; -1 = none
     targets: np.ndarray   # (E, T) target item rows for evaluation, -1 padded
-    query: np.ndarray     # (E,) row of the source query frame (-1 for indexing pairs)
+    query: np.ndarray     # (E,) row of the source query frame; -1 marks an indexing pair
 
     def __len__(self) -> int:
         return len(self.kind)
@@ -96,8 +96,8 @@ class Examples:
             np.concatenate([p.query for p in parts]))
 
     def bucket_keys(self) -> np.ndarray:
-        """Examples with equal keys can share a batch without padding."""
-        return self.kind.astype(np.int64) * 10_000 + self.hist_len
+        """Examples with equal keys can share a batch: same kind, task and history length."""
+        return self.kind.astype(np.int64) * 10_000 + (self.query < 0) * 5_000 + self.hist_len
 
 
 def _id_rows(lists: pd.Series, index: pd.Index, file: str, column: str) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +108,7 @@ def _id_rows(lists: pd.Series, index: pd.Index, file: str, column: str) -> tuple
     if (rows < 0).any():
         owner = np.repeat(np.arange(len(lists)), lengths)[rows < 0]
         raise DataError(file, f"unknown item id {flat[rows < 0][0]!r} (not in prepared/items.parquet)",
-                        column=column, rows=owner)
+                        column=column, rows=owner.tolist())
     return rows.astype(np.int64), lengths
 
 
@@ -139,7 +139,7 @@ def query_examples(queries: pd.DataFrame, item_index: pd.Index, text_rows: np.nd
     is_hist = hist_n > 0
     if (~is_hist & (text_rows < 0)).any():
         raise DataError(file, "query has neither history nor a text embedding row", column="emb_row",
-                        rows=np.flatnonzero(~is_hist & (text_rows < 0)))
+                        rows=np.flatnonzero(~is_hist & (text_rows < 0)).tolist())
     hist, hist_len = _ragged_to_padded(hist_flat, hist_n, max_history, keep_last=True)
     tgt_flat, tgt_n = _id_rows(_lists(queries, "targets"), item_index, file, "targets")
     targets, _ = _ragged_to_padded(tgt_flat, tgt_n, int(tgt_n.max(initial=1)), keep_last=False)
@@ -184,9 +184,11 @@ class ExampleDataset(Dataset):
     def __getitem__(self, idx: np.ndarray) -> dict:
         idx = np.asarray(idx)
         kinds = np.unique(self.ex.kind[idx])
-        if len(kinds) != 1:
-            raise ValueError("a batch must hold one query kind")
-        batch: dict = {"query": torch.from_numpy(self.ex.query[idx]), "targets": torch.from_numpy(self.ex.targets[idx])}
+        indexing = np.unique(self.ex.query[idx] < 0)
+        if len(kinds) != 1 or len(indexing) != 1:
+            raise ValueError("a batch must hold one query kind and one task (queries or indexing pairs)")
+        batch: dict = {"query": torch.from_numpy(self.ex.query[idx]), "targets": torch.from_numpy(self.ex.targets[idx]),
+                       "indexing": bool(indexing[0])}
         if kinds[0] == KIND_TEXT:
             batch["kind"] = TEXT
             batch["x"] = torch.from_numpy(self.text_vectors[self.ex.vec_row[idx]][:, None, :])

@@ -83,7 +83,7 @@ def run_train_retriever(params: dict) -> dict:
 
     config = model_config(rp, inputs.codebook_sizes, inputs.item_emb.shape[1], max_history)
     config["sid_version"] = inputs.sid_version
-    net = RetrieverModel(config, load_pretrained=True)
+    net = RetrieverModel(config, load_pretrained=True).train()
     net.attach_catalog(inputs.catalog)
     train_ds = ExampleDataset(examples, text_vectors, inputs.item_emb, net.vocab, inputs.catalog)
     val_ds = ExampleDataset(valid, text_vectors, inputs.item_emb, net.vocab, inputs.catalog)
@@ -100,6 +100,7 @@ def run_train_retriever(params: dict) -> dict:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*`isinstance.*treespec.*")
+        warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
         trainer = L.Trainer(max_epochs=epochs, accelerator=tr.get("accelerator", "cpu"), devices=tr.get("devices", 1),
                             strategy=tr.get("strategy", "auto"), precision=tr.get("precision", "32-true"),
                             logger=_logger(params, run_dir), enable_checkpointing=False, num_sanity_val_steps=0,
@@ -107,7 +108,7 @@ def run_train_retriever(params: dict) -> dict:
                             gradient_clip_val=float(rp.get("grad_clip", 1.0)), default_root_dir=str(run_dir / "lightning"),
                             log_every_n_steps=10, check_val_every_n_epoch=1)
         start = time.perf_counter()
-        trainer.fit(module, train_dl, val_dl)
+        trainer.fit(module, train_dl, val_dl if len(valid) else None)
         seconds = time.perf_counter() - start
     if trainer.logger:
         trainer.logger.experiment.finish()
@@ -119,8 +120,9 @@ def run_train_retriever(params: dict) -> dict:
         curve.to_csv(tmp, index=False)
     summary = {
         "backbone": config["backbone"], "n_params": int(sum(p.numel() for p in net.parameters())),
-        "epochs": epochs, "best_epoch": module.best_epoch, f"best_val_recall@{VAL_K}": module.best_recall,
-        f"final_val_recall@{VAL_K}": float(curve[f"val_recall@{VAL_K}"].iloc[-1]) if len(curve) else None,
+        "epochs": epochs, "best_epoch": module.best_epoch,
+        f"best_val_recall@{VAL_K}": module.best_recall if module.best_recall >= 0 else None,
+        f"final_val_recall@{VAL_K}": float(curve[f"val_recall@{VAL_K}"].iloc[-1]) if len(valid) else None,
         "train_seconds": round(seconds, 2), "seconds_per_epoch": round(seconds / max(epochs, 1), 2),
         "eval_beam": int(rp["eval_beam"]), "sid_version": inputs.sid_version, "n_sids": int(inputs.catalog.n_sids),
         **counts,

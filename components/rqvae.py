@@ -157,6 +157,7 @@ def _quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
 def fit(model: RQVAE, x: Tensor, spec: TrainSpec, sarq: SarqSpec | None, init_kmeans: bool,

@@ -193,7 +193,7 @@ def load_sid_table(sids_dir: str | Path, items: pd.DataFrame) -> tuple[pd.DataFr
         bad = np.flatnonzero(table["item_id"].astype(str).to_numpy()[: len(items)]
                              != items["item_id"].astype(str).to_numpy()[: len(table)])
         raise DataError(table_path, f"must list the {len(items)} items of items.parquet in the same order "
-                        f"(has {len(table)} rows)", column="item_id", rows=bad if len(bad) else [min(len(table), len(items))])
+                        f"(has {len(table)} rows)", column="item_id", rows=bad.tolist() if len(bad) else [min(len(table), len(items))])
     sizes = [int(k) for k in meta["codebook_sizes"]]
     max_len = int(meta["max_len"])
     if len(sizes) < max_len:
@@ -201,10 +201,10 @@ def load_sid_table(sids_dir: str | Path, items: pd.DataFrame) -> tuple[pd.DataFr
     lengths = np.asarray([len(c) for c in table["codes"]])
     bad = np.flatnonzero((lengths != table["length"].to_numpy()) | (lengths < 1) | (lengths > max_len))
     if len(bad):
-        raise DataError(table_path, f"length must equal len(codes) and lie in [1, {max_len}]", column="length", rows=bad)
+        raise DataError(table_path, f"length must equal len(codes) and lie in [1, {max_len}]", column="length", rows=bad.tolist())
     padded, _ = pad_codes(list(table["codes"]), max_len)
     limits = np.asarray(sizes[:max_len])[None, :]
     bad = np.flatnonzero(((padded >= limits) | (padded < -1) | ((padded == -1) & (np.arange(max_len) < lengths[:, None]))).any(1))
     if len(bad):
-        raise DataError(table_path, f"codes outside the codebook sizes {sizes[:max_len]}", column="codes", rows=bad)
+        raise DataError(table_path, f"codes outside the codebook sizes {sizes[:max_len]}", column="codes", rows=bad.tolist())
     return table, {"codebook_sizes": sizes[:max_len], "max_len": max_len, "version": str(meta.get("version", ""))}

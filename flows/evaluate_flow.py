@@ -8,8 +8,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from components.config import out_path, params_hash
 from flows.flow_params import apply_overrides, flow_run_name
-from flows.tasks import run_steps
-from flows.tracking import flatten, numeric, wandb_run
+from flows.tasks import run_and_log
+from flows.tracking import flatten, numeric
 
 MAX_ROWS = 60
 
@@ -28,8 +28,7 @@ def metrics_markdown(metrics: dict, title: str, max_rows: int = MAX_ROWS) -> str
 def evaluate_flow(params: dict, overrides: list[str] | None = None) -> dict:
     """Evaluate the retriever and baselines; publish metrics/eval.json as a markdown artifact."""
     params = apply_overrides(params, overrides)
-    with wandb_run(params, "evaluate", "evaluate") as run:
-        summaries = run_steps(params, ["evaluate"], run)
+    summaries = run_and_log(params, ["evaluate"], "evaluate")
     eval_file = out_path(params, "metrics", "eval.json")
     if eval_file.exists():
         report = out_path(params, "report", "report.md")

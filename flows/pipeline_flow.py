@@ -15,8 +15,8 @@ from prefect import flow
 from components.stages import STEPS
 from flows.evaluate_flow import evaluate_flow
 from flows.flow_params import apply_overrides, flow_run_name
-from flows.tasks import run_steps
-from flows.tracking import wandb_run
+from flows.tasks import metric_files, run_steps
+from flows.tracking import log_flow, nested_flows
 from flows.train_head_flow import train_head_flow
 from flows.train_retriever_flow import train_retriever_flow
 from flows.train_tail_flow import train_tail_flow
@@ -40,20 +40,19 @@ def pipeline_flow(params: dict, overrides: list[str] | None = None,
     params = apply_overrides(params, overrides)
     steps = select_steps(start, stop)
     out: dict = {}
-    with wandb_run(params, "pipeline", "pipeline") as run:
-        data_steps = [s for s in steps if s in ("prepare", "embed")]
-        if data_steps:
-            out.update(run_steps(params, data_steps, run))
+    with nested_flows():
+        out.update(run_steps(params, [s for s in steps if s in ("prepare", "embed")]))
         if "train_head" in steps:
             out.update(train_head_flow(params))
         if "train_tail" in steps:
             out.update(train_tail_flow(params, assign="assign_ids" in steps))
         elif "assign_ids" in steps:
-            out.update(run_steps(params, ["assign_ids"], run))
+            out.update(run_steps(params, ["assign_ids"]))
         if "train_retriever" in steps:
             out.update(train_retriever_flow(params))
         if "evaluate" in steps:
             out.update(evaluate_flow(params))
+    log_flow(params, "pipeline", out, {s: metric_files(params, s) for s in out})
     return out
 
 

@@ -25,7 +25,7 @@ from components.config import out_path, params_hash
 from components.errors import ConfigError, DataError
 from components.stages import STEPS, get_step
 from flows.step_io import cache_key, outputs_present, step_io
-from flows.tracking import flatten, log_step
+from flows.tracking import flatten, log_flow
 
 IO_STEPS = ("prepare", "embed")
 FAIL_FAST = (DataError, ConfigError, FileNotFoundError, KeyError, TypeError)
@@ -115,11 +115,14 @@ def run_step(step: str, params: dict, storage: LocalFileSystem | None = None) ->
     return step_task(step, params, storage)(params)
 
 
-def run_steps(params: dict, steps: list[str], run: Any) -> dict[str, dict]:
-    """Run steps in order as tasks, logging each to the flow's W&B run; returns their summaries."""
+def run_steps(params: dict, steps: list[str]) -> dict[str, dict]:
+    """Run steps in order as tasks (one result store for all); returns their summaries."""
     storage = cache_storage(params)
-    summaries: dict[str, dict] = {}
-    for step in steps:
-        summaries[step] = run_step(step, params, storage)
-        log_step(run, params, step, summaries[step], metric_files(params, step))
+    return {step: run_step(step, params, storage) for step in steps}
+
+
+def run_and_log(params: dict, steps: list[str], flow_name: str) -> dict[str, dict]:
+    """A flow's body: run its steps, then log them to one W&B run."""
+    summaries = run_steps(params, steps)
+    log_flow(params, flow_name, summaries, {s: metric_files(params, s) for s in summaries})
     return summaries

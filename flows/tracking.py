@@ -1,8 +1,10 @@
 """Weights & Biases for every flow: config, metrics and artifacts (SID table, codebooks).
 
 Offline by default (params `wandb.mode`); `WANDB_MODE=disabled` in the environment wins, so
-tests never start wandb. A flow opens one run; flows it calls log into that same run, so a
-pipeline or a sweep point is one W&B run.
+tests never start wandb. A flow logs one run once its steps are done (the retriever and
+evaluation steps open and finish runs of their own, so a flow's run is never open across
+them); flows called by the pipeline leave their steps to the pipeline's run, so a pipeline
+or a sweep point is one flow run in W&B (grouped with the steps' runs by WANDB_RUN_GROUP).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Any, Iterator
 
 from components.config import out_path, params_hash
 
-_ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("sa2crq_wandb_run", default=None)
+_NESTED: contextvars.ContextVar[bool] = contextvars.ContextVar("sa2crq_wandb_nested", default=False)
 
 # what each step leaves that is worth keeping as a W&B artifact: (artifact type, paths under out_dir)
 STEP_ARTIFACTS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -48,14 +50,21 @@ def numeric(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 @contextmanager
-def wandb_run(params: dict, name: str, job_type: str, group: str | None = None) -> Iterator[Any]:
-    """Open a run for a flow (or reuse the caller's); yields None when W&B is disabled."""
-    active = _ACTIVE.get()
-    if active is not None:
-        yield active
-        return
+def nested_flows() -> Iterator[None]:
+    """Inside, flows leave W&B logging to the caller (a pipeline logs its subflows' steps once)."""
+    token = _NESTED.set(True)
+    try:
+        yield
+    finally:
+        _NESTED.reset(token)
+
+
+@contextmanager
+def wandb_run(params: dict, name: str, job_type: str) -> Iterator[Any]:
+    """A run for one flow, opened after its steps ran (steps open and finish W&B runs of their
+    own); yields None when W&B is disabled or when a calling flow logs instead."""
     mode = wandb_mode(params)
-    if mode == "disabled":
+    if _NESTED.get() or mode == "disabled":
         yield None
         return
     import wandb
@@ -66,18 +75,23 @@ def wandb_run(params: dict, name: str, job_type: str, group: str | None = None) 
         project=params.get("wandb", {}).get("project", "sa2crq"),
         name=f"{name}-{params_hash(params)}",
         job_type=job_type,
-        group=group,
+        group=os.environ.get("WANDB_RUN_GROUP") or None,
         config={k: v for k, v in params.items() if not k.startswith("_")},
         mode=mode,
         dir=str(wandb_dir),
         reinit="create_new",
     )
-    token = _ACTIVE.set(run)
     try:
         yield run
     finally:
-        _ACTIVE.reset(token)
         run.finish()
+
+
+def log_flow(params: dict, name: str, summaries: dict[str, dict], metric_files: dict[str, list[Path]]) -> None:
+    """One W&B run for a flow: each step's summary, metrics files and artifacts."""
+    with wandb_run(params, name, name.replace("-", "_")) as run:
+        for step, summary in summaries.items():
+            log_step(run, params, step, summary, metric_files.get(step, []))
 
 
 def log_metrics(run: Any, metrics: dict[str, Any], prefix: str = "") -> None:

@@ -4,13 +4,11 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.flow_params import apply_overrides, flow_run_name
-from flows.tasks import run_steps
-from flows.tracking import wandb_run
+from flows.tasks import run_and_log
 
 
 @flow(name="train-retriever", flow_run_name=flow_run_name)
 def train_retriever_flow(params: dict, overrides: list[str] | None = None) -> dict:
     """Train (or fine-tune, per params retriever.*) the retriever against the issued SIDs."""
     params = apply_overrides(params, overrides)
-    with wandb_run(params, "train-retriever", "train_retriever") as run:
-        return run_steps(params, ["train_retriever"], run)
+    return run_and_log(params, ["train_retriever"], "train-retriever")

@@ -4,8 +4,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.flow_params import apply_overrides, flow_run_name
-from flows.tasks import run_steps
-from flows.tracking import wandb_run
+from flows.tasks import run_and_log
 
 
 @flow(name="train-tail", flow_run_name=flow_run_name)
@@ -16,5 +15,4 @@ def train_tail_flow(params: dict, overrides: list[str] | None = None, assign: bo
     """
     params = apply_overrides(params, overrides)
     steps = ["train_tail", "assign_ids"] if assign else ["train_tail"]
-    with wandb_run(params, "train-tail", "train_tail") as run:
-        return run_steps(params, steps, run)
+    return run_and_log(params, steps, "train-tail")

@@ -1,0 +1,175 @@
+"""Flow: new items arrive -> SIDs with the frozen tokenizer -> fine-tune with replay -> check -> promote.
+
+`sa2crq retrain --new-items FILE` calls `retrain_flow(params=..., opt_new_items=FILE)`.
+1. read the file (data contract item format) and check it; ids already in the catalog are refused;
+2. embed the new items with the project's encoder (components.embed.encode_texts);
+3. SIDs from the frozen tokenizer (components.sid_tokenizer.assign_new_items); extension rows
+   grow only where a new item is farther than `grow_threshold` from every row of a layer;
+4. a candidate version in <out_dir>/versions/<new>/ (catalog, embeddings, tokenizer, SIDs;
+   old SIDs checked unchanged), and the retriever fine-tuned there on the new items'
+   indexing pairs plus replayed old pairs (flows/retriever_finetune.py);
+5. checks (flows/retrain_checks.py): old items' recall before vs after may not drop by more
+   than `max_old_recall_drop`; the new items' recall is reported (and gated by `min_new_recall`);
+6. promotion when the checks pass (flows/versions.py): the live folders move to
+   versions/<old>/, the candidate's into place; otherwise the live version stays and the
+   candidate is kept in versions/<new>/ with the reason. `flows.retrain.dvc: commit`
+   records the promoted outputs in dvc.lock.
+The decision goes to <out_dir>/metrics/retrain.json, versions/history.json, a Prefect
+markdown artifact and W&B.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from components.atomic import write_json
+from components.config import out_path, params_hash
+from components.embed import encode_texts
+from components.errors import ConfigError
+from components.sid_table import changed_sids, read_sid_table
+from components.sid_tokenizer import assign_new_items, load_tokenizer
+from flows.catalog_update import read_new_items, write_candidate
+from flows.flow_params import apply_overrides, flow_run_name
+from flows.retrain_checks import decide, index_queries, recall_at, sample_rows, uses_history
+from flows.retriever_finetune import finetune_retriever
+from flows.tasks import is_transient
+from flows.tracking import log_artifact, log_metrics, wandb_run
+from flows.versions import RetrainLock, dvc_commit, live_version, next_version, promote, record, recover, versions_dir
+
+def retrain_config(params: dict) -> dict:
+    """params flows.retrain, checked (ConfigError names the key)."""
+    cfg = (params.get("flows") or {}).get("retrain")
+    if not cfg:
+        raise ConfigError("flows.retrain", "missing: copy the flows.retrain block of the project's params.yaml")
+    g = cfg["grow_threshold"]
+    if not (g is None or g == "auto" or (isinstance(g, (int, float)) and not isinstance(g, bool) and g > 0)):
+        raise ConfigError("flows.retrain.grow_threshold", f"must be auto, null or a positive number, got {g!r}")
+    if cfg["dvc"] not in ("none", "commit"):
+        raise ConfigError("flows.retrain.dvc", f"must be none or commit, got {cfg['dvc']!r}")
+    for key in ("max_old_recall_drop", "min_new_recall"):
+        if not 0 <= float(cfg[key]) <= 1:
+            raise ConfigError(f"flows.retrain.{key}", f"must be in [0, 1], got {cfg[key]}")
+    return cfg
+
+
+@task(name="read-new-items", cache_policy=NO_CACHE)
+def read_items_task(path: str, base: Path) -> pd.DataFrame:
+    return read_new_items(path, pd.read_parquet(base / "prepared" / "items.parquet", columns=["item_id"])["item_id"])
+
+
+@task(name="embed-new-items", retries=2, retry_delay_seconds=5, retry_condition_fn=is_transient, cache_policy=NO_CACHE)
+def embed_task(params: dict, texts: list[str]) -> np.ndarray:
+    e = params["embed"]
+    return encode_texts(texts, batch_size=int(e["batch_size"]), max_chars=int(e["max_chars"]),
+                        normalize=bool(e.get("normalize", True)))
+
+
+def grow_threshold(cfg: dict, tokenizer, old_emb: np.ndarray) -> float | None:
+    """`auto`: the grow_quantile of the catalog's first-layer residual distances (new items
+    farther from every first-layer row than nearly all catalog items get a new row)."""
+    if cfg["grow_threshold"] != "auto":
+        return None if cfg["grow_threshold"] is None else float(cfg["grow_threshold"])
+    return float(np.quantile(tokenizer.residual_distances(old_emb)[:, 0], float(cfg["grow_quantile"])))
+
+
+@task(name="assign-sids", cache_policy=NO_CACHE)
+def candidate_task(params: dict, cfg: dict, base: Path, cand: Path, new_items: pd.DataFrame,
+                   new_emb: np.ndarray, version: str) -> dict:
+    """SIDs for the new items and the candidate's catalog, embeddings, tokenizer and SID table."""
+    tok = load_tokenizer(params)
+    threshold = grow_threshold(cfg, tok, np.load(base / "embeddings" / "items.npy"))
+    codes, _, grown = assign_new_items(tok, new_emb, threshold)
+    summary = write_candidate(base, cand, new_items, new_emb, codes, tok, version)
+    return {**summary, "grow_threshold": threshold, "rows_added": grown["rows_added"]}
+
+
+@task(name="finetune-retriever", cache_policy=NO_CACHE)
+def finetune_task(params_cand: dict, base: Path, new_ids: list[str], cfg: dict):
+    return finetune_retriever(params_cand, base / "retriever" / "model.pt", new_ids, cfg)
+
+
+@task(name="check-recall", cache_policy=NO_CACHE)
+def checks_task(params: dict, cfg: dict, base: Path, cand: Path, model, new_ids: list[str]) -> dict:
+    """Recall of old items before / after and of the new items after, plus SID stability."""
+    k, seed = int(cfg["recall_k"]), int(params.get("seed", 0))
+    old_items = pd.read_parquet(base / "prepared" / "items.parquet")
+    cand_items = pd.read_parquet(cand / "prepared" / "items.parquet")
+    queries = pd.read_parquet(base / "prepared" / "queries.parquet")
+    history = uses_history(queries)
+    test = sample_rows(queries[queries["split"] == "test"], int(cfg["eval_queries"]), seed)
+    old_ids = sample_rows(old_items, int(cfg["eval_items"]), seed)["item_id"].astype(str).tolist()
+    old_index = index_queries(old_items, old_ids, history)
+    checks: dict = {"k": k, "n_old_test_queries": len(test), "n_old_index_queries": len(old_index),
+                    "n_new_index_queries": len(new_ids)}
+    for name, q in (("old_test", test), ("old_index", old_index)):
+        before = recall_at(params, q, old_items, k, base)
+        after = recall_at(params, q, cand_items, k, cand, model=model)
+        checks[name] = {"before": before, "after": after, "drop": before - after}
+    new_q = index_queries(cand_items, new_ids, history)
+    checks["new_index"] = {"after": recall_at(params, new_q, cand_items, k, cand, model=model)}
+    old_table = read_sid_table(base / "sids" / "sid_table.parquet")
+    changed = changed_sids(old_table, read_sid_table(cand / "sids" / "sid_table.parquet"))
+    checks["sids_stable"], checks["n_changed_sids"] = not changed, len(changed)
+    return checks
+
+
+def _markdown(result: dict) -> str:
+    c = result["checks"]
+    k = c["k"]
+    lines = [f"## Retrain {result['candidate']} ({'promoted' if result['promoted'] else 'not promoted'})", "",
+             f"Reason: {result['reason']}", "",
+             f"| query set | recall@{k} before | recall@{k} after |", "|---|---|---|",
+             f"| old test queries ({c['n_old_test_queries']}) | {c['old_test']['before']:.4f} | {c['old_test']['after']:.4f} |",
+             f"| old items, indexing ({c['n_old_index_queries']}) | {c['old_index']['before']:.4f} | "
+             f"{c['old_index']['after']:.4f} |",
+             f"| new items, indexing ({c['n_new_index_queries']}) | - | {c['new_index']['after']:.4f} |", "",
+             f"Old SIDs unchanged: {c['sids_stable']}; grown rows per layer: {result['sids']['rows_added']}."]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="retrain", flow_run_name=flow_run_name)
+def retrain_flow(params: dict, opt_new_items: str, overrides: list[str] | None = None) -> dict:
+    """Give new items SIDs, fine-tune with replay, check old / new recall, promote or keep the old."""
+    params = apply_overrides(params, overrides)
+    cfg = retrain_config(params)
+    base = out_path(params)
+    with RetrainLock(base):
+        recovered = recover(base)
+        old_version = live_version(base)
+        version = next_version(old_version)
+        cand = versions_dir(base) / version
+        new_items = read_items_task(str(opt_new_items), base)
+        new_emb = embed_task(params, new_items["text"].tolist())
+        sids = candidate_task(params, cfg, base, cand, new_items, new_emb, version)
+        params_cand = {**params, "out_dir": str(cand)}
+        new_ids = new_items["item_id"].tolist()
+        model, finetune = finetune_task(params_cand, base, new_ids, cfg)
+        checks = checks_task(params, cfg, base, cand, model, new_ids)
+        passed, reason = decide(checks, float(cfg["max_old_recall_drop"]), float(cfg["min_new_recall"]))
+        promoted = bool(passed and cfg["promote"])
+        if passed and not cfg["promote"]:
+            reason += " (flows.retrain.promote is false: kept as a candidate)"
+        if promoted:
+            promote(base, version)
+        dvc = dvc_commit(base) if promoted and cfg["dvc"] == "commit" else "not run"
+        result = {"new_items_file": str(opt_new_items), "previous": old_version, "candidate": version,
+                  "live": version if promoted else old_version, "promoted": promoted, "reason": reason,
+                  "recovered_interrupted_promotion": recovered, "sids": sids, "finetune": finetune,
+                  "checks": checks, "dvc": dvc, "params_hash": params_hash(params)}
+        if not promoted:
+            write_json(result, cand / "NOT_PROMOTED.json")
+        record(base, {k: result[k] for k in ("previous", "candidate", "live", "promoted", "reason", "new_items_file")})
+        write_json(result, out_path(params, "metrics", "retrain.json"))
+    create_markdown_artifact(markdown=_markdown(result), key="retrain-decision", description=reason)
+    with wandb_run(params, "retrain", "retrain") as run:
+        log_metrics(run, {"checks": checks, "finetune": finetune, "sids": sids, "promoted": float(promoted)}, "retrain")
+        live = base if promoted else cand
+        log_artifact(run, f"sid-table-{version}", "sid_table", [live / "sids"])
+        log_artifact(run, f"codebooks-{version}", "codebooks", [live / "tokenizer"])
+    return json.loads(json.dumps(result, default=str))

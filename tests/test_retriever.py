@@ -1,0 +1,189 @@
+"""The generative retriever end to end on tiny synthetic catalogs (train, checkpoint, retrieve)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from components.config import load_params
+from components.errors import ConfigError, DataError
+from components.retrieve import generate, hallucination_rate, retrieve
+from components.retriever import decode, generate_sids, load_retriever
+from components.retriever_data import load_inputs
+from components.retriever_train import run_train_retriever
+
+ROOT = Path(__file__).resolve().parents[1]
+DIM = 24
+
+
+def write_catalog(out: Path, n_items: int = 30, text: bool = False, seed: int = 0, train: bool = True) -> pd.DataFrame:
+    """Items, queries, embeddings and a variable-length SID table in the pipeline's formats.
+
+    SIDs include collisions and SIDs that are prefixes of others; train=False makes every
+    query a test query (no training pairs, no validation). Returns the items frame.
+    """
+    rng = np.random.default_rng(seed)
+    ids = [f"it{j:03d}" for j in range(n_items)]
+    emb = rng.normal(size=(n_items, DIM)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    pop = rng.integers(0, 6, n_items)
+    pop[-2:] = 0
+    items = pd.DataFrame({"item_id": ids, "text": [f"item {i}" for i in ids], "popularity": pop,
+                          "group": np.where(pop >= 4, "head", np.where(pop > 0, "tail", "cold"))})
+    sizes = [4, 4, 3]
+    codes = [[j % 4, (j // 4) % 4, (j // 16) % 3][: 2 if j % 5 == 0 else 3] for j in range(n_items)]
+    codes[5] = list(codes[4])                      # a collision
+    rows = []
+    for u in range(12):
+        start = int(rng.integers(0, n_items - 2))
+        seq = [(start + 3 * k) % (n_items - 2) for k in range(5)]  # a learnable "next item" rule
+        for pos in range(1, 5):
+            split = ("train" if pos < 4 else "valid") if train else "test"
+            rows.append({"query_id": f"u{u}-{pos}", "split": split, "order": pos,
+                         "history": [] if text else [ids[i] for i in seq[:pos]],
+                         "text": f"query {u} {pos}" if text else None, "targets": [ids[seq[pos]]]})
+    queries = pd.DataFrame(rows)
+    is_text = queries["text"].notna().to_numpy()
+    queries["emb_row"] = np.where(is_text, np.cumsum(is_text) - 1, -1)
+    target_rows = [ids.index(t[0]) for t in queries["targets"]]
+    q_emb = (emb[target_rows] + 0.05 * rng.normal(size=(len(queries), DIM))).astype(np.float32)[is_text]
+    for sub in ("prepared", "embeddings", "sids"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    items.to_parquet(out / "prepared" / "items.parquet", index=False)
+    queries.to_parquet(out / "prepared" / "queries.parquet", index=False)
+    np.save(out / "embeddings" / "items.npy", emb)
+    np.save(out / "embeddings" / "queries.npy", q_emb)
+    pd.DataFrame({"item_id": ids, "codes": codes, "length": [len(c) for c in codes], "stage": "full",
+                  "version": "t1"}).to_parquet(out / "sids" / "sid_table.parquet", index=False)
+    (out / "sids" / "meta.json").write_text(json.dumps({"method": "test", "codebook_sizes": sizes, "anchor_sizes": sizes,
+                                                         "max_len": 3, "version": "t1", "tau": None}))
+    return items
+
+
+def tiny_params(out: Path, **retriever) -> dict:
+    params = load_params(ROOT / "params.yaml", [f"out_dir={out}", "wandb.mode=disabled"])
+    params["retriever"].update({"d_model": 32, "n_heads": 2, "n_layers": 1, "ff_dim": 64, "dropout": 0.0,
+                                "n_memory": 2, "lr": 0.01, "batch_size": 16, "epochs": 3, "beam": 10, "eval_beam": 10,
+                                "val_max_queries": 0, "warmup_steps": 0, "num_threads": 1, **retriever})
+    return params
+
+
+def recall_at(ranked: pd.DataFrame, queries: pd.DataFrame, k: int) -> float:
+    top = ranked[ranked["rank"] < k]
+    hits = [t[0] in set(top.loc[top.query_id == q, "item_id"]) for q, t in zip(queries.query_id, queries.targets)]
+    return float(np.mean(hits))
+
+
+def test_tiny_catalog_is_learned_from_indexing_pairs(tmp_path):
+    items = write_catalog(tmp_path, train=False)
+    params = tiny_params(tmp_path, epochs=40, batch_size=8)
+    summary = run_train_retriever(params)
+    assert summary["n_indexing_pairs"] == len(items) and summary["n_train_pairs"] == 0
+    assert summary["index_kind"] == "history"
+    model = load_retriever(tmp_path / "retriever" / "model.pt")
+    model.attach_catalog(load_inputs(params).catalog)
+    emb = torch.from_numpy(np.load(tmp_path / "embeddings" / "items.npy"))
+    batch = {"kind": "history", "x": emb[:, None], "mask": torch.ones(len(emb), 1, dtype=torch.bool), "indexing": True}
+    res = decode(model, batch, beam=10)
+    ranks = model.catalog.target_ranks(res.sid_index.numpy(), np.arange(len(items))[:, None])
+    assert (ranks < 10).all()                                 # recall@10 = 1.0, the two cold items included
+    assert (items["popularity"].to_numpy()[-2:] == 0).all()
+    curve = pd.read_csv(tmp_path / "plots" / "retriever_curve.csv")
+    assert list(curve.columns) == ["epoch", "train_loss", "val_recall@10"] and len(curve) == 40
+    assert curve["train_loss"].iloc[-1] < curve["train_loss"].iloc[0] / 5
+    assert curve["val_recall@10"].isna().all()                # no validation queries: the last epoch is kept
+    metrics = json.loads((tmp_path / "metrics" / "retriever_train.json").read_text())
+    assert metrics["best_epoch"] == 39 and metrics["best_val_recall@10"] is None
+
+
+def test_ranked_frame_contract_and_hallucination(tmp_path):
+    items = write_catalog(tmp_path)
+    params = tiny_params(tmp_path, epochs=2)
+    run_train_retriever(params)
+    queries = pd.read_parquet(tmp_path / "prepared" / "queries.parquet")
+    ranked = retrieve(params, queries, beam=5)
+    assert list(ranked.columns) == ["query_id", "rank", "item_id", "score", "sid"]
+    pop = items.set_index("item_id")["popularity"]
+    for _, grp in ranked.groupby("query_id"):
+        assert grp["rank"].tolist() == list(range(len(grp)))
+        assert grp["score"].is_monotonic_decreasing
+        for _, same in grp.groupby("sid", sort=False):   # inside one SID: popularity desc, then item_id
+            keys = list(zip(-pop[same.item_id].to_numpy(), same.item_id))
+            assert keys == sorted(keys)
+    assert ranked.groupby("query_id")["sid"].nunique().max() <= 5
+    gen = generate(params, queries, beam=20, constrained=False)
+    issued = set(ranked["sid"]) | {"-".join(map(str, c)) for c in pd.read_parquet(tmp_path / "sids" / "sid_table.parquet").codes}
+    expect = (~gen["sid"].isin(issued)).groupby(gen["query_id"]).mean().mean()
+    assert hallucination_rate(gen) == pytest.approx(expect)
+    assert 0.0 < hallucination_rate(gen) <= 1.0           # 4*4*3 codes: most 20-beam outputs are not issued
+    constrained = generate(params, queries, beam=20, constrained=True)
+    assert hallucination_rate(constrained) == 0.0
+
+
+def test_checkpoint_round_trip_and_determinism(tmp_path):
+    write_catalog(tmp_path)
+    params = tiny_params(tmp_path, epochs=2)
+    run_train_retriever(params)
+    path = tmp_path / "retriever" / "model.pt"
+    blob = torch.load(path, weights_only=True)
+    json.dumps(blob["config"])                               # the config is plain JSON
+    first = {k: v.clone() for k, v in blob["state_dict"].items()}
+    run_train_retriever(params)
+    again = torch.load(path, weights_only=True)["state_dict"]
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    model = load_retriever(path)
+    queries = pd.read_parquet(tmp_path / "prepared" / "queries.parquet")
+    assert retrieve(params, queries, model=model).equals(retrieve(params, queries))
+
+
+def test_text_queries_index_items_through_the_text_path(tmp_path):
+    items = write_catalog(tmp_path, text=True)
+    params = tiny_params(tmp_path, epochs=30)
+    summary = run_train_retriever(params)
+    assert summary["index_kind"] == "text" and summary["n_train_pairs"] == 36
+    model = load_retriever(tmp_path / "retriever" / "model.pt")
+    queries = pd.read_parquet(tmp_path / "prepared" / "queries.parquet")
+    ranked = retrieve(params, queries, model=model)
+    assert recall_at(ranked, queries, 10) >= 0.75             # query vectors are noisy copies of the target's
+    sids, scores = generate_sids(model, {"kind": "text", "x": torch.from_numpy(np.load(tmp_path / "embeddings" / "items.npy")[:3, None]),
+                                         "mask": torch.ones(3, 1, dtype=torch.bool)}, beam=4, constrained=True)
+    table = set(map(tuple, pd.read_parquet(tmp_path / "sids" / "sid_table.parquet").codes.map(tuple)))
+    assert all(s in table for q in sids for s in q) and all(len(q) == 4 for q in sids)
+
+
+@pytest.mark.parametrize("backbone", ["t5", "pretrained"])
+def test_hugging_face_backbones_train_and_reload(tmp_path, backbone):
+    write_catalog(tmp_path)
+    extra = {}
+    if backbone == "pretrained":
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        torch.manual_seed(0)
+        T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+                                            decoder_start_token_id=0)).save_pretrained(tmp_path / "t5")
+        extra["pretrained_path"] = str(tmp_path / "t5")
+    params = tiny_params(tmp_path, backbone=backbone, epochs=1, **extra)
+    run_train_retriever(params)
+    model = load_retriever(tmp_path / "retriever" / "model.pt")
+    assert model.config["backbone"] == backbone
+    queries = pd.read_parquet(tmp_path / "prepared" / "queries.parquet").head(5)
+    ranked = retrieve(params, queries, model=model, beam=4)
+    assert ranked.query_id.nunique() == 5
+
+
+def test_bad_inputs_are_named(tmp_path):
+    write_catalog(tmp_path)
+    with pytest.raises(ConfigError, match="finetune_text_encoder"):
+        run_train_retriever(tiny_params(tmp_path, finetune_text_encoder=True))
+    with pytest.raises(ConfigError, match="retriever.backbone"):
+        run_train_retriever(tiny_params(tmp_path, backbone="gpt"))
+    table = pd.read_parquet(tmp_path / "sids" / "sid_table.parquet")
+    table.at[7, "codes"] = [9, 0]
+    table.at[7, "length"] = 2
+    table.to_parquet(tmp_path / "sids" / "sid_table.parquet", index=False)
+    with pytest.raises(DataError, match=r"sid_table.parquet, column 'codes', rows \[7\]"):
+        run_train_retriever(tiny_params(tmp_path))

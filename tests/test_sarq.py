@@ -1,0 +1,93 @@
+"""SARQ: path table arithmetic, the stopping rule, and fixed length at tau = inf."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from tokenizer_fixtures import make_catalog, run_tokenizer, tiny_params
+
+from components.errors import ConfigError
+from components.sarq import PathTable, parse_tau, popularity_weights, stop_depths
+
+# hand-made catalog over 2 x 3 x 2 codes: 6 items under (0,), 2 under (1,)
+CODES = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 0, 0], [0, 1, 0], [0, 1, 1], [0, 2, 0], [1, 0, 0], [1, 0, 1]])
+SIZES = [2, 3, 2]
+
+
+def _expected_information(path: tuple[int, ...], a: float) -> list[float]:
+    """I_l by hand: counts of items under each prefix, additive smoothing a over K_l children."""
+    rows = [tuple(r) for r in CODES.tolist()]
+    info, parent_n = [], len(rows)
+    for layer in range(len(path)):
+        child_n = sum(r[: layer + 1] == path[: layer + 1] for r in rows)
+        p = (child_n + a) / (parent_n + a * SIZES[layer])
+        info.append((info[-1] if info else 0.0) - math.log(p))
+        parent_n = child_n
+    return info
+
+
+@pytest.mark.parametrize("path", [(0, 0, 0), (0, 2, 0), (1, 0, 1), (1, 2, 1)])
+def test_path_information_matches_the_chain_rule(path):
+    table = PathTable.build(CODES, SIZES, smoothing=0.5)
+    got = table.information(torch.tensor([path]))[0].tolist()
+    assert got == pytest.approx(_expected_information(path, 0.5), rel=1e-12)
+
+
+def test_stops_exactly_where_information_first_exceeds_tau():
+    table = PathTable.build(CODES, SIZES, smoothing=1.0)
+    path = torch.tensor([[0, 2, 1]])
+    i1, i2, i3 = table.information(path)[0].tolist()
+    assert i1 < i2 < i3
+    info = table.information(path)
+    depth = lambda tau, lo=1, hi=3: int(stop_depths(info, tau, lo, hi)[0])  # noqa: E731
+    assert depth(i1 - 1e-9) == 1            # I_1 > tau: keep c_1, stop
+    assert depth(i1) == 2                   # I_1 == tau does not exceed it
+    assert depth((i1 + i2) / 2) == 2
+    assert depth((i2 + i3) / 2) == 3
+    assert depth(i1 - 1e-9, lo=2) == 2      # L_min wins over an early stop
+    assert depth(i3 + 1, hi=2) == 2         # L_max caps
+    assert depth(math.inf) == 3
+
+
+def test_vectorised_rule_equals_per_item_loop():
+    rng = np.random.default_rng(0)
+    info = torch.from_numpy(np.cumsum(rng.uniform(0, 3, size=(200, 4)), axis=1))
+    got = stop_depths(info, 4.0, 2, 4).tolist()
+    for row, d in zip(info.tolist(), got):
+        first = next((l + 1 for l, v in enumerate(row) if v > 4.0), 4)
+        assert d == min(max(first, 2), 4)
+
+
+def test_unseen_extension_code_gets_the_smoothed_floor_and_table_stays_frozen():
+    table = PathTable.build(CODES, SIZES, smoothing=1.0)
+    before = table.information(CODES).clone()
+    unseen = table.log_conditional(torch.tensor([[5, 0, 0]]))[0]  # row 5: an extension row
+    assert float(unseen[0]) == pytest.approx(math.log(1 / (8 + 2)))
+    assert float(unseen[1]) == pytest.approx(math.log(1 / 3))     # unseen prefix: uniform 1/K_2
+    assert torch.equal(table.information(CODES), before)
+
+
+def test_popularity_weights_and_tau_parsing():
+    w = popularity_weights(torch.tensor([0, 2, 4, 6]))
+    assert float(w.mean()) == pytest.approx(1.0) and float(w[0]) == 0.0
+    assert torch.equal(popularity_weights(torch.zeros(3)), torch.ones(3, dtype=torch.float64))
+    weighted = PathTable.build(CODES[:2], [2, 3, 2], 1.0, weights=torch.tensor([3.0, 1.0]))
+    assert weighted.counts[2].tolist() == [3.0, 1.0]
+    assert parse_tau(None) == math.inf and parse_tau("inf") == math.inf
+    with pytest.raises(ConfigError, match="tokenizer.sarq.tau"):
+        parse_tau("deep")
+
+
+def test_tau_inf_gives_fixed_length(tmp_path):
+    make_catalog(tmp_path)
+    table = run_tokenizer(tiny_params(tmp_path, "sarq", "tokenizer.sarq.tau=.inf"))
+    assert set(table["length"]) == {3}
+
+
+def test_finite_tau_gives_adaptive_length_within_bounds(tmp_path):
+    make_catalog(tmp_path)
+    table = run_tokenizer(tiny_params(tmp_path, "sarq", "tokenizer.sarq.tau=3.0", "tokenizer.sarq.min_len=2"))
+    assert table["length"].min() >= 2 and table["length"].max() <= 3
+    assert table["length"].nunique() == 2

@@ -1,0 +1,116 @@
+"""SID tables: import validation, stability check, determinism, statistics and outputs."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from tokenizer_fixtures import make_catalog, run_tokenizer, tiny_params
+
+from components.errors import DataError
+from components.sid_stats import sid_statistics
+from components.sid_table import assert_stable, changed_sids, make_sid_table, read_import
+
+IDS = ["a", "b", "c"]
+
+
+def _write_json(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_import_accepts_json_mapping_json_records_and_parquet(tmp_path):
+    want = [[1, 2], [3], [0, 4, 5]]
+    mapping = _write_json(tmp_path / "m.json", dict(zip(IDS[::-1], want[::-1])))
+    records = _write_json(tmp_path / "r.json", [{"item_id": i, "codes": c} for i, c in zip(IDS, want)])
+    pq = tmp_path / "t.parquet"
+    pd.DataFrame({"item_id": IDS, "codes": want}).to_parquet(pq)
+    for path in (mapping, records, pq):
+        assert read_import(path, IDS) == want
+
+
+@pytest.mark.parametrize("obj, column, rows, text", [
+    ({"a": [1], "b": [2], "zz": [3], "c": [4]}, "item_id", [2], "not in the catalog"),
+    ({"a": [1], "b": [2]}, "item_id", [], "have no SID"),
+    ({"a": [1], "b": [2.5], "c": [4]}, "codes", [1], "integers"),
+    ({"a": [1], "b": ["x"], "c": []}, "codes", [1, 2], "integers"),
+    ({"a": [-1], "b": [2], "c": [True]}, "codes", [0, 2], "non-negative"),
+])
+def test_import_validation_names_file_column_and_rows(tmp_path, obj, column, rows, text):
+    path = _write_json(tmp_path / "sids.json", obj)
+    with pytest.raises(DataError, match=text) as exc:
+        read_import(path, IDS)
+    assert exc.value.file == str(path) and exc.value.column == column and exc.value.rows == rows
+
+
+def test_import_parquet_with_float_codes_is_rejected(tmp_path):
+    path = tmp_path / "t.parquet"
+    pd.DataFrame({"item_id": IDS, "codes": [[1.0], [2.0], [3.5]]}).to_parquet(path)
+    with pytest.raises(DataError) as exc:
+        read_import(path, IDS)
+    assert exc.value.column == "codes" and exc.value.rows == [0, 1, 2]
+
+
+def test_import_method_writes_the_given_codes(tmp_path):
+    items, _ = make_catalog(tmp_path, n_head=5, n_tail=10, n_cold=1)
+    codes = {i: [k % 3, k % 5] if k % 4 else [k % 3] for k, i in enumerate(items["item_id"])}
+    path = _write_json(tmp_path / "ext.json", codes)
+    table = run_tokenizer(tiny_params(tmp_path, "import", f"tokenizer.import_path={path}"))
+    assert table["codes"].tolist() == [codes[i] for i in items["item_id"]]
+    assert set(table["stage"]) == {"import"}
+    meta = json.loads((tmp_path / "sids" / "meta.json").read_text())
+    assert meta["codebook_sizes"] == [3, 5] and meta["max_len"] == 2
+
+
+def test_stability_check_flags_changed_and_lost_sids():
+    old = make_sid_table(["a", "b", "c"], [[1, 2], [3], [4, 5]], "head", "v1")
+    grown = make_sid_table(["a", "b", "c", "d"], [[1, 2], [3], [4, 5], [9]], ["head"] * 3 + ["new"], "v2")
+    assert_stable(old, grown, "new.parquet")
+    moved = make_sid_table(["a", "b", "d"], [[1, 2], [3, 0], [9]], "head", "v2")
+    assert changed_sids(old, moved) == ["b", "c"]
+    with pytest.raises(DataError) as exc:
+        assert_stable(old, moved, "new.parquet")
+    assert exc.value.column == "codes" and exc.value.rows == [1]
+
+
+def test_same_seed_gives_identical_sid_table(tmp_path):
+    runs = []
+    for name in ("one", "two"):
+        out = tmp_path / name
+        make_catalog(out)
+        runs.append(run_tokenizer(tiny_params(out, "sa2crq")))
+    pd.testing.assert_frame_equal(runs[0], runs[1])
+    out = tmp_path / "seed1"
+    make_catalog(out)
+    other = run_tokenizer(tiny_params(out, "sa2crq", "seed=1"))
+    assert other["codes"].tolist() != runs[0]["codes"].tolist()
+
+
+def test_assign_ids_outputs_follow_the_contract(tmp_path):
+    items, _ = make_catalog(tmp_path)
+    table = run_tokenizer(tiny_params(tmp_path, "acrq"))
+    assert table["item_id"].tolist() == items["item_id"].tolist()
+    assert list(table.columns) == ["item_id", "codes", "length", "stage", "version"]
+    meta = json.loads((tmp_path / "sids" / "meta.json").read_text())
+    assert meta["codebook_sizes"] == [6, 12, 12] and meta["anchor_sizes"] == [4, 8, 8]
+    assert meta["tau"] is None and meta["max_len"] == 3 and meta["method"] == "acrq"
+    assert set(table["length"]) == {3}
+    stats = json.loads((tmp_path / "metrics" / "sid_stats.json").read_text())
+    assert set(stats["recon_err"]) == {"all", "head", "tail", "cold"}
+    for png in ("sid_lengths.png", "items_per_sid.png"):
+        assert (tmp_path / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sid_statistics_on_a_hand_made_table():
+    items = pd.DataFrame({"item_id": list("abcdef"), "group": ["head", "head", "tail", "tail", "tail", "cold"]})
+    table = make_sid_table(list("abcdef"), [[0, 1], [0, 2], [1], [1], [1], [0, 1]], "full", "v")
+    meta = {"method": "x", "codebook_sizes": [2, 4], "anchor_sizes": [2, 3], "tau": 1.0}
+    s = sid_statistics(table, items, meta, recon_err=np.array([1.0, 3.0, 2.0, 2.0, 2.0, 5.0]))
+    assert s["n_sids"] == 3 and s["items_per_sid"]["mean"] == pytest.approx(2.0) and s["items_per_sid"]["max"] == 3
+    assert s["unique_share"] == pytest.approx(1 / 6)
+    assert s["length"]["head"]["mean"] == 2.0 and s["length"]["tail"]["hist"] == {"1": 3}
+    assert s["layers"][0]["dead"] == 0
+    assert s["layers"][1] == {"layer": 2, "size": 4, "anchor_size": 3, "items_reaching": 3, "used": 2,
+                              "dead": 2, "dead_share": 0.5, "extension_used": 0}
+    assert s["recon_err"]["head"] == 2.0 and s["recon_err"]["cold"] == 5.0
