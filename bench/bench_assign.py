@@ -30,24 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (clustered_embeddings, measure_peak, print_table, run_json_subprocess, set_threads, stats,
-                    train_tokenizer, write_result)
+from common import (TRAIN_SEED_OFFSET, cached_tokenizer, clustered_embeddings, data_file, measure_peak, print_table,
+                    run_json_subprocess, set_threads, stats, write_result)
 
 NBITS = (6, 7, 8)   # 64 / 128 / 256 rows per layer
 METHODS = ("sarq", "acrq", "sa2crq", "sa2crq-new", "faiss-384", "faiss-latent64")
-
-
-def data_file(workdir: Path, n: int, seed: int) -> Path:
-    """Synthetic embeddings for n rows as a .npy (generated once, in chunks, straight to disk)."""
-    path = workdir / f"emb_{n}_s{seed}.npy"
-    if not path.exists():
-        tmp = path.with_suffix(".tmp.npy")
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, 384))
-        clustered_embeddings(n, seed=seed, out=out)
-        out.flush()
-        del out
-        tmp.rename(path)
-    return path
 
 
 def faiss_rq(d: int, train: np.ndarray, seed: int):
@@ -72,14 +59,11 @@ def prepare(workdir: Path, seed: int, epochs: int) -> dict[str, str]:
     from components.sid_tokenizer import load_tokenizer
 
     files = {}
-    sample = clustered_embeddings(20_000, seed=seed + 100)
+    sample = clustered_embeddings(20_000, seed=seed + TRAIN_SEED_OFFSET)
     for method in ("sarq", "acrq", "sa2crq"):
-        path = workdir / f"tokenizer_{method}.pt"
-        if not path.exists():
-            train_tokenizer(method, sample, Path(tempfile.mkdtemp(dir=workdir)), seed=seed, epochs=epochs).rename(path)
-        files[method] = str(path)
+        files[method] = str(cached_tokenizer(workdir, method, seed, epochs))
     for name, d in (("faiss-384", 384), ("faiss-latent64", 64)):
-        path = workdir / f"{name}.faiss"
+        path = workdir / f"{name}_s{seed}.faiss"
         if not path.exists():
             train = sample[:10_000]
             if d == 64:

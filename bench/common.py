@@ -269,3 +269,32 @@ def train_tokenizer(method: str, x: np.ndarray, workdir: Path, seed: int = 0, ep
     path = Path(workdir) / f"tokenizer_{method}.pt"
     save_tokenizer(load_tokenizer(params), path)
     return path
+
+
+TRAIN_SEED_OFFSET = 100   # the tokenizers' training sample is drawn apart from the benchmark data
+
+
+def cached_tokenizer(workdir: Path, method: str, seed: int, epochs: int) -> Path:
+    """workdir/tokenizer_<method>.pt, trained on a 20k synthetic sample the first time it is asked for."""
+    import tempfile
+
+    path = Path(workdir) / f"tokenizer_{method}_s{seed}_e{epochs}.pt"
+    if not path.exists():
+        sample = clustered_embeddings(20_000, seed=seed + TRAIN_SEED_OFFSET)
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            train_tokenizer(method, sample, Path(tmp), seed=seed, epochs=epochs).rename(path)
+    return path
+
+
+def data_file(workdir: Path, n: int, seed: int) -> Path:
+    """Synthetic embeddings for n rows as a float32 .npy in workdir (generated once, in chunks,
+    straight to disk, so 1M rows never need two copies in memory)."""
+    path = Path(workdir) / f"emb_{n}_s{seed}.npy"
+    if not path.exists():
+        tmp = path.with_name(path.stem + ".partial.npy")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, 384))
+        clustered_embeddings(n, seed=seed, out=out)
+        out.flush()
+        del out
+        tmp.rename(path)
+    return path

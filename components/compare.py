@@ -20,11 +20,9 @@ from components.config import deep_merge, out_path, params_hash
 from components.errors import ConfigError
 from components.evaluate import (
     check_eval_params,
-    evaluate_methods,
+    evaluate_all,
     load_eval_inputs,
     log_to_wandb,
-    run_baseline,
-    run_generative,
     slug,
 )
 from components.metrics import GROUPS
@@ -97,9 +95,8 @@ def run_variant(params: dict, variant: dict, seed: int) -> dict:
     for step in TRAIN_STEPS:
         get_step(step)(p)
     data = load_eval_inputs(p)
-    ranked, halluc = run_generative(p, data.test)
-    names = list(ranked)
-    results, _ = evaluate_methods(p, ranked, data, {names[1]: halluc})
+    results, _ = evaluate_all(p, data, [])
+    names = list(results)
     meta = json.loads((scratch / "sids" / "meta.json").read_text())
     stats = sid_statistics(read_sid_table(scratch / "sids" / "sid_table.parquet"), data.items, meta)
     out = {"params_hash": key, "name": variant["name"], "seed": int(seed),
@@ -133,9 +130,8 @@ def collect_runs(params: dict, variants: list[dict], seeds: list[int]) -> tuple[
         fixed: dict[str, dict] = {}
         for seed in seeds:
             p = deep_merge(params, {"seed": int(seed)})
-            ranked = {name: run_baseline(name, p, data) for name in baselines
-                      if name in SEEDED_BASELINES or name not in fixed}
-            results, _ = evaluate_methods(p, ranked, data, {})
+            todo = [name for name in baselines if name in SEEDED_BASELINES or name not in fixed]
+            results, _ = evaluate_all(p, data, todo, generative=False)
             fixed.update({k: v for k, v in results.items() if k not in SEEDED_BASELINES})
             for name in baselines:
                 rows += _rows(name, seed, results.get(name, fixed.get(name)), None)
@@ -149,8 +145,9 @@ def results_markdown(table: pd.DataFrame, sid_table: pd.DataFrame, params: dict)
     cells = pd.DataFrame(index=[m if g == "overall" else f"({g})" for m, g in table.index])
     for m in metrics:
         digits = 1 if m == "ret_per" else 4
-        cells[metric_label(m)] = ["-" if pd.isna(a) else f"{a:.{digits}f}" + ("" if pd.isna(b) else f" ± {b:.{digits}f}")
-                                  for a, b in zip(table[m].to_numpy(), table[f"{m} std"].to_numpy())]
+        cells[metric_label(m)] = [
+            "-" if pd.isna(a) else f"{a:.{digits}f}" + ("" if pd.isna(b) else f" ± {b:.{digits}f}")
+            for a, b in zip(table[m].to_numpy(), table[f"{m} std"].to_numpy())]
     cells["seeds"] = table["seeds"].to_numpy()
     depth = max(list(ev["ks"]) + list(ev.get("deep_ks") or []))
     lines = [f"# Tokenizer comparison on {params['dataset']}", "",
@@ -196,5 +193,6 @@ def run_compare(params: dict) -> dict:
     ev = params["eval"]
     table = compare_variants(params, list(ev.get("variants") or []), list(ev["seeds"]))
     root = out_path(params, ev["compare_dir"])
-    return {"runs": len(ev["variants"]) * len(ev["seeds"]), "methods": list(dict.fromkeys(table.index.get_level_values(0))),
+    return {"runs": len(ev["variants"]) * len(ev["seeds"]),
+            "methods": list(dict.fromkeys(table.index.get_level_values(0))),
             "markdown": str(root / "results.md"), "summary": str(root / "summary.csv")}

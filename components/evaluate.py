@@ -187,23 +187,37 @@ def log_to_wandb(params: dict, summary: dict, tables: dict[str, pd.DataFrame], p
                      config={k: v for k, v in params.items() if not k.startswith("_")})
     try:
         run.summary.update({f"{m}/{k}": v for m, row in summary.items() for k, v in row.items()})
-        run.log({**{f"table/{slug(name)}": wandb.Table(dataframe=frame.reset_index()) for name, frame in tables.items()},
-                 **{f"plot/{slug(name)}": wandb.Image(str(path)) for name, path in plots.items()}})
+        logged = {f"table/{slug(name)}": wandb.Table(dataframe=frame.reset_index()) for name, frame in tables.items()}
+        logged.update({f"plot/{slug(name)}": wandb.Image(str(path)) for name, path in plots.items()})
+        run.log(logged)
     finally:
         run.finish()
 
 
-def evaluate_methods(params: dict, ranked: dict[str, pd.DataFrame], data: EvalInputs,
-                     hallucination: dict[str, pd.Series]) -> tuple[dict, dict[str, pd.DataFrame]]:
-    """Metrics with CIs and popularity-decile recall for every method's ranked results."""
+def evaluate_method(params: dict, name: str, frame: pd.DataFrame, data: EvalInputs,
+                    hallucination: pd.Series | None = None) -> tuple[dict, pd.DataFrame]:
+    """Metrics with CIs and popularity-decile recall for one method's ranked results."""
     ev = params["eval"]
     ks, deep = [int(k) for k in ev["ks"]], [int(k) for k in ev.get("deep_ks") or []]
-    results, deciles = {}, {}
-    for method, frame in ranked.items():
-        results[method] = evaluate_ranked(frame, data.test, data.items, ks, deep, n_boot=int(ev["bootstrap"]),
-                                          seed=int(params["seed"]), hallucination=hallucination.get(method),
-                                          source=f"ranked results of {method}")
-        deciles[method] = recall_by_popularity_decile(frame, data.test, data.items, int(ev["headline_k"]))
+    result = evaluate_ranked(frame, data.test, data.items, ks, deep, n_boot=int(ev["bootstrap"]),
+                             seed=int(params["seed"]), hallucination=hallucination,
+                             source=f"ranked results of {name}")
+    return result, recall_by_popularity_decile(frame, data.test, data.items, int(ev["headline_k"]))
+
+
+def evaluate_all(params: dict, data: EvalInputs, baselines: list[str], generative: bool = True
+                 ) -> tuple[dict[str, dict], dict[str, pd.DataFrame]]:
+    """The generative retriever (constrained, unconstrained) and the baselines, one ranked frame in memory at a time."""
+    results: dict[str, dict] = {}
+    deciles: dict[str, pd.DataFrame] = {}
+    if generative:
+        ranked, halluc = run_generative(params, data.test)
+        for name, frame in ranked.items():
+            free = name.endswith("(unconstrained)")
+            results[name], deciles[name] = evaluate_method(params, name, frame, data, halluc if free else None)
+        del ranked
+    for name in baselines:
+        results[name], deciles[name] = evaluate_method(params, name, run_baseline(name, params, data), data)
     return results, deciles
 
 
@@ -232,11 +246,7 @@ def run_evaluate(params: dict) -> dict:
     ev = params["eval"]
     root = out_path(params)
     data = load_eval_inputs(params)
-    ranked, halluc = run_generative(params, data.test)
-    hallucination = {name: halluc for name in ranked if name.endswith("(unconstrained)")}
-    for name in ev["baselines"]:
-        ranked[name] = run_baseline(name, params, data)
-    results, deciles = evaluate_methods(params, ranked, data, hallucination)
+    results, deciles = evaluate_all(params, data, list(ev["baselines"]))
     k = int(ev["headline_k"])
     summary = headline(results, k)
 

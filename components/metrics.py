@@ -69,7 +69,8 @@ def target_ranks(ranked: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     q_code, i_code = queries.get_indexer(ranked["query_id"]), items.get_indexer(ranked["item_id"])
     hit = (q_code >= 0) & (i_code >= 0)
     ranked_key = q_code[hit].astype(np.int64) * len(items) + i_code[hit]
-    pair_key = queries.get_indexer(pairs["query_id"]).astype(np.int64) * len(items) + items.get_indexer(pairs["item_id"])
+    pair_key = (queries.get_indexer(pairs["query_id"]).astype(np.int64) * len(items)
+                + items.get_indexer(pairs["item_id"]))
     best = pd.Series(ranked["rank"].to_numpy()[hit], dtype=float).groupby(ranked_key).min()
     out = pairs.copy()
     out["rank"] = best.reindex(pair_key).fillna(np.inf).to_numpy()
@@ -181,7 +182,8 @@ def evaluate_ranked(
     return result
 
 
-def recall_by_popularity_decile(ranked: pd.DataFrame, queries: pd.DataFrame, items: pd.DataFrame, k: int) -> pd.DataFrame:
+def recall_by_popularity_decile(ranked: pd.DataFrame, queries: pd.DataFrame, items: pd.DataFrame,
+                                k: int) -> pd.DataFrame:
     """Recall@k of (query, target) pairs by the target's catalog popularity decile (10 = most popular).
 
     Deciles split the catalog into ten equal item counts by popularity (ties by item_id), so cold

@@ -62,14 +62,25 @@ class _DecoderLayer(nn.Module):
 
     def step(self, y: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None, cross_k: torch.Tensor,
              cross_v: torch.Tensor, cross_mask: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Decoding: y (N, W, d) one new token per beam; cache (N, W, H, t, dh) keys/values."""
+        """Decoding: y (N, W, d) one new token per beam; cache (N, W, H, t, dh) keys/values.
+
+        Self-attention over at most max_len cached positions is a few elementwise ops, cheaper
+        than a batched matmul call for N*W*H tiny matrices.
+        """
+        att = self.self_attn
         h = self.n1(y)
-        k, v = self.self_attn.keys_values(h.unsqueeze(2))          # (N, W, H, 1, dh)
+        q = att.q(h).unflatten(-1, (att.h, att.dh))                       # (N, W, H, dh)
+        k, v = (t.unflatten(-1, (att.h, att.dh)).unsqueeze(3) for t in att.kv(h).chunk(2, dim=-1))
         if cache is not None:
             k, v = torch.cat([cache[0], k], dim=3), torch.cat([cache[1], v], dim=3)
-        y = y + self.self_attn.attend(h.unsqueeze(2), k, v).squeeze(2)
-        # beams of a query are the "positions" of one cross-attention call: memory is shared
-        y = y + self.cross_attn.attend(self.n2(y), cross_k, cross_v, cross_mask)
+        w = torch.einsum("nwhd,nwhtd->nwht", q, k).mul_(att.dh ** -0.5).softmax(-1)
+        y = y + att.out(torch.einsum("nwht,nwhtd->nwhd", w, v).flatten(-2))
+        # beams of a query are the "positions" of one cross-attention: memory is shared, never copied;
+        # cross_mask is additive here (0 / -inf), made once per batch
+        ca = self.cross_attn
+        q = ca.split(ca.q(self.n2(y))) * ca.dh ** -0.5                    # (N, H, W, dh)
+        w = (q @ cross_k.transpose(-1, -2) + cross_mask).softmax(-1)       # (N, H, W, M)
+        y = y + ca.out((w @ cross_v).transpose(1, 2).flatten(-2))
         return y + self.ff(self.n3(y)), (k, v)
 
 
@@ -107,7 +118,8 @@ class SmallSeq2Seq(nn.Module):
 
     def start(self, memory: torch.Tensor, mask: torch.Tensor) -> dict:
         enc = self.encode(memory, mask)
-        return {"cross": self._cross(enc), "mask": mask[:, None, None, :], "cache": [None] * len(self.layers)}
+        bias = torch.zeros(mask.shape, dtype=enc.dtype, device=enc.device).masked_fill_(~mask, float("-inf"))
+        return {"cross": self._cross(enc), "mask": bias[:, None, None, :], "cache": [None] * len(self.layers)}
 
     def step(self, state: dict, tokens: torch.Tensor, depth: int, columns: torch.Tensor) -> torch.Tensor:
         """tokens (N, W) at position `depth` -> logits (N, W, len(columns)); extends the cache."""
@@ -117,8 +129,10 @@ class SmallSeq2Seq(nn.Module):
         return F.linear(self.norm(y), self.head.weight[columns], self.head.bias[columns])
 
     def reorder(self, state: dict, index: torch.Tensor) -> dict:
-        rows = torch.arange(index.shape[0], device=index.device)[:, None]
-        state["cache"] = [(k[rows, index], v[rows, index]) for k, v in state["cache"]]
+        n, w_old = state["cache"][0][0].shape[:2]
+        flat = (torch.arange(n, device=index.device)[:, None] * w_old + index).reshape(-1)
+        state["cache"] = [tuple(t.flatten(0, 1).index_select(0, flat).unflatten(0, index.shape) for t in kv)
+                          for kv in state["cache"]]
         return state
 
 

@@ -20,8 +20,11 @@ from components.errors import DataError
 from flows.flow_params import apply_overrides
 
 HOLDOUT_FRAC = 0.05
-# a small retriever and evaluation, so the trained pipeline fits the test budget on 2 cores
-FAST = ["retriever.d_model=64", "retriever.n_heads=2", "retriever.n_layers=1", "retriever.ff_dim=128",
+# a tokenizer with enough distinct SIDs (about 2.7 items per SID) to retrieve single items, and a
+# small retriever and evaluation, so the trained pipeline fits the test budget on 2 cores
+FAST = ["tokenizer.codebook_sizes=[16,32,32]", "tokenizer.extension_sizes=[8,8,8]", "tokenizer.epochs_head=10",
+        "tokenizer.epochs_tail=6",
+        "retriever.d_model=64", "retriever.n_heads=2", "retriever.n_layers=1", "retriever.ff_dim=128",
         "retriever.epochs=2", "retriever.lr=0.003", "retriever.val_max_queries=50",
         "eval.baselines=[popular]", "eval.bootstrap=20", "eval.ks=[1,10]", "eval.deep_ks=[50]"]
 

@@ -62,10 +62,9 @@ def _fake_generative(params: dict, test: pd.DataFrame) -> tuple[dict, pd.Series]
 def run_params(tmp_path, monkeypatch) -> dict:
     _write_run(tmp_path)
     monkeypatch.setattr(evaluate_mod, "run_generative", _fake_generative)
-    monkeypatch.setattr(compare_mod, "run_generative", _fake_generative)
-    return load_params(ROOT / "params.yaml", ["profile=smoke", f"out_dir={tmp_path}", "eval.bootstrap=30",
-                                              "eval.ks=[1,5]", "eval.deep_ks=[10]", "eval.headline_k=5", "data.max_history=5",
-                                              "retriever.d_model=8", "retriever.n_memory=2"])
+    overrides = ["profile=smoke", f"out_dir={tmp_path}", "eval.bootstrap=30", "eval.ks=[1,5]", "eval.deep_ks=[10]",
+                 "eval.headline_k=5", "data.max_history=5", "retriever.d_model=8", "retriever.n_memory=2"]
+    return load_params(ROOT / "params.yaml", overrides)
 
 
 def test_results_frame_and_report_files(tmp_path):
