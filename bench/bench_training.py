@@ -8,14 +8,16 @@ Rows:
   ours/plain      the same RQVAE.losses in a bare PyTorch loop (isolates Lightning overhead);
   vqtorch         the same MLPs around vector_quantize_pytorch.ResidualVQ (its default EMA
                   codebooks, k-means init, dead-code replacement) in a bare PyTorch loop.
-Epoch time = median over the timed epochs after one warm-up epoch.
+The three run round-robin, epoch by epoch (load swings hit all alike); epoch time = median
+over the timed epochs after one warm-up epoch (which holds vector-quantize-pytorch's k-means init).
 
-    .venv/bin/python bench/bench_training.py [--n 50000] [--epochs 4] [--threads 2]
+    .venv/bin/python bench/bench_training.py [--n 30000] [--epochs 3] [--threads 1]
 """
 from __future__ import annotations
 
 import argparse
 import time
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -48,8 +50,9 @@ def ours_model(x: torch.Tensor, seed: int, cls: type | None = None):
     return model
 
 
-def time_ours_lightning(x: torch.Tensor, epochs: int, seed: int) -> list[float]:
-    """Per-epoch wall times of components.rqvae.fit, recorded by epoch hooks."""
+def epochs_ours_lightning(x: torch.Tensor, seed: int) -> Iterator[float]:
+    """Per-epoch wall times of components.rqvae.fit (one fit call per epoch, timed by the
+    epoch hooks, so the trainer's start-up is not counted)."""
     from components.rqvae import RQVAE, TrainSpec, fit
 
     marks: list[float] = []
@@ -64,27 +67,34 @@ def time_ours_lightning(x: torch.Tensor, epochs: int, seed: int) -> list[float]:
             marks.append(time.perf_counter())
 
     model = ours_model(x, seed, Timed)
-    spec = TrainSpec(epochs=epochs + 1, batch_size=BATCH, lr=LR, beta=BETA, reseed_every=5, seed=seed)
-    fit(model, x, spec, sarq=None, init_kmeans=False, progress=False)
-    per_epoch = [marks[i + 1] - marks[i] for i in range(0, len(marks), 2)]
-    return per_epoch[1:]
+    epoch = 0
+    while True:
+        spec = TrainSpec(epochs=1, batch_size=BATCH, lr=LR, beta=BETA, reseed_every=5, seed=seed + epoch)
+        fit(model, x, spec, sarq=None, init_kmeans=False, progress=False)
+        model.train()
+        epoch += 1
+        yield marks[-1] - marks[-2]
 
 
-def time_ours_plain(x: torch.Tensor, epochs: int, seed: int) -> list[float]:
-    """RQVAE.losses in a bare loop: the model's own cost without the trainer."""
-    model = ours_model(x, seed)
+def _plain_epochs(model: nn.Module, loss_fn, x: torch.Tensor, seed: int) -> Iterator[float]:
     model.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=LR)
-    out = []
-    for epoch in range(epochs + 1):
+    epoch = 0
+    while True:
         t0 = time.perf_counter()
         for idx in _batches(len(x), seed + epoch):
-            loss = model.losses(x[idx])["loss"]
+            loss = loss_fn(x[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        out.append(time.perf_counter() - t0)
-    return out[1:]
+        epoch += 1
+        yield time.perf_counter() - t0
+
+
+def epochs_ours_plain(x: torch.Tensor, seed: int) -> Iterator[float]:
+    """RQVAE.losses in a bare loop: the model's own cost without the trainer."""
+    model = ours_model(x, seed)
+    return _plain_epochs(model, lambda b: model.losses(b)["loss"], x, seed)
 
 
 class VQTorchRQVAE(nn.Module):
@@ -106,35 +116,33 @@ class VQTorchRQVAE(nn.Module):
         return ((x - self.decoder(z_hat)) ** 2).sum(1).mean() + commit.sum()
 
 
-def time_vqtorch(x: torch.Tensor, epochs: int, seed: int) -> list[float]:
+def epochs_vqtorch(x: torch.Tensor, seed: int) -> Iterator[float]:
     torch.manual_seed(seed)
     model = VQTorchRQVAE(x.shape[1])
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
-    out = []
-    for epoch in range(epochs + 1):
-        t0 = time.perf_counter()
-        for idx in _batches(len(x), seed + epoch):
-            loss = model.loss(x[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        out.append(time.perf_counter() - t0)
-    return out[1:]
+    return _plain_epochs(model, model.loss, x, seed)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=50_000, help="synthetic training items")
-    ap.add_argument("--epochs", type=int, default=4, help="timed epochs per method (after 1 warm-up)")
+    ap.add_argument("--n", type=int, default=30_000, help="synthetic training items")
+    ap.add_argument("--epochs", type=int, default=3, help="timed epochs per method (after 1 warm-up)")
     ap.add_argument("--threads", type=int, default=1, help="1 by default: on a shared, overloaded 2-core box two OpenMP threads spin against each other (50x slower)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     set_threads(args.threads)
     x = torch.from_numpy(clustered_embeddings(args.n, seed=args.seed))
+    runs = {"vqtorch": epochs_vqtorch(x, args.seed), "ours/plain": epochs_ours_plain(x, args.seed),
+            "ours/lightning": epochs_ours_lightning(x, args.seed)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for epoch in range(args.epochs + 1):       # round-robin, epoch by epoch; epoch 0 is warm-up
+        for name, it in runs.items():
+            t = next(it)
+            print(f"  epoch {epoch} {name}: {t:.2f}s", flush=True)
+            if epoch > 0:
+                times[name].append(t)
     rows = []
-    for name, fn in (("vqtorch", time_vqtorch), ("ours/plain", time_ours_plain), ("ours/lightning", time_ours_lightning)):
-        s = stats(fn(x, args.epochs, args.seed))
+    for name, ts in times.items():
+        s = stats(ts)
         rows.append({"method": name, "epoch_s_p50": s["p50"], "epoch_s_min": s["min"], "epochs": s["n"],
                      "items_per_s": args.n / s["p50"]})
     peer = rows[0]["epoch_s_p50"]

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,7 +39,8 @@ def model_config(rp: dict, codebook_sizes: tuple[int, ...], emb_dim: int, max_hi
     cfg = {"backbone": backbone, "codebook_sizes": [int(k) for k in codebook_sizes], "emb_dim": int(emb_dim),
            "max_history": int(max_history), "d_model": int(rp["d_model"]), "n_heads": int(rp["n_heads"]),
            "n_layers": int(rp["n_layers"]), "ff_dim": int(rp["ff_dim"]), "dropout": float(rp["dropout"]),
-           "n_memory": int(rp["n_memory"]), "hf_config": None}
+           "n_memory": int(rp["n_memory"]), "history_sid_tokens": bool(rp.get("history_sid_tokens", False)),
+           "hf_config": None}
     vocab = SidVocab(tuple(cfg["codebook_sizes"]))
     if backbone == "t5":
         from transformers import T5Config
@@ -101,9 +104,25 @@ class RetrieverModel(nn.Module):
         self.catalog = catalog
         self.trie = SidTrie.from_catalog(catalog, self.vocab.codebook_sizes)
 
+    def encode_query(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Memory vectors of a batch; history items also carry the sum of their SID token
+        embeddings (shared with the decoder) when `history_sid_tokens` is on. Indexing pairs never
+        see their own SID (the task would become copying instead of content -> SID)."""
+        memory, mask = self.query(batch)
+        if self.config.get("history_sid_tokens") and "hist_tokens" in batch and not batch.get("indexing", False):
+            tokens = batch["hist_tokens"]                               # (N, L, max_len), PAD = 0
+            emb = self.token_embedding(tokens) * (tokens != PAD).unsqueeze(-1)
+            memory = memory + emb.sum(2)
+        return memory, mask
+
+    def token_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.backbone, SmallSeq2Seq):
+            return self.backbone.tok(tokens)
+        return self.backbone.model.get_input_embeddings()(tokens)
+
     def forward(self, batch: dict) -> torch.Tensor:
         """Teacher-forced logits (N, max_len, V), tokens outside each depth's layer at -inf."""
-        memory, mask = self.query(batch)
+        memory, mask = self.encode_query(batch)
         logits = self.backbone(memory, mask, batch["dec_in"])
         return logits + self.layer_bias[: logits.shape[1]]
 
@@ -113,7 +132,7 @@ class RetrieverModel(nn.Module):
 
     # --- StepDecoder protocol (constrained_decoding.beam_search)
     def start(self, batch: dict) -> dict:
-        memory, mask = self.query(batch)
+        memory, mask = self.encode_query(batch)
         return self.backbone.start(memory, mask)
 
     def step(self, state: dict, tokens: torch.Tensor, depth: int, columns: torch.Tensor) -> torch.Tensor:
@@ -181,6 +200,7 @@ class RetrieverModule(L.LightningModule):
         self._losses: list[float] = []
         self._hits: list[np.ndarray] = []
         self._last_recall = float("nan")
+        self._epoch_start = time.perf_counter()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.net.loss(batch)
@@ -206,6 +226,8 @@ class RetrieverModule(L.LightningModule):
         train_loss = float(np.mean(self._losses)) if self._losses else float("nan")
         self._losses = []
         self.curve.append({"epoch": int(self.current_epoch), "train_loss": train_loss, f"val_recall@{self.val_k}": recall})
+        rank_zero_info(f"retriever epoch {self.current_epoch}: train_loss {train_loss:.4f}, "
+                       f"val_recall@{self.val_k} {recall:.4f}, {time.perf_counter() - self._epoch_start:.1f} s")
         validated = not np.isnan(recall)
         if not validated or recall >= self.best_recall:  # ties: the later, longer-trained epoch
             self.best_recall = recall if validated else self.best_recall

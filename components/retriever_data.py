@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Sampler
 from components.config import out_path
 from components.errors import DataError
 from components.query_encoders import HISTORY, TEXT
-from components.sid_vocab import SidCatalog, SidVocab, load_sid_table, pad_codes
+from components.sid_vocab import PAD, SidCatalog, SidVocab, load_sid_table, pad_codes
 
 KIND_TEXT, KIND_HISTORY = 0, 1
 
@@ -177,6 +177,9 @@ class ExampleDataset(Dataset):
         codes, lengths = pad_codes([catalog.sid_tuple(s) for s in range(catalog.n_sids)], vocab.max_len)
         self.sid_inputs, self.sid_targets = vocab.encode(codes, lengths)
         self.item_sid = catalog.item_sid
+        # SID tokens of every item (PAD beyond its length), for history_sid_tokens
+        sid_tokens = np.where(codes >= 0, codes + np.asarray(vocab.offsets)[None, :], PAD)
+        self.item_tokens = np.concatenate([sid_tokens[catalog.item_sid], np.full((1, vocab.max_len), PAD)])
 
     def __len__(self) -> int:
         return len(self.ex)
@@ -200,6 +203,7 @@ class ExampleDataset(Dataset):
             batch["kind"] = HISTORY
             batch["x"] = torch.from_numpy(self.item_emb[np.maximum(rows, 0)])
             batch["mask"] = torch.from_numpy(rows >= 0)
+            batch["hist_tokens"] = torch.from_numpy(self.item_tokens[rows])      # row -1 -> the PAD row
         sid_item = self.ex.sid[idx]
         if (sid_item >= 0).all():
             sid = self.item_sid[sid_item]

@@ -20,6 +20,8 @@ from components.quantizer import (ResidualQuantizer, depth_mask, init_rows_kmean
                                   rq_losses)
 from components.sarq import PathTable, stop_depths
 
+KMEANS_SAMPLE = 65536  # items encoded for the k-means init of the codebooks (all, for catalogs this small)
+
 
 def mlp(dims: list[int]) -> nn.Sequential:
     """Linear layers with ReLU between them (none after the last)."""
@@ -164,7 +166,7 @@ def fit(model: RQVAE, x: Tensor, spec: TrainSpec, sarq: SarqSpec | None, init_km
         progress: bool = True) -> dict:
     """Train `model` on x (rows = training items); returns a summary with the loss history.
 
-    k-means initialises the trainable codebook rows from the encoded sample first; with SARQ
+    k-means initialises the trainable codebook rows from an encoded sample first; with SARQ
     the path table is re-estimated on schedule (or stays the frozen one given) and is
     re-estimated once more at the end, then frozen in `model.table`."""
     _quiet_lightning()
@@ -172,16 +174,22 @@ def fit(model: RQVAE, x: Tensor, spec: TrainSpec, sarq: SarqSpec | None, init_km
     model.spec, model.sarq, model.train_x = spec, sarq, x.float()
     model.table = sarq.frozen_table if sarq is not None else None
     if init_kmeans:
+        sample = torch.randperm(len(x), generator=torch.Generator().manual_seed(spec.seed))[:KMEANS_SAMPLE]
         with torch.no_grad():
-            init_rows_kmeans(model.quantizer, model.encoder(model.train_x), seed=spec.seed, niter=spec.kmeans_iters)
+            init_rows_kmeans(model.quantizer, model.encoder(model.train_x[sample.sort().values]),
+                             seed=spec.seed, niter=spec.kmeans_iters)
     start = time.perf_counter()
     if spec.epochs > 0 and len(x) > 0:
         loader = DataLoader(TensorDataset(torch.arange(len(x))), batch_size=spec.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(spec.seed))
-        trainer = L.Trainer(max_epochs=spec.epochs, accelerator="cpu", devices=1, logger=False,
-                            enable_checkpointing=False, enable_model_summary=False, deterministic=True,
-                            enable_progress_bar=progress, num_sanity_val_steps=0)
-        trainer.fit(model, loader)
+        was_deterministic = torch.are_deterministic_algorithms_enabled()
+        try:
+            trainer = L.Trainer(max_epochs=spec.epochs, accelerator="cpu", devices=1, logger=False,
+                                enable_checkpointing=False, enable_model_summary=False, deterministic=True,
+                                enable_progress_bar=progress, num_sanity_val_steps=0)
+            trainer.fit(model, loader)
+        finally:  # Lightning sets the flag process-wide; a later GPU step in the same process must not inherit it
+            torch.use_deterministic_algorithms(was_deterministic)
     if sarq is not None and sarq.frozen_table is None:
         model.reestimate_table()
     model.train_x = None

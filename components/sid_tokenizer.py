@@ -119,10 +119,13 @@ def load_tokenizer(params: dict, path: str | Path | None = None) -> Tokenizer:
     tokenizer/head.pt; or the file at `path` written by `save_tokenizer`."""
     if path is not None:
         return Tokenizer.from_state(load_checkpoint(path)["tokenizer"])
+    head = load_checkpoint(out_path(params, "tokenizer", "head.pt"))
     tail = load_checkpoint(out_path(params, "tokenizer", "tail.pt"))
+    if tail.get("version") != head.get("version"):
+        raise ConfigError("tokenizer", f"tokenizer/tail.pt ({tail.get('version')}) does not belong to "
+                                       f"tokenizer/head.pt ({head.get('version')}): run train_tail again")
     if tail.get("tokenizer") is not None:
         return Tokenizer.from_state(tail["tokenizer"])
-    head = load_checkpoint(out_path(params, "tokenizer", "head.pt"))
     if head.get("tokenizer") is None:
         raise ConfigError("tokenizer.method", f"method {head.get('method')!r} has no tokenizer to encode items with")
     return Tokenizer.from_state(head["tokenizer"])

@@ -242,7 +242,8 @@ def run_train_tail(params: dict) -> dict:
     head = _load_head(params, cfg)
     start = time.perf_counter()
     if cfg.method not in STAGE2_METHODS:
-        save_checkpoint({"format": FORMAT, "method": cfg.method, "stage2": False, "tokenizer": None},
+        save_checkpoint({"format": FORMAT, "method": cfg.method, "stage2": False, "version": head["version"],
+                         "tokenizer": None},
                         out_path(params, "tokenizer", "tail.pt"))
         return {"method": cfg.method, "stage2": False}
     items, x = load_catalog(params)

@@ -32,6 +32,7 @@ from components.atomic import write_json
 from components.config import out_path, params_hash
 from components.embed import encode_texts
 from components.errors import ConfigError
+from components.retriever import load_retriever
 from components.sid_table import changed_sids, read_sid_table
 from components.sid_tokenizer import assign_new_items, load_tokenizer
 from flows.catalog_update import read_new_items, write_candidate
@@ -112,7 +113,12 @@ def checks_task(params: dict, cfg: dict, base: Path, cand: Path, model, new_ids:
         after = recall_at(params, q, cand_items, k, cand, model=model)
         checks[name] = {"before": before, "after": after, "drop": before - after}
     new_q = index_queries(cand_items, new_ids, history)
-    checks["new_index"] = {"after": recall_at(params, new_q, cand_items, k, cand, model=model)}
+    grown = json.loads((cand / "sids" / "meta.json").read_text())["codebook_sizes"] != \
+        json.loads((base / "sids" / "meta.json").read_text())["codebook_sizes"]
+    # before fine-tuning: the live model decoding the candidate's SIDs (impossible once rows grew)
+    new_before = float("nan") if grown else recall_at(params, new_q, cand_items, k, cand, model=load_retriever(
+        base / "retriever" / "model.pt"))
+    checks["new_index"] = {"before": new_before, "after": recall_at(params, new_q, cand_items, k, cand, model=model)}
     old_table = read_sid_table(base / "sids" / "sid_table.parquet")
     changed = changed_sids(old_table, read_sid_table(cand / "sids" / "sid_table.parquet"))
     checks["sids_stable"], checks["n_changed_sids"] = not changed, len(changed)
@@ -128,7 +134,8 @@ def _markdown(result: dict) -> str:
              f"| old test queries ({c['n_old_test_queries']}) | {c['old_test']['before']:.4f} | {c['old_test']['after']:.4f} |",
              f"| old items, indexing ({c['n_old_index_queries']}) | {c['old_index']['before']:.4f} | "
              f"{c['old_index']['after']:.4f} |",
-             f"| new items, indexing ({c['n_new_index_queries']}) | - | {c['new_index']['after']:.4f} |", "",
+             f"| new items, indexing ({c['n_new_index_queries']}) | {c['new_index']['before']:.4f} | "
+             f"{c['new_index']['after']:.4f} |", "",
              f"Old SIDs unchanged: {c['sids_stable']}; grown rows per layer: {result['sids']['rows_added']}."]
     return "\n".join(lines) + "\n"
 

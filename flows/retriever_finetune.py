@@ -3,8 +3,9 @@
 Starts from the live checkpoint. When new items grew extension rows, the SID vocabulary
 grows: every token of the old vocabulary keeps its learned rows (moved to its new id),
 new codes start from the fresh initialisation. Training examples = the new items'
-indexing pairs + a seeded sample of old pairs (training and indexing pairs), `replay_ratio`
-old pairs per new one, so old items are not forgotten. Validation = old validation queries
+indexing pairs repeated `new_repeats` times (a few new items need many gradient steps) +
+a seeded sample of old pairs (training and indexing pairs), `replay_ratio` old pairs per
+new pair, so old items are not forgotten. Validation = old validation queries
 plus the new items' indexing queries; the best epoch is kept. The examples, model and
 training loop are the retriever's own (components.retriever_train / retriever).
 """
@@ -59,10 +60,12 @@ def load_grown(net: RetrieverModel, old_state: dict, old_sizes: tuple[int, ...])
     return moved
 
 
-def _replay_split(examples: Examples, new_rows: np.ndarray, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(positions of the new items' indexing pairs, a seeded sample of old pairs)."""
+def replay_split(examples: Examples, new_rows: np.ndarray, repeats: int, ratio: float,
+                 seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions of the new items' indexing pairs, each `repeats` times; a seeded sample of
+    old pairs, `ratio` per repeated new pair, without replacement)."""
     is_new = (examples.query < 0) & np.isin(examples.sid, new_rows)
-    new_idx = np.flatnonzero(is_new)
+    new_idx = np.repeat(np.flatnonzero(is_new), max(1, repeats))
     old_idx = np.flatnonzero(~is_new)
     n_replay = min(len(old_idx), int(round(ratio * len(new_idx))))
     replay = np.sort(np.random.default_rng(seed).choice(old_idx, n_replay, replace=False))
@@ -72,7 +75,7 @@ def _replay_split(examples: Examples, new_rows: np.ndarray, ratio: float, seed: 
 def finetune_retriever(params: dict, init_checkpoint: Path, new_item_ids: list[str], cfg: dict) -> tuple[RetrieverModel, dict]:
     """Fine-tune the checkpoint on params' out_dir (the candidate version); writes retriever/model.pt.
 
-    cfg = params flows.retrain: epochs, replay_ratio, lr (null = retriever.lr).
+    cfg = params flows.retrain: epochs, batch_size, new_repeats, replay_ratio, lr (null = retriever.lr).
     """
     rp = params["retriever"]
     seed = int(params.get("seed", 0))
@@ -85,9 +88,9 @@ def finetune_retriever(params: dict, init_checkpoint: Path, new_item_ids: list[s
     if (new_rows < 0).any():
         raise KeyError(f"new items missing from {out_path(params, 'prepared')}: "
                        f"{[i for i, r in zip(new_item_ids, new_rows) if r < 0][:5]}")
-    new_idx, replay = _replay_split(examples, new_rows, float(cfg.get("replay_ratio", 4.0)), seed)
+    new_idx, replay = replay_split(examples, new_rows, int(cfg["new_repeats"]), float(cfg["replay_ratio"]), seed)
     train = examples.take(np.sort(np.concatenate([new_idx, replay])))
-    val = Examples.concat([valid, examples.take(new_idx)])
+    val = Examples.concat([valid, examples.take(np.unique(new_idx))])
 
     blob = torch.load(init_checkpoint, map_location="cpu", weights_only=True)
     config = dict(blob["config"])
@@ -99,8 +102,8 @@ def finetune_retriever(params: dict, init_checkpoint: Path, new_item_ids: list[s
     moved = load_grown(net, blob["state_dict"], tuple(blob["config"]["codebook_sizes"]))
     net.attach_catalog(inputs.catalog)
 
-    epochs = int(cfg.get("epochs", 3))
-    sampler = BucketBatchSampler(train.bucket_keys(), int(rp["batch_size"]), shuffle=True, seed=seed)
+    epochs = int(cfg["epochs"])
+    sampler = BucketBatchSampler(train.bucket_keys(), int(cfg["batch_size"]), shuffle=True, seed=seed)
     train_dl = DataLoader(ExampleDataset(train, text_vectors, inputs.item_emb, net.vocab, inputs.catalog),
                           sampler=sampler, batch_size=None)
     val_dl = DataLoader(ExampleDataset(val, text_vectors, inputs.item_emb, net.vocab, inputs.catalog),
@@ -126,5 +129,6 @@ def finetune_retriever(params: dict, init_checkpoint: Path, new_item_ids: list[s
     save_retriever(net, out_path(params, "retriever", "model.pt"))
     return net, {"epochs": epochs, "lr": lr, "best_epoch": module.best_epoch,
                  f"best_val_recall@{VAL_K}": module.best_recall, "n_new_pairs": int(len(new_idx)),
+                 "n_steps": int(epochs * len(sampler)),
                  "n_replay_pairs": int(len(replay)), "vocab_tensors_grown": moved,
                  "train_seconds": round(seconds, 2), "index_kind": counts["index_kind"]}

@@ -3,8 +3,9 @@
 `sa2crq sweep --grid tokenizer.sarq.tau=[3,6] --grid seed=[0,1]` calls
 `sweep_flow(params=..., opt_grid=[...])`. Each point is the pipeline with its overrides,
 in its own out_dir <out_dir>/sweeps/<sweep id>/<point>/. Points that change nothing upstream
-of the tokenizer share prepared/ and embeddings/ (links to the base out_dir, where prepare and
-embed run once, cached); a grid over data.* / embed.* / dataset runs every step per point.
+of the tokenizer share prepared/ and embeddings/: links to the base out_dir's folders as they
+are (prepare and embed run there first only when they are missing); a grid over data.* /
+embed.* / dataset / profile runs every step per point.
 
 A point runs `python -m flows.pipeline_flow` in a fresh process, reporting to the same
 Prefect server: its own random state (so a point gives the same numbers however many run
@@ -151,7 +152,7 @@ def sweep_points_flow(params: dict, grid: list[str], overrides: list[str] | None
     shared = not any(k.split(".")[0] in UPSTREAM for k in keys)
     start = sweep_cfg.get("start", "train_head") if shared else "prepare"
     stop = sweep_cfg.get("stop", "evaluate")
-    if shared:
+    if shared and not all(out_path(params, part).exists() for part in SHARED):
         run_steps(params, ["prepare", "embed"])
     api_url = _api_url()
     futures = []
