@@ -18,6 +18,8 @@ change the work a beam search does: every step scores all live beams and masks b
 Methods are timed round-robin on the same batches (load swings hit all alike).
 Columns: lat_vs_ours = latency / ours (T5) latency (peers > 1: ours is faster);
 hf_lat_ratio = HF generate latency / this method's latency (the speed-up over HF).
+cpu_* / qps_cpu: the same from process CPU time (with 1 thread, close to what a dedicated
+core would give on this shared machine; wall time includes waiting for the CPU).
 Latency: batch 1 = per-query wall time over many queries; batch 64 = wall time of one
 batch call (each query waits for its batch); q/s = queries / median batch time.
 SID table: outputs/sids/sid_table.parquet when present, else a synthetic SARQ-like table
@@ -174,19 +176,24 @@ def measure_round_robin(methods: dict, queries: np.ndarray, beam: int, batch: in
     for fn in methods.values():
         fn(text_batch(queries[:batch]), beam)
     times: dict[str, list[float]] = {m: [] for m in methods}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
     outs: dict[str, list] = {m: [] for m in methods}
     for i in range(max(rounds.values())):
         b = text_batch(queries[(i * batch) % len(queries):][:batch])
         for name, fn in methods.items():
             if i >= rounds[name]:
                 continue
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             outs[name].extend(fn(b, beam))
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     res = {}
     for name, ts in times.items():
         s = stats(ts)
-        res[name] = {"lat_p50_ms": 1e3 * s["p50"], "lat_p99_ms": 1e3 * s["p99"], "qps": batch / s["p50"], "calls": s["n"]}
+        c = stats(cpu[name])
+        res[name] = {"lat_p50_ms": 1e3 * s["p50"], "lat_p99_ms": 1e3 * s["p99"], "qps": batch / s["p50"],
+                     "cpu_p50_ms": 1e3 * c["p50"], "cpu_p99_ms": 1e3 * c["p99"], "qps_cpu": batch / c["p50"],
+                     "calls": s["n"]}
     return res, outs
 
 
@@ -239,7 +246,7 @@ def main() -> None:
                     row["agree_top1"], row["agree_set"] = agreement(outs["ours"], outs[name])
                 rows.append(row)
                 print(f"  B={B} batch={bs} {name}: {r}", flush=True)
-    cols = ["beam", "batch", "method", "lat_p50_ms", "lat_p99_ms", "qps", "lat_vs_ours", "hf_lat_ratio", "agree_top1", "agree_set",
+    cols = ["beam", "batch", "method", "lat_p50_ms", "lat_p99_ms", "qps", "cpu_p50_ms", "cpu_p99_ms", "qps_cpu", "lat_vs_ours", "hf_lat_ratio", "agree_top1", "agree_set",
             "calls"]
     print_table(rows, cols, f"Constrained beam search, {len(set(sids))} distinct SIDs ({source}), {args.threads} threads")
     path = write_result("decoding", {"config": {**vars(args), "sid_table": source, "n_items": len(sids),

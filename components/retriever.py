@@ -39,6 +39,7 @@ def model_config(rp: dict, codebook_sizes: tuple[int, ...], emb_dim: int, max_hi
     cfg = {"backbone": backbone, "codebook_sizes": [int(k) for k in codebook_sizes], "emb_dim": int(emb_dim),
            "max_history": int(max_history), "d_model": int(rp["d_model"]), "n_heads": int(rp["n_heads"]),
            "n_layers": int(rp["n_layers"]), "ff_dim": int(rp["ff_dim"]), "dropout": float(rp["dropout"]),
+           "decoder_layers": int(rp.get("decoder_layers") or rp["n_layers"]),
            "n_memory": int(rp["n_memory"]), "history_sid_tokens": bool(rp.get("history_sid_tokens", False)),
            "hf_config": None}
     vocab = SidVocab(tuple(cfg["codebook_sizes"]))
@@ -46,7 +47,8 @@ def model_config(rp: dict, codebook_sizes: tuple[int, ...], emb_dim: int, max_hi
         from transformers import T5Config
 
         t5 = T5Config(vocab_size=vocab.size, d_model=cfg["d_model"], d_kv=cfg["d_model"] // cfg["n_heads"],
-                      d_ff=cfg["ff_dim"], num_layers=cfg["n_layers"], num_heads=cfg["n_heads"],
+                      d_ff=cfg["ff_dim"], num_layers=cfg["n_layers"], num_decoder_layers=cfg["decoder_layers"],
+                      num_heads=cfg["n_heads"],
                       dropout_rate=cfg["dropout"], pad_token_id=PAD, eos_token_id=END, decoder_start_token_id=BOS)
         cfg["hf_config"] = json.loads(t5.to_json_string())
     elif backbone == "pretrained":
@@ -89,7 +91,8 @@ class RetrieverModel(nn.Module):
         self.query = QueryEncoder(config["emb_dim"], d, config["n_memory"], config["max_history"], config["dropout"])
         if config["backbone"] == "small":
             self.backbone: nn.Module = SmallSeq2Seq(self.vocab.size, self.vocab.max_len, d, config["n_heads"],
-                                                    config["n_layers"], config["ff_dim"], config["dropout"])
+                                                    config["n_layers"], config["ff_dim"], config["dropout"],
+                                                    config.get("decoder_layers"))
         else:
             self.backbone = HFSeq2Seq(_hf_model(config, load_pretrained and config["backbone"] == "pretrained"))
         bias = np.where(self.vocab.layer_mask(), 0.0, float("-inf")).astype(np.float32)
@@ -152,12 +155,13 @@ def decode(model: nn.Module, batch: dict, beam: int, constrained: bool = True) -
     net = _net(model)
     if constrained and net.trie is None:
         raise ValueError("constrained decoding needs the issued SIDs: call model.attach_catalog(catalog)")
-    was_training = net.training
+    if not net.training:  # switching modes walks every submodule: skip it when serving
+        return beam_search(net, batch, net.vocab, beam, net.trie if constrained else None)
     net.eval()
     try:
         return beam_search(net, batch, net.vocab, beam, net.trie if constrained else None)
     finally:
-        net.train(was_training)
+        net.train()
 
 
 def generate_sids(model: nn.Module, batch: dict, beam: int, constrained: bool = True

@@ -88,7 +88,7 @@ class SmallSeq2Seq(nn.Module):
     """Pre-LN Transformer encoder-decoder with a KV-cached decoding step."""
 
     def __init__(self, vocab_size: int, max_len: int, d_model: int, n_heads: int, n_layers: int, ff_dim: int,
-                 dropout: float):
+                 dropout: float, decoder_layers: int | None = None):
         super().__init__()
         self.d_model = d_model
         layer = nn.TransformerEncoderLayer(d_model, n_heads, ff_dim, dropout, activation="gelu", batch_first=True,
@@ -96,7 +96,8 @@ class SmallSeq2Seq(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, n_layers, norm=nn.LayerNorm(d_model), enable_nested_tensor=False)
         self.tok = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Embedding(max_len, d_model)
-        self.layers = nn.ModuleList(_DecoderLayer(d_model, n_heads, ff_dim, dropout) for _ in range(n_layers))
+        n_dec = n_layers if decoder_layers is None else decoder_layers
+        self.layers = nn.ModuleList(_DecoderLayer(d_model, n_heads, ff_dim, dropout) for _ in range(n_dec))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size)
         nn.init.normal_(self.tok.weight, std=1.0 / math.sqrt(d_model))
