@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,11 +40,14 @@ import torch
 from common import (ROOT, clustered_embeddings, load_real_sid_table, print_table, set_threads, stats, synthetic_sid_table,
                     write_result)
 
+if TYPE_CHECKING:
+    from components.sid_vocab import SidVocab
+
 SIZES = (64, 128, 256)
 PEERS = ("hf", "dicttrie")
 
 
-def build_model(backbone: str, sids: list[tuple[int, ...]], seed: int):
+def build_model(backbone: str, sids: list[tuple[int, ...]], sizes: tuple[int, ...], seed: int) -> torch.nn.Module:
     """A RetrieverModel over `sids` with params.yaml's retriever sizes and the given backbone."""
     from components.config import load_params
     from components.retriever import RetrieverModel, model_config
@@ -51,10 +55,10 @@ def build_model(backbone: str, sids: list[tuple[int, ...]], seed: int):
 
     rp = dict(load_params(ROOT / "params.yaml")["retriever"], backbone=backbone)
     torch.manual_seed(seed)
-    model = RetrieverModel(model_config(rp, SIZES, 384, 20)).eval()
+    model = RetrieverModel(model_config(rp, sizes, 384, 20)).eval()
     n = len(sids)
     catalog = SidCatalog.build(np.array([f"i{i}" for i in range(n)], dtype=object), np.ones(n, np.int64),
-                               [list(s) for s in sids], len(SIZES))
+                               [list(s) for s in sids], len(sizes))
     model.attach_catalog(catalog)
     return model
 
@@ -65,7 +69,7 @@ def text_batch(x: np.ndarray) -> dict:
 
 
 # ---- peer (a): Hugging Face generate + prefix_allowed_tokens_fn ---------------------------------
-def allowed_tokens_dict(sids: list[tuple[int, ...]], vocab) -> dict[tuple[int, ...], list[int]]:
+def allowed_tokens_dict(sids: list[tuple[int, ...]], vocab: SidVocab) -> dict[tuple[int, ...], list[int]]:
     """Decoder token prefix (BOS first) -> allowed next token ids (END where an issued SID ends)."""
     from components.sid_vocab import BOS, END
 
@@ -79,7 +83,7 @@ def allowed_tokens_dict(sids: list[tuple[int, ...]], vocab) -> dict[tuple[int, .
     return {k: sorted(v) for k, v in nxt.items()}
 
 
-def hf_generate(model, batch: dict, beam: int, allowed: dict[tuple[int, ...], list[int]]) -> list[list[tuple[int, ...]]]:
+def hf_generate(model: torch.nn.Module, batch: dict, beam: int, allowed: dict[tuple[int, ...], list[int]]) -> list[list[tuple[int, ...]]]:
     from components.sid_vocab import BOS, END, PAD
 
     fallback = [END]
@@ -115,7 +119,7 @@ def dict_trie(sids: list[tuple[int, ...]]) -> tuple[dict[tuple[int, ...], list[i
     return {k: sorted(v) for k, v in children.items()}, set(sids)
 
 
-def dict_trie_beam_search(model, batch: dict, beam: int, trie: tuple[dict, set]) -> list[list[tuple[int, ...]]]:
+def dict_trie_beam_search(model: torch.nn.Module, batch: dict, beam: int, trie: tuple[dict, set]) -> list[list[tuple[int, ...]]]:
     """Beam search with Python lists and a dict trie; finished SIDs compete with live beams
     (same rule as ours), scores = log-softmax over the depth's layer columns (same as ours)."""
     from components.sid_vocab import BOS
@@ -161,7 +165,7 @@ def dict_trie_beam_search(model, batch: dict, beam: int, trie: tuple[dict, set])
     return out
 
 
-def ours(model, batch: dict, beam: int) -> list[list[tuple[int, ...]]]:
+def ours(model: torch.nn.Module, batch: dict, beam: int) -> list[list[tuple[int, ...]]]:
     from components.retriever import decode
 
     return decode(model, batch, beam).to_lists()[0]
@@ -217,13 +221,15 @@ def main() -> None:
                     help="timed calls for the peers at batch 1 / larger batches")
     args = ap.parse_args()
     set_threads(args.threads)
-    sids = load_real_sid_table()
-    source = "outputs/sids/sid_table.parquet"
-    if sids is None:
-        sids, source = synthetic_sid_table(4344, SIZES, seed=args.seed), "synthetic (4344 items, 64/128/256, len 1-3)"
+    real = load_real_sid_table()
+    if real is not None:
+        (sids, sizes), source = real, "outputs/sids/sid_table.parquet"
+    else:
+        sids, sizes = synthetic_sid_table(4344, SIZES, seed=args.seed), SIZES
+        source = "synthetic (4344 items, 64/128/256, len 1-3)"
     queries = clustered_embeddings(2000, seed=args.seed + 1)
-    t5 = build_model("t5", sids, args.seed)
-    small = build_model("small", sids, args.seed)
+    t5 = build_model("t5", sids, sizes, args.seed)
+    small = build_model("small", sids, sizes, args.seed)
     allowed = allowed_tokens_dict(sids, t5.vocab)
     trie = dict_trie(sids)
     methods = {
@@ -250,7 +256,7 @@ def main() -> None:
             "calls"]
     print_table(rows, cols, f"Constrained beam search, {len(set(sids))} distinct SIDs ({source}), {args.threads} threads")
     path = write_result("decoding", {"config": {**vars(args), "sid_table": source, "n_items": len(sids),
-                                                "n_sids": len(set(sids)), "codebook_sizes": SIZES}, "rows": rows})
+                                                "n_sids": len(set(sids)), "codebook_sizes": sizes}, "rows": rows})
     print(f"wrote {path}")
 
 

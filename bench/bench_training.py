@@ -37,7 +37,7 @@ def _batches(n: int, seed: int) -> list[torch.Tensor]:
     return list(torch.randperm(n, generator=g).split(BATCH))
 
 
-def ours_model(x: torch.Tensor, seed: int, cls: type | None = None):
+def ours_model(x: torch.Tensor, seed: int, cls: type | None = None) -> nn.Module:
     """Our RQVAE (or a subclass), k-means initialised from the encoded data as the pipeline does."""
     from components.quantizer import ResidualQuantizer, init_rows_kmeans
     from components.rqvae import RQVAE, TrainSpec

@@ -162,15 +162,18 @@ def synthetic_sid_table(
     return [tuple(int(c) for c in codes[i, : lengths[i]]) for i in range(n_items)]
 
 
-def load_real_sid_table() -> list[tuple[int, ...]] | None:
-    """The pipeline's outputs/sids/sid_table.parquet as a list of code tuples, if it exists."""
-    path = ROOT / "outputs" / "sids" / "sid_table.parquet"
-    if not path.exists():
+def load_real_sid_table() -> tuple[list[tuple[int, ...]], tuple[int, ...]] | None:
+    """The pipeline's outputs/sids/sid_table.parquet as code tuples, with meta.json's per-layer
+    codebook sizes (extensions included); None when the pipeline has not written them."""
+    sids_dir = ROOT / "outputs" / "sids"
+    if not (sids_dir / "sid_table.parquet").exists() or not (sids_dir / "meta.json").exists():
         return None
     import pandas as pd
 
-    df = pd.read_parquet(path)
-    return [tuple(int(c) for c in codes[:length]) for codes, length in zip(df["codes"], df["length"])]
+    df = pd.read_parquet(sids_dir / "sid_table.parquet")
+    meta = json.loads((sids_dir / "meta.json").read_text())
+    sizes = tuple(int(k) for k in meta["codebook_sizes"][: int(meta["max_len"])])
+    return [tuple(int(c) for c in codes[:length]) for codes, length in zip(df["codes"], df["length"])], sizes
 
 
 def environment() -> dict[str, Any]:

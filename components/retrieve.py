@@ -2,8 +2,10 @@
 
 `generate` decodes each query into B SIDs (constrained by the trie of issued SIDs, or
 unconstrained to measure hallucination). `retrieve` expands every decoded SID into all the
-items that share it, in popularity order then item_id, giving the ranked-results frame of
-docs/ARCHITECTURE.md; the number of items per query is Ret-Per.
+items that share it, giving the ranked-results frame of docs/ARCHITECTURE.md; the number
+of items per query is Ret-Per. Inside one SID, items follow `eval.group_order`: popularity
+(desc, then item_id; the contract's default) or similarity (cosine between the query's
+vector and the item embedding, which lets tail and cold items of a shared SID rise).
 """
 from __future__ import annotations
 
@@ -15,12 +17,12 @@ import torch
 from tqdm.auto import tqdm
 
 from components.config import out_path
-from components.errors import DataError
+from components.errors import ConfigError, DataError
 from components.retriever import RetrieverModel, decode, load_retriever
-from components.retriever_data import BucketBatchSampler, ExampleDataset, load_inputs, query_examples
+from components.retriever_data import KIND_TEXT, BucketBatchSampler, ExampleDataset, load_inputs, query_examples
 from components.sid_vocab import SidCatalog, sid_string
 
-GENERATED_COLUMNS = ("query_id", "beam_rank", "sid", "score", "sid_index")
+GROUP_ORDERS = ("popularity", "similarity")
 
 
 def _text_vectors(queries: pd.DataFrame, query_emb: np.ndarray, params: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -112,9 +114,28 @@ def hallucination_rate(generated: pd.DataFrame) -> float:
     return float((generated["sid_index"] < 0).groupby(generated["query_id"]).mean().mean())
 
 
-def ranked_from_beams(query_ids: np.ndarray, sid_index: np.ndarray, scores: np.ndarray, catalog: SidCatalog
-                      ) -> pd.DataFrame:
-    """Expand beams (N, B) of sid indices into the ranked item frame (vectorised)."""
+def query_vectors(dataset: ExampleDataset, last_n: int = 5) -> np.ndarray:
+    """One unit vector per query: its text embedding, or the mean of its last `last_n` history items."""
+    ex = dataset.ex
+    vecs = np.zeros((len(ex), dataset.item_emb.shape[1]), dtype=np.float32)
+    text = ex.kind == KIND_TEXT
+    vecs[text] = dataset.text_vectors[ex.vec_row[text]]
+    hist = np.flatnonzero(~text)
+    if len(hist):
+        cols = np.arange(ex.hist.shape[1])[None, :]
+        keep = (cols < ex.hist_len[hist, None]) & (cols >= ex.hist_len[hist, None] - last_n)
+        rows = np.where(keep, ex.hist[hist], 0)
+        vecs[hist] = (dataset.item_emb[rows] * keep[..., None]).sum(1) / keep.sum(1, keepdims=True)
+    return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+
+
+def ranked_from_beams(query_ids: np.ndarray, sid_index: np.ndarray, scores: np.ndarray, catalog: SidCatalog,
+                      query_vecs: np.ndarray | None = None, item_vecs: np.ndarray | None = None) -> pd.DataFrame:
+    """Expand beams (N, B) of sid indices into the ranked item frame (vectorised).
+
+    Items of one SID follow popularity desc then item_id; given query and item vectors they
+    follow cosine similarity to the query instead (popularity order breaks ties).
+    """
     valid = (sid_index >= 0) & np.isfinite(scores)
     sizes = np.where(valid, catalog.group_sizes()[np.maximum(sid_index, 0)], 0)
     flat_sizes = sizes.reshape(-1)
@@ -123,6 +144,10 @@ def ranked_from_beams(query_ids: np.ndarray, sid_index: np.ndarray, scores: np.n
     within = np.arange(total) - np.repeat(np.cumsum(flat_sizes) - flat_sizes, flat_sizes)
     item_rows = catalog.group_items[catalog.group_ptr[sid_rep] + within]
     per_query = sizes.sum(1)
+    if query_vecs is not None and item_vecs is not None:
+        beam_rep = np.repeat(np.arange(flat_sizes.size), flat_sizes)
+        sim = np.einsum("ij,ij->i", query_vecs[beam_rep // sid_index.shape[1]], item_vecs[item_rows])
+        item_rows = item_rows[np.lexsort((within, -sim, beam_rep))]
     rank = np.arange(total) - np.repeat(np.cumsum(per_query) - per_query, per_query)
     sid_text = np.array([sid_string(catalog.codes[s, : catalog.lengths[s]]) for s in range(catalog.n_sids)], dtype=object)
     return pd.DataFrame({
@@ -141,9 +166,13 @@ def retrieve(params: dict, queries: pd.DataFrame, *, model: RetrieverModel | Non
     Unconstrained decoding drops generated SIDs that no item holds (see `generate` to count them).
     """
     beam = int(beam or params["retriever"]["beam"])
+    order = str(params.get("eval", {}).get("group_order", "popularity"))
+    if order not in GROUP_ORDERS:
+        raise ConfigError("eval.group_order", f"must be one of {GROUP_ORDERS}, got {order!r}")
     model, dataset, catalog = _prepare(params, queries, model, out_dir)
     sid_index, scores, codes, lengths = _decode_all(params, model, dataset, beam, constrained)
     if not constrained:
         found = catalog.find(codes.reshape(-1, codes.shape[2]), lengths.reshape(-1)).reshape(sid_index.shape)
         sid_index = np.where(np.isfinite(scores), found, -1)
-    return ranked_from_beams(queries["query_id"].astype(str).to_numpy(), sid_index, scores, catalog)
+    vecs = (query_vectors(dataset), dataset.item_emb) if order == "similarity" else (None, None)
+    return ranked_from_beams(queries["query_id"].astype(str).to_numpy(), sid_index, scores, catalog, *vecs)

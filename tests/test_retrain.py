@@ -164,7 +164,7 @@ def test_grown_vocabulary_keeps_learned_tokens():
     mapping = token_map(old.vocab, new.vocab)
     assert mapping[3:7].tolist() == [3, 4, 5, 6] and mapping[7:11].tolist() == [9, 10, 11, 12]
     x = torch.randn(2, 3, 8)
-    dec_old = torch.tensor([[1, 4, 8], [1, 6, 10]])
+    dec_old = torch.tensor([[1, 4], [1, 6]])                    # BOS, then a layer-0 code
     batch = {"kind": HISTORY, "x": x, "mask": torch.ones(2, 3, dtype=torch.bool)}
     with torch.no_grad():
         a = old({**batch, "dec_in": dec_old})
