@@ -141,8 +141,8 @@ def beam_search(model: StepDecoder, batch: dict, vocab: SidVocab, beam: int, tri
         w = scores.shape[1]
         k = min(beam, w * width)
         top, flat = cand.reshape(n, w * width).topk(k, dim=1)
-        src = flat // width
-        col = flat % width
+        src = torch.div(flat, width, rounding_mode="floor")
+        col = flat - src * width
         was_done = done.gather(1, src)
         ends = col == width - 1
         alive = top > NEG_INF
@@ -153,7 +153,7 @@ def beam_search(model: StepDecoder, batch: dict, vocab: SidVocab, beam: int, tri
             next_node = torch.where(ends | ~alive, trie.tables[depth + 1].shape[0] - 1, reached)
         else:
             next_node = torch.zeros_like(src)
-        codes = codes.gather(1, src.unsqueeze(-1).expand(-1, -1, max_len)).clone()
+        codes = codes.gather(1, src.unsqueeze(-1).expand(-1, -1, max_len))
         lengths = lengths.gather(1, src)
         grow = ~ends & alive
         codes[:, :, depth] = torch.where(grow, col, codes[:, :, depth])
@@ -161,7 +161,8 @@ def beam_search(model: StepDecoder, batch: dict, vocab: SidVocab, beam: int, tri
         done = ends | ~alive
         scores, node, sid_index = top, next_node, new_sid
         tokens = torch.where(grow, col + offsets[depth], 1)
-        state = model.reorder(state, src)
+        if depth + 1 < max_len:
+            state = model.reorder(state, src)
     else:
         # every beam still alive at full depth ends here: at max_len only END can follow
         live = ~done & (scores > NEG_INF)

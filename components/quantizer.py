@@ -96,8 +96,12 @@ class ResidualQuantizer(nn.Module):
 
     @staticmethod
     def nearest(r: Tensor, book: Tensor) -> tuple[Tensor, Tensor]:
-        """Index of and squared distance to the nearest row (ties: lowest index)."""
-        d = (r * r).sum(1, keepdim=True) - 2.0 * r @ book.T + (book * book).sum(1)[None, :]
+        """Index of and squared distance to the nearest row (ties: lowest index).
+
+        One matmul on -2r, then in-place adds of ||r||^2 and ||C_k||^2: the same floating-point
+        operations in the same order as ||r||^2 - 2 r.C_k + ||C_k||^2 (so bit-identical codes),
+        with one (N, K) temporary instead of four."""
+        d = torch.mm(r * -2.0, book.T).add_((r * r).sum(1, keepdim=True)).add_((book * book).sum(1))
         dist, idx = d.min(dim=1)
         return idx, dist.clamp_min(0.0)
 

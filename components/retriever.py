@@ -224,6 +224,9 @@ class RetrieverModule(L.LightningModule):
         if not self.trainer.sanity_checking:
             self.log(f"val_recall@{self.val_k}", self._last_recall, prog_bar=True)
 
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start = time.perf_counter()
+
     def on_train_epoch_end(self) -> None:
         """One curve row per epoch; keep the weights of the best validation epoch (else the last)."""
         recall, self._last_recall = self._last_recall, float("nan")

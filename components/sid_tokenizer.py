@@ -23,6 +23,7 @@ from components.rqvae import RQVAE
 from components.sarq import PathTable, stop_depths
 
 STAGE2_METHODS = ("acrq", "sa2crq")
+ASSIGN_BLOCK = 4096   # rows per block in Tokenizer.assign: cache-sized (block, K) distance matrices
 
 
 @dataclass
@@ -56,9 +57,19 @@ class Tokenizer:
 
     @torch.no_grad()
     def assign(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Full-depth codes (N, L) and SID lengths (N,)."""
-        codes = self.quantizer(self.latents(x), n_layers=self.max_len).codes
-        return codes.numpy(), self.depths(codes).numpy()
+        """Full-depth codes (N, L) and SID lengths (N,).
+
+        Rows go through in blocks of ASSIGN_BLOCK: each row's codes depend on that row alone,
+        and the (block, K) distance temporaries stay cache-sized, so time grows linearly with
+        N and peak memory does not grow with N x K."""
+        x = np.asarray(x, dtype=np.float32)
+        codes = np.empty((len(x), self.max_len), dtype=np.int64)
+        lengths = np.empty(len(x), dtype=np.int64)
+        for lo in range(0, len(x), ASSIGN_BLOCK):
+            block = self.quantizer(self.latents(x[lo:lo + ASSIGN_BLOCK]), n_layers=self.max_len).codes
+            codes[lo:lo + len(block)] = block.numpy()
+            lengths[lo:lo + len(block)] = self.depths(block).numpy()
+        return codes, lengths
 
     @torch.no_grad()
     def reconstruction_error(self, x: np.ndarray, codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:

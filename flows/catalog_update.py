@@ -34,7 +34,7 @@ def read_new_items(path: str | Path, catalog_ids: pd.Series) -> pd.DataFrame:
     if known.any():
         raise DataError(file, f"{int(known.sum())} items are already in the catalog, e.g. "
                         f"{df.loc[known, 'item_id'].head(3).tolist()} (retraining adds new items only)",
-                        column="item_id", rows=np.flatnonzero(known))
+                        column="item_id", rows=np.flatnonzero(known).tolist())
     return df
 
 

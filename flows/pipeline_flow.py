@@ -1,14 +1,5 @@
-"""Flow: the whole pipeline (prepare -> evaluate), composed of the training and evaluation flows.
-
-`python -m flows.pipeline_flow --params-json FILE [--start STEP] [--stop STEP]` runs it in a
-fresh process: sweeps use that so each point has its own random state and W&B run.
-"""
+"""Flow: the whole pipeline (prepare -> evaluate), composed of the training and evaluation flows."""
 from __future__ import annotations
-
-import argparse
-import json
-import sys
-from pathlib import Path
 
 from prefect import flow
 
@@ -55,22 +46,3 @@ def pipeline_flow(params: dict, overrides: list[str] | None = None,
     log_flow(params, "pipeline", out, {s: metric_files(params, s) for s in out})
     return out
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point for a pipeline run in its own process (sweep points)."""
-    from components.runtime_env import set_offline_defaults
-
-    set_offline_defaults()
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params-json", required=True, help="params as JSON (already resolved)")
-    ap.add_argument("--start", default="prepare")
-    ap.add_argument("--stop", default="evaluate")
-    args = ap.parse_args(argv)
-    params = json.loads(Path(args.params_json).read_text())
-    result = pipeline_flow(params=params, start=args.start, stop=args.stop)
-    print(json.dumps(result, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

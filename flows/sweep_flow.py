@@ -7,23 +7,27 @@ of the tokenizer share prepared/ and embeddings/: links to the base out_dir's fo
 are (prepare and embed run there first only when they are missing); a grid over data.* /
 embed.* / dataset / profile runs every step per point.
 
-A point runs `python -m flows.pipeline_flow` in a fresh process, reporting to the same
-Prefect server: its own random state (so a point gives the same numbers however many run
-beside it), its own torch threads, and one W&B run (grouped by the sweep). The task runner
-(params flows.task_runner) only decides where those processes start: `threads`
-(ThreadPoolTaskRunner, flows.max_workers at a time) or `dask` (prefect_dask.DaskTaskRunner on
-flows.dask_address, or a local cluster of flows.max_workers workers when it is empty).
+A point runs the pipeline flow in a process of its own, one point at a time per process,
+reporting to the same Prefect server: its own random state (so a point gives the same numbers
+however many run beside it; every step seeds itself), its own torch threads, and one W&B run
+(grouped by the sweep). The task runner (params flows.task_runner) decides where: `threads`
+(ThreadPoolTaskRunner; each task hands its point to a pool of flows.max_workers spawned
+processes, which import the stack once) or `dask` (prefect_dask.DaskTaskRunner on
+flows.dask_address, or a local cluster of flows.max_workers single-threaded worker
+processes; the point runs in the worker, so remote workers need threads_per_worker=1 and
+PREFECT_API_URL set to the same server).
 Results: <sweep dir>/results.parquet (grid values + every metric, timings included) and
 results.md (the metrics matching flows.sweep.report).
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import itertools
 import json
+import multiprocessing
 import os
-import subprocess
-import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -110,23 +114,37 @@ def _api_url() -> str:
         return str(client.api_url)
 
 
-@task(name="sweep-point", cache_policy=NO_CACHE)
-def point_task(point_params: dict, start: str, stop: str, api_url: str, group: str) -> dict:
-    """Run one point's pipeline in a fresh process; returns its metrics."""
+def _init_point_process(env: dict[str, str]) -> None:
+    """Point processes report to the sweep's server and W&B group, offline like the parent."""
+    os.environ.update(env)
+    from components.runtime_env import set_offline_defaults
+
+    set_offline_defaults(ROOT)
+
+
+def run_point(point_params: dict, start: str, stop: str) -> dict[str, float]:
+    """One point: the pipeline flow in this process (output to <point>/point.log); its metrics."""
+    from flows.pipeline_flow import pipeline_flow
+
     point_dir = Path(point_params["out_dir"])
-    params_file = point_dir / "params.json"
-    with atomic_path(params_file) as tmp:
+    with atomic_path(point_dir / "params.json") as tmp:
         tmp.write_text(json.dumps(point_params, indent=2, sort_keys=True, default=str))
-    env = {**os.environ, "PREFECT_API_URL": api_url, "WANDB_RUN_GROUP": group,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))}
-    cmd = [sys.executable, "-m", "flows.pipeline_flow", "--params-json", str(params_file), "--start", start, "--stop", stop]
-    log = point_dir / "point.log"
-    with open(log, "w") as fh:
-        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        tail = log.read_text()[-3000:]
-        raise RuntimeError(f"sweep point {point_dir.name} failed (exit {rc}); log {log}:\n{tail}")
+    with open(point_dir / "point.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        pipeline_flow(params=point_params, start=start, stop=stop)
     return collect_metrics(point_dir)
+
+
+# sweep id -> its pool of point processes, for tasks on the threads runner (a dask worker is a process already)
+_POOLS: dict[str, ProcessPoolExecutor] = {}
+
+
+@task(name="sweep-point", cache_policy=NO_CACHE)
+def point_task(point_params: dict, start: str, stop: str, sweep_id: str) -> dict[str, float]:
+    """Run a point in one of the sweep's processes (threads runner) or in this dask worker."""
+    pool = _POOLS.get(sweep_id)
+    if pool is None:
+        return run_point(point_params, start, stop)
+    return pool.submit(run_point, point_params, start, stop).result()
 
 
 def report_markdown(table: pd.DataFrame, keys: list[str], patterns: list[str]) -> str:
@@ -154,21 +172,30 @@ def sweep_points_flow(params: dict, grid: list[str], overrides: list[str] | None
     stop = sweep_cfg.get("stop", "evaluate")
     if shared and not all(out_path(params, part).exists() for part in SHARED):
         run_steps(params, ["prepare", "embed"])
-    api_url = _api_url()
-    futures = []
-    for point in points:
-        point_params = apply_overrides(params, [f"{k}={json.dumps(v)}" for k, v in point.items()])
-        point_dir = (root / point_name(point)).resolve()
-        point_dir.mkdir(parents=True, exist_ok=True)
-        point_params["out_dir"] = str(point_dir)
-        if shared:
-            for part in SHARED:
-                link = point_dir / part
-                if not link.exists():
-                    os.symlink(out_path(params, part).resolve(), link)
-        futures.append(point_task.with_options(task_run_name=f"point-{point_name(point)}").submit(
-            point_params, start, stop, api_url, f"sweep-{sweep_id}"))
-    rows = [{"point": point_name(p), **p, **f.result()} for p, f in zip(points, futures)]
+    env = {"PREFECT_API_URL": _api_url(), "WANDB_RUN_GROUP": f"sweep-{sweep_id}"}
+    workers = min(int(params.get("flows", {}).get("max_workers", 2)), len(points))
+    if params.get("flows", {}).get("task_runner", "threads") == "threads":
+        _POOLS[sweep_id] = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                               initializer=_init_point_process, initargs=(env,))
+    try:
+        futures = []
+        for point in points:
+            point_params = apply_overrides(params, [f"{k}={json.dumps(v)}" for k, v in point.items()])
+            point_dir = (root / point_name(point)).resolve()
+            point_dir.mkdir(parents=True, exist_ok=True)
+            point_params["out_dir"] = str(point_dir)
+            if shared:
+                for part in SHARED:
+                    if not (point_dir / part).exists():
+                        os.symlink(out_path(params, part).resolve(), point_dir / part)
+            futures.append(point_task.with_options(task_run_name=f"point-{point_name(point)}").submit(
+                point_params, start, stop, sweep_id))
+        results = [f.result() for f in futures]
+    finally:
+        pool = _POOLS.pop(sweep_id, None)
+        if pool is not None:
+            pool.shutdown()
+    rows = [{"point": point_name(p), **p, **r} for p, r in zip(points, results)]
     table = pd.DataFrame(rows)
     write_parquet(table, root / "results.parquet")
     markdown = report_markdown(table, keys, list(sweep_cfg.get("report") or DEFAULT_REPORT))

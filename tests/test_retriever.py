@@ -13,7 +13,7 @@ from components.config import load_params
 from components.errors import ConfigError, DataError
 from components.retrieve import generate, hallucination_rate, retrieve
 from components.retriever import decode, generate_sids, load_retriever
-from components.retriever_data import load_inputs
+from components.retriever_data import BucketBatchSampler, load_inputs, query_examples, training_pairs
 from components.retriever_train import run_train_retriever
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,3 +187,28 @@ def test_bad_inputs_are_named(tmp_path):
     table.to_parquet(tmp_path / "sids" / "sid_table.parquet", index=False)
     with pytest.raises(DataError, match=r"sid_table.parquet, column 'codes', rows \[7\]"):
         run_train_retriever(tiny_params(tmp_path))
+
+
+def test_bucket_batches_are_homogeneous_complete_and_seeded():
+    keys = np.repeat([1, 2, 5, 10_003], [7, 30, 1, 12])
+    sampler = BucketBatchSampler(keys, batch_size=8, shuffle=True, seed=3)
+    first = [b.tolist() for b in sampler]
+    assert len(first) == len(sampler)
+    assert all(len(set(keys[b])) == 1 and len(b) <= 8 for b in first)
+    assert sorted(i for b in first for i in b) == list(range(len(keys)))
+    assert first == [b.tolist() for b in BucketBatchSampler(keys, 8, True, seed=3)]
+    sampler.set_epoch(1)
+    assert [b.tolist() for b in sampler] != first
+
+
+def test_query_examples_explode_targets_and_name_unknown_items():
+    index = pd.Index(["a", "b", "c", "d"])
+    q = pd.DataFrame({"query_id": ["q0", "q1"], "history": [["a", "b", "c"], []], "text": [None, "hi"],
+                      "targets": [["d"], ["a", "c"]], "emb_row": [-1, 0]})
+    ex = query_examples(q, index, q["emb_row"].to_numpy(), max_history=2)
+    assert ex.hist[0].tolist() == [1, 2] and ex.hist_len.tolist() == [2, 0]   # the last 2 items, oldest first
+    pairs = training_pairs(ex)
+    assert pairs.sid.tolist() == [3, 0, 2] and pairs.query.tolist() == [0, 1, 1]
+    bad = q.assign(history=[["a", "zz"], []])
+    with pytest.raises(DataError, match=r"column 'history', rows \[0\]"):
+        query_examples(bad, index, q["emb_row"].to_numpy(), max_history=2)
