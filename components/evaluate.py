@@ -19,7 +19,13 @@ import pandas as pd
 from components.atomic import write_json
 from components.config import out_path, params_hash
 from components.errors import ConfigError, DataError
-from components.metrics import GROUPS, evaluate_ranked, hallucination_per_query, recall_by_popularity_decile
+from components.metrics import (
+    GROUPS,
+    drop_history_items,
+    evaluate_ranked,
+    hallucination_per_query,
+    recall_by_popularity_decile,
+)
 from components.runtime_env import set_offline_defaults
 
 BASELINES = ("bm25", "dense", "popular", "two_tower")
@@ -78,6 +84,12 @@ def eval_depth(params: dict) -> int:
     return int(max(list(ev["ks"]) + list(ev.get("deep_ks") or [])))
 
 
+def fetch_depth(params: dict) -> int:
+    """Items a baseline fetches: eval_depth, plus room for the history items that exclude_history removes."""
+    extra = int(params["data"]["max_history"]) if params["eval"].get("exclude_history") else 0
+    return eval_depth(params) + extra
+
+
 def two_tower_config(params: dict) -> dict:
     """eval.two_tower plus the query-encoder shape the retriever uses."""
     rp = params["retriever"]
@@ -89,7 +101,7 @@ def run_baseline(name: str, params: dict, data: EvalInputs) -> pd.DataFrame:
     """Ranked results of one baseline on the test queries."""
     from components import baselines
 
-    ev, k = params["eval"], eval_depth(params)
+    ev, k = params["eval"], fetch_depth(params)
     if name == "bm25":
         return baselines.bm25(data.test, data.items, k, last_n=int(ev["bm25_history"]))
     if name == "dense":
@@ -195,9 +207,14 @@ def log_to_wandb(params: dict, summary: dict, tables: dict[str, pd.DataFrame], p
 
 
 def evaluate_method(params: dict, name: str, frame: pd.DataFrame, data: EvalInputs,
-                    hallucination: pd.Series | None = None) -> tuple[dict, pd.DataFrame]:
-    """Metrics with CIs and popularity-decile recall for one method's ranked results."""
+                    hallucination: pd.Series | None = None, depth: int | None = None) -> tuple[dict, pd.DataFrame]:
+    """Metrics with CIs and popularity-decile recall for one method's ranked results.
+
+    With eval.exclude_history, each query's history items are removed first (then cut to `depth`).
+    """
     ev = params["eval"]
+    if ev.get("exclude_history"):
+        frame = drop_history_items(frame, data.test, depth)
     ks, deep = [int(k) for k in ev["ks"]], [int(k) for k in ev.get("deep_ks") or []]
     result = evaluate_ranked(frame, data.test, data.items, ks, deep, n_boot=int(ev["bootstrap"]),
                              seed=int(params["seed"]), hallucination=hallucination,
@@ -217,7 +234,8 @@ def evaluate_all(params: dict, data: EvalInputs, baselines: list[str], generativ
             results[name], deciles[name] = evaluate_method(params, name, frame, data, halluc if free else None)
         del ranked
     for name in baselines:
-        results[name], deciles[name] = evaluate_method(params, name, run_baseline(name, params, data), data)
+        results[name], deciles[name] = evaluate_method(params, name, run_baseline(name, params, data), data,
+                                                       depth=eval_depth(params))
     return results, deciles
 
 
@@ -263,6 +281,7 @@ def run_evaluate(params: dict) -> dict:
                "tokenizer": params["tokenizer"]["method"],
                "test queries": ", ".join(f"{g} {counts[g]['n_queries']}" for g in ("overall",) + GROUPS),
                "beam": str(params["retriever"]["beam"]), "baseline depth": str(eval_depth(params)),
+               "history items excluded": str(bool(ev.get("exclude_history"))),
                "bootstrap resamples": str(ev["bootstrap"]), "params hash": params_hash(params)}
     write_json({"methods": results, "context": context}, root / "eval" / "results.json")
     write_json({m: f.to_dict(orient="list") for m, f in deciles.items()}, root / "eval" / "deciles.json")

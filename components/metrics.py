@@ -66,15 +66,34 @@ def target_ranks(ranked: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     """
     queries = pd.Index(pairs["query_id"].unique())
     items = pd.Index(pairs["item_id"].unique())
-    q_code, i_code = queries.get_indexer(ranked["query_id"]), items.get_indexer(ranked["item_id"])
-    hit = (q_code >= 0) & (i_code >= 0)
-    ranked_key = q_code[hit].astype(np.int64) * len(items) + i_code[hit]
-    pair_key = (queries.get_indexer(pairs["query_id"]).astype(np.int64) * len(items)
-                + items.get_indexer(pairs["item_id"]))
+    ranked_key = _pair_keys(queries, items, ranked["query_id"], ranked["item_id"])
+    hit = ranked_key >= 0
+    ranked_key = ranked_key[hit]
+    pair_key = _pair_keys(queries, items, pairs["query_id"], pairs["item_id"])
     best = pd.Series(ranked["rank"].to_numpy()[hit], dtype=float).groupby(ranked_key).min()
     out = pairs.copy()
     out["rank"] = best.reindex(pair_key).fillna(np.inf).to_numpy()
     return out
+
+
+def _pair_keys(q_index: pd.Index, i_index: pd.Index, query_ids: pd.Series, item_ids: pd.Series) -> np.ndarray:
+    """One int64 per (query, item) pair; -1 where either is outside the indexes."""
+    q, i = q_index.get_indexer(query_ids), i_index.get_indexer(item_ids)
+    return np.where((q >= 0) & (i >= 0), q.astype(np.int64) * len(i_index) + i, -1)
+
+
+def drop_history_items(ranked: pd.DataFrame, queries: pd.DataFrame, depth: int | None = None) -> pd.DataFrame:
+    """Remove each query's own history items from its ranking and close the rank gaps.
+
+    The "filter seen items" protocol (eval.exclude_history); `depth` then cuts each list again.
+    """
+    hist = queries[["query_id", "history"]].explode("history").dropna()
+    q_index, i_index = pd.Index(hist["query_id"].unique()), pd.Index(hist["history"].unique())
+    seen = np.unique(_pair_keys(q_index, i_index, hist["query_id"], hist["history"]))
+    keys = _pair_keys(q_index, i_index, ranked["query_id"], ranked["item_id"])
+    out = ranked[~np.isin(keys, seen)].sort_values("rank", kind="stable")
+    out = out.assign(rank=out.groupby("query_id", sort=False).cumcount().astype(np.int64)).sort_index()
+    return out[out["rank"] < depth].reset_index(drop=True) if depth is not None else out.reset_index(drop=True)
 
 
 def _ideal_dcg(n_rel: np.ndarray, k: int) -> np.ndarray:

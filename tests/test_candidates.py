@@ -38,6 +38,7 @@ def _check_candidates(out: Path, n_queries: int) -> pd.DataFrame:
     return cands
 
 
+@pytest.mark.slow
 def test_same_version_gives_identical_candidates(setup):
     from flows.candidates_flow import candidates_flow
 
@@ -53,6 +54,7 @@ def test_same_version_gives_identical_candidates(setup):
         assert 0 < v["coverage"] <= 1 and v["head_share"] + v["tail_share"] + v["cold_share"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_sid_table_only_version_changes_candidates(setup):
     """Version B holds only a SID table (SIDs swapped between items); the rest comes from params' out_dir."""
     from flows.candidates_flow import candidates_flow

@@ -70,6 +70,7 @@ def trained(tmp_path_factory, smoke_embedded, prefect_server) -> dict:
     return build_trained(tmp_path_factory.getbasetemp() / "flows_trained", smoke_embedded)
 
 
+@pytest.mark.slow
 def test_pipeline_outputs_and_artifacts(trained):
     """pipeline_flow ran every training / evaluation flow and published SID stats and metrics."""
     from prefect.client.orchestration import get_client
@@ -88,6 +89,7 @@ def test_pipeline_outputs_and_artifacts(trained):
     assert keys == {"assign-ids-sid-stats", "evaluate-eval", "evaluate-metrics"}
 
 
+@pytest.mark.slow
 def test_rerun_resumes_from_cache(trained, monkeypatch):
     """A rerun runs no step; with sids/ deleted (a crash there) only assign_ids runs again."""
     import flows.tasks
@@ -140,6 +142,7 @@ def test_bad_input_fails_fast_and_io_errors_retry(tmp_path, prefect_server, monk
     assert attempts == ["io", "io", "io"]
 
 
+@pytest.mark.slow
 def test_cache_key_follows_params_sections_and_input_content(trained, tmp_path):
     """The key changes with the step's params sections and input files, not with other sections."""
     from flows.step_io import cache_key
@@ -159,6 +162,7 @@ def test_cache_key_follows_params_sections_and_input_content(trained, tmp_path):
     assert cache_key(moved, "train_head") != key
 
 
+@pytest.mark.slow
 def test_flow_run_names_carry_params_hash(trained):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
@@ -169,6 +173,7 @@ def test_flow_run_names_carry_params_hash(trained):
     assert runs and all(r.state.is_completed() for r in runs)
 
 
+@pytest.mark.slow
 def test_sid_stats_artifact_matches_file(trained):
     """The table artifact after assign_ids holds the numbers of metrics/sid_stats.json."""
     from prefect.client.orchestration import get_client
@@ -181,3 +186,23 @@ def test_sid_stats_artifact_matches_file(trained):
     table = {r["key"]: r["value"] for r in rows}
     assert float(table["n_sids"]) == stats["n_sids"]
     assert float(table["unique_share"]) == pytest.approx(stats["unique_share"])
+
+
+def test_serve_registers_event_trigger_and_schedule(prefect_server, smoke_params):
+    """The retrain deployment reacts to the new-items event (file from its payload) and to the cron."""
+    from prefect.client.orchestration import get_client
+
+    from components.errors import ConfigError
+    from flows.serve import build_deployment
+
+    params = apply_overrides(smoke_params, ["flows.schedule.cron=0 3 * * *", "flows.schedule.new_items=/in/new.jsonl"])
+    deployment_id = build_deployment(params, "params.yaml", ["profile=smoke"]).apply()
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment(deployment_id)
+        automations = [a for a in client.read_automations() if a.name == "retrain-on-sa2crq.new-items"]
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+    assert deployment.parameters == {"new_items": "/in/new.jsonl", "params_file": "params.yaml", "overrides": ["profile=smoke"]}
+    assert automations and automations[0].trigger.expect == {"sa2crq.new-items"}
+    assert automations[0].actions[0].parameters == {"new_items": "{{ event.payload.path }}"}
+    with pytest.raises(ConfigError):
+        build_deployment(apply_overrides(smoke_params, ["flows.schedule.cron=0 3 * * *"]))

@@ -10,6 +10,7 @@ import pytest
 from components.errors import DataError
 from components.metrics import (
     bootstrap_ci,
+    drop_history_items,
     evaluate_ranked,
     hallucination_per_query,
     per_query_metrics,
@@ -104,6 +105,15 @@ def test_bad_inputs_name_the_problem(ranked, catalog):
     dup = pd.concat([ranked, ranked.iloc[:1]], ignore_index=True)
     with pytest.raises(DataError, match="rank"):
         evaluate_ranked(dup, pd.DataFrame({"query_id": ["q1"], "targets": [["A"]]}), catalog, ks=[1], n_boot=0)
+
+
+def test_drop_history_items_closes_rank_gaps():
+    ranked = ranked_from_lists({"q1": ["A", "B", "C", "D"], "q2": ["A", "B", "C"]})
+    queries = pd.DataFrame({"query_id": ["q1", "q2"], "history": [["A", "C"], []]})
+    out = drop_history_items(ranked, queries, depth=2)
+    assert out[out["query_id"] == "q1"].sort_values("rank")["item_id"].tolist() == ["B", "D"]
+    assert out[out["query_id"] == "q1"]["rank"].tolist() == [0, 1]
+    assert out[out["query_id"] == "q2"].sort_values("rank")["item_id"].tolist() == ["A", "B"]
 
 
 def test_hallucination_rate(catalog):

@@ -39,6 +39,7 @@ def retrained(tmp_path_factory, smoke_embedded, prefect_server) -> dict:
     return {"params": params, "result": result, "before": before, "work": work, "new_ids": new_ids}
 
 
+@pytest.mark.slow
 def test_retrain_promotes_with_old_sids_unchanged(retrained):
     work, result, before = retrained["work"], retrained["result"], retrained["before"]
     assert result["promoted"], result["reason"]
@@ -60,6 +61,7 @@ def test_retrain_promotes_with_old_sids_unchanged(retrained):
     assert json.loads((work / "metrics" / "retrain.json").read_text())["candidate"] == result["candidate"]
 
 
+@pytest.mark.slow
 def test_new_items_become_retrievable(retrained):
     """Fine-tuning teaches the new items: their indexing queries find them far more often than
     the live model did before; the reported figure is what the promoted model gives."""
@@ -72,6 +74,7 @@ def test_new_items_become_retrievable(retrained):
     assert recall_at(params, queries, items, checks["k"], work) == pytest.approx(new["after"])
 
 
+@pytest.mark.slow
 def test_known_items_are_refused(retrained, tmp_path):
     """Items already in the catalog are bad input: DataError names the file and column; nothing changes."""
     from flows.retrain_flow import retrain_flow

@@ -23,6 +23,7 @@ def sweep_params(tmp_path_factory, smoke_embedded, prefect_server) -> dict:
     return apply_overrides(trained["params"], QUICK)
 
 
+@pytest.mark.slow
 def test_sweep_twice_gives_identical_metrics(sweep_params):
     from flows.sweep_flow import sweep_flow
 
