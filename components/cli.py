@@ -14,10 +14,11 @@ EPILOG = """examples:
   sa2crq run                             whole pipeline on the default dataset (dvc repro), prints the report path
   sa2crq run --dataset climate-fever     the same pipeline on the search dataset
   sa2crq stage prepare                   one step, as DVC runs it
-  sa2crq stage train_head -s tokenizer.sarq.tau=4   one step with a param override
+  sa2crq stage train_head -s tokenizer.sarq.tau=9   one step with a param override
+  sa2crq compare                         every variant of eval.variants x eval.seeds, mean and std in one table
   sa2crq retrain --new-items new.jsonl   give new items SIDs, fine-tune, check, promote
   sa2crq candidates --a outputs/ab/A --b outputs --queries q.parquet
-  sa2crq sweep --grid tokenizer.sarq.tau=[3,6] --grid seed=[0,1]
+  sa2crq sweep --grid tokenizer.sarq.tau=[7,9] --grid seed=[0,1]
 """
 
 
@@ -101,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("steps", help="list the pipeline steps and the functions behind them")
     s.set_defaults(func=cmd_steps)
 
+    s = sub.add_parser("compare", parents=[common],
+                       help="the paper's Table 1: train and evaluate every tokenizer variant in eval.variants over eval.seeds")
+    s.set_defaults(func=cmd_flow("components.compare:run_compare"))
+
     s = sub.add_parser("retrain", parents=[common], help="assign SIDs to new items, fine-tune with replay, check, promote")
     s.add_argument("--new-items", dest="opt_new_items", required=True, metavar="FILE",
                    help="new items in the data contract's item format (parquet / csv / jsonl)")
@@ -116,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", parents=[common], help="run a grid of params points in parallel and gather one table")
     s.add_argument("--grid", dest="opt_grid", action="append", default=[], metavar="KEY=[V1,V2]",
-                   help="a swept param, e.g. --grid tokenizer.sarq.tau=[3,6] (repeatable)")
+                   help="a swept param, e.g. --grid tokenizer.sarq.tau=[7,9] (repeatable)")
     s.set_defaults(func=cmd_flow("flows.sweep_flow:sweep_flow"))
     return p
 

@@ -83,7 +83,7 @@ def _batch(n: int) -> dict:
     return {"kind": "text", "x": torch.zeros(n, 1, 4), "mask": torch.ones(n, 1, dtype=torch.bool)}
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sid_sets(), st.integers(1, 30), st.integers(0, 3))
 def test_constrained_beams_are_issued_sorted_distinct_and_scored_right(data, beam, seed):
     sizes, sids = data
@@ -104,7 +104,7 @@ def test_constrained_beams_are_issued_sorted_distinct_and_scored_right(data, bea
             assert scores[q] == pytest.approx(best, abs=1e-4)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=25, deadline=None, database=None)
 @given(st.lists(st.integers(1, 3), min_size=1, max_size=3), st.integers(1, 80), st.integers(0, 3))
 def test_unconstrained_beams_are_well_formed(sizes, beam, seed):
     sizes = tuple(sizes)
