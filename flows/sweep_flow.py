@@ -11,8 +11,8 @@ A point runs the pipeline flow in a process of its own, one point at a time per 
 reporting to the same Prefect server: its own random state (so a point gives the same numbers
 however many run beside it; every step seeds itself), its own torch threads, and one W&B run
 (grouped by the sweep). The task runner (params flows.task_runner) decides where: `threads`
-(ThreadPoolTaskRunner; each task hands its point to a pool of flows.max_workers spawned
-processes, which import the stack once) or `dask` (prefect_dask.DaskTaskRunner on
+(ThreadPoolTaskRunner; each task hands its point to a pool of flows.max_workers processes
+forked from a server that imported the stack once) or `dask` (prefect_dask.DaskTaskRunner on
 flows.dask_address, or a local cluster of flows.max_workers single-threaded worker
 processes; the point runs in the worker, so remote workers need threads_per_worker=1 and
 PREFECT_API_URL set to the same server).
@@ -134,6 +134,14 @@ def run_point(point_params: dict, start: str, stop: str) -> dict[str, float]:
     return collect_metrics(point_dir)
 
 
+def point_context() -> multiprocessing.context.BaseContext:
+    """forkserver with the flow stack preloaded: the server imports torch, Lightning and Prefect
+    once, then each point process is a fresh fork of it (no threads inherited from this flow)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["flows.pipeline_flow"])
+    return ctx
+
+
 # sweep id -> its pool of point processes, for tasks on the threads runner (a dask worker is a process already)
 _POOLS: dict[str, ProcessPoolExecutor] = {}
 
@@ -175,7 +183,7 @@ def sweep_points_flow(params: dict, grid: list[str], overrides: list[str] | None
     env = {"PREFECT_API_URL": _api_url(), "WANDB_RUN_GROUP": f"sweep-{sweep_id}"}
     workers = min(int(params.get("flows", {}).get("max_workers", 2)), len(points))
     if params.get("flows", {}).get("task_runner", "threads") == "threads":
-        _POOLS[sweep_id] = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+        _POOLS[sweep_id] = ProcessPoolExecutor(max_workers=workers, mp_context=point_context(),
                                                initializer=_init_point_process, initargs=(env,))
     try:
         futures = []
