@@ -43,6 +43,7 @@ from flows.tasks import is_transient
 from flows.tracking import log_artifact, log_metrics, wandb_run
 from flows.versions import RetrainLock, dvc_commit, live_version, next_version, promote, record, recover, versions_dir
 
+
 def retrain_config(params: dict) -> dict:
     """params flows.retrain, checked (ConfigError names the key)."""
     cfg = (params.get("flows") or {}).get("retrain")

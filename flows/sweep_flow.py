@@ -115,11 +115,17 @@ def _api_url() -> str:
 
 
 def _init_point_process(env: dict[str, str]) -> None:
-    """Point processes report to the sweep's server and W&B group, offline like the parent."""
+    """Point processes report to the sweep's server and W&B group, offline like the parent.
+
+    Prefect read its settings when the process imported it: reload them after setting the URL
+    (or each point process would start a temporary server of its own)."""
     os.environ.update(env)
+    from prefect.context import refresh_global_settings_context
+
     from components.runtime_env import set_offline_defaults
 
     set_offline_defaults(ROOT)
+    refresh_global_settings_context()
 
 
 def run_point(point_params: dict, start: str, stop: str) -> dict[str, float]:

@@ -205,6 +205,12 @@ def test_ranked_expansion_orders_groups_by_popularity_then_id():
     expect = frame.set_index(["query_id", "item_id"])["rank"]
     assert ranks.tolist() == [[expect["q1", "c"], expect["q1", "b"]], [expect["q2", "a"], expect["q2", "d"]]]
     assert cat.find(np.array([[3, 0], [0, 1]]), np.array([2, 1]))[0] == -1
+    # similarity order inside a SID: the item closest to the query first, whatever its popularity
+    item_vecs = np.eye(5, dtype=np.float32)
+    query_vecs = np.array([[0, 1, 0, 0, 0], [0, 0, 0, 0, 1]], dtype=np.float32)   # q1 is close to "a"
+    sim = ranked_from_beams(np.array(["q1", "q2"]), sid_index, scores, cat, query_vecs, item_vecs)
+    assert sim[sim.query_id == "q1"].item_id.tolist() == ["d", "a", "c", "b"]
+    assert sim[["query_id", "rank", "sid", "score"]].equals(frame[["query_id", "rank", "sid", "score"]])
 
 
 def test_catalog_groups_collisions_and_finds_sids():

@@ -1,11 +1,15 @@
 """Sweeps: a grid of points run in parallel (one process each), gathered into one table."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
+from components.config import params_hash
 from components.errors import ConfigError
 from flows.flow_params import apply_overrides
 from flows.sweep_flow import grid_points, parse_grid, point_name, task_runner
@@ -42,6 +46,11 @@ def test_sweep_twice_gives_identical_metrics(sweep_params):
     point = Path(first["dir"]) / table1["point"].iloc[0]
     assert (point / "prepared").is_symlink() and (point / "sids" / "sid_table.parquet").exists()
     assert "sid_stats.unique_share" in (Path(first["dir"]) / "results.md").read_text()
+    # the point processes reported their pipeline runs to this (the sweep's) Prefect server
+    name = f"pipeline-{params_hash(json.loads((point / 'params.json').read_text()))}"
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+    assert len(runs) == 2 and all(r.state.is_completed() for r in runs)
 
 
 def test_grid_parsing_and_points():
