@@ -75,7 +75,7 @@ def _decode_all(params: dict, model: RetrieverModel, dataset: ExampleDataset, be
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Decode every query; return (sid_index, scores, codes, lengths) in query order."""
     rp = params["retriever"]
-    torch.set_num_threads(int(rp.get("num_threads", 2)))
+    torch.set_num_threads(int(rp.get("num_threads", 1)))
     n, max_len = len(dataset), model.vocab.max_len
     sid_index = np.full((n, beam), -1, dtype=np.int64)
     scores = np.full((n, beam), -np.inf, dtype=np.float32)

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Sampler
 from components.config import out_path
 from components.errors import DataError
 from components.query_encoders import HISTORY, TEXT
-from components.sid_vocab import PAD, SidCatalog, SidVocab, load_sid_table, pad_codes
+from components.sid_vocab import PAD, SidCatalog, SidVocab, load_sid_table
 
 KIND_TEXT, KIND_HISTORY = 0, 1
 
@@ -174,7 +174,7 @@ class ExampleDataset(Dataset):
     def __init__(self, examples: Examples, text_vectors: np.ndarray, item_emb: np.ndarray,
                  vocab: SidVocab, catalog: SidCatalog):
         self.ex, self.text_vectors, self.item_emb, self.vocab = examples, text_vectors, item_emb, vocab
-        codes, lengths = pad_codes([catalog.sid_tuple(s) for s in range(catalog.n_sids)], vocab.max_len)
+        codes, lengths = catalog.codes, catalog.lengths
         self.sid_inputs, self.sid_targets = vocab.encode(codes, lengths)
         self.item_sid = catalog.item_sid
         # SID tokens of every item (PAD beyond its length), for history_sid_tokens

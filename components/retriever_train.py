@@ -41,7 +41,8 @@ def build_examples(inputs: RetrieverInputs, rp: dict, max_history: int, seed: in
     if cap and len(valid) > cap:
         valid = valid.take(np.sort(np.random.default_rng(seed).choice(len(valid), cap, replace=False)))
     # items are indexed through the query path the data has: one-item histories, or item text vectors
-    index_kind = KIND_HISTORY if (train.kind == KIND_HISTORY).any() or not len(train) else KIND_TEXT
+    kinds = np.concatenate([train.kind, valid.kind])
+    index_kind = KIND_HISTORY if (kinds == KIND_HISTORY).any() or not len(kinds) else KIND_TEXT
     text_vectors = np.concatenate([inputs.query_emb, inputs.item_emb]) if index_kind == KIND_TEXT else inputs.query_emb
     parts = [train]
     if rp.get("indexing_pairs", True):
@@ -75,7 +76,7 @@ def run_train_retriever(params: dict) -> dict:
     rp = params["retriever"]
     check_text_encoder_option(rp)
     seed = int(params.get("seed", 0))
-    torch.set_num_threads(int(rp.get("num_threads", 2)))
+    torch.set_num_threads(int(rp.get("num_threads", 1)))
     L.seed_everything(seed, workers=True, verbose=False)
     max_history = int(params.get("data", {}).get("max_history", 20))
     inputs = load_inputs(params)

@@ -60,28 +60,44 @@ class _DecoderLayer(nn.Module):
         y = y + self.drop(self.cross_attn.attend(self.n2(y), cross_k, cross_v, cross_mask))
         return y + self.drop(self.ff(self.n3(y)))
 
-    def step(self, y: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None, cross_k: torch.Tensor,
-             cross_v: torch.Tensor, cross_mask: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Decoding: y (N, W, d) one new token per beam; cache (N, W, H, t, dh) keys/values.
+    def step(self, y: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None,
+             cross: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Decoding: y (N, W, d), one new token per beam; cache (N, W, t, d) keys / values.
 
-        Self-attention over at most max_len cached positions is a few elementwise ops, cheaper
-        than a batched matmul call for N*W*H tiny matrices.
+        Self-attention over at most max_len cached positions is elementwise work (no batched
+        matmul over N*W*H tiny matrices). Cross-attention uses block-diagonal per-head keys and
+        values (see `cross_blocks`): two plain batched matmuls per query, no transposes.
         """
-        att = self.self_attn
+        att, h_, dh = self.self_attn, self.self_attn.h, self.self_attn.dh
+        n, w, d = y.shape
         h = self.n1(y)
-        q = att.q(h).unflatten(-1, (att.h, att.dh))                       # (N, W, H, dh)
-        k, v = (t.unflatten(-1, (att.h, att.dh)).unsqueeze(3) for t in att.kv(h).chunk(2, dim=-1))
+        q = att.q(h).view(n, w, 1, h_, dh)
+        k, v = att.kv(h).unsqueeze(2).chunk(2, dim=-1)                   # (N, W, 1, d) each
         if cache is not None:
-            k, v = torch.cat([cache[0], k], dim=3), torch.cat([cache[1], v], dim=3)
-        w = torch.einsum("nwhd,nwhtd->nwht", q, k).mul_(att.dh ** -0.5).softmax(-1)
-        y = y + att.out(torch.einsum("nwht,nwhtd->nwhd", w, v).flatten(-2))
-        # beams of a query are the "positions" of one cross-attention: memory is shared, never copied;
-        # cross_mask is additive here (0 / -inf), made once per batch
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        t = k.shape[2]
+        a = (q * k.view(n, w, t, h_, dh)).sum(-1).mul_(dh ** -0.5).softmax(2)      # (N, W, t, H)
+        y = y + att.out((a.unsqueeze(-1) * v.view(n, w, t, h_, dh)).sum(2).view(n, w, d))
+        k_blk, v_blk, bias = cross
         ca = self.cross_attn
-        q = ca.split(ca.q(self.n2(y))) * ca.dh ** -0.5                    # (N, H, W, dh)
-        w = (q @ cross_k.transpose(-1, -2) + cross_mask).softmax(-1)       # (N, H, W, M)
-        y = y + ca.out((w @ cross_v).transpose(1, 2).flatten(-2))
+        scores = torch.bmm(ca.q(self.n2(y)), k_blk).view(n, w, h_, -1).add_(bias).softmax(-1)
+        y = y + ca.out(torch.bmm(scores.view(n, w, -1), v_blk))
         return y + self.ff(self.n3(y)), (k, v)
+
+    def cross_blocks(self, enc: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-query cross-attention operands: keys (N, d, H*M) and values (N, H*M, d), block-diagonal
+        by head and pre-scaled, plus the additive memory mask (N, 1, 1, M). Made once per batch."""
+        ca = self.cross_attn
+        n, m, d = enc.shape
+        k, v = ca.kv(enc).chunk(2, dim=-1)                                 # (N, M, d)
+        eye = torch.eye(ca.h, dtype=enc.dtype, device=enc.device)
+        # block (head g, head g'): k_g^T if g == g' else 0
+        k_blk = (k.view(n, m, ca.h, 1, ca.dh) * eye.view(1, 1, ca.h, ca.h, 1)) * ca.dh ** -0.5
+        k_blk = k_blk.permute(0, 3, 4, 2, 1).reshape(n, d, ca.h * m)      # rows (g, dh), cols (g', m)
+        v_blk = (v.view(n, m, ca.h, 1, ca.dh) * eye.view(1, 1, ca.h, ca.h, 1)).permute(0, 2, 1, 3, 4)
+        v_blk = v_blk.reshape(n, ca.h * m, d)                              # rows (g, m), cols (g', dh)
+        bias = torch.zeros(mask.shape, dtype=enc.dtype, device=enc.device).masked_fill_(~mask, float("-inf"))
+        return k_blk.contiguous(), v_blk.contiguous(), bias[:, None, None, :]
 
 
 class SmallSeq2Seq(nn.Module):
@@ -119,14 +135,13 @@ class SmallSeq2Seq(nn.Module):
 
     def start(self, memory: torch.Tensor, mask: torch.Tensor) -> dict:
         enc = self.encode(memory, mask)
-        bias = torch.zeros(mask.shape, dtype=enc.dtype, device=enc.device).masked_fill_(~mask, float("-inf"))
-        return {"cross": self._cross(enc), "mask": bias[:, None, None, :], "cache": [None] * len(self.layers)}
+        return {"cross": [layer.cross_blocks(enc, mask) for layer in self.layers], "cache": [None] * len(self.layers)}
 
     def step(self, state: dict, tokens: torch.Tensor, depth: int, columns: torch.Tensor) -> torch.Tensor:
         """tokens (N, W) at position `depth` -> logits (N, W, len(columns)); extends the cache."""
         y = self.tok(tokens) + self.pos.weight[depth]
-        for i, (layer, (k, v)) in enumerate(zip(self.layers, state["cross"])):
-            y, state["cache"][i] = layer.step(y, state["cache"][i], k, v, state["mask"])
+        for i, (layer, cross) in enumerate(zip(self.layers, state["cross"])):
+            y, state["cache"][i] = layer.step(y, state["cache"][i], cross)
         return F.linear(self.norm(y), self.head.weight[columns], self.head.bias[columns])
 
     def reorder(self, state: dict, index: torch.Tensor) -> dict:
