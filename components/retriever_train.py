@@ -70,17 +70,23 @@ def _logger(params: dict, run_dir: Path):
     return WandbLogger(experiment=run)
 
 
-def run_train_retriever(params: dict) -> dict:
-    """Train, keep the best validation epoch, write the checkpoint, curve and metrics."""
-    set_offline_defaults()
+def prepare_training(params: dict) -> tuple[int, int, RetrieverInputs, tuple]:
+    """Seed, thread count, inputs and examples: shared by training and the retrain fine-tune."""
     rp = params["retriever"]
-    check_text_encoder_option(rp)
     seed = int(params.get("seed", 0))
     torch.set_num_threads(int(rp.get("num_threads", 1)))
     L.seed_everything(seed, workers=True, verbose=False)
     max_history = int(params.get("data", {}).get("max_history", 20))
     inputs = load_inputs(params)
-    examples, valid, text_vectors, counts = build_examples(inputs, rp, max_history, seed)
+    return seed, max_history, inputs, build_examples(inputs, rp, max_history, seed)
+
+
+def run_train_retriever(params: dict) -> dict:
+    """Train, keep the best validation epoch, write the checkpoint, curve and metrics."""
+    set_offline_defaults()
+    rp = params["retriever"]
+    check_text_encoder_option(rp)
+    seed, max_history, inputs, (examples, valid, text_vectors, counts) = prepare_training(params)
 
     config = model_config(rp, inputs.codebook_sizes, inputs.item_emb.shape[1], max_history)
     config["sid_version"] = inputs.sid_version

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 
 from components.config import out_path
 from components.retriever import RetrieverModel, RetrieverModule, save_retriever
-from components.retriever_data import BucketBatchSampler, ExampleDataset, Examples, load_inputs
-from components.retriever_train import VAL_K, build_examples
+from components.retriever_data import BucketBatchSampler, ExampleDataset, Examples
+from components.retriever_train import VAL_K, prepare_training
 from components.sid_vocab import N_SPECIAL, SidVocab
 
 
@@ -78,12 +78,7 @@ def finetune_retriever(params: dict, init_checkpoint: Path, new_item_ids: list[s
     cfg = params flows.retrain: epochs, batch_size, new_repeats, replay_ratio, lr (null = retriever.lr).
     """
     rp = params["retriever"]
-    seed = int(params.get("seed", 0))
-    torch.set_num_threads(int(rp.get("num_threads", 2)))
-    L.seed_everything(seed, workers=True, verbose=False)
-    max_history = int(params.get("data", {}).get("max_history", 20))
-    inputs = load_inputs(params)
-    examples, valid, text_vectors, counts = build_examples(inputs, rp, max_history, seed)
+    seed, _, inputs, (examples, valid, text_vectors, counts) = prepare_training(params)
     new_rows = inputs.item_index.get_indexer(new_item_ids)
     if (new_rows < 0).any():
         raise KeyError(f"new items missing from {out_path(params, 'prepared')}: "
