@@ -65,6 +65,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     rc = subprocess.call(cmd)
     if rc == 0:
         print("\nreport: outputs/report/report.md (and report.html); metrics: `dvc metrics show`")
+    if sets:
+        # `dvc exp run -S` writes the overrides into params.yaml; a later plain run would reuse them.
+        print("note: params.yaml now holds " + ", ".join(sets)
+              + " (dvc exp run applies them); `git checkout params.yaml` returns to the defaults", flush=True)
     return rc
 
 

@@ -117,34 +117,14 @@ def run_baseline(name: str, params: dict, data: EvalInputs) -> pd.DataFrame:
     raise ConfigError("eval.baselines", f"unknown baseline {name!r}; choose from {list(BASELINES)}")
 
 
-def unconstrained_ranked(generated: pd.DataFrame, query_ids: np.ndarray, params: dict) -> pd.DataFrame:
-    """Items behind the SIDs of unconstrained decoding (hallucinated SIDs bring none), from one decode."""
-    from components.retrieve import ranked_from_beams
-    from components.sid_vocab import SidCatalog, load_sid_table
-
-    root = out_path(params)
-    items = pd.read_parquet(root / "prepared" / "items.parquet")
-    table, meta = load_sid_table(root / "sids", items)
-    catalog = SidCatalog.build(items["item_id"].astype(str).to_numpy(), items["popularity"].to_numpy(),
-                               list(table["codes"]), meta["max_len"])
-    width = int(generated["beam_rank"].max()) + 1 if len(generated) else 1
-    row = pd.Index(query_ids).get_indexer(generated["query_id"])
-    sid_index = np.full((len(query_ids), width), -1, dtype=np.int64)
-    scores = np.full((len(query_ids), width), -np.inf)
-    sid_index[row, generated["beam_rank"]] = generated["sid_index"]
-    scores[row, generated["beam_rank"]] = generated["score"]
-    return ranked_from_beams(np.asarray(query_ids), sid_index, scores, catalog)
-
-
 def run_generative(params: dict, test: pd.DataFrame) -> tuple[dict[str, pd.DataFrame], pd.Series]:
     """Constrained and unconstrained ranked results of the trained retriever, and per-query hallucination."""
-    from components.retrieve import generate, retrieve
+    from components.retrieve import retrieve, retrieve_and_generate
 
     method = params["tokenizer"]["method"]
     beam = int(params["retriever"]["beam"])
     constrained = retrieve(params, test, beam=beam, constrained=True)
-    generated = generate(params, test, beam=beam, constrained=False)
-    free = unconstrained_ranked(generated, test["query_id"].astype(str).to_numpy(), params)
+    free, generated = retrieve_and_generate(params, test, beam=beam, constrained=False)
     return {method: constrained, f"{method} (unconstrained)": free}, hallucination_per_query(generated)
 
 

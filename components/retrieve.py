@@ -89,22 +89,24 @@ def _decode_all(params: dict, model: RetrieverModel, dataset: ExampleDataset, be
     return sid_index, scores, codes, lengths
 
 
-def generate(params: dict, queries: pd.DataFrame, *, model: RetrieverModel | None = None, beam: int | None = None,
-             constrained: bool = False, out_dir: str | Path | None = None) -> pd.DataFrame:
-    """One row per (query, decoded SID): query_id, beam_rank, sid, score, sid_index (-1 = no item has it)."""
-    beam = int(beam or params["retriever"]["beam"])
-    model, dataset, catalog = _prepare(params, queries, model, out_dir)
-    sid_index, scores, codes, lengths = _decode_all(params, model, dataset, beam, constrained)
+def _generated_frame(query_ids: np.ndarray, scores: np.ndarray, codes: np.ndarray, lengths: np.ndarray,
+                     found: np.ndarray) -> pd.DataFrame:
     keep = np.isfinite(scores)
     q, b = np.nonzero(keep)
-    found = catalog.find(codes[q, b], lengths[q, b])
     return pd.DataFrame({
-        "query_id": queries["query_id"].astype(str).to_numpy()[q],
+        "query_id": query_ids[q],
         "beam_rank": b.astype(np.int64),
         "sid": [sid_string(c[:n]) for c, n in zip(codes[q, b], lengths[q, b])],
         "score": scores[q, b].astype(float),
-        "sid_index": found.astype(np.int64),
+        "sid_index": found[q, b].astype(np.int64),
     })
+
+
+def generate(params: dict, queries: pd.DataFrame, *, model: RetrieverModel | None = None, beam: int | None = None,
+             constrained: bool = False, out_dir: str | Path | None = None) -> pd.DataFrame:
+    """One row per (query, decoded SID): query_id, beam_rank, sid, score, sid_index (-1 = no item has it)."""
+    return retrieve_and_generate(params, queries, model=model, beam=beam, constrained=constrained,
+                                 out_dir=out_dir)[1]
 
 
 def hallucination_rate(generated: pd.DataFrame) -> float:
@@ -159,11 +161,13 @@ def ranked_from_beams(query_ids: np.ndarray, sid_index: np.ndarray, scores: np.n
     })
 
 
-def retrieve(params: dict, queries: pd.DataFrame, *, model: RetrieverModel | None = None, beam: int | None = None,
-             constrained: bool = True, out_dir: str | Path | None = None) -> pd.DataFrame:
-    """Ranked results (query_id, rank, item_id, score, sid) for `queries` (data-contract format).
+def retrieve_and_generate(params: dict, queries: pd.DataFrame, *, model: RetrieverModel | None = None,
+                          beam: int | None = None, constrained: bool = True, out_dir: str | Path | None = None
+                          ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One decode, two views: the ranked items (`retrieve`) and the generated SIDs (`generate`).
 
-    Unconstrained decoding drops generated SIDs that no item holds (see `generate` to count them).
+    Evaluation needs both from unconstrained decoding (recall and hallucination); decoding once
+    halves its cost and keeps the two consistent.
     """
     beam = int(beam or params["retriever"]["beam"])
     order = str(params.get("eval", {}).get("group_order", "popularity"))
@@ -171,8 +175,21 @@ def retrieve(params: dict, queries: pd.DataFrame, *, model: RetrieverModel | Non
         raise ConfigError("eval.group_order", f"must be one of {GROUP_ORDERS}, got {order!r}")
     model, dataset, catalog = _prepare(params, queries, model, out_dir)
     sid_index, scores, codes, lengths = _decode_all(params, model, dataset, beam, constrained)
+    found = catalog.find(codes.reshape(-1, codes.shape[2]), lengths.reshape(-1)).reshape(sid_index.shape)
     if not constrained:
-        found = catalog.find(codes.reshape(-1, codes.shape[2]), lengths.reshape(-1)).reshape(sid_index.shape)
         sid_index = np.where(np.isfinite(scores), found, -1)
+    query_ids = queries["query_id"].astype(str).to_numpy()
     vecs = (query_vectors(dataset), dataset.item_emb) if order == "similarity" else (None, None)
-    return ranked_from_beams(queries["query_id"].astype(str).to_numpy(), sid_index, scores, catalog, *vecs)
+    ranked = ranked_from_beams(query_ids, sid_index, scores, catalog, *vecs)
+    return ranked, _generated_frame(query_ids, scores, codes, lengths, found)
+
+
+def retrieve(params: dict, queries: pd.DataFrame, *, model: RetrieverModel | None = None, beam: int | None = None,
+             constrained: bool = True, out_dir: str | Path | None = None) -> pd.DataFrame:
+    """Ranked results (query_id, rank, item_id, score, sid) for `queries` (data-contract format).
+
+    Inside one SID, items follow `eval.group_order`. Unconstrained decoding drops generated SIDs
+    that no item holds (see `generate` to count them).
+    """
+    return retrieve_and_generate(params, queries, model=model, beam=beam, constrained=constrained,
+                                 out_dir=out_dir)[0]

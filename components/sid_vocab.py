@@ -85,6 +85,22 @@ def pad_codes(codes: list, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     return out, lengths
 
 
+def key_base(codes: np.ndarray) -> np.ndarray:
+    """Per-position radix of `sid_keys` for codes (M, max_len), -1 padded: max code + 2 (0 = padding)."""
+    base = np.maximum(codes.max(axis=0, initial=-1), 0).astype(np.int64) + 2
+    if np.sum(np.log2(base)) >= 62:
+        raise ValueError("codebooks too large for a 64-bit SID key")
+    return base
+
+
+def sid_keys(codes: np.ndarray, lengths: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """One int64 per SID, ordered like the code tuples (a shorter SID before its extensions)."""
+    k = np.zeros(len(codes), dtype=np.int64)
+    for t in range(codes.shape[1]):
+        k = k * base[t] + np.where(t < lengths, codes[:, t] + 1, 0)
+    return k
+
+
 def sid_string(codes: tuple[int, ...] | np.ndarray) -> str:
     """SID as text: codes joined by '-' (the ranked-results `sid` column)."""
     return "-".join(str(int(c)) for c in codes)
@@ -107,17 +123,19 @@ class SidCatalog:
     def build(cls, item_ids: np.ndarray, popularity: np.ndarray, codes: list, max_len: int) -> "SidCatalog":
         """Group items by SID (vectorised); SIDs are numbered in first-seen sorted code order."""
         padded, lengths = pad_codes(codes, max_len)
-        uniq, item_sid = np.unique(np.concatenate([padded, lengths[:, None]], axis=1), axis=0, return_inverse=True)
+        # one int64 key per SID keeps the grouping O(n log n) on a 1-D sort (np.unique(axis=0) was 15x slower)
+        _, first, item_sid = np.unique(sid_keys(padded, lengths, key_base(padded)), return_index=True,
+                                       return_inverse=True)
         item_sid = item_sid.reshape(-1).astype(np.int64)
+        uniq_codes, uniq_lengths = padded[first], lengths[first]
         item_ids = np.asarray(item_ids, dtype=object)
         popularity = np.asarray(popularity, dtype=np.int64)
         order = np.lexsort((item_ids.astype(str), -popularity, item_sid))
-        counts = np.bincount(item_sid, minlength=len(uniq))
+        counts = np.bincount(item_sid, minlength=len(first))
         ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         item_pos = np.empty(len(item_sid), dtype=np.int64)
         item_pos[order] = np.arange(len(order)) - ptr[item_sid[order]]
-        return cls(item_ids, popularity, uniq[:, :-1].copy(), uniq[:, -1].copy(), item_sid, ptr,
-                   order.astype(np.int64), item_pos)
+        return cls(item_ids, popularity, uniq_codes, uniq_lengths, item_sid, ptr, order.astype(np.int64), item_pos)
 
     @property
     def n_sids(self) -> int:
@@ -136,20 +154,10 @@ class SidCatalog:
 
     def find(self, codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Sid index of each SID in codes (M, max_len) -1 padded, or -1 where none is issued."""
-        both = np.concatenate([self.codes, codes]) if len(codes) else self.codes
-        base = np.maximum(both.max(axis=0, initial=-1), 0) + 2
-        if np.sum(np.log2(base)) >= 62:
-            raise ValueError("codebooks too large for a 64-bit SID key")
-
-        def keys(c: np.ndarray, n: np.ndarray) -> np.ndarray:
-            k = np.zeros(len(c), dtype=np.int64)
-            for t in range(c.shape[1]):
-                k = k * base[t] + np.where(t < n, c[:, t] + 1, 0)
-            return k
-
-        issued = keys(self.codes, self.lengths)
+        base = key_base(np.concatenate([self.codes, codes]) if len(codes) else self.codes)
+        issued = sid_keys(self.codes, self.lengths, base)
         order = np.argsort(issued)
-        wanted = keys(codes, lengths)
+        wanted = sid_keys(codes, lengths, base)
         pos = np.clip(np.searchsorted(issued[order], wanted), 0, len(order) - 1)
         return np.where(issued[order][pos] == wanted, order[pos], -1)
 
