@@ -32,6 +32,9 @@ from components.runtime_env import set_offline_defaults
 TRAIN_STEPS = ("train_head", "train_tail", "assign_ids", "train_retriever")
 SEEDED_BASELINES = ("two_tower",)
 LINKED = ("prepared", "embeddings")
+# eval keys that pick what to compare or how baselines run; a finished variant run does not depend on them
+NOT_RUN_KEYS = ("variants", "seeds", "compare_dir", "baselines", "two_tower", "bm25_history", "dense_history",
+                "threads")
 
 
 def table_metrics(params: dict) -> list[str]:
@@ -51,6 +54,13 @@ def _rows(method: str, seed: int, result: dict, hallucination: dict | None) -> l
         rows.append({"method": method, "group": group, "seed": seed, "n_queries": result[group]["n_queries"],
                      **metrics})
     return rows
+
+
+def run_key(p: dict) -> str:
+    """Hash of the params one variant run depends on, so adding or dropping variants keeps finished runs."""
+    kept = {k: v for k, v in p.items() if k not in ("out_dir", "wandb", "flows")}
+    kept["eval"] = {k: v for k, v in p["eval"].items() if k not in NOT_RUN_KEYS}
+    return params_hash(kept)
 
 
 def variant_params(params: dict, variant: dict, seed: int) -> dict:
@@ -86,7 +96,7 @@ def run_variant(params: dict, variant: dict, seed: int) -> dict:
     p = variant_params(params, variant, seed)
     scratch = Path(p["out_dir"])
     done = scratch / "eval" / "compare_run.json"
-    key = params_hash({k: v for k, v in p.items() if k not in ("out_dir", "wandb")})
+    key = run_key(p)
     if done.exists():
         cached = json.loads(done.read_text())
         if cached.get("params_hash") == key:

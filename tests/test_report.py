@@ -124,5 +124,11 @@ def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypa
     md = (Path(params["out_dir"]) / "compare" / "results.md").read_text()
     assert "Table 1" in md and "A one" in md and "Table 2" in md and "0.5000 ± 0.7071" in md
     calls.clear()
-    compare_mod.compare_variants(params, variants[:1], [0])  # finished run is reused
+    # a finished run is reused, also when the list of variants to compare (or the baselines) changes
+    fewer = dict(params, eval={**params["eval"], "variants": variants[:1], "baselines": []})
+    compare_mod.compare_variants(fewer, variants[:1], [0])
     assert calls == []
+    # but a param the run depends on retrains it
+    longer = dict(fewer, retriever={**fewer["retriever"], "epochs": fewer["retriever"]["epochs"] + 1})
+    compare_mod.compare_variants(longer, variants[:1], [0])
+    assert [name for name, _ in calls] == list(compare_mod.TRAIN_STEPS)
