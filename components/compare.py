@@ -148,22 +148,42 @@ def collect_runs(params: dict, variants: list[dict], seeds: list[int]) -> tuple[
     return pd.DataFrame(rows), pd.DataFrame(sid_rows)
 
 
+def _mean_std(mean: pd.Series, std: pd.Series, digits: int) -> list[str]:
+    return ["-" if pd.isna(a) else f"{a:.{digits}f}" + ("" if pd.isna(b) else f" ± {b:.{digits}f}")
+            for a, b in zip(mean.to_numpy(), std.to_numpy())]
+
+
+def headline_table(table: pd.DataFrame, k: int) -> pd.DataFrame:
+    """One row per method: Recall@k overall and by group, hallucination, Ret-Per (mean ± std over seeds)."""
+    methods = list(dict.fromkeys(table.index.get_level_values(0)))
+    out = pd.DataFrame(index=pd.Index(methods, name="method"))
+    metric = f"recall@{k}"
+    for group in ("overall",) + GROUPS:
+        part = table.xs(group, level="group").reindex(methods)
+        out[f"R@{k} {group}"] = _mean_std(part[metric], part[f"{metric} std"], 4)
+    overall = table.xs("overall", level="group").reindex(methods)
+    for m, digits in (("hallucination", 4), ("ret_per", 1)):
+        if m in overall.columns:
+            out[metric_label(m)] = _mean_std(overall[m], overall[f"{m} std"], digits)
+    out["seeds"] = overall["seeds"].to_numpy()
+    return out
+
+
 def results_markdown(table: pd.DataFrame, sid_table: pd.DataFrame, params: dict) -> str:
-    """RESULTS-style Markdown: Table 1 (mean ± std over seeds, by group) and Table 2 (SID statistics)."""
+    """RESULTS-style Markdown: the headline table, Table 1 (mean ± std over seeds, by group) and Table 2 (SIDs)."""
     ev = params["eval"]
     metrics = [c for c in table.columns if not c.endswith(" std") and c != "seeds"]
     cells = pd.DataFrame(index=[m if g == "overall" else f"({g})" for m, g in table.index])
     for m in metrics:
-        digits = 1 if m == "ret_per" else 4
-        cells[metric_label(m)] = [
-            "-" if pd.isna(a) else f"{a:.{digits}f}" + ("" if pd.isna(b) else f" ± {b:.{digits}f}")
-            for a, b in zip(table[m].to_numpy(), table[f"{m} std"].to_numpy())]
+        cells[metric_label(m)] = _mean_std(table[m], table[f"{m} std"], 1 if m == "ret_per" else 4)
     cells["seeds"] = table["seeds"].to_numpy()
     depth = max(list(ev["ks"]) + list(ev.get("deep_ks") or []))
     lines = [f"# Tokenizer comparison on {params['dataset']}", "",
              f"Test split, item level; mean ± std over seeds {list(ev['seeds'])}; retriever beam "
              f"{params['retriever']['beam']}; Hallu = share of SIDs from unconstrained decoding that match no item; "
              f"baselines return {depth} items; rows '(group)' hold the queries whose target is in that group.", "",
+             f"## Headline: Recall@{int(ev['headline_k'])} by target group", "",
+             headline_table(table, int(ev["headline_k"])).to_markdown(), "",
              "## Table 1: retrieval", "", cells.rename_axis("method").to_markdown(), ""]
     if len(sid_table):
         sid_mean = sid_table.drop(columns=["seed"]).groupby("config", sort=False).agg(

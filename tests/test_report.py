@@ -123,6 +123,10 @@ def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypa
     assert ("popular", "tail") in table.index
     md = (Path(params["out_dir"]) / "compare" / "results.md").read_text()
     assert "Table 1" in md and "A one" in md and "Table 2" in md and "0.5000 ± 0.7071" in md
+    head = compare_mod.headline_table(table, 5)
+    assert list(head.index) == ["A one", "B", "popular"]
+    assert head.loc["A one", "Hallu"] == "0.2500 ± 0.0000" and head.loc["popular", "Hallu"] == "-"
+    assert "## Headline: Recall@5 by target group" in md
     calls.clear()
     # a finished run is reused, also when the list of variants to compare (or the baselines) changes
     fewer = dict(params, eval={**params["eval"], "variants": variants[:1], "baselines": []})
