@@ -9,6 +9,7 @@ vector and the item embedding, which lets tail and cold items of a shared SID ri
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,24 +90,61 @@ def _decode_all(params: dict, model: RetrieverModel, dataset: ExampleDataset, be
     return sid_index, scores, codes, lengths
 
 
-def _generated_frame(query_ids: np.ndarray, scores: np.ndarray, codes: np.ndarray, lengths: np.ndarray,
-                     found: np.ndarray) -> pd.DataFrame:
-    keep = np.isfinite(scores)
-    q, b = np.nonzero(keep)
+@dataclass
+class Decoded:
+    """Beams of every query (N, B), in query order; sid_index is -1 where no item holds the SID."""
+
+    query_ids: np.ndarray
+    sid_index: np.ndarray
+    scores: np.ndarray
+    codes: np.ndarray
+    lengths: np.ndarray
+    dataset: ExampleDataset
+    catalog: SidCatalog
+
+
+def _group_order(params: dict) -> str:
+    order = str(params.get("eval", {}).get("group_order", "popularity"))
+    if order not in GROUP_ORDERS:
+        raise ConfigError("eval.group_order", f"must be one of {GROUP_ORDERS}, got {order!r}")
+    return order
+
+
+def decode_queries(params: dict, queries: pd.DataFrame, *, model: RetrieverModel | None = None,
+                   beam: int | None = None, constrained: bool = True, out_dir: str | Path | None = None) -> Decoded:
+    """Beam-search every query once; `ranked_items` and `generated_sids` are two views of the result."""
+    beam = int(beam or params["retriever"]["beam"])
+    model, dataset, catalog = _prepare(params, queries, model, out_dir)
+    sid_index, scores, codes, lengths = _decode_all(params, model, dataset, beam, constrained)
+    if not constrained:
+        found = catalog.find(codes.reshape(-1, codes.shape[2]), lengths.reshape(-1)).reshape(sid_index.shape)
+        sid_index = np.where(np.isfinite(scores), found, -1)
+    return Decoded(queries["query_id"].astype(str).to_numpy(), sid_index, scores, codes, lengths, dataset, catalog)
+
+
+def generated_sids(dec: Decoded) -> pd.DataFrame:
+    """One row per (query, decoded SID): query_id, beam_rank, sid, score, sid_index (-1 = no item has it)."""
+    q, b = np.nonzero(np.isfinite(dec.scores))
     return pd.DataFrame({
-        "query_id": query_ids[q],
+        "query_id": dec.query_ids[q],
         "beam_rank": b.astype(np.int64),
-        "sid": [sid_string(c[:n]) for c, n in zip(codes[q, b], lengths[q, b])],
-        "score": scores[q, b].astype(float),
-        "sid_index": found[q, b].astype(np.int64),
+        "sid": [sid_string(c[:n]) for c, n in zip(dec.codes[q, b], dec.lengths[q, b])],
+        "score": dec.scores[q, b].astype(float),
+        "sid_index": dec.sid_index[q, b].astype(np.int64),
     })
+
+
+def ranked_items(dec: Decoded, order: str = "popularity") -> pd.DataFrame:
+    """Ranked results (query_id, rank, item_id, score, sid); items of one SID follow `order`."""
+    vecs = (query_vectors(dec.dataset), dec.dataset.item_emb) if order == "similarity" else (None, None)
+    return ranked_from_beams(dec.query_ids, dec.sid_index, dec.scores, dec.catalog, *vecs)
 
 
 def generate(params: dict, queries: pd.DataFrame, *, model: RetrieverModel | None = None, beam: int | None = None,
              constrained: bool = False, out_dir: str | Path | None = None) -> pd.DataFrame:
     """One row per (query, decoded SID): query_id, beam_rank, sid, score, sid_index (-1 = no item has it)."""
-    return retrieve_and_generate(params, queries, model=model, beam=beam, constrained=constrained,
-                                 out_dir=out_dir)[1]
+    return generated_sids(decode_queries(params, queries, model=model, beam=beam, constrained=constrained,
+                                         out_dir=out_dir))
 
 
 def hallucination_rate(generated: pd.DataFrame) -> float:
@@ -161,29 +199,6 @@ def ranked_from_beams(query_ids: np.ndarray, sid_index: np.ndarray, scores: np.n
     })
 
 
-def retrieve_and_generate(params: dict, queries: pd.DataFrame, *, model: RetrieverModel | None = None,
-                          beam: int | None = None, constrained: bool = True, out_dir: str | Path | None = None
-                          ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One decode, two views: the ranked items (`retrieve`) and the generated SIDs (`generate`).
-
-    Evaluation needs both from unconstrained decoding (recall and hallucination); decoding once
-    halves its cost and keeps the two consistent.
-    """
-    beam = int(beam or params["retriever"]["beam"])
-    order = str(params.get("eval", {}).get("group_order", "popularity"))
-    if order not in GROUP_ORDERS:
-        raise ConfigError("eval.group_order", f"must be one of {GROUP_ORDERS}, got {order!r}")
-    model, dataset, catalog = _prepare(params, queries, model, out_dir)
-    sid_index, scores, codes, lengths = _decode_all(params, model, dataset, beam, constrained)
-    found = catalog.find(codes.reshape(-1, codes.shape[2]), lengths.reshape(-1)).reshape(sid_index.shape)
-    if not constrained:
-        sid_index = np.where(np.isfinite(scores), found, -1)
-    query_ids = queries["query_id"].astype(str).to_numpy()
-    vecs = (query_vectors(dataset), dataset.item_emb) if order == "similarity" else (None, None)
-    ranked = ranked_from_beams(query_ids, sid_index, scores, catalog, *vecs)
-    return ranked, _generated_frame(query_ids, scores, codes, lengths, found)
-
-
 def retrieve(params: dict, queries: pd.DataFrame, *, model: RetrieverModel | None = None, beam: int | None = None,
              constrained: bool = True, out_dir: str | Path | None = None) -> pd.DataFrame:
     """Ranked results (query_id, rank, item_id, score, sid) for `queries` (data-contract format).
@@ -191,5 +206,15 @@ def retrieve(params: dict, queries: pd.DataFrame, *, model: RetrieverModel | Non
     Inside one SID, items follow `eval.group_order`. Unconstrained decoding drops generated SIDs
     that no item holds (see `generate` to count them).
     """
-    return retrieve_and_generate(params, queries, model=model, beam=beam, constrained=constrained,
-                                 out_dir=out_dir)[0]
+    order = _group_order(params)
+    return ranked_items(decode_queries(params, queries, model=model, beam=beam, constrained=constrained,
+                                       out_dir=out_dir), order)
+
+
+def retrieve_and_generate(params: dict, queries: pd.DataFrame, *, beam: int | None = None, constrained: bool = True
+                          ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`retrieve` and `generate` from one decode: evaluation needs both views of unconstrained decoding
+    (recall and hallucination), and decoding once halves its cost and keeps the two consistent."""
+    order = _group_order(params)
+    dec = decode_queries(params, queries, beam=beam, constrained=constrained)
+    return ranked_items(dec, order), generated_sids(dec)
