@@ -5,15 +5,14 @@ Items come back with `item_id`, `text`, `popularity` (training interactions); `p
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from components.contract import read_json, read_table, require_columns, validate_items, validate_queries
+from components.contract import list_column, read_json, read_table, require_columns, validate_items, validate_queries
 from components.errors import ConfigError, DataError
 
 Frames = tuple[pd.DataFrame, pd.DataFrame]
@@ -184,31 +183,6 @@ def load_climate_fever(params: dict) -> Frames:
 
 
 # --------------------------------------------------------------------------- generic
-def _parse_list(value: Any) -> list[str]:
-    """A list of ids from a native list, a JSON array string, or a space-separated string."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return []
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [str(v) for v in value]
-    text = str(value).strip()
-    if text.startswith("["):
-        parsed = json.loads(text)
-        if not isinstance(parsed, list):
-            raise ValueError("not a JSON array")
-        return [str(v) for v in parsed]
-    return text.split()
-
-
-def _list_column(df: pd.DataFrame, column: str, file: str) -> pd.Series:
-    out = []
-    for pos, value in enumerate(df[column]):
-        try:
-            out.append(_parse_list(value))
-        except (ValueError, json.JSONDecodeError) as exc:
-            raise DataError(file, f"cannot read a list of ids from {value!r}: {exc}", column=column, rows=[pos]) from exc
-    return pd.Series(out, index=df.index, dtype=object)
-
-
 def _generic_path(params: dict, key: str) -> Path:
     value = str(params["data"].get("generic", {}).get(key) or "")
     if not value:
@@ -240,9 +214,9 @@ def load_generic(params: dict) -> Frames:
     if "text" not in raw.columns and "history" not in raw.columns:
         raise DataError(query_file, "missing column (need 'text' or 'history')", column="text")
     max_hist = _max_history(params)
-    targets = _list_column(raw, "targets", query_file) if "targets" in raw.columns else \
+    targets = list_column(raw, "targets", query_file) if "targets" in raw.columns else \
         raw["target"].map(lambda t: [] if pd.isna(t) or str(t).strip() == "" else [str(t).strip()])
-    history = _list_column(raw, "history", query_file) if "history" in raw.columns else \
+    history = list_column(raw, "history", query_file) if "history" in raw.columns else \
         pd.Series([[] for _ in range(len(raw))], index=raw.index, dtype=object)
     order = raw["order"] if "order" in raw.columns else pd.Series(range(len(raw)), index=raw.index)
     order_num = pd.to_numeric(order, errors="coerce")

@@ -180,3 +180,29 @@ def read_json(path: str | os.PathLike) -> Any:
             return json.load(fh)
     except json.JSONDecodeError as exc:
         raise DataError(path, f"malformed JSON on line {exc.lineno}: {exc.msg}", rows=[exc.lineno]) from exc
+
+
+def _parse_list(value: Any) -> list[str]:
+    """A list of ids from a native list, a JSON array string, or a space-separated string."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return []
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [str(v) for v in value]
+    text = str(value).strip()
+    if text.startswith("["):
+        parsed = json.loads(text)
+        if not isinstance(parsed, list):
+            raise ValueError("not a JSON array")
+        return [str(v) for v in parsed]
+    return text.split()
+
+
+def list_column(df: pd.DataFrame, column: str, file: str) -> pd.Series:
+    """A column of id lists in any contract spelling; a value that is none of them is a DataError at its row."""
+    out = []
+    for pos, value in enumerate(df[column]):
+        try:
+            out.append(_parse_list(value))
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise DataError(file, f"cannot read a list of ids from {value!r}: {exc}", column=column, rows=[pos]) from exc
+    return pd.Series(out, index=df.index, dtype=object)

@@ -22,10 +22,9 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from components.adapters import _list_column
 from components.atomic import write_json, write_parquet
 from components.config import out_path
-from components.contract import read_table, require_columns
+from components.contract import list_column, read_table, require_columns
 from components.errors import DataError
 from components.retrieve import retrieve
 from flows.flow_params import apply_overrides, flow_run_name
@@ -47,7 +46,7 @@ def read_queries(path: str | Path) -> pd.DataFrame:
     dup = ids.duplicated()
     if dup.any():
         raise DataError(file, f"duplicate id {ids[dup].iloc[0]!r}", column="query_id", rows=np.flatnonzero(dup))
-    history = _list_column(raw, "history", file) if "history" in raw.columns else pd.Series([[]] * len(raw))
+    history = list_column(raw, "history", file) if "history" in raw.columns else pd.Series([[]] * len(raw))
     text = raw["text"] if "text" in raw.columns else pd.Series([None] * len(raw))
     text = [None if t is None or (isinstance(t, float) and np.isnan(t)) or not str(t).strip() else str(t) for t in text]
     empty = np.array([not h and t is None for h, t in zip(history, text)])
