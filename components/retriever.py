@@ -155,13 +155,14 @@ def decode(model: nn.Module, batch: dict, beam: int, constrained: bool = True) -
     net = _net(model)
     if constrained and net.trie is None:
         raise ValueError("constrained decoding needs the issued SIDs: call model.attach_catalog(catalog)")
-    if not net.training:  # switching modes walks every submodule: skip it when serving
-        return beam_search(net, batch, net.vocab, beam, net.trie if constrained else None)
-    net.eval()
+    was_training = net.training
+    if was_training:  # switching modes walks every submodule: skip it when serving
+        net.eval()
     try:
         return beam_search(net, batch, net.vocab, beam, net.trie if constrained else None)
     finally:
-        net.train()
+        if was_training:
+            net.train()
 
 
 def generate_sids(model: nn.Module, batch: dict, beam: int, constrained: bool = True
