@@ -3,8 +3,8 @@
 `RetrieverModel` (a plain nn.Module, what is saved and served) scores SID tokens with the
 per-depth vocabulary mask (depth t may emit only layer-t codes or END), trains by teacher
 forcing with cross-entropy, and is the step decoder of `constrained_decoding.beam_search`.
-`RetrieverModule` is its LightningModule: training loop, validation Recall@K each epoch, and
-the best-epoch weights. Checkpoint = {"state_dict", "config"} (json-able config), loadable
+`RetrieverModule` is its LightningModule: training loop and validation Recall@K each epoch
+(components/best_epoch.py keeps the best epoch with Lightning's callbacks). Checkpoint = {"state_dict", "config"} (json-able config), loadable
 with torch.load(weights_only=True).
 """
 from __future__ import annotations
@@ -31,8 +31,9 @@ from components.sid_vocab import BOS, END, PAD, SidCatalog, SidVocab
 BACKBONES = ("small", "t5", "pretrained")
 
 
-def model_config(rp: dict, codebook_sizes: tuple[int, ...], emb_dim: int, max_history: int) -> dict:
-    """The json-able description a checkpoint needs to rebuild the model."""
+def model_config(rp: dict, codebook_sizes: tuple[int, ...], emb_dim: int, max_history: int, n_items: int = 0) -> dict:
+    """The json-able description a checkpoint needs to rebuild the model (n_items sizes the
+    item-id embedding table when `retriever.item_id_embeddings` is on)."""
     backbone = rp.get("backbone", "small")
     if backbone not in BACKBONES:
         raise ConfigError("retriever.backbone", f"must be one of {BACKBONES}, got {backbone!r}")
@@ -41,6 +42,7 @@ def model_config(rp: dict, codebook_sizes: tuple[int, ...], emb_dim: int, max_hi
            "n_layers": int(rp["n_layers"]), "ff_dim": int(rp["ff_dim"]), "dropout": float(rp["dropout"]),
            "decoder_layers": int(rp.get("decoder_layers") or rp["n_layers"]),
            "n_memory": int(rp["n_memory"]), "history_sid_tokens": bool(rp.get("history_sid_tokens", False)),
+           "n_item_ids": int(n_items) if rp.get("item_id_embeddings", False) else 0,
            "hf_config": None}
     vocab = SidVocab(tuple(cfg["codebook_sizes"]))
     if backbone == "t5":
@@ -88,7 +90,8 @@ class RetrieverModel(nn.Module):
         self.config = copy.deepcopy(config)
         self.vocab = SidVocab(tuple(config["codebook_sizes"]))
         d = config["d_model"]
-        self.query = QueryEncoder(config["emb_dim"], d, config["n_memory"], config["max_history"], config["dropout"])
+        self.query = QueryEncoder(config["emb_dim"], d, config["n_memory"], config["max_history"], config["dropout"],
+                                  int(config.get("n_item_ids", 0)))
         if config["backbone"] == "small":
             self.backbone: nn.Module = SmallSeq2Seq(self.vocab.size, self.vocab.max_len, d, config["n_heads"],
                                                     config["n_layers"], config["ff_dim"], config["dropout"],
@@ -199,9 +202,6 @@ class RetrieverModule(L.LightningModule):
         self.lr, self.weight_decay, self.eval_beam, self.val_k = lr, weight_decay, eval_beam, val_k
         self.warmup_steps, self.total_steps = warmup_steps, total_steps
         self.curve: list[dict] = []
-        self.best_state: dict | None = None
-        self.best_recall = -1.0
-        self.best_epoch = -1
         self._losses: list[float] = []
         self._hits: list[np.ndarray] = []
         self._last_recall = float("nan")
@@ -229,18 +229,13 @@ class RetrieverModule(L.LightningModule):
         self._epoch_start = time.perf_counter()
 
     def on_train_epoch_end(self) -> None:
-        """One curve row per epoch; keep the weights of the best validation epoch (else the last)."""
+        """One curve row per epoch (the best epoch is kept by ModelCheckpoint, components/best_epoch.py)."""
         recall, self._last_recall = self._last_recall, float("nan")
         train_loss = float(np.mean(self._losses)) if self._losses else float("nan")
         self._losses = []
         self.curve.append({"epoch": int(self.current_epoch), "train_loss": train_loss, f"val_recall@{self.val_k}": recall})
         rank_zero_info(f"retriever epoch {self.current_epoch}: train_loss {train_loss:.4f}, "
                        f"val_recall@{self.val_k} {recall:.4f}, {time.perf_counter() - self._epoch_start:.1f} s")
-        validated = not np.isnan(recall)
-        if not validated or recall >= self.best_recall:  # ties: the later, longer-trained epoch
-            self.best_recall = recall if validated else self.best_recall
-            self.best_epoch = int(self.current_epoch)
-            self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -204,6 +204,7 @@ class ExampleDataset(Dataset):
             batch["x"] = torch.from_numpy(self.item_emb[np.maximum(rows, 0)])
             batch["mask"] = torch.from_numpy(rows >= 0)
             batch["hist_tokens"] = torch.from_numpy(self.item_tokens[rows])      # row -1 -> the PAD row
+            batch["hist_items"] = torch.from_numpy(rows)
         sid_item = self.ex.sid[idx]
         if (sid_item >= 0).all():
             sid = self.item_sid[sid_item]

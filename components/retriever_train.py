@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from components.atomic import atomic_path, write_json
+from components.best_epoch import fit_best_epoch
 from components.config import out_path
 from components.errors import ConfigError
 from components.query_encoders import check_text_encoder_option
@@ -82,13 +82,14 @@ def prepare_training(params: dict) -> tuple[int, int, RetrieverInputs, tuple]:
 
 
 def run_train_retriever(params: dict) -> dict:
-    """Train, keep the best validation epoch, write the checkpoint, curve and metrics."""
+    """Train (early stopping on validation Recall@10), keep the best epoch, write the checkpoint,
+    curve and metrics."""
     set_offline_defaults()
     rp = params["retriever"]
     check_text_encoder_option(rp)
     seed, max_history, inputs, (examples, valid, text_vectors, counts) = prepare_training(params)
 
-    config = model_config(rp, inputs.codebook_sizes, inputs.item_emb.shape[1], max_history)
+    config = model_config(rp, inputs.codebook_sizes, inputs.item_emb.shape[1], max_history, len(inputs.items))
     config["sid_version"] = inputs.sid_version
     net = RetrieverModel(config, load_pretrained=True).train()
     net.attach_catalog(inputs.catalog)
@@ -104,33 +105,28 @@ def run_train_retriever(params: dict) -> dict:
                              warmup_steps=int(rp.get("warmup_steps", 0)), total_steps=epochs * len(sampler))
     tr = rp.get("trainer", {})
     run_dir = Path("runs")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*`isinstance.*treespec.*")
-        warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
-        trainer = L.Trainer(max_epochs=epochs, accelerator=tr.get("accelerator", "cpu"), devices=tr.get("devices", 1),
-                            strategy=tr.get("strategy", "auto"), precision=tr.get("precision", "32-true"),
-                            logger=_logger(params, run_dir), enable_checkpointing=False, num_sanity_val_steps=0,
-                            deterministic=True, use_distributed_sampler=False, enable_model_summary=False,
-                            gradient_clip_val=float(rp.get("grad_clip", 1.0)), default_root_dir=str(run_dir / "lightning"),
-                            log_every_n_steps=10, check_val_every_n_epoch=1)
-        start = time.perf_counter()
-        trainer.fit(module, train_dl, val_dl if len(valid) else None)
-        seconds = time.perf_counter() - start
-    if trainer.logger:
-        trainer.logger.experiment.finish()
-    if module.best_state is not None:
-        net.load_state_dict(module.best_state)
+    logger = _logger(params, run_dir)
+    trainer_kwargs = dict(max_epochs=epochs, accelerator=tr.get("accelerator", "cpu"), devices=tr.get("devices", 1),
+                          strategy=tr.get("strategy", "auto"), precision=tr.get("precision", "32-true"),
+                          logger=logger, deterministic=True, use_distributed_sampler=False,
+                          enable_model_summary=False, gradient_clip_val=float(rp.get("grad_clip", 1.0)),
+                          default_root_dir=str(run_dir / "lightning"), log_every_n_steps=10, check_val_every_n_epoch=1)
+    start = time.perf_counter()
+    fit = fit_best_epoch(module, trainer_kwargs, train_dl, val_dl if len(valid) else None, f"val_recall@{VAL_K}",
+                         int(rp.get("patience", 0)))
+    seconds = time.perf_counter() - start
+    if logger:
+        logger.experiment.finish()
     save_retriever(net, out_path(params, "retriever", "model.pt"))
     curve = pd.DataFrame(module.curve, columns=["epoch", "train_loss", f"val_recall@{VAL_K}"])
     with atomic_path(out_path(params, "plots", "retriever_curve.csv")) as tmp:
         curve.to_csv(tmp, index=False)
     summary = {
         "backbone": config["backbone"], "n_params": int(sum(p.numel() for p in net.parameters())),
-        "epochs": epochs, "best_epoch": module.best_epoch,
-        f"best_val_recall@{VAL_K}": module.best_recall if module.best_recall >= 0 else None,
+        "epochs": epochs, "epochs_run": fit.epochs_run, "stopped_early": fit.stopped_early,
+        "best_epoch": fit.best_epoch, f"best_val_recall@{VAL_K}": fit.best_score,
         f"final_val_recall@{VAL_K}": float(curve[f"val_recall@{VAL_K}"].iloc[-1]) if len(valid) else None,
-        "train_seconds": round(seconds, 2), "seconds_per_epoch": round(seconds / max(epochs, 1), 2),
+        "train_seconds": round(seconds, 2), "seconds_per_epoch": round(seconds / max(fit.epochs_run, 1), 2),
         "eval_beam": int(rp["eval_beam"]), "sid_version": inputs.sid_version, "n_sids": int(inputs.catalog.n_sids),
         **counts,
     }

@@ -12,14 +12,13 @@ training loop are the retriever's own (components.retriever_train / retriever).
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from components.best_epoch import fit_best_epoch
 from components.config import out_path
 from components.retriever import RetrieverModel, RetrieverModule, save_retriever
 from components.retriever_data import BucketBatchSampler, ExampleDataset, Examples
@@ -108,22 +107,18 @@ def finetune_retriever(params: dict, init_checkpoint: Path, new_item_ids: list[s
     module = RetrieverModule(net, lr=lr, weight_decay=float(rp.get("weight_decay", 0.0)),
                              eval_beam=int(rp["eval_beam"]), val_k=VAL_K)
     tr = rp.get("trainer", {})
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        trainer = L.Trainer(max_epochs=epochs, accelerator=tr.get("accelerator", "cpu"), devices=tr.get("devices", 1),
-                            precision=tr.get("precision", "32-true"), logger=False, enable_checkpointing=False,
-                            num_sanity_val_steps=0, deterministic=True, use_distributed_sampler=False,
-                            enable_model_summary=False, gradient_clip_val=float(rp.get("grad_clip", 1.0)),
-                            default_root_dir=str(out_path(params, "lightning")))
-        start = time.perf_counter()
-        trainer.fit(module, train_dl, val_dl)
-        seconds = time.perf_counter() - start
-    if module.best_state is not None:
-        net.load_state_dict(module.best_state)
+    trainer_kwargs = dict(max_epochs=epochs, accelerator=tr.get("accelerator", "cpu"), devices=tr.get("devices", 1),
+                          precision=tr.get("precision", "32-true"), logger=False, deterministic=True,
+                          use_distributed_sampler=False, enable_model_summary=False,
+                          gradient_clip_val=float(rp.get("grad_clip", 1.0)),
+                          default_root_dir=str(out_path(params, "lightning")))
+    start = time.perf_counter()
+    fit = fit_best_epoch(module, trainer_kwargs, train_dl, val_dl, f"val_recall@{VAL_K}", 0)
+    seconds = time.perf_counter() - start
     net.eval()
     save_retriever(net, out_path(params, "retriever", "model.pt"))
-    return net, {"epochs": epochs, "lr": lr, "best_epoch": module.best_epoch,
-                 f"best_val_recall@{VAL_K}": module.best_recall, "n_new_pairs": int(len(new_idx)),
+    return net, {"epochs": epochs, "lr": lr, "best_epoch": fit.best_epoch,
+                 f"best_val_recall@{VAL_K}": fit.best_score, "n_new_pairs": int(len(new_idx)),
                  "n_steps": int(epochs * len(sampler)),
                  "n_replay_pairs": int(len(replay)), "vocab_tensors_grown": moved,
                  "train_seconds": round(seconds, 2), "index_kind": counts["index_kind"]}
