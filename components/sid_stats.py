@@ -26,6 +26,18 @@ def _length_summary(lengths: np.ndarray) -> dict:
             "hist": {str(int(v)): int(c) for v, c in zip(values, counts)}}
 
 
+def _collision_summary(sid_table: pd.DataFrame) -> dict:
+    """With TIGER's collision token the SIDs are unique by construction; the figures of the
+    SIDs without it (the prefix before the last code) still say how crowded the codebooks are."""
+    prefixes = sid_table["codes"].map(lambda c: "-".join(str(int(x)) for x in c[:-1]))
+    counts = prefixes.value_counts()
+    last = np.array([int(c[-1]) for c in sid_table["codes"]], dtype=np.int64)
+    return {"prefix_unique_share": float((prefixes.map(counts) == 1).mean()) if len(prefixes) else 0.0,
+            "prefix_n_sids": int(len(counts)),
+            "prefix_items_per_sid_mean": float(counts.mean()) if len(counts) else 0.0,
+            "max_code": int(last.max()) if len(last) else -1}
+
+
 def sid_statistics(sid_table: pd.DataFrame, items_df: pd.DataFrame, meta: dict,
                    recon_err: np.ndarray | None = None) -> dict:
     """The SID figures the paper reports, per head / tail / cold where it matters.
@@ -33,7 +45,8 @@ def sid_statistics(sid_table: pd.DataFrame, items_df: pd.DataFrame, meta: dict,
     items_per_sid quantiles run over distinct SIDs (how many items one SID holds);
     unique_share is the share of items whose SID no other item has; a code is dead at a
     layer when no item's SID uses it there. recon_err, when given, is aligned with the
-    rows of sid_table."""
+    rows of sid_table. With meta `collision_token` the last layer is TIGER's collision token
+    and `collision` reports the SIDs before it."""
     sids = sid_strings(sid_table)
     per_sid = sids.value_counts().to_numpy()
     holders = sids.map(sids.value_counts())
@@ -66,6 +79,8 @@ def sid_statistics(sid_table: pd.DataFrame, items_df: pd.DataFrame, meta: dict,
             "dead": int(size - len(used)), "dead_share": float(1 - len(used) / size) if size else 0.0,
             "extension_used": int((used >= n_anchor).sum()),
         })
+    if meta.get("collision_token"):
+        stats["collision"] = _collision_summary(sid_table)
     if recon_err is not None:
         err = np.asarray(recon_err, dtype=np.float64)
         stats["recon_err"] = {"all": float(err.mean())}

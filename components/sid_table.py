@@ -149,3 +149,51 @@ def assert_stable(old: pd.DataFrame, new: pd.DataFrame, file: str) -> None:
         pos = np.flatnonzero(new["item_id"].astype(str).isin(set(changed)))
         raise DataError(file, f"{len(changed)} issued SIDs changed or vanished, e.g. {changed[:5]}",
                         column="codes", rows=pos)
+
+
+# ---- TIGER collision token ----------------------------------------------------------------
+
+COLLISION_MULTIPLE = 8
+
+
+def collision_codes(prefixes: Sequence[Sequence[int]], popularity: Sequence[float] | np.ndarray) -> list[int]:
+    """TIGER's last token: the items sharing a prefix get 0..n-1, an item alone in it gets 0.
+
+    Within a prefix the order is popularity descending, then row (items.parquet order):
+    code 0, the most frequent code of the layer, goes to the most popular item, so the
+    decoder's prior inside a colliding group follows the popularity order the retriever
+    used for shared SIDs without the token; the row breaks ties deterministically."""
+    pop = np.asarray(popularity, dtype=np.float64)
+    if len(pop) != len(prefixes):
+        raise ValueError(f"{len(prefixes)} prefixes but {len(pop)} popularity values")
+    out = np.zeros(len(pop), dtype=np.int64)
+    taken: dict[tuple[int, ...], int] = {}
+    for row in np.lexsort((np.arange(len(pop)), -pop)):
+        key = tuple(int(c) for c in prefixes[row])
+        out[row] = taken.get(key, 0)
+        taken[key] = int(out[row]) + 1
+    return out.tolist()
+
+
+def next_collision_codes(issued: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]]) -> list[int]:
+    """Collision codes for new items (in input order) next to the issued full SIDs (prefix +
+    collision code): the next free number per prefix, so no new SID equals an issued one and
+    no issued SID changes."""
+    taken: dict[tuple[int, ...], int] = {}
+    for sid in issued:
+        key = tuple(int(c) for c in sid[:-1])
+        taken[key] = max(taken.get(key, 0), int(sid[-1]) + 1)
+    out = []
+    for prefix in prefixes:
+        key = tuple(int(c) for c in prefix)
+        out.append(taken.get(key, 0))
+        taken[key] = out[-1] + 1
+    return out
+
+
+def collision_layer_size(codes: Sequence[int], multiple: int = COLLISION_MULTIPLE) -> int:
+    """Rows of the collision layer: the largest code + 1 (the largest collision group)
+    rounded up to `multiple`, at least 1, so a few new items per prefix fit before the
+    retriever's vocabulary has to grow."""
+    need = int(max(codes, default=-1)) + 1
+    return max(1, -(-need // multiple) * multiple)

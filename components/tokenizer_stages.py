@@ -31,12 +31,14 @@ from components.rqvae import RQVAE, SarqSpec, TrainSpec, fit
 from components.quantizer import ResidualQuantizer
 from components.sarq import parse_tau, popularity_weights
 from components.sid_stats import plot_sid_stats, sid_statistics
-from components.sid_table import assert_stable, make_sid_table, read_import, write_sid_table
+from components.sid_table import (assert_stable, collision_codes, collision_layer_size, make_sid_table, read_import,
+                                  write_sid_table)
 from components.sid_tokenizer import (STAGE2_METHODS, Tokenizer, assign_new_items, load_checkpoint,
                                       load_tokenizer, save_checkpoint)
 
 METHODS = ("rqkmeans", "rqvae", "acrq", "sarq", "sa2crq", "import")
 SARQ_METHODS = ("sarq", "sa2crq")
+COLLISION_METHODS = ("rqkmeans", "rqvae")
 FORMAT = 1
 
 __all__ = ["run_train_head", "run_train_tail", "run_assign_ids", "load_tokenizer", "assign_new_items",
@@ -70,6 +72,7 @@ class TokenizerConfig:
     reestimate_every: int
     import_path: str
     seed: int
+    collision_token: bool = False
 
     @property
     def adaptive(self) -> bool:
@@ -80,6 +83,18 @@ def _int_list(value: object, key: str) -> list[int]:
     if not isinstance(value, list) or not value or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
         raise ConfigError(key, f"must be a non-empty list of integers, got {value!r}")
     return list(value)
+
+
+def _collision_flag(value: object, method: str) -> bool:
+    """tokenizer.collision_token, checked: TIGER's extra token makes sense only where every
+    SID has the same length (rqvae, rqkmeans); for adaptive or imported SIDs a fixed extra
+    layer would mix with the variable length, so it is refused rather than ignored."""
+    if not isinstance(value, bool):
+        raise ConfigError("tokenizer.collision_token", f"must be true or false, got {value!r}")
+    if value and method not in COLLISION_METHODS:
+        raise ConfigError("tokenizer.collision_token",
+                          f"only for fixed-length methods {COLLISION_METHODS}, not tokenizer.method={method}")
+    return value
 
 
 def tokenizer_config(params: dict) -> TokenizerConfig:
@@ -118,7 +133,8 @@ def tokenizer_config(params: dict) -> TokenizerConfig:
         min_len=min_len, max_len=max_len, smoothing=float(s.get("smoothing", 1.0)),
         popularity_weighted=bool(s.get("popularity_weighted", False)),
         warmup_epochs=int(s.get("warmup_epochs", 0)), reestimate_every=int(s.get("reestimate_every", 1)),
-        import_path=str(t.get("import_path") or ""), seed=int(params.get("seed", 0)))
+        import_path=str(t.get("import_path") or ""), seed=int(params.get("seed", 0)),
+        collision_token=_collision_flag(t.get("collision_token", False), method))
     if cfg.method in SARQ_METHODS and cfg.smoothing <= 0:
         raise ConfigError("tokenizer.sarq.smoothing", f"must be > 0, got {cfg.smoothing}")
     for key, value in (("batch_size", cfg.batch_size), ("latent_dim", cfg.latent_dim), ("threads", cfg.threads)):
@@ -279,6 +295,18 @@ def _issued_head(head: dict, item_ids: list[str], codes: np.ndarray, lengths: np
     return mask
 
 
+def _with_collision_layer(codes_list: list[list[int]], popularity: np.ndarray,
+                          meta: dict) -> tuple[list[list[int]], dict]:
+    """TIGER's collision token as one more layer (components.sid_table.collision_codes):
+    every SID grows by one code, and meta by one layer sized for the largest collision group,
+    so the retriever's vocabulary and max_len follow from meta alone."""
+    extra = collision_codes(codes_list, popularity)
+    size = collision_layer_size(extra)
+    meta = {**meta, "codebook_sizes": [*meta["codebook_sizes"], size], "anchor_sizes": [*meta["anchor_sizes"], size],
+            "max_len": meta["max_len"] + 1, "min_len": meta["min_len"] + 1}
+    return [c + [k] for c, k in zip(codes_list, extra)], meta
+
+
 def run_assign_ids(params: dict) -> dict:
     """Write sids/sid_table.parquet, sids/meta.json, metrics/sid_stats.json and the plots."""
     cfg = tokenizer_config(params)
@@ -299,7 +327,8 @@ def run_assign_ids(params: dict) -> dict:
         sizes = [int(max((c[l] for c in codes_list if len(c) > l), default=-1)) + 1
                  for l in range(max(map(len, codes_list)))]
         meta = {"method": "import", "codebook_sizes": sizes, "anchor_sizes": sizes,
-                "max_len": len(sizes), "min_len": int(min(map(len, codes_list))), "tau": None}
+                "max_len": len(sizes), "min_len": int(min(map(len, codes_list))), "tau": None,
+                "collision_token": False}
         residual = None
     else:
         tok = load_tokenizer(params)
@@ -311,6 +340,11 @@ def run_assign_ids(params: dict) -> dict:
             stages[is_head] = "head"
         recon = tok.reconstruction_error(x, codes, lengths)
         codes_list = [codes[i, : lengths[i]].tolist() for i in range(len(items))]
+        meta = {"method": cfg.method, "codebook_sizes": tok.sizes, "anchor_sizes": tok.anchor_sizes,
+                "max_len": tok.max_len, "min_len": tok.min_len,
+                "tau": tok.tau if math.isfinite(tok.tau) else None, "collision_token": cfg.collision_token}
+        if cfg.collision_token:
+            codes_list, meta = _with_collision_layer(codes_list, items["popularity"].to_numpy(), meta)
         table = make_sid_table(item_ids, codes_list, stages.tolist(), tok.version)
         if cfg.method in STAGE2_METHODS:
             issued = head["issued"]
@@ -318,9 +352,6 @@ def run_assign_ids(params: dict) -> dict:
                                                       zip(issued["codes"].numpy(), issued["lengths"].numpy())],
                                  "head", tok.version)
             assert_stable(old, table, str(table_path))
-        meta = {"method": cfg.method, "codebook_sizes": tok.sizes, "anchor_sizes": tok.anchor_sizes,
-                "max_len": tok.max_len, "min_len": tok.min_len,
-                "tau": tok.tau if math.isfinite(tok.tau) else None}
         dist = tok.residual_distances(x)
         residual = {f"layer{l + 1}": {"q50": float(np.quantile(dist[:, l], 0.5)),
                                       "q99": float(np.quantile(dist[:, l], 0.99))} for l in range(dist.shape[1])}

@@ -4,7 +4,8 @@ The candidate folder (versions/<new>/) gets the full set a retriever serves from
 prepared/ (old items, then the new ones as cold items; queries unchanged), embeddings/
 (old rows, then the new rows), tokenizer/ (with any grown extension rows), sids/ (old rows
 byte-for-byte the same SIDs, new rows with stage `new`). Old SIDs are checked unchanged
-with components.sid_table.assert_stable before anything is written.
+with components.sid_table.assert_stable before anything is written. With TIGER's collision
+token (meta `collision_token`) new SIDs get the next free collision code of their prefix.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import pandas as pd
 from components.atomic import atomic_dir
 from components.contract import ITEM_COLUMNS, read_table, validate_items
 from components.errors import DataError
-from components.sid_table import assert_stable, make_sid_table, read_sid_table, write_sid_table
+from components.sid_table import (assert_stable, collision_layer_size, make_sid_table, next_collision_codes,
+                                  read_sid_table, write_sid_table)
 from components.sid_tokenizer import Tokenizer, load_checkpoint, save_checkpoint
 
 
@@ -63,12 +65,28 @@ def _save_tokenizer(base_tok: Path, cand_tok: Path, tokenizer: Tokenizer) -> Non
                     return
 
 
+def with_collision_codes(old_table: pd.DataFrame, meta: dict,
+                         codes: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """New SIDs plus the collision layer's size (an empty list when meta has no collision token).
+
+    Each new item gets the next free collision code of its prefix, so it collides with no
+    issued SID. A prefix that outgrows the layer grows it (to the next multiple of 8) rather
+    than failing, like grown extension rows: the retriever's fine-tuning maps the old tokens
+    onto the grown vocabulary."""
+    if not meta.get("collision_token"):
+        return codes, []
+    extra = next_collision_codes(list(old_table["codes"]), codes)
+    size = max(int(meta["codebook_sizes"][-1]), collision_layer_size(extra))
+    return [[*c, k] for c, k in zip(codes, extra)], [size]
+
+
 def write_candidate(base: Path, cand: Path, new_items: pd.DataFrame, new_emb: np.ndarray,
                     codes: list[list[int]], tokenizer: Tokenizer, version: str) -> dict:
     """Write prepared/, embeddings/, tokenizer/, sids/ of the candidate; returns SID counts."""
     old_items = pd.read_parquet(base / "prepared" / "items.parquet")
     old_table = read_sid_table(base / "sids" / "sid_table.parquet")
     meta = json.loads((base / "sids" / "meta.json").read_text())
+    codes, collision_size = with_collision_codes(old_table, meta, codes)
     table = pd.concat([old_table, make_sid_table(new_items["item_id"], codes, "new", version)], ignore_index=True)
     assert_stable(old_table, table, str(cand / "sids" / "sid_table.parquet"))
     items = grown_items(old_items, new_items)
@@ -80,7 +98,8 @@ def write_candidate(base: Path, cand: Path, new_items: pd.DataFrame, new_emb: np
         if (base / "embeddings" / "queries.npy").exists():
             shutil.copy2(base / "embeddings" / "queries.npy", tmp / "queries.npy")
     _save_tokenizer(base / "tokenizer", cand / "tokenizer", tokenizer)
-    meta.update({"version": version, "codebook_sizes": [int(k) for k in tokenizer.sizes], "parent": meta["version"]})
+    meta.update({"version": version, "codebook_sizes": [int(k) for k in tokenizer.sizes] + collision_size,
+                 "parent": meta["version"]})
     with atomic_dir(cand / "sids") as tmp:
         write_sid_table(table, tmp / "sid_table.parquet")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
