@@ -4,7 +4,8 @@ Each (variant, seed) runs train_head, train_tail, assign_ids and train_retriever
 scratch out_dir (<out_dir>/<eval.compare_dir>/<variant>/seed<k>, with prepared/ and embeddings/
 linked from the main run), then the generative retriever is evaluated constrained (recall,
 Ret-Per) and unconstrained (hallucination). Baselines are evaluated once per seed (only the
-trained two-tower depends on it). A finished run whose params are unchanged is reused, so an
+trained ones, two-tower and SASRec, depend on it); one that does not apply (SASRec on a search
+dataset) has no row. A finished run whose params are unchanged is reused, so an
 interrupted comparison resumes where it stopped.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from components.atomic import atomic_path, write_json
 from components.config import deep_merge, out_path, params_hash
 from components.errors import ConfigError
 from components.evaluate import (
+    baseline_label,
     check_eval_params,
     evaluate_all,
     load_eval_inputs,
@@ -30,11 +32,11 @@ from components.report import metric_label, sid_stats_row
 from components.runtime_env import set_offline_defaults
 
 TRAIN_STEPS = ("train_head", "train_tail", "assign_ids", "train_retriever")
-SEEDED_BASELINES = ("two_tower",)
+SEEDED_BASELINES = ("two_tower", "sasrec", "sasrec_text")
 LINKED = ("prepared", "embeddings")
 # eval keys that pick what to compare or how baselines run; a finished variant run does not depend on them
-NOT_RUN_KEYS = ("variants", "seeds", "compare_dir", "baselines", "two_tower", "bm25_history", "dense_history",
-                "threads")
+NOT_RUN_KEYS = ("variants", "seeds", "compare_dir", "baselines", "two_tower", "sasrec", "bm25_history",
+                "dense_history", "threads")
 
 
 def table_metrics(params: dict) -> list[str]:
@@ -142,9 +144,12 @@ def collect_runs(params: dict, variants: list[dict], seeds: list[int]) -> tuple[
             p = deep_merge(params, {"seed": int(seed)})
             todo = [name for name in baselines if name in SEEDED_BASELINES or name not in fixed]
             results, _ = evaluate_all(p, data, todo, generative=False)
-            fixed.update({k: v for k, v in results.items() if k not in SEEDED_BASELINES})
-            for name in baselines:
-                rows += _rows(name, seed, results.get(name, fixed.get(name)), None)
+            seeded = {baseline_label(b) for b in SEEDED_BASELINES}
+            fixed.update({k: v for k, v in results.items() if k not in seeded})
+            for label in map(baseline_label, baselines):
+                result = results.get(label, fixed.get(label))
+                if result is not None:  # None: not applicable to the dataset (SASRec without histories)
+                    rows += _rows(label, seed, result, None)
     return pd.DataFrame(rows), pd.DataFrame(sid_rows)
 
 

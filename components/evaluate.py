@@ -28,8 +28,15 @@ from components.metrics import (
 )
 from components.runtime_env import set_offline_defaults
 
-BASELINES = ("bm25", "dense", "popular", "two_tower")
+BASELINES = ("bm25", "dense", "popular", "two_tower", "sasrec", "sasrec_text")
+# row names of baselines whose key is not their name (components/sasrec.py); the others keep their key
+BASELINE_LABELS = {"sasrec": "SASRec", "sasrec_text": "SASRec + text"}
 HEADLINE = ("recall@{k}", "ndcg@{k}", "mrr@{k}", "recall@all", "ret_per", "hallucination")
+
+
+def baseline_label(name: str) -> str:
+    """The row name of a baseline key in results, reports and the comparison."""
+    return BASELINE_LABELS.get(name, name)
 
 
 def slug(name: str) -> str:
@@ -46,6 +53,7 @@ class EvalInputs:
     test: pd.DataFrame
     item_emb: np.ndarray
     query_emb: np.ndarray | None
+    valid: pd.DataFrame | None = None  # checkpoint choice of trained baselines (SASRec)
 
 
 def load_eval_inputs(params: dict) -> EvalInputs:
@@ -62,7 +70,8 @@ def load_eval_inputs(params: dict) -> EvalInputs:
     test = queries[queries["split"] == "test"]
     if test.empty:
         raise DataError(root / "prepared" / "queries.parquet", "no query has split == 'test'", column="split")
-    return EvalInputs(items, queries[queries["split"] == "train"], test, item_emb, query_emb)
+    return EvalInputs(items, queries[queries["split"] == "train"], test, item_emb, query_emb,
+                      queries[queries["split"] == "valid"])
 
 
 def check_eval_params(params: dict) -> None:
@@ -76,6 +85,10 @@ def check_eval_params(params: dict) -> None:
     unknown = [b for b in ev["baselines"] if b not in BASELINES]
     if unknown:
         raise ConfigError("eval.baselines", f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
+    if {"sasrec", "sasrec_text"} & set(ev["baselines"]):
+        from components.sasrec import sasrec_config
+
+        sasrec_config(params)
 
 
 def eval_depth(params: dict) -> int:
@@ -97,8 +110,8 @@ def two_tower_config(params: dict) -> dict:
             "max_len": params["data"]["max_history"], **params["eval"]["two_tower"]}
 
 
-def run_baseline(name: str, params: dict, data: EvalInputs) -> pd.DataFrame:
-    """Ranked results of one baseline on the test queries."""
+def run_baseline(name: str, params: dict, data: EvalInputs) -> pd.DataFrame | None:
+    """Ranked results of one baseline on the test queries; None (logged) when it does not apply to the data."""
     from components import baselines
 
     ev, k = params["eval"], fetch_depth(params)
@@ -114,6 +127,10 @@ def run_baseline(name: str, params: dict, data: EvalInputs) -> pd.DataFrame:
 
         return two_tower(data.train, data.test, data.items, data.item_emb, data.query_emb, two_tower_config(params),
                          int(params["seed"]), k)
+    if name in ("sasrec", "sasrec_text"):
+        from components.sasrec import run_sasrec
+
+        return run_sasrec(params, data, k, text=name == "sasrec_text")
     raise ConfigError("eval.baselines", f"unknown baseline {name!r}; choose from {list(BASELINES)}")
 
 
@@ -214,8 +231,11 @@ def evaluate_all(params: dict, data: EvalInputs, baselines: list[str], generativ
             results[name], deciles[name] = evaluate_method(params, name, frame, data, halluc if free else None)
         del ranked
     for name in baselines:
-        results[name], deciles[name] = evaluate_method(params, name, run_baseline(name, params, data), data,
-                                                       depth=eval_depth(params))
+        frame = run_baseline(name, params, data)
+        if frame is None:  # not applicable here (SASRec without histories); run_baseline logged why
+            continue
+        label = baseline_label(name)
+        results[label], deciles[label] = evaluate_method(params, label, frame, data, depth=eval_depth(params))
     return results, deciles
 
 
