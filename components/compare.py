@@ -29,6 +29,7 @@ from components.evaluate import (
 )
 from components.metrics import GROUPS
 from components.report import metric_label, sid_stats_row
+from components.results_file import input_digests, invoked_command, write_results_file
 from components.runtime_env import set_offline_defaults
 
 TRAIN_STEPS = ("train_head", "train_tail", "assign_ids", "train_retriever")
@@ -36,14 +37,15 @@ SEEDED_BASELINES = ("two_tower", "sasrec", "sasrec_text")
 LINKED = ("prepared", "embeddings")
 # eval keys that pick what to compare or how baselines run; a finished variant run does not depend on them
 NOT_RUN_KEYS = ("variants", "seeds", "compare_dir", "baselines", "two_tower", "sasrec", "bm25_history",
-                "dense_history", "threads")
+                "dense_history", "threads", "results_dir")
 
 
 def table_metrics(params: dict) -> list[str]:
     """Columns of the comparison: hallucination, recall at every K, NDCG@headline_k, recall@all, Ret-Per."""
     ev = params["eval"]
     ks = sorted({int(k) for k in list(ev["ks"]) + list(ev.get("deep_ks") or [])})
-    return ["hallucination"] + [f"recall@{k}" for k in ks] + [f"ndcg@{int(ev['headline_k'])}", "recall@all", "ret_per"]
+    k = int(ev["headline_k"])
+    return ["hallucination"] + [f"recall@{k}" for k in ks] + [f"ndcg@{k}", f"mrr@{k}", "recall@all", "ret_per"]
 
 
 def _rows(method: str, seed: int, result: dict, hallucination: dict | None) -> list[dict]:
@@ -218,6 +220,7 @@ def compare_variants(params: dict, variants: list[dict], seeds: list[int]) -> pd
     overall = {m: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
                for m, row in table.xs("overall", level="group").iterrows()}
     write_json(overall, root / "summary.json")
+    write_results_file(table, params, [int(s) for s in seeds], invoked_command(), input_digests(params))
     log_to_wandb(params, {m: {k: v for k, v in row.items() if v is not None} for m, row in overall.items()},
                  {"comparison": table.reset_index(), "sid_stats": sid_frame}, {}, job="compare")
     return table

@@ -26,7 +26,8 @@ def smoke_params(tmp_path_factory) -> dict:
     from components.config import load_params
 
     out = tmp_path_factory.mktemp("smoke_out")
-    return load_params(ROOT / "params.yaml", ["profile=smoke", f"out_dir={out}", f"data.root={data_root()}"])
+    return load_params(ROOT / "params.yaml", ["profile=smoke", f"out_dir={out}", f"data.root={data_root()}",
+                                              f"eval.results_dir={out / 'results'}"])
 
 
 @pytest.fixture(scope="session")

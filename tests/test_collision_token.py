@@ -142,7 +142,8 @@ def test_retriever_trains_and_decodes_on_collision_sids(tmp_path):
     assert model.vocab.max_len == catalog.max_len == 4
     model.attach_catalog(catalog)
     emb = torch.from_numpy(np.load(tmp_path / "embeddings" / "items.npy"))
-    batch = {"kind": "history", "x": emb[:, None], "mask": torch.ones(len(emb), 1, dtype=torch.bool), "indexing": True}
+    batch = {"kind": "history", "x": emb[:, None], "mask": torch.ones(len(emb), 1, dtype=torch.bool), "indexing": True,
+             "hist_items": torch.arange(len(emb))[:, None]}
     res = decode(model, batch, beam=10)
     ranks = model.catalog.target_ranks(res.sid_index.numpy(), np.arange(len(items))[:, None])
     assert (ranks < 10).all()

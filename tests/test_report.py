@@ -63,7 +63,8 @@ def run_params(tmp_path, monkeypatch) -> dict:
     _write_run(tmp_path)
     monkeypatch.setattr(evaluate_mod, "run_generative", _fake_generative)
     overrides = ["profile=smoke", f"out_dir={tmp_path}", "eval.bootstrap=30", "eval.ks=[1,5]", "eval.deep_ks=[10]",
-                 "eval.headline_k=5", "data.max_history=5", "retriever.d_model=8", "retriever.n_memory=2"]
+                 "eval.headline_k=5", "data.max_history=5", "retriever.d_model=8", "retriever.n_memory=2",
+                 f"eval.results_dir={tmp_path / 'results'}"]
     return load_params(ROOT / "params.yaml", overrides)
 
 
@@ -127,6 +128,16 @@ def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypa
     assert list(head.index) == ["A one", "B", "popular"]
     assert head.loc["A one", "Hallu"] == "0.2500 ± 0.0000" and head.loc["popular", "Hallu"] == "-"
     assert "## Headline: Recall@5 by target group" in md
+    # results/<dataset>.json: the headline rows with mean and std over seeds, named as the issue asks
+    doc = json.loads((Path(params["eval"]["results_dir"]) / f"{params['dataset']}.json").read_text())
+    assert doc["dataset"] == params["dataset"] and doc["seeds"] == [0, 1] and doc["command"].startswith("sa2crq")
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert list(rows) == ["A one", "B", "most popular"]
+    assert rows["A one"]["hallucination"]["mean"] == pytest.approx(0.25)
+    assert rows["most popular"]["hallucination"] is None                  # not a generative row
+    assert rows["A one"]["R@5"]["mean"] == pytest.approx(table.loc[("A one", "overall"), "recall@5"])
+    assert rows["A one"]["R@5"]["std"] == pytest.approx(table.loc[("A one", "overall"), "recall@5 std"])
+    assert {"R@5_head", "R@5_tail", "R@5_cold", "NDCG@5"} <= set(rows["B"])
     calls.clear()
     # a finished run is reused, also when the list of variants to compare (or the baselines) changes
     fewer = dict(params, eval={**params["eval"], "variants": variants[:1], "baselines": []})

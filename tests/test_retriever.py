@@ -87,7 +87,8 @@ def test_tiny_catalog_is_learned_from_indexing_pairs(tmp_path):
     model = load_retriever(tmp_path / "retriever" / "model.pt")
     model.attach_catalog(load_inputs(params).catalog)
     emb = torch.from_numpy(np.load(tmp_path / "embeddings" / "items.npy"))
-    batch = {"kind": "history", "x": emb[:, None], "mask": torch.ones(len(emb), 1, dtype=torch.bool), "indexing": True}
+    batch = {"kind": "history", "x": emb[:, None], "mask": torch.ones(len(emb), 1, dtype=torch.bool), "indexing": True,
+             "hist_items": torch.arange(len(emb))[:, None]}
     res = decode(model, batch, beam=10)
     ranks = model.catalog.target_ranks(res.sid_index.numpy(), np.arange(len(items))[:, None])
     assert (ranks < 10).all()                                 # recall@10 = 1.0, the two cold items included
