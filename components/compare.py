@@ -31,6 +31,7 @@ from components.metrics import GROUPS
 from components.report import metric_label, sid_stats_row
 from components.results_file import input_digests, invoked_command, write_results_file
 from components.runtime_env import set_offline_defaults
+from components.training_curves import gather_curves, write_curves
 
 TRAIN_STEPS = ("train_head", "train_tail", "assign_ids", "train_retriever")
 SEEDED_BASELINES = ("two_tower", "sasrec", "sasrec_text")
@@ -203,7 +204,8 @@ def compare_variants(params: dict, variants: list[dict], seeds: list[int]) -> pd
     """Mean and std over seeds per (method, group) for every variant and baseline.
 
     Writes <out_dir>/<eval.compare_dir>/: results.md (Tables 1 and 2), summary.csv, summary.json
-    (overall rows), results_long.csv (every seed), sid_stats.csv.
+    (overall rows), results_long.csv (every seed), sid_stats.csv, curves.csv / curves.png (validation
+    Recall@10 per epoch), and <eval.results_dir>/<dataset>.json.
     """
     set_offline_defaults()
     check_eval_params(params)
@@ -221,6 +223,8 @@ def compare_variants(params: dict, variants: list[dict], seeds: list[int]) -> pd
                for m, row in table.xs("overall", level="group").iterrows()}
     write_json(overall, root / "summary.json")
     write_results_file(table, params, [int(s) for s in seeds], invoked_command(), input_digests(params))
+    write_curves(gather_curves([(v["name"], int(s), Path(variant_params(params, v, int(s))["out_dir"]))
+                                for v in variants for s in seeds]), root)
     log_to_wandb(params, {m: {k: v for k, v in row.items() if v is not None} for m, row in overall.items()},
                  {"comparison": table.reset_index(), "sid_stats": sid_frame}, {}, job="compare")
     return table

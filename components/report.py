@@ -103,7 +103,7 @@ def _round(value: float | int | None, digits: int = 4) -> float | int | None:
     return round(value, digits) if isinstance(value, float) else value
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
@@ -122,7 +122,7 @@ def plot_recall_vs_k(results: dict[str, dict], path: Path, group: str = "overall
     ax.set(xscale="log", xlabel="K (items)", ylabel="Recall@K", title=f"Recall vs K ({group})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_recall_by_decile(deciles: dict[str, pd.DataFrame], k: int, path: Path) -> Path:
@@ -134,7 +134,7 @@ def plot_recall_by_decile(deciles: dict[str, pd.DataFrame], k: int, path: Path) 
            title="Recall by popularity decile", xticks=range(1, 11))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_report(report_dir: Path, context: dict[str, str], tables: dict[str, pd.DataFrame],

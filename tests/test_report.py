@@ -106,6 +106,10 @@ def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypa
             calls.append((name, p["out_dir"]))
             if name == "assign_ids":
                 _write_sids(Path(p["out_dir"]), pd.read_parquet(Path(p["out_dir"]) / "prepared" / "items.parquet"))
+            if name == "train_retriever":
+                (Path(p["out_dir"]) / "plots").mkdir(parents=True, exist_ok=True)
+                pd.DataFrame({"epoch": [0, 1, 2], "train_loss": [3.0, 2.0, 1.5], "val_recall@10": [0.1, 0.3, 0.2]}
+                             ).to_csv(Path(p["out_dir"]) / "plots" / "retriever_curve.csv", index=False)
             return {}
         return step
 
@@ -138,6 +142,9 @@ def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypa
     assert rows["A one"]["R@5"]["mean"] == pytest.approx(table.loc[("A one", "overall"), "recall@5"])
     assert rows["A one"]["R@5"]["std"] == pytest.approx(table.loc[("A one", "overall"), "recall@5 std"])
     assert {"R@5_head", "R@5_tail", "R@5_cold", "NDCG@5"} <= set(rows["B"])
+    curves = pd.read_csv(Path(params["out_dir"]) / "compare" / "curves.csv")    # 2 variants x 2 seeds x 3 epochs
+    assert len(curves) == 12 and set(curves["variant"]) == {"A one", "B"} and set(curves["seed"]) == {0, 1}
+    assert (Path(params["out_dir"]) / "compare" / "curves.png").stat().st_size > 1000
     calls.clear()
     # a finished run is reused, also when the list of variants to compare (or the baselines) changes
     fewer = dict(params, eval={**params["eval"], "variants": variants[:1], "baselines": []})
