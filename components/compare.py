@@ -3,9 +3,9 @@
 Each (variant, seed) runs train_head, train_tail, assign_ids and train_retriever in its own
 scratch out_dir (<out_dir>/<eval.compare_dir>/<variant>/seed<k>, with prepared/ and embeddings/
 linked from the main run), then the generative retriever is evaluated constrained (recall,
-Ret-Per) and unconstrained (hallucination). Baselines are evaluated once per seed (only the
-trained ones, two-tower and SASRec, depend on it); one that does not apply (SASRec on a search
-dataset) has no row. A finished run whose params are unchanged is reused, so an
+Ret-Per) and unconstrained (hallucination). Baselines are evaluated once (per seed for the
+trained ones, two-tower and SASRec); one that does not apply (SASRec on a search dataset) has
+no row. A finished variant run or baseline whose params are unchanged is reused, so an
 interrupted comparison resumes where it stopped.
 """
 from __future__ import annotations
@@ -130,6 +130,45 @@ def _aggregate(long: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     return table[[c for m in cols for c in (m, f"{m} std")] + ["seeds"]]
 
 
+MISSING = object()
+# the eval settings each baseline reads besides the shared ones (ks, bootstrap, exclude_history, ...)
+BASELINE_SETTINGS = {"bm25": ("bm25_history",), "dense": ("dense_history",), "two_tower": ("two_tower",),
+                     "sasrec": ("sasrec",), "sasrec_text": ("sasrec",)}
+
+
+def _baseline_file(params: dict, name: str, seed: int) -> tuple[Path, str]:
+    """Cache file and key of one baseline result: seeded baselines per seed, the others once.
+
+    The key holds every param but the tokenizer's and the comparison's bookkeeping, so a
+    finished baseline is reused across variants and interrupted comparisons, like a variant run.
+    """
+    seeded = name in SEEDED_BASELINES
+    kept = {k: v for k, v in params.items() if k not in ("out_dir", "wandb", "flows", "tokenizer", "seed")}
+    own = BASELINE_SETTINGS.get(name, ())
+    kept["eval"] = {k: v for k, v in params["eval"].items()
+                    if k in own or k not in NOT_RUN_KEYS + ("results_dir", "group_order")}
+    kept["baseline"] = name
+    if seeded:
+        kept["seed"] = int(seed)
+    folder = out_path(params, params["eval"]["compare_dir"], "baselines")
+    return folder / (f"{name}-seed{seed}.json" if seeded else f"{name}.json"), params_hash(kept)
+
+
+def cached_baseline(params: dict, name: str, seed: int) -> dict | None | object:
+    """The stored result of a finished baseline (None = not applicable), or MISSING."""
+    path, key = _baseline_file(params, name, seed)
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("params_hash") == key:
+            return cached["result"]
+    return MISSING
+
+
+def store_baseline(params: dict, name: str, seed: int, result: dict | None) -> None:
+    path, key = _baseline_file(params, name, seed)
+    write_json({"params_hash": key, "name": baseline_label(name), "result": result}, path)
+
+
 def collect_runs(params: dict, variants: list[dict], seeds: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Long results (one row per method, group and seed) for variants and baselines, and SID statistics rows."""
     rows: list[dict] = []
@@ -140,19 +179,17 @@ def collect_runs(params: dict, variants: list[dict], seeds: list[int]) -> tuple[
             rows += _rows(variant["name"], seed, run["constrained"], run["unconstrained"])
             sid_rows.append({"config": variant["name"], "seed": seed, **sid_stats_row(run["sid_stats"])})
     baselines = list(params["eval"]["baselines"])
-    if baselines:
-        data = load_eval_inputs(params)
-        fixed: dict[str, dict] = {}
-        for seed in seeds:
-            p = deep_merge(params, {"seed": int(seed)})
-            todo = [name for name in baselines if name in SEEDED_BASELINES or name not in fixed]
-            results, _ = evaluate_all(p, data, todo, generative=False)
-            seeded = {baseline_label(b) for b in SEEDED_BASELINES}
-            fixed.update({k: v for k, v in results.items() if k not in seeded})
-            for label in map(baseline_label, baselines):
-                result = results.get(label, fixed.get(label))
-                if result is not None:  # None: not applicable to the dataset (SASRec without histories)
-                    rows += _rows(label, seed, result, None)
+    data = None
+    for seed in seeds:
+        for name in baselines:
+            result = cached_baseline(params, name, seed)
+            if result is MISSING:
+                data = data if data is not None else load_eval_inputs(params)
+                p = deep_merge(params, {"seed": int(seed)})
+                result = evaluate_all(p, data, [name], generative=False)[0].get(baseline_label(name))
+                store_baseline(params, name, seed, result)
+            if result is not None:  # None: not applicable to the dataset (SASRec without histories)
+                rows += _rows(baseline_label(name), seed, result, None)
     return pd.DataFrame(rows), pd.DataFrame(sid_rows)
 
 

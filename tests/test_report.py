@@ -145,6 +145,16 @@ def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypa
     curves = pd.read_csv(Path(params["out_dir"]) / "compare" / "curves.csv")    # 2 variants x 2 seeds x 3 epochs
     assert len(curves) == 12 and set(curves["variant"]) == {"A one", "B"} and set(curves["seed"]) == {0, 1}
     assert (Path(params["out_dir"]) / "compare" / "curves.png").stat().st_size > 1000
+    # baselines are cached too: a second comparison evaluates nothing again
+    evaluated: list = []
+    real = compare_mod.evaluate_all
+    monkeypatch.setattr(compare_mod, "evaluate_all", lambda *a, **k: evaluated.append(a[2]) or real(*a, **k))
+    again = compare_mod.compare_variants(params, variants, [0, 1])
+    assert evaluated == [] and again.loc[("popular", "overall"), "recall@5"] == table.loc[("popular", "overall"), "recall@5"]
+    seeded = dict(params, eval={**params["eval"], "baselines": ["popular", "two_tower"],
+                                "two_tower": {**params["eval"]["two_tower"], "epochs": 1}})
+    compare_mod.compare_variants(seeded, variants, [0, 1])
+    assert evaluated == [["two_tower"], ["two_tower"]]       # popular reused; the seeded baseline once per seed
     calls.clear()
     # a finished run is reused, also when the list of variants to compare (or the baselines) changes
     fewer = dict(params, eval={**params["eval"], "variants": variants[:1], "baselines": []})
