@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("compare", parents=[common],
                        help="the paper's Table 1: train and evaluate every tokenizer variant in eval.variants over eval.seeds")
+    s.add_argument("--variants", dest="opt_variants", metavar="NAMES",
+                   help="comma-separated names from eval.variants (default: all); 'none' = the baselines only")
     s.set_defaults(func=cmd_flow("components.compare:run_compare"))
 
     s = sub.add_parser("retrain", parents=[common], help="assign SIDs to new items, fine-tune with replay, check, promote")

@@ -246,8 +246,8 @@ def compare_variants(params: dict, variants: list[dict], seeds: list[int]) -> pd
     """
     set_offline_defaults()
     check_eval_params(params)
-    if not variants:
-        raise ConfigError("eval.variants", "no variants to compare")
+    if not variants and not params["eval"]["baselines"]:
+        raise ConfigError("eval.variants", "no variants and no baselines to compare")
     long, sid_frame = collect_runs(params, variants, [int(s) for s in seeds])
     table = _aggregate(long, table_metrics(params))
     root = out_path(params, params["eval"]["compare_dir"])
@@ -267,11 +267,25 @@ def compare_variants(params: dict, variants: list[dict], seeds: list[int]) -> pd
     return table
 
 
-def run_compare(params: dict) -> dict:
-    """`sa2crq compare`: eval.variants x eval.seeds, then the tables under <out_dir>/<eval.compare_dir>/."""
+def pick_variants(variants: list[dict], names: str | None) -> list[dict]:
+    """The eval.variants rows named in `names` (comma-separated; None = all, 'none' = no variant)."""
+    if names is None:
+        return variants
+    wanted = [n.strip() for n in names.split(",") if n.strip() and n.strip().lower() != "none"]
+    known = {v.get("name"): v for v in variants}
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise ConfigError("eval.variants", f"no variant named {unknown}; known: {list(known)}")
+    return [known[n] for n in wanted]
+
+
+def run_compare(params: dict, opt_variants: str | None = None) -> dict:
+    """`sa2crq compare`: eval.variants (or the --variants subset) x eval.seeds, then the tables under
+    <out_dir>/<eval.compare_dir>/ and <eval.results_dir>/<dataset>.json."""
     ev = params["eval"]
-    table = compare_variants(params, list(ev.get("variants") or []), list(ev["seeds"]))
+    variants = pick_variants(list(ev.get("variants") or []), opt_variants)
+    table = compare_variants(params, variants, list(ev["seeds"]))
     root = out_path(params, ev["compare_dir"])
-    return {"runs": len(ev["variants"]) * len(ev["seeds"]),
+    return {"runs": len(variants) * len(ev["seeds"]),
             "methods": list(dict.fromkeys(table.index.get_level_values(0))),
             "markdown": str(root / "results.md"), "summary": str(root / "summary.csv")}

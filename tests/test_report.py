@@ -12,6 +12,7 @@ from components import compare as compare_mod
 from components import evaluate as evaluate_mod
 from components.atomic import write_json, write_npy, write_parquet
 from components.config import load_params
+from components.errors import ConfigError
 from components.report import results_frame, write_report
 from components.sid_table import make_sid_table, write_sid_table
 
@@ -164,3 +165,12 @@ def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypa
     longer = dict(fewer, retriever={**fewer["retriever"], "epochs": fewer["retriever"]["epochs"] + 1})
     compare_mod.compare_variants(longer, variants[:1], [0])
     assert [name for name, _ in calls] == list(compare_mod.TRAIN_STEPS)
+
+
+def test_compare_picks_variants_by_name():
+    variants = [{"name": "TIGER", "params": {}}, {"name": "SA2CRQ", "params": {}}]
+    assert compare_mod.pick_variants(variants, None) == variants
+    assert compare_mod.pick_variants(variants, "SA2CRQ, TIGER") == variants[::-1]
+    assert compare_mod.pick_variants(variants, "none") == []
+    with pytest.raises(ConfigError, match="eval.variants.*'NOPE'.*known"):
+        compare_mod.pick_variants(variants, "TIGER,NOPE")
