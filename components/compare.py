@@ -31,6 +31,8 @@ from components.metrics import GROUPS
 from components.report import metric_label, sid_stats_row
 from components.results_file import input_digests, invoked_command, write_results_file
 from components.runtime_env import set_offline_defaults
+from components.sid_tokenizer import STAGE2_METHODS
+from components.tokenizer_stages import SARQ_METHODS
 from components.training_curves import gather_curves, write_curves
 
 TRAIN_STEPS = ("train_head", "train_tail", "assign_ids", "train_retriever")
@@ -62,9 +64,15 @@ def _rows(method: str, seed: int, result: dict, hallucination: dict | None) -> l
 
 
 def run_key(p: dict) -> str:
-    """Hash of the params one variant run depends on, so adding or dropping variants keeps finished runs."""
+    """Hash of the params one variant run depends on, so adding or dropping variants keeps finished runs.
+
+    Tokenizer settings the variant's method never reads (the SARQ block for fixed-length methods,
+    extension rows for one-stage methods) are left out: tuning SA2CRQ does not retrain TIGER."""
     kept = {k: v for k, v in p.items() if k not in ("out_dir", "wandb", "flows")}
     kept["eval"] = {k: v for k, v in p["eval"].items() if k not in NOT_RUN_KEYS}
+    method = p["tokenizer"].get("method")
+    unread = (() if method in SARQ_METHODS else ("sarq",)) + (() if method in STAGE2_METHODS else ("extension_sizes",))
+    kept["tokenizer"] = {k: v for k, v in p["tokenizer"].items() if k not in unread}
     return params_hash(kept)
 
 

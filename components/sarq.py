@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -103,6 +104,26 @@ def stop_depths(info: Tensor, tau: float, min_len: int, max_len: int) -> Tensor:
     first = torch.where(exceed.any(1), exceed.to(torch.int64).argmax(1) + 1,
                         torch.full((info.shape[0],), n_layers, dtype=torch.int64))
     return first.clamp(min=min_len, max=max_len)
+
+
+def unique_floor(codes: np.ndarray, lengths: np.ndarray, max_len: int) -> np.ndarray:
+    """Lengths after lengthening every shared SID one layer at a time until the SIDs are
+    distinct or at max_len (`tokenizer.sarq.unique_head`).
+
+    Path information decides how deep an item's SID goes; for head items that is often
+    not deep enough to tell two of them apart, and a shared SID then spends top-K slots on
+    items the query did not ask for. The group's own next-layer codes split it, so the
+    SIDs stay semantic (no arbitrary collision numbers) and tail items keep their short SIDs."""
+    lengths = np.asarray(lengths, dtype=np.int64).copy()
+    cols = np.arange(codes.shape[1])[None, :]
+    while True:
+        keyed = np.where(cols < lengths[:, None], codes, -1)
+        _, inv, counts = np.unique(np.column_stack([keyed, lengths]), axis=0, return_inverse=True,
+                                   return_counts=True)
+        grow = (counts[inv.reshape(-1)] > 1) & (lengths < max_len)
+        if not grow.any():
+            return lengths
+        lengths[grow] += 1
 
 
 def popularity_weights(popularity: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ from components.errors import ConfigError, DataError
 from components.rq_kmeans import fit_rq_kmeans
 from components.rqvae import RQVAE, SarqSpec, TrainSpec, fit
 from components.quantizer import ResidualQuantizer
-from components.sarq import parse_tau, popularity_weights
+from components.sarq import parse_tau, popularity_weights, unique_floor
 from components.sid_stats import plot_sid_stats, sid_statistics
 from components.sid_table import (assert_stable, collision_codes, collision_layer_size, make_sid_table, read_import,
                                   write_sid_table)
@@ -73,6 +73,7 @@ class TokenizerConfig:
     import_path: str
     seed: int
     collision_token: bool = False
+    unique_head: bool = False
 
     @property
     def adaptive(self) -> bool:
@@ -95,6 +96,13 @@ def _collision_flag(value: object, method: str) -> bool:
         raise ConfigError("tokenizer.collision_token",
                           f"only for fixed-length methods {COLLISION_METHODS}, not tokenizer.method={method}")
     return value
+
+
+def _unique_head_flag(value: object, method: str) -> bool:
+    """tokenizer.sarq.unique_head: only adaptive methods have lengths to raise."""
+    if not isinstance(value, bool):
+        raise ConfigError("tokenizer.sarq.unique_head", f"must be true or false, got {value!r}")
+    return value and method in SARQ_METHODS
 
 
 def tokenizer_config(params: dict) -> TokenizerConfig:
@@ -133,6 +141,7 @@ def tokenizer_config(params: dict) -> TokenizerConfig:
         min_len=min_len, max_len=max_len, smoothing=float(s.get("smoothing", 1.0)),
         popularity_weighted=bool(s.get("popularity_weighted", False)),
         warmup_epochs=int(s.get("warmup_epochs", 0)), reestimate_every=int(s.get("reestimate_every", 1)),
+        unique_head=_unique_head_flag(s.get("unique_head", False), method),
         import_path=str(t.get("import_path") or ""), seed=int(params.get("seed", 0)),
         collision_token=_collision_flag(t.get("collision_token", False), method))
     if cfg.method in SARQ_METHODS and cfg.smoothing <= 0:
@@ -233,6 +242,8 @@ def run_train_head(params: dict) -> dict:
         ckpt["history"] = spec.history
         if stage1:
             codes, lengths = tok.assign(x[train])
+            if cfg.unique_head:
+                lengths = unique_floor(codes, lengths, cfg.max_len)
             ckpt["issued"] = {"item_ids": items["item_id"].astype(str)[train].tolist(),
                               "codes": torch.from_numpy(codes), "lengths": torch.from_numpy(lengths)}
     save_checkpoint(ckpt, out_path(params, "tokenizer", "head.pt"))
@@ -338,6 +349,9 @@ def run_assign_ids(params: dict) -> dict:
             is_head = _issued_head(head, item_ids, codes, lengths)
             stages[:] = "tail"
             stages[is_head] = "head"
+        elif cfg.unique_head:  # one-stage SARQ: the head group's SIDs are made distinct here
+            is_head = (items["group"] == "head").to_numpy()
+            lengths[is_head] = unique_floor(codes[is_head], lengths[is_head], cfg.max_len)
         recon = tok.reconstruction_error(x, codes, lengths)
         codes_list = [codes[i, : lengths[i]].tolist() for i in range(len(items))]
         meta = {"method": cfg.method, "codebook_sizes": tok.sizes, "anchor_sizes": tok.anchor_sizes,

@@ -174,3 +174,16 @@ def test_compare_picks_variants_by_name():
     assert compare_mod.pick_variants(variants, "none") == []
     with pytest.raises(ConfigError, match="eval.variants.*'NOPE'.*known"):
         compare_mod.pick_variants(variants, "TIGER,NOPE")
+
+
+def test_run_key_ignores_tokenizer_settings_the_method_never_reads(run_params):
+    def key(method: str, **tok) -> str:
+        p = dict(run_params, tokenizer={**run_params["tokenizer"], "method": method, **tok})
+        return compare_mod.run_key(p)
+
+    tau = {"sarq": {**run_params["tokenizer"]["sarq"], "tau": 11.0}}
+    assert key("rqvae", **tau) == key("rqvae")                      # TIGER does not read the SARQ block
+    assert key("rqvae", extension_sizes=[1, 2, 3]) == key("rqvae")
+    assert key("sa2crq", **tau) != key("sa2crq")                    # SA2CRQ does
+    assert key("sa2crq", extension_sizes=[1, 2, 3]) != key("sa2crq")
+    assert key("rqvae", codebook_sizes=[8, 8, 8]) != key("rqvae")

@@ -5,6 +5,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from tokenizer_fixtures import make_catalog, run_tokenizer, tiny_params
 
@@ -91,3 +93,29 @@ def test_finite_tau_gives_adaptive_length_within_bounds(tmp_path):
     table = run_tokenizer(tiny_params(tmp_path, "sarq", "tokenizer.sarq.tau=3.0", "tokenizer.sarq.min_len=2"))
     assert table["length"].min() >= 2 and table["length"].max() <= 3
     assert table["length"].nunique() == 2
+
+
+def test_unique_floor_splits_shared_sids_with_their_own_next_codes():
+    from components.sarq import unique_floor
+
+    codes = np.array([[0, 1, 5], [0, 1, 6], [0, 2, 7], [3, 4, 8], [3, 4, 8]])
+    lengths = np.array([2, 2, 2, 1, 1])
+    out = unique_floor(codes, lengths, max_len=3)
+    # (0,1) is shared -> both go to length 3 and split; (0,2) is alone -> kept; (3) and (3,4) stay shared at max_len
+    assert out.tolist() == [3, 3, 2, 3, 3]
+    assert unique_floor(codes[:3], np.array([3, 3, 2]), 3).tolist() == [3, 3, 2]   # already distinct: unchanged
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(0, 20)), min_size=1, max_size=40),
+       st.integers(1, 3))
+def test_unique_floor_only_raises_and_leaves_no_avoidable_duplicate(rows, start):
+    from components.sarq import unique_floor
+
+    codes = np.array(rows)
+    lengths = np.full(len(codes), start)
+    out = unique_floor(codes, lengths, max_len=3)
+    assert (out >= lengths).all() and (out <= 3).all()
+    sids = [tuple(c[:n]) for c, n in zip(codes.tolist(), out)]
+    for sid, n in zip(sids, out):
+        assert sids.count(sid) == 1 or n == 3          # a shared SID is left only at max_len
