@@ -119,3 +119,23 @@ def test_unique_floor_only_raises_and_leaves_no_avoidable_duplicate(rows, start)
     sids = [tuple(c[:n]) for c, n in zip(codes.tolist(), out)]
     for sid, n in zip(sids, out):
         assert sids.count(sid) == 1 or n == 3          # a shared SID is left only at max_len
+
+
+@pytest.mark.parametrize("method", ["sa2crq", "sarq"])
+def test_unique_head_gives_head_items_distinct_sids_and_keeps_tail_lengths(tmp_path, method):
+    items, _ = make_catalog(tmp_path / "a")
+    make_catalog(tmp_path / "b")
+    plain = run_tokenizer(tiny_params(tmp_path / "a", method))
+    floor = run_tokenizer(tiny_params(tmp_path / "b", method, "tokenizer.sarq.unique_head=true"))
+    head = (items["group"] == "head").to_numpy()
+    sids = lambda t: [tuple(c) for c in t["codes"]]  # noqa: E731
+    shared = lambda t, mask: len(mask.nonzero()[0]) - len(set(np.array(sids(t), dtype=object)[mask]))  # noqa: E731
+    assert shared(plain, head) > 0                                  # the tiny catalog has shared head SIDs
+    at_max = floor["length"].to_numpy()[head] == 3
+    distinct_or_full = [sids(floor)[i] for i in np.flatnonzero(head)]
+    assert all(distinct_or_full.count(s) == 1 for s, full in zip(distinct_or_full, at_max) if not full)
+    assert (floor["length"].to_numpy()[head] >= plain["length"].to_numpy()[head]).all()
+    # every SID is a prefix of the item's own longer SID: the split uses the item's next codes
+    assert all(tuple(b[: len(a)]) == tuple(a) for a, b in zip(plain["codes"], floor["codes"]))
+    if method == "sarq":                                            # one stage: tail SIDs untouched
+        assert (floor["length"].to_numpy()[~head] == plain["length"].to_numpy()[~head]).all()
