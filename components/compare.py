@@ -250,7 +250,7 @@ def compare_variants(params: dict, variants: list[dict], seeds: list[int]) -> pd
 
     Writes <out_dir>/<eval.compare_dir>/: results.md (Tables 1 and 2), summary.csv, summary.json
     (overall rows), results_long.csv (every seed), sid_stats.csv, curves.csv / curves.png (validation
-    Recall@10 per epoch), and <eval.results_dir>/<dataset>.json.
+    Recall@10 per epoch), and <eval.results_dir>/<dataset>.json with <dataset>-curves.png beside it.
     """
     set_offline_defaults()
     check_eval_params(params)
@@ -267,9 +267,11 @@ def compare_variants(params: dict, variants: list[dict], seeds: list[int]) -> pd
     overall = {m: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
                for m, row in table.xs("overall", level="group").iterrows()}
     write_json(overall, root / "summary.json")
-    write_results_file(table, params, [int(s) for s in seeds], invoked_command(), input_digests(params))
-    write_curves(gather_curves([(v["name"], int(s), Path(variant_params(params, v, int(s))["out_dir"]))
-                                for v in variants for s in seeds]), root)
+    results = write_results_file(table, params, [int(s) for s in seeds], invoked_command(), input_digests(params))
+    curves = write_curves(gather_curves([(v["name"], int(s), Path(variant_params(params, v, int(s))["out_dir"]))
+                                         for v in variants for s in seeds]), root)
+    with atomic_path(results.with_name(f"{params['dataset']}-curves.png")) as tmp:  # beside the results file
+        tmp.write_bytes(curves["png"].read_bytes())
     log_to_wandb(params, {m: {k: v for k, v in row.items() if v is not None} for m, row in overall.items()},
                  {"comparison": table.reset_index(), "sid_stats": sid_frame}, {}, job="compare")
     return table

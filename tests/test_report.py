@@ -146,6 +146,7 @@ def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypa
     curves = pd.read_csv(Path(params["out_dir"]) / "compare" / "curves.csv")    # 2 variants x 2 seeds x 3 epochs
     assert len(curves) == 12 and set(curves["variant"]) == {"A one", "B"} and set(curves["seed"]) == {0, 1}
     assert (Path(params["out_dir"]) / "compare" / "curves.png").stat().st_size > 1000
+    assert (Path(params["eval"]["results_dir"]) / f"{params['dataset']}-curves.png").exists()
     # baselines are cached too: a second comparison evaluates nothing again
     evaluated: list = []
     real = compare_mod.evaluate_all
