@@ -126,7 +126,7 @@ def run_baseline(name: str, params: dict, data: EvalInputs) -> pd.DataFrame | No
         from components.two_tower import two_tower
 
         return two_tower(data.train, data.test, data.items, data.item_emb, data.query_emb, two_tower_config(params),
-                         int(params["seed"]), k)
+                         int(params["seed"]), k, valid=data.valid)
     if name in ("sasrec", "sasrec_text"):
         from components.sasrec import run_sasrec
 

@@ -5,7 +5,10 @@ MiniLM text embedding -> n_memory vectors, or the history items' embeddings with
 positions), masked-mean pooled and passed through a residual MLP. Item tower: a residual MLP
 projection of the frozen item embedding. Trained with in-batch softmax on the training
 split's (query, target) pairs; a batch's other copies of the positive item are masked out so
-popular items are not pushed away from themselves. Deterministic for a given seed.
+popular items are not pushed away from themselves. With validation queries, each epoch is
+scored by validation Recall@10 over all items and the best epoch is kept, with early stopping
+(components/best_epoch.py): the epoch count is chosen on each dataset's own validation split,
+not carried over from another catalog. Deterministic for a given seed.
 """
 from __future__ import annotations
 
@@ -17,8 +20,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from components.baselines import check_queries, dense_search, history_rows, item_rows
+from components.best_epoch import fit_best_epoch
 from components.errors import DataError
 from components.query_encoders import HISTORY, TEXT, QueryEncoder
+
+VAL_K = 10
 
 
 def query_index_table(queries: pd.DataFrame, items: pd.DataFrame, max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +95,22 @@ class TwoTower(L.LightningModule):
         self.register_buffer("item_emb", item_emb, persistent=False)
         self.lr = float(cfg["lr"])
         self.temperature = float(cfg["temperature"])
+        self.val_queries: tuple[torch.Tensor, torch.Tensor, list[np.ndarray]] | None = None
+
+    @torch.no_grad()
+    def scores(self, q_idx: torch.Tensor, is_text: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+        """(queries, items) cosine scores over the whole catalog."""
+        items = torch.cat([self.item_tower(self.item_emb[s:s + batch_size])
+                           for s in range(0, len(self.item_emb), batch_size)])
+        return torch.cat([self.query_tower(q_idx[s:s + batch_size], is_text[s:s + batch_size]) @ items.T
+                          for s in range(0, len(q_idx), batch_size)])
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        """Recall@10 of every validation query at once (the loader holds one dummy batch)."""
+        q_idx, is_text, targets = self.val_queries
+        top = self.scores(q_idx, is_text).topk(min(VAL_K, len(self.item_emb)), dim=1).indices.numpy()
+        recall = np.mean([np.isin(t, row).mean() for t, row in zip(targets, top)])
+        self.log(f"val_recall@{VAL_K}", float(recall), prog_bar=True)
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         q_idx, is_text, target = batch
@@ -117,11 +139,16 @@ def _train_pairs(train: pd.DataFrame, items: pd.DataFrame) -> np.ndarray:
     return np.array(pairs, dtype=np.int64).reshape(-1, 2)
 
 
-def train_two_tower(train: pd.DataFrame, items: pd.DataFrame, item_emb: np.ndarray, query_emb: np.ndarray | None,
-                    cfg: dict, seed: int) -> TwoTower:
-    """Fit the two-tower model on the training queries.
+def _target_rows(queries: pd.DataFrame, items: pd.DataFrame) -> list[np.ndarray]:
+    rows = item_rows(items)
+    return [np.array([rows[t] for t in targets if t in rows], dtype=np.int64) for targets in queries["targets"]]
 
-    cfg: dim, max_len, n_memory, dropout, lr, temperature, batch_size, epochs.
+
+def train_two_tower(train: pd.DataFrame, items: pd.DataFrame, item_emb: np.ndarray, query_emb: np.ndarray | None,
+                    cfg: dict, seed: int, valid: pd.DataFrame | None = None) -> TwoTower:
+    """Fit the two-tower model on the training queries; with `valid`, keep the best validation epoch.
+
+    cfg: dim, max_len, n_memory, dropout, lr, temperature, batch_size, epochs (the most), patience.
     """
     L.seed_everything(seed, workers=True, verbose=False)
     dim_in = item_emb.shape[1]
@@ -135,9 +162,15 @@ def train_two_tower(train: pd.DataFrame, items: pd.DataFrame, item_emb: np.ndarr
     batch = int(cfg["batch_size"])
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, drop_last=len(data) > batch,
                                          generator=torch.Generator().manual_seed(seed))
-    trainer = L.Trainer(max_epochs=int(cfg["epochs"]), accelerator="cpu", devices=1, deterministic=True, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=True)
-    trainer.fit(model, loader)
+    kwargs = dict(max_epochs=int(cfg["epochs"]), accelerator="cpu", devices=1, deterministic=True, logger=False,
+                  enable_model_summary=False, enable_progress_bar=True)
+    val_loader = None
+    if valid is not None and len(valid):
+        v_idx, v_text = query_index_table(valid, items, int(cfg["max_len"]))
+        model.val_queries = (torch.from_numpy(v_idx), torch.from_numpy(v_text), _target_rows(valid, items))
+        val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(1)), batch_size=1)
+    model.fit_result = fit_best_epoch(model, kwargs, loader, val_loader, f"val_recall@{VAL_K}",
+                                      int(cfg.get("patience", 0)))
     return model.eval()
 
 
@@ -156,6 +189,12 @@ def two_tower_search(model: TwoTower, queries: pd.DataFrame, items: pd.DataFrame
 
 
 def two_tower(train: pd.DataFrame, test: pd.DataFrame, items: pd.DataFrame, item_emb: np.ndarray,
-              query_emb: np.ndarray | None, cfg: dict, seed: int, k: int) -> pd.DataFrame:
-    """Train on `train`, then return the top-k ranked results for `test`."""
-    return two_tower_search(train_two_tower(train, items, item_emb, query_emb, cfg, seed), test, items, k)
+              query_emb: np.ndarray | None, cfg: dict, seed: int, k: int,
+              valid: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Train on `train` (epochs chosen on `valid` when given), then return the top-k ranked results for `test`."""
+    model = train_two_tower(train, items, item_emb, query_emb, cfg, seed, valid)
+    frame = two_tower_search(model, test, items, k)
+    fit = model.fit_result
+    frame.attrs["two_tower"] = {"best_epoch": fit.best_epoch, "best_val_recall@10": fit.best_score,
+                                "epochs_run": fit.epochs_run}
+    return frame

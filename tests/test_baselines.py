@@ -123,3 +123,22 @@ def test_top_k_matches_a_stable_sort_with_ties():
         expected = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         assert np.array_equal(idx, expected)
         assert np.array_equal(vals, np.take_along_axis(scores, expected, axis=1))
+
+
+def test_two_tower_keeps_the_best_validation_epoch(items, item_emb):
+    from components.two_tower import train_two_tower
+
+    n = len(items)
+    train = history_queries([[f"it{i % n}"] for i in range(300)])
+    train["targets"] = [[f"it{(i + 1) % n}"] for i in range(300)]
+    valid = history_queries([[f"it{i}"] for i in range(n)])
+    valid["targets"] = [[f"it{(i + 1) % n}"] for i in range(n)]
+    cfg = {"dim": 16, "max_len": 4, "n_memory": 2, "dropout": 0.0, "lr": 0.03, "temperature": 0.1,
+           "batch_size": 60, "epochs": 6, "patience": 0}
+    model = train_two_tower(train, items, item_emb, None, cfg, seed=1, valid=valid)
+    fit = model.fit_result
+    assert fit.epochs_run == 6 and fit.best_score is not None
+    # the kept weights score the best epoch's validation recall again
+    q_idx, is_text, targets = model.val_queries
+    top = model.scores(q_idx, is_text).topk(10, dim=1).indices.numpy()
+    assert np.mean([np.isin(t, row).mean() for t, row in zip(targets, top)]) == pytest.approx(fit.best_score)
