@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from components.atomic import atomic_path, write_json
-from components.best_epoch import fit_best_epoch
+from components.best_epoch import fit_best_epoch, patience_param
 from components.config import out_path
 from components.errors import ConfigError
 from components.query_encoders import check_text_encoder_option
@@ -113,7 +113,7 @@ def run_train_retriever(params: dict) -> dict:
                           default_root_dir=str(run_dir / "lightning"), log_every_n_steps=10, check_val_every_n_epoch=1)
     start = time.perf_counter()
     fit = fit_best_epoch(module, trainer_kwargs, train_dl, val_dl if len(valid) else None, f"val_recall@{VAL_K}",
-                         int(rp.get("patience", 0)))
+                         patience_param(rp.get("patience", 0), "retriever.patience"))
     seconds = time.perf_counter() - start
     if logger:
         logger.experiment.finish()

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from components.baselines import check_queries, dense_search, history_rows, item_rows
-from components.best_epoch import fit_best_epoch
+from components.best_epoch import fit_best_epoch, patience_param
 from components.errors import DataError
 from components.query_encoders import HISTORY, TEXT, QueryEncoder
 
@@ -170,7 +170,7 @@ def train_two_tower(train: pd.DataFrame, items: pd.DataFrame, item_emb: np.ndarr
         model.val_queries = (torch.from_numpy(v_idx), torch.from_numpy(v_text), _target_rows(valid, items))
         val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(1)), batch_size=1)
     model.fit_result = fit_best_epoch(model, kwargs, loader, val_loader, f"val_recall@{VAL_K}",
-                                      int(cfg.get("patience", 0)))
+                                      patience_param(cfg.get("patience", 0), "eval.two_tower.patience"))
     return model.eval()
 
 

@@ -3,7 +3,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from components.best_epoch import fit_best_epoch
+import pytest
+
+from components.best_epoch import fit_best_epoch, patience_param
+from components.errors import ConfigError
 
 
 class Scripted(L.LightningModule):
@@ -51,3 +54,10 @@ def test_without_patience_every_epoch_runs_and_the_best_is_kept():
     assert fit.epochs_run == 7 and not fit.stopped_early
     assert fit.best_epoch == 5                             # ties keep the earlier epoch
     assert float(module.w.detach()) == 5.0
+
+
+@pytest.mark.parametrize("bad", [-1, "3", 1.5, True, None])
+def test_patience_must_be_a_non_negative_integer(bad):
+    with pytest.raises(ConfigError, match="retriever.patience"):
+        patience_param(bad, "retriever.patience")
+    assert patience_param(3, "retriever.patience") == 3
