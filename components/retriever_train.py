@@ -70,6 +70,17 @@ def _logger(params: dict, run_dir: Path):
     return WandbLogger(experiment=run)
 
 
+def trainer_args(rp: dict, epochs: int, logger, root: Path) -> dict:
+    """L.Trainer arguments from `retriever.trainer` (accelerator, devices, strategy, precision), shared
+    by training and the retrain fine-tune so both run on what the params ask for."""
+    tr = rp.get("trainer", {})
+    return dict(max_epochs=epochs, accelerator=tr.get("accelerator", "cpu"), devices=tr.get("devices", 1),
+                strategy=tr.get("strategy", "auto"), precision=tr.get("precision", "32-true"), logger=logger,
+                deterministic=True, use_distributed_sampler=False, enable_model_summary=False,
+                gradient_clip_val=float(rp.get("grad_clip", 1.0)), default_root_dir=str(root),
+                log_every_n_steps=10, check_val_every_n_epoch=1)
+
+
 def prepare_training(params: dict) -> tuple[int, int, RetrieverInputs, tuple]:
     """Seed, thread count, inputs and examples: shared by training and the retrain fine-tune."""
     rp = params["retriever"]
@@ -87,6 +98,7 @@ def run_train_retriever(params: dict) -> dict:
     set_offline_defaults()
     rp = params["retriever"]
     check_text_encoder_option(rp)
+    patience = patience_param(rp.get("patience", 0), "retriever.patience")   # checked before any work
     seed, max_history, inputs, (examples, valid, text_vectors, counts) = prepare_training(params)
 
     config = model_config(rp, inputs.codebook_sizes, inputs.item_emb.shape[1], max_history, len(inputs.items))
@@ -103,17 +115,11 @@ def run_train_retriever(params: dict) -> dict:
     module = RetrieverModule(net, lr=float(rp["lr"]), weight_decay=float(rp.get("weight_decay", 0.0)),
                              eval_beam=int(rp["eval_beam"]), val_k=VAL_K,
                              warmup_steps=int(rp.get("warmup_steps", 0)), total_steps=epochs * len(sampler))
-    tr = rp.get("trainer", {})
     run_dir = Path("runs")
     logger = _logger(params, run_dir)
-    trainer_kwargs = dict(max_epochs=epochs, accelerator=tr.get("accelerator", "cpu"), devices=tr.get("devices", 1),
-                          strategy=tr.get("strategy", "auto"), precision=tr.get("precision", "32-true"),
-                          logger=logger, deterministic=True, use_distributed_sampler=False,
-                          enable_model_summary=False, gradient_clip_val=float(rp.get("grad_clip", 1.0)),
-                          default_root_dir=str(run_dir / "lightning"), log_every_n_steps=10, check_val_every_n_epoch=1)
     start = time.perf_counter()
-    fit = fit_best_epoch(module, trainer_kwargs, train_dl, val_dl if len(valid) else None, f"val_recall@{VAL_K}",
-                         patience_param(rp.get("patience", 0), "retriever.patience"))
+    fit = fit_best_epoch(module, trainer_args(rp, epochs, logger, run_dir / "lightning"), train_dl,
+                         val_dl if len(valid) else None, f"val_recall@{VAL_K}", patience)
     seconds = time.perf_counter() - start
     if logger:
         logger.experiment.finish()

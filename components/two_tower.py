@@ -150,6 +150,7 @@ def train_two_tower(train: pd.DataFrame, items: pd.DataFrame, item_emb: np.ndarr
 
     cfg: dim, max_len, n_memory, dropout, lr, temperature, batch_size, epochs (the most), patience.
     """
+    patience = patience_param(cfg.get("patience", 0), "eval.two_tower.patience")   # checked before any work
     L.seed_everything(seed, workers=True, verbose=False)
     dim_in = item_emb.shape[1]
     q_emb = query_emb if query_emb is not None else np.zeros((0, dim_in), np.float32)
@@ -170,7 +171,7 @@ def train_two_tower(train: pd.DataFrame, items: pd.DataFrame, item_emb: np.ndarr
         model.val_queries = (torch.from_numpy(v_idx), torch.from_numpy(v_text), _target_rows(valid, items))
         val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(1)), batch_size=1)
     model.fit_result = fit_best_epoch(model, kwargs, loader, val_loader, f"val_recall@{VAL_K}",
-                                      patience_param(cfg.get("patience", 0), "eval.two_tower.patience"))
+                                      patience)
     return model.eval()
 
 

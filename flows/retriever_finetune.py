@@ -22,7 +22,7 @@ from components.best_epoch import fit_best_epoch
 from components.config import out_path
 from components.retriever import RetrieverModel, RetrieverModule, save_retriever
 from components.retriever_data import BucketBatchSampler, ExampleDataset, Examples
-from components.retriever_train import VAL_K, prepare_training
+from components.retriever_train import VAL_K, prepare_training, trainer_args
 from components.sid_vocab import N_SPECIAL, SidVocab
 
 
@@ -106,14 +106,9 @@ def finetune_retriever(params: dict, init_checkpoint: Path, new_item_ids: list[s
     lr = float(cfg.get("lr") or rp["lr"])
     module = RetrieverModule(net, lr=lr, weight_decay=float(rp.get("weight_decay", 0.0)),
                              eval_beam=int(rp["eval_beam"]), val_k=VAL_K)
-    tr = rp.get("trainer", {})
-    trainer_kwargs = dict(max_epochs=epochs, accelerator=tr.get("accelerator", "cpu"), devices=tr.get("devices", 1),
-                          precision=tr.get("precision", "32-true"), logger=False, deterministic=True,
-                          use_distributed_sampler=False, enable_model_summary=False,
-                          gradient_clip_val=float(rp.get("grad_clip", 1.0)),
-                          default_root_dir=str(out_path(params, "lightning")))
     start = time.perf_counter()
-    fit = fit_best_epoch(module, trainer_kwargs, train_dl, val_dl, f"val_recall@{VAL_K}", 0)
+    fit = fit_best_epoch(module, trainer_args(rp, epochs, False, out_path(params, "lightning")), train_dl, val_dl,
+                         f"val_recall@{VAL_K}", 0)
     seconds = time.perf_counter() - start
     net.eval()
     save_retriever(net, out_path(params, "retriever", "model.pt"))
