@@ -63,16 +63,36 @@ def _rows(method: str, seed: int, result: dict, hallucination: dict | None) -> l
     return rows
 
 
+# Settings added after runs were cached, at the value that reproduces the behaviour before they
+# existed: left out of the run key, so adding a switch does not invalidate finished runs.
+EARLIER_BEHAVIOUR = {("retriever", "item_head"): False, ("retriever", "fusion"): {"source": "none"},
+                     ("tokenizer", "head_encoder"): "head", ("tokenizer", "stage2_items"): "tail_and_cold"}
+# keys read only when a switch is on: (section, key) -> (switch key, value at which it is off)
+READ_ONLY_WHEN = {("retriever", "item_head_weight"): ("item_head", False)}
+
+
 def run_key(p: dict) -> str:
     """Hash of the params one variant run depends on, so adding or dropping variants keeps finished runs.
 
     Tokenizer settings the variant's method never reads (the SARQ block for fixed-length methods,
-    extension rows for one-stage methods) are left out: tuning SA2CRQ does not retrain TIGER."""
+    extension rows and Stage-2 options for one-stage methods), settings behind a switch that is
+    off, and new switches at the value that reproduces earlier runs are left out: tuning SA2CRQ does
+    not retrain TIGER."""
     kept = {k: v for k, v in p.items() if k not in ("out_dir", "wandb", "flows")}
     kept["eval"] = {k: v for k, v in p["eval"].items() if k not in NOT_RUN_KEYS}
     method = p["tokenizer"].get("method")
-    unread = (() if method in SARQ_METHODS else ("sarq",)) + (() if method in STAGE2_METHODS else ("extension_sizes",))
+    unread = (() if method in SARQ_METHODS else ("sarq",)) + \
+        (() if method in STAGE2_METHODS else ("extension_sizes", "head_encoder", "stage2_items"))
     kept["tokenizer"] = {k: v for k, v in p["tokenizer"].items() if k not in unread}
+    kept["retriever"] = dict(p["retriever"])
+    for (section, key), value in EARLIER_BEHAVIOUR.items():
+        current = kept.get(section, {}).get(key, value)
+        if current == value or (isinstance(value, dict) and isinstance(current, dict)
+                                and all(current.get(k) == v for k, v in value.items())):
+            kept.get(section, {}).pop(key, None)
+    for (section, key), (switch, off) in READ_ONLY_WHEN.items():
+        if p.get(section, {}).get(switch, off) == off:
+            kept.get(section, {}).pop(key, None)
     return params_hash(kept)
 
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from components.config import out_path
 from components.errors import ConfigError, DataError
+from components.fusion import Ranked, dense_ranking, fuse
 from components.retriever import RetrieverModel, decode, load_retriever
 from components.retriever_data import KIND_TEXT, BucketBatchSampler, ExampleDataset, load_inputs, query_examples
 from components.sid_vocab import SidCatalog, sid_string
@@ -66,6 +67,8 @@ def _prepare(params: dict, queries: pd.DataFrame, model: RetrieverModel | None, 
             raise DataError(root / "sids" / "sid_table.parquet", f"SIDs use codes beyond the model's codebook sizes "
                             f"{list(known)}: retrain the retriever", column="codes", rows=big.tolist())
     model.attach_catalog(inputs.catalog)
+    if model.scorer is not None:
+        model.attach_items(inputs.item_emb)
     vectors, text_rows = _text_vectors(queries, inputs.query_emb, params)
     examples = query_examples(queries, inputs.item_index, text_rows, model.config["max_history"])
     dataset = ExampleDataset(examples, vectors, inputs.item_emb, model.vocab, inputs.catalog)
@@ -73,8 +76,8 @@ def _prepare(params: dict, queries: pd.DataFrame, model: RetrieverModel | None, 
 
 
 def _decode_all(params: dict, model: RetrieverModel, dataset: ExampleDataset, beam: int, constrained: bool
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Decode every query; return (sid_index, scores, codes, lengths) in query order."""
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Decode every query; return (sid_index, scores, codes, lengths, learned query vectors or None) in query order."""
     rp = params["retriever"]
     torch.set_num_threads(int(rp.get("num_threads", 1)))
     n, max_len = len(dataset), model.vocab.max_len
@@ -82,17 +85,30 @@ def _decode_all(params: dict, model: RetrieverModel, dataset: ExampleDataset, be
     scores = np.full((n, beam), -np.inf, dtype=np.float32)
     codes = np.full((n, beam, max_len), -1, dtype=np.int64)
     lengths = np.zeros((n, beam), dtype=np.int64)
+    qvecs = np.zeros((n, model.config["d_model"]), dtype=np.float32) if model.scorer is not None else None
     sampler = BucketBatchSampler(dataset.ex.bucket_keys(), int(rp.get("decode_batch_size", 64)), shuffle=False)
-    for idx in tqdm(sampler, desc="decode", disable=len(sampler) < 20):
-        res = decode(model, dataset[idx], beam, constrained)
-        sid_index[idx], scores[idx] = res.sid_index.numpy(), res.scores.numpy()
-        codes[idx], lengths[idx] = res.codes.numpy(), res.lengths.numpy()
-    return sid_index, scores, codes, lengths
+    was_training = model.training
+    model.eval()
+    try:
+        for idx in tqdm(sampler, desc="decode", disable=len(sampler) < 20):
+            batch = dataset[idx]
+            res = decode(model, batch, beam, constrained)
+            sid_index[idx], scores[idx] = res.sid_index.numpy(), res.scores.numpy()
+            codes[idx], lengths[idx] = res.codes.numpy(), res.lengths.numpy()
+            if qvecs is not None:
+                with torch.no_grad():
+                    qvecs[idx] = model.query_vectors(batch).numpy()
+    finally:
+        model.train(was_training)
+    return sid_index, scores, codes, lengths, qvecs
 
 
 @dataclass
 class Decoded:
-    """Beams of every query (N, B), in query order; sid_index is -1 where no item holds the SID."""
+    """Beams of every query (N, B), in query order; sid_index is -1 where no item holds the SID.
+
+    With the retriever's item scorer: its query vectors (N, d) and item vectors (I, d), and the
+    fusion the checkpoint chose on validation (components/fusion.py)."""
 
     query_ids: np.ndarray
     sid_index: np.ndarray
@@ -101,6 +117,9 @@ class Decoded:
     lengths: np.ndarray
     dataset: ExampleDataset
     catalog: SidCatalog
+    learned_query: np.ndarray | None = None
+    learned_items: np.ndarray | None = None
+    fusion: dict | None = None
 
 
 def _group_order(params: dict) -> str:
@@ -115,11 +134,16 @@ def decode_queries(params: dict, queries: pd.DataFrame, *, model: RetrieverModel
     """Beam-search every query once; `ranked_items` and `generated_sids` are two views of the result."""
     beam = int(beam or params["retriever"]["beam"])
     model, dataset, catalog = _prepare(params, queries, model, out_dir)
-    sid_index, scores, codes, lengths = _decode_all(params, model, dataset, beam, constrained)
+    sid_index, scores, codes, lengths, qvecs = _decode_all(params, model, dataset, beam, constrained)
     if not constrained:
         found = catalog.find(codes.reshape(-1, codes.shape[2]), lengths.reshape(-1)).reshape(sid_index.shape)
         sid_index = np.where(np.isfinite(scores), found, -1)
-    return Decoded(queries["query_id"].astype(str).to_numpy(), sid_index, scores, codes, lengths, dataset, catalog)
+    items = None
+    if qvecs is not None:
+        with torch.no_grad():
+            items = model.item_vectors().numpy()
+    return Decoded(queries["query_id"].astype(str).to_numpy(), sid_index, scores, codes, lengths, dataset, catalog,
+                   qvecs, items, model.config.get("fusion"))
 
 
 def generated_sids(dec: Decoded) -> pd.DataFrame:
@@ -135,9 +159,37 @@ def generated_sids(dec: Decoded) -> pd.DataFrame:
 
 
 def ranked_items(dec: Decoded, order: str = "popularity") -> pd.DataFrame:
-    """Ranked results (query_id, rank, item_id, score, sid); items of one SID follow `order`."""
-    vecs = (query_vectors(dec.dataset), dec.dataset.item_emb) if order == "similarity" else (None, None)
-    return ranked_from_beams(dec.query_ids, dec.sid_index, dec.scores, dec.catalog, *vecs)
+    """Ranked results (query_id, rank, item_id, score, sid).
+
+    Items of one SID follow the item scorer when the retriever has one (`order` otherwise); with a
+    fusion chosen on validation, the generated list is fused with the dense ranking (score = fused)."""
+    generated = generated_ranking(dec, order)
+    fusion = dec.fusion or {}
+    if fusion.get("source", "none") == "none":
+        return ranked_frame(dec.query_ids, generated, dec.catalog)
+    dense = dense_side(dec, fusion["source"], int(fusion["depth"]))
+    fused = fuse(generated, dense, float(fusion["weight"]), int(fusion["rrf_k"]), len(dec.catalog.item_ids))
+    return ranked_frame(dec.query_ids, fused, dec.catalog)
+
+
+def generated_ranking(dec: Decoded, order: str = "popularity") -> Ranked:
+    """The decoded SIDs expanded into items (learned order inside a SID when the scorer exists)."""
+    if dec.learned_query is not None:
+        vecs = (dec.learned_query, dec.learned_items)
+    else:
+        vecs = (query_vectors(dec.dataset), dec.dataset.item_emb) if order == "similarity" else (None, None)
+    return beam_items(dec.sid_index, dec.scores, dec.catalog, *vecs)
+
+
+def dense_side(dec: Decoded, source: str, depth: int) -> Ranked:
+    """Dense ranking for the fusion: the learned item scorer, or the frozen text embeddings."""
+    if source == "learned":
+        if dec.learned_query is None:
+            raise ConfigError("retriever.fusion.source", "learned needs a retriever trained with item_head: true")
+        return dense_ranking(dec.learned_query, dec.learned_items, depth)
+    item = dec.dataset.item_emb
+    unit = item / np.maximum(np.linalg.norm(item, axis=1, keepdims=True), 1e-12)
+    return dense_ranking(query_vectors(dec.dataset), unit.astype(np.float32), depth)
 
 
 def generate(params: dict, queries: pd.DataFrame, *, model: RetrieverModel | None = None, beam: int | None = None,
@@ -169,12 +221,12 @@ def query_vectors(dataset: ExampleDataset, last_n: int = 5) -> np.ndarray:
     return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
 
 
-def ranked_from_beams(query_ids: np.ndarray, sid_index: np.ndarray, scores: np.ndarray, catalog: SidCatalog,
-                      query_vecs: np.ndarray | None = None, item_vecs: np.ndarray | None = None) -> pd.DataFrame:
-    """Expand beams (N, B) of sid indices into the ranked item frame (vectorised).
+def beam_items(sid_index: np.ndarray, scores: np.ndarray, catalog: SidCatalog,
+               query_vecs: np.ndarray | None = None, item_vecs: np.ndarray | None = None) -> Ranked:
+    """Expand beams (N, B) of sid indices into ranked item rows (vectorised); score = the SID's beam score.
 
     Items of one SID follow popularity desc then item_id; given query and item vectors they
-    follow cosine similarity to the query instead (popularity order breaks ties).
+    follow the dot product with the query instead (popularity order breaks ties).
     """
     valid = (sid_index >= 0) & np.isfinite(scores)
     sizes = np.where(valid, catalog.group_sizes()[np.maximum(sid_index, 0)], 0)
@@ -183,20 +235,31 @@ def ranked_from_beams(query_ids: np.ndarray, sid_index: np.ndarray, scores: np.n
     sid_rep = np.repeat(sid_index.reshape(-1), flat_sizes)
     within = np.arange(total) - np.repeat(np.cumsum(flat_sizes) - flat_sizes, flat_sizes)
     item_rows = catalog.group_items[catalog.group_ptr[sid_rep] + within]
-    per_query = sizes.sum(1)
     if query_vecs is not None and item_vecs is not None:
         beam_rep = np.repeat(np.arange(flat_sizes.size), flat_sizes)
         sim = np.einsum("ij,ij->i", query_vecs[beam_rep // sid_index.shape[1]], item_vecs[item_rows])
         item_rows = item_rows[np.lexsort((within, -sim, beam_rep))]
-    rank = np.arange(total) - np.repeat(np.cumsum(per_query) - per_query, per_query)
-    sid_text = np.array([sid_string(catalog.codes[s, : catalog.lengths[s]]) for s in range(catalog.n_sids)], dtype=object)
+    return Ranked(item_rows.astype(np.int64), np.repeat(scores.reshape(-1), flat_sizes).astype(np.float32),
+                  sizes.sum(1).astype(np.int64))
+
+
+def ranked_frame(query_ids: np.ndarray, ranked: Ranked, catalog: SidCatalog) -> pd.DataFrame:
+    """The data contract's ranked-results frame of flat ranked item rows (sid = each item's SID)."""
+    sid_text = np.array([sid_string(catalog.codes[s, : catalog.lengths[s]]) for s in range(catalog.n_sids)],
+                        dtype=object)
     return pd.DataFrame({
-        "query_id": np.repeat(np.asarray(query_ids, dtype=object), per_query).astype(str),
-        "rank": rank.astype(np.int64),
-        "item_id": catalog.item_ids[item_rows].astype(str),
-        "score": np.repeat(scores.reshape(-1), flat_sizes).astype(float),
-        "sid": sid_text[sid_rep].astype(str),
+        "query_id": np.repeat(np.asarray(query_ids, dtype=object), ranked.per_query).astype(str),
+        "rank": ranked.rank.astype(np.int64),
+        "item_id": catalog.item_ids[ranked.items].astype(str),
+        "score": ranked.scores.astype(float),
+        "sid": sid_text[catalog.item_sid[ranked.items]].astype(str),
     })
+
+
+def ranked_from_beams(query_ids: np.ndarray, sid_index: np.ndarray, scores: np.ndarray, catalog: SidCatalog,
+                      query_vecs: np.ndarray | None = None, item_vecs: np.ndarray | None = None) -> pd.DataFrame:
+    """Ranked item frame of beams (N, B) of sid indices (see `beam_items` for the order inside a SID)."""
+    return ranked_frame(query_ids, beam_items(sid_index, scores, catalog, query_vecs, item_vecs), catalog)
 
 
 def retrieve(params: dict, queries: pd.DataFrame, *, model: RetrieverModel | None = None, beam: int | None = None,

@@ -24,6 +24,7 @@ from torch import nn
 from components.atomic import atomic_path
 from components.constrained_decoding import BeamResult, SidTrie, beam_search
 from components.errors import ConfigError
+from components.item_scorer import ItemScorer
 from components.query_encoders import QueryEncoder
 from components.seq2seq_backbones import HFSeq2Seq, SmallSeq2Seq
 from components.sid_vocab import BOS, END, PAD, SidCatalog, SidVocab
@@ -44,6 +45,9 @@ def model_config(rp: dict, codebook_sizes: tuple[int, ...], emb_dim: int, max_hi
            "n_memory": int(rp["n_memory"]), "history_sid_tokens": bool(rp.get("history_sid_tokens", False)),
            "n_item_ids": int(n_items) if rp.get("item_id_embeddings", False) else 0,
            "hf_config": None}
+    if rp.get("item_head", False):  # only when on: checkpoints and runs without it stay as they were
+        cfg["item_head"] = True
+        cfg["item_head_weight"] = float(rp.get("item_head_weight", 1.0))
     vocab = SidVocab(tuple(cfg["codebook_sizes"]))
     if backbone == "t5":
         from transformers import T5Config
@@ -100,8 +104,16 @@ class RetrieverModel(nn.Module):
             self.backbone = HFSeq2Seq(_hf_model(config, load_pretrained and config["backbone"] == "pretrained"))
         bias = np.where(self.vocab.layer_mask(), 0.0, float("-inf")).astype(np.float32)
         self.register_buffer("layer_bias", torch.from_numpy(bias), persistent=False)
+        # built last, and only when on, so a retriever without it draws the same initial weights as before
+        self.scorer = ItemScorer(config["emb_dim"], d, int(config.get("n_item_ids", 0))) \
+            if config.get("item_head") else None
+        self.item_emb: torch.Tensor | None = None
         self.catalog: SidCatalog | None = None
         self.trie: SidTrie | None = None
+
+    def attach_items(self, item_emb: np.ndarray) -> None:
+        """Frozen text embeddings of the catalog in item-row order (the item scorer reads them)."""
+        self.item_emb = torch.as_tensor(np.asarray(item_emb, dtype=np.float32))
 
     def attach_catalog(self, catalog: SidCatalog) -> None:
         """Issued SIDs to decode into (rebuild after new items get SIDs; no retraining needed)."""
@@ -128,13 +140,35 @@ class RetrieverModel(nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Teacher-forced logits (N, max_len, V), tokens outside each depth's layer at -inf."""
+        return self._forward(batch)[0]
+
+    def _forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """SID logits, and the item scorer's query vectors when the retriever has one (one encoder pass)."""
         memory, mask = self.encode_query(batch)
-        logits = self.backbone(memory, mask, batch["dec_in"])
-        return logits + self.layer_bias[: logits.shape[1]]
+        enc = self.backbone.encode(memory, mask)
+        logits = self.backbone(memory, mask, batch["dec_in"], enc=enc)
+        qvec = self.scorer.query_vectors(enc, mask) if self.scorer is not None else None
+        return logits + self.layer_bias[: logits.shape[1]], qvec
 
     def loss(self, batch: dict) -> torch.Tensor:
-        logits = self(batch)
-        return F.cross_entropy(logits.flatten(0, 1), batch["target"].flatten(), ignore_index=PAD)
+        """SID cross-entropy; with the item scorer, plus item_head_weight x its softmax loss over the catalog."""
+        logits, qvec = self._forward(batch)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch["target"].flatten(), ignore_index=PAD)
+        if qvec is None:
+            return loss
+        item_logits = self.scorer.logits(qvec, self.item_vectors())
+        return loss + self.config["item_head_weight"] * F.cross_entropy(item_logits, batch["target_item"])
+
+    # --- item scorer (config item_head)
+    def item_vectors(self) -> torch.Tensor:
+        if self.scorer is None or self.item_emb is None:
+            raise ValueError("the item scorer needs item_head on and attach_items(item_emb) first")
+        return self.scorer.item_vectors(self.item_emb.to(self.layer_bias.device))
+
+    def query_vectors(self, batch: dict) -> torch.Tensor:
+        """The item scorer's unit query vectors (N, d) for a batch (eval mode is the caller's job)."""
+        memory, mask = self.encode_query(batch)
+        return self.scorer.query_vectors(self.backbone.encode(memory, mask), mask)
 
     # --- StepDecoder protocol (constrained_decoding.beam_search)
     def start(self, batch: dict) -> dict:

@@ -210,6 +210,7 @@ class ExampleDataset(Dataset):
             sid = self.item_sid[sid_item]
             batch["dec_in"] = torch.from_numpy(self.sid_inputs[sid])
             batch["target"] = torch.from_numpy(self.sid_targets[sid])
+            batch["target_item"] = torch.from_numpy(sid_item)
         return batch
 
 

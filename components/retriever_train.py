@@ -19,6 +19,8 @@ from components.atomic import atomic_path, write_json
 from components.best_epoch import fit_best_epoch, patience_param
 from components.config import out_path
 from components.errors import ConfigError
+from components.fusion import fusion_config
+from components.fusion_tuning import tune_fusion, validation_queries
 from components.query_encoders import check_text_encoder_option
 from components.retriever import RetrieverModel, RetrieverModule, model_config, save_retriever
 from components.retriever_data import (KIND_HISTORY, KIND_TEXT, BucketBatchSampler, ExampleDataset, Examples,
@@ -99,12 +101,15 @@ def run_train_retriever(params: dict) -> dict:
     rp = params["retriever"]
     check_text_encoder_option(rp)
     patience = patience_param(rp.get("patience", 0), "retriever.patience")   # checked before any work
+    fusion_config(rp)
     seed, max_history, inputs, (examples, valid, text_vectors, counts) = prepare_training(params)
 
     config = model_config(rp, inputs.codebook_sizes, inputs.item_emb.shape[1], max_history, len(inputs.items))
     config["sid_version"] = inputs.sid_version
     net = RetrieverModel(config, load_pretrained=True).train()
     net.attach_catalog(inputs.catalog)
+    if net.scorer is not None:
+        net.attach_items(inputs.item_emb)
     train_ds = ExampleDataset(examples, text_vectors, inputs.item_emb, net.vocab, inputs.catalog)
     val_ds = ExampleDataset(valid, text_vectors, inputs.item_emb, net.vocab, inputs.catalog)
     sampler = BucketBatchSampler(examples.bucket_keys(), int(rp["batch_size"]), shuffle=True, seed=seed)
@@ -120,9 +125,13 @@ def run_train_retriever(params: dict) -> dict:
     start = time.perf_counter()
     fit = fit_best_epoch(module, trainer_args(rp, epochs, logger, run_dir / "lightning"), train_dl,
                          val_dl if len(valid) else None, f"val_recall@{VAL_K}", patience)
-    seconds = time.perf_counter() - start
     if logger:
         logger.experiment.finish()
+    fusion, fusion_grid = tune_fusion(params, net.eval(), validation_queries(
+        inputs.queries, int(rp.get("val_max_queries", 0)), seed))
+    if fusion is not None:
+        net.config["fusion"] = fusion
+    seconds = time.perf_counter() - start
     save_retriever(net, out_path(params, "retriever", "model.pt"))
     curve = pd.DataFrame(module.curve, columns=["epoch", "train_loss", f"val_recall@{VAL_K}"])
     with atomic_path(out_path(params, "plots", "retriever_curve.csv")) as tmp:
@@ -134,6 +143,7 @@ def run_train_retriever(params: dict) -> dict:
         f"final_val_recall@{VAL_K}": float(curve[f"val_recall@{VAL_K}"].iloc[-1]) if len(valid) else None,
         "train_seconds": round(seconds, 2), "seconds_per_epoch": round(seconds / max(fit.epochs_run, 1), 2),
         "eval_beam": int(rp["eval_beam"]), "sid_version": inputs.sid_version, "n_sids": int(inputs.catalog.n_sids),
+        "item_head": net.scorer is not None, "fusion": fusion, "fusion_grid": fusion_grid,
         **counts,
     }
     write_json(summary, out_path(params, "metrics", "retriever_train.json"))

@@ -124,9 +124,10 @@ class SmallSeq2Seq(nn.Module):
     def _cross(self, enc: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [layer.cross_attn.keys_values(enc) for layer in self.layers]
 
-    def forward(self, memory: torch.Tensor, mask: torch.Tensor, dec_in: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: logits (N, T, V) for decoder inputs dec_in (N, T)."""
-        enc = self.encode(memory, mask)
+    def forward(self, memory: torch.Tensor, mask: torch.Tensor, dec_in: torch.Tensor,
+                enc: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher forcing: logits (N, T, V) for decoder inputs dec_in (N, T); `enc` = encode(memory, mask) if known."""
+        enc = self.encode(memory, mask) if enc is None else enc
         cross_mask = mask[:, None, None, :]
         y = self.tok(dec_in) + self.pos.weight[: dec_in.shape[1]]
         for layer, (k, v) in zip(self.layers, self._cross(enc)):
@@ -160,12 +161,19 @@ class HFSeq2Seq(nn.Module):
         self.model = model
         self.d_model = int(model.config.d_model)
 
-    def forward(self, memory: torch.Tensor, mask: torch.Tensor, dec_in: torch.Tensor) -> torch.Tensor:
-        return self.model(inputs_embeds=memory, attention_mask=mask.long(), decoder_input_ids=dec_in,
+    def encode(self, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model.get_encoder()(inputs_embeds=memory, attention_mask=mask.long()).last_hidden_state
+
+    def forward(self, memory: torch.Tensor, mask: torch.Tensor, dec_in: torch.Tensor,
+                enc: torch.Tensor | None = None) -> torch.Tensor:
+        if enc is None:
+            return self.model(inputs_embeds=memory, attention_mask=mask.long(), decoder_input_ids=dec_in,
+                              use_cache=False).logits
+        return self.model(encoder_outputs=(enc,), attention_mask=mask.long(), decoder_input_ids=dec_in,
                           use_cache=False).logits
 
     def start(self, memory: torch.Tensor, mask: torch.Tensor) -> dict:
-        enc = self.model.get_encoder()(inputs_embeds=memory, attention_mask=mask.long()).last_hidden_state
+        enc = self.encode(memory, mask)
         return {"enc": enc, "mask": mask.long(), "prefix": memory.new_zeros((memory.shape[0], 1, 0), dtype=torch.long)}
 
     def step(self, state: dict, tokens: torch.Tensor, depth: int, columns: torch.Tensor) -> torch.Tensor:

@@ -103,7 +103,7 @@ def test_tiny_catalog_is_learned_from_indexing_pairs(tmp_path):
 
 def test_ranked_frame_contract_and_hallucination(tmp_path):
     items = write_catalog(tmp_path)
-    params = tiny_params(tmp_path, epochs=2)
+    params = tiny_params(tmp_path, epochs=2, item_head=False, fusion={"source": "none"})   # the paper's retriever
     run_train_retriever(params)
     queries = pd.read_parquet(tmp_path / "prepared" / "queries.parquet")
     ranked = retrieve(params, queries, beam=5)
@@ -123,6 +123,36 @@ def test_ranked_frame_contract_and_hallucination(tmp_path):
     assert 0.0 < hallucination_rate(gen) <= 1.0           # 4*4*3 codes: most 20-beam outputs are not issued
     constrained = generate(params, queries, beam=20, constrained=True)
     assert hallucination_rate(constrained) == 0.0
+
+
+def test_item_head_orders_inside_a_sid_and_the_fusion_is_tuned_on_validation(tmp_path):
+    """Default retriever: the item scorer orders items of one SID, the checkpoint carries the fusion
+    chosen on validation, and `retrieve` ranks exactly as that fusion of the two lists says."""
+    from components.fusion import fuse
+    from components.retrieve import decode_queries, dense_side, generated_ranking, ranked_frame
+
+    write_catalog(tmp_path)
+    params = tiny_params(tmp_path, epochs=3, fusion={"source": "auto", "weight": "auto", "depth": 5, "rrf_k": 60})
+    summary = run_train_retriever(params)
+    assert summary["item_head"] and summary["fusion_grid"][0]["source"] == "none"
+    assert {t["source"] for t in summary["fusion_grid"]} == {"none", "learned", "zero_shot"}
+    best = max(t["recall@10"] for t in summary["fusion_grid"])
+    chosen = summary["fusion"]
+    assert [t for t in summary["fusion_grid"] if (t["source"], t["weight"]) == (chosen["source"], chosen["weight"])
+            ][0]["recall@10"] == best
+    model = load_retriever(tmp_path / "retriever" / "model.pt")
+    assert model.config["fusion"] == chosen
+    queries = pd.read_parquet(tmp_path / "prepared" / "queries.parquet")
+    dec = decode_queries(params, queries, model=model, beam=5)
+    gen = generated_ranking(dec)
+    sims = (dec.learned_query[gen.query] * dec.learned_items[gen.items]).sum(1)
+    sid = dec.catalog.item_sid[gen.items]
+    same = (gen.query[1:] == gen.query[:-1]) & (sid[1:] == sid[:-1])
+    assert same.any() and (sims[1:][same] <= sims[:-1][same] + 1e-6).all()   # learned order inside one SID
+    ranked = retrieve(params, queries, model=model, beam=5)
+    expect = gen if chosen["source"] == "none" else fuse(gen, dense_side(dec, chosen["source"], 5), chosen["weight"],
+                                                         60, len(dec.catalog.item_ids))
+    pd.testing.assert_frame_equal(ranked, ranked_frame(dec.query_ids, expect, dec.catalog))
 
 
 def test_checkpoint_round_trip_and_determinism(tmp_path):

@@ -1,0 +1,97 @@
+"""The hybrid ranking (components/fusion.py) and the retriever's item scorer (components/item_scorer.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from components.errors import ConfigError
+from components.fusion import Ranked, choose_fusion, dense_ranking, fuse, fusion_config, recall_at
+from components.retriever import RetrieverModel, model_config
+
+RP = {"backbone": "small", "d_model": 32, "n_heads": 2, "n_layers": 1, "decoder_layers": 1, "ff_dim": 64,
+      "dropout": 0.0, "n_memory": 2, "history_sid_tokens": True, "item_id_embeddings": True}
+
+
+def _ranked(lists: list[list[int]]) -> Ranked:
+    return Ranked(np.array([i for lst in lists for i in lst], dtype=np.int64),
+                  np.zeros(sum(map(len, lists)), np.float32), np.array([len(lst) for lst in lists]))
+
+
+def _lists(r: Ranked) -> list[list[int]]:
+    ends = np.cumsum(r.per_query)
+    return [r.items[e - n: e].tolist() for e, n in zip(ends, r.per_query)]
+
+
+def test_fusion_weights_move_between_the_two_orders():
+    gen, dense = _ranked([[0, 1, 2], [5]]), _ranked([[3, 2, 0], [6, 5]])
+    assert _lists(fuse(gen, dense, 1.0, 60, 10)) == [[0, 1, 2, 3], [5, 6]]     # generative order, dense-only after
+    assert _lists(fuse(gen, dense, 0.0, 60, 10)) == [[3, 2, 0, 1], [6, 5]]     # dense order, generative-only after
+    # equal weights: an item both lists rank well beats one only the generative list has
+    assert _lists(fuse(gen, dense, 0.5, 60, 10))[0][:2] == [0, 2]
+
+
+def test_recall_and_the_validation_choice():
+    targets = np.array([[3], [6], [9]])
+    gen, dense = _ranked([[0, 1, 2], [5, 6], [9]]), _ranked([[3, 0], [6], [8]])
+    assert recall_at(gen, targets, 1) == pytest.approx(1 / 3)
+    assert recall_at(gen, targets, 2) == pytest.approx(2 / 3)
+    choice, grid = choose_fusion(gen, {"zero_shot": dense}, targets, 1, 60, 10)
+    best = max(t["recall@1"] for t in grid)
+    assert choice["source"] == "zero_shot" and best == pytest.approx(2 / 3)   # the generative list alone: 1 / 3
+    assert choice["weight"] == max(t["weight"] for t in grid if t["recall@1"] == best)  # ties: closest to generative
+    assert len(grid) == 11
+    # when the generative list is better at every weight, no fusion is chosen
+    choice, _ = choose_fusion(_ranked([[3], [6], [9]]), {"zero_shot": _ranked([[0], [1], [2]])}, targets, 1, 60, 10)
+    assert choice == {"source": "none", "weight": 1.0}
+
+
+def test_dense_ranking_is_the_exact_top_k():
+    rng = np.random.default_rng(0)
+    q, items = rng.normal(size=(7, 5)).astype(np.float32), rng.normal(size=(40, 5)).astype(np.float32)
+    top = dense_ranking(q, items, 6, chunk=3).top(6)
+    assert (top == np.argsort(-(q @ items.T), axis=1, kind="stable")[:, :6]).all()
+
+
+def test_fusion_config_refuses_bad_values():
+    assert fusion_config({"fusion": {"source": "auto"}})["weight"] == "auto"
+    with pytest.raises(ConfigError, match="retriever.fusion.source"):
+        fusion_config({"fusion": {"source": "bm25"}})
+    with pytest.raises(ConfigError, match="item_head"):
+        fusion_config({"item_head": False, "fusion": {"source": "learned"}})
+    with pytest.raises(ConfigError, match="retriever.fusion.weight"):
+        fusion_config({"fusion": {"source": "zero_shot", "weight": 1.5}})
+
+
+def test_without_the_item_head_the_retriever_is_built_as_before():
+    """item_head off: the same initial weights and no new keys, so earlier runs and checkpoints stay valid."""
+    torch.manual_seed(0)
+    plain = RetrieverModel(model_config(RP, (4, 4), 8, 5, n_items=12))
+    torch.manual_seed(0)
+    off = RetrieverModel(model_config({**RP, "item_head": False}, (4, 4), 8, 5, n_items=12))
+    assert "item_head" not in off.config and off.scorer is None
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), off.state_dict().values()))
+
+
+def test_the_item_head_learns_to_rank_the_target_first():
+    torch.manual_seed(0)
+    n_items, emb = 12, 8
+    net = RetrieverModel(model_config({**RP, "item_head": True}, (4, 4), emb, 5, n_items=n_items))
+    item_emb = np.random.default_rng(0).normal(size=(n_items, emb)).astype(np.float32)
+    net.attach_items(item_emb)
+    # "what comes after item i" is item (i + 5) % n: nothing the text vectors say, only learnable
+    hist = torch.arange(n_items)[:, None]
+    target = (hist[:, 0] + 5) % n_items
+    batch = {"kind": "history", "x": torch.from_numpy(item_emb)[hist], "mask": torch.ones(n_items, 1, dtype=torch.bool),
+             "hist_items": hist, "hist_tokens": torch.zeros(n_items, 1, 2, dtype=torch.long),
+             "dec_in": torch.full((n_items, 2), 1), "target": torch.zeros(n_items, 2, dtype=torch.long),
+             "target_item": target}
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    for _ in range(150):
+        opt.zero_grad()
+        net.loss(batch).backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        scores = net.query_vectors(batch) @ net.item_vectors().T
+    assert (scores.argmax(1) == target).float().mean() == 1.0
