@@ -44,20 +44,24 @@ NOT_RUN_KEYS = ("variants", "seeds", "compare_dir", "baselines", "two_tower", "s
 
 
 def table_metrics(params: dict) -> list[str]:
-    """Columns of the comparison: hallucination, recall at every K, NDCG@headline_k, recall@all, Ret-Per."""
+    """Columns of the comparison: hallucination (all beams, top headline_k beams, over chance), recall at
+    every K, NDCG@headline_k, MRR@headline_k, recall@all, Ret-Per."""
     ev = params["eval"]
     ks = sorted({int(k) for k in list(ev["ks"]) + list(ev.get("deep_ks") or [])})
     k = int(ev["headline_k"])
-    return ["hallucination"] + [f"recall@{k}" for k in ks] + [f"ndcg@{k}", f"mrr@{k}", "recall@all", "ret_per"]
+    return (["hallucination", f"hallucination@{k}", "hallucination_norm"] + [f"recall@{k}" for k in ks]
+            + [f"ndcg@{k}", f"mrr@{k}", "recall@all", "ret_per"])
 
 
 def _rows(method: str, seed: int, result: dict, hallucination: dict | None) -> list[dict]:
-    """Long-format rows (one per group) for one method and seed."""
+    """Long-format rows (one per group) for one method and seed; the hallucination metrics come from
+    the unconstrained result `hallucination` (None for a baseline)."""
     rows = []
     for group in ("overall",) + GROUPS:
         metrics = {k: v["mean"] for k, v in result[group]["metrics"].items()}
         if hallucination is not None:
-            metrics["hallucination"] = hallucination[group]["metrics"]["hallucination"]["mean"]
+            metrics.update({k: v["mean"] for k, v in hallucination[group]["metrics"].items()
+                            if k.startswith("hallucination")})
         rows.append({"method": method, "group": group, "seed": seed, "n_queries": result[group]["n_queries"],
                      **metrics})
     return rows
@@ -120,12 +124,25 @@ def _link_inputs(params: dict, scratch: Path) -> None:
         dst.symlink_to(src, target_is_directory=True)
 
 
-def run_variant(params: dict, variant: dict, seed: int) -> dict:
-    """Train and evaluate one variant for one seed; reuse a finished run with the same params."""
-    from components.sid_stats import sid_statistics
-    from components.sid_table import read_sid_table
-    from components.stages import get_step
+def missing_metrics(run: dict, params: dict) -> list[str]:
+    """Comparison columns (table_metrics) that a stored variant run does not report, e.g. because
+    it was evaluated before the metric existed."""
+    have = {m for part in ("constrained", "unconstrained")
+            for m in ((run.get(part) or {}).get("overall") or {}).get("metrics", {})}
+    return [m for m in table_metrics(params) if m not in have]
 
+
+def _trained(scratch: Path) -> bool:
+    """The scratch run holds what evaluation reads from the train steps."""
+    return all((scratch / rel).exists() for rel in ("sids/sid_table.parquet", "sids/meta.json", "retriever/model.pt"))
+
+
+def run_variant(params: dict, variant: dict, seed: int) -> dict:
+    """Train and evaluate one variant for one seed; reuse a finished run with the same params.
+
+    A finished run whose stored result lacks a metric the comparison now reports (one made
+    before that metric existed) is evaluated again from its trained model, without retraining.
+    """
     p = variant_params(params, variant, seed)
     scratch = Path(p["out_dir"])
     done = scratch / "eval" / "compare_run.json"
@@ -133,10 +150,25 @@ def run_variant(params: dict, variant: dict, seed: int) -> dict:
     if done.exists():
         cached = json.loads(done.read_text())
         if cached.get("params_hash") == key:
-            return cached
+            if not missing_metrics(cached, p):
+                return cached
+            if _trained(scratch):
+                _link_inputs(params, scratch)
+                return _evaluate_variant(p, variant, seed, key)
     _link_inputs(params, scratch)
+    from components.stages import get_step
+
     for step in TRAIN_STEPS:
         get_step(step)(p)
+    return _evaluate_variant(p, variant, seed, key)
+
+
+def _evaluate_variant(p: dict, variant: dict, seed: int, key: str) -> dict:
+    """Evaluate a trained variant run (constrained and unconstrained) and store eval/compare_run.json."""
+    from components.sid_stats import sid_statistics
+    from components.sid_table import read_sid_table
+
+    scratch = Path(p["out_dir"])
     data = load_eval_inputs(p)
     results, _ = evaluate_all(p, data, [])
     names = list(results)
@@ -144,7 +176,7 @@ def run_variant(params: dict, variant: dict, seed: int) -> dict:
     stats = sid_statistics(read_sid_table(scratch / "sids" / "sid_table.parquet"), data.items, meta)
     out = {"params_hash": key, "name": variant["name"], "seed": int(seed),
            "constrained": results[names[0]], "unconstrained": results[names[1]], "sid_stats": stats}
-    write_json(out, done)
+    write_json(out, scratch / "eval" / "compare_run.json")
     return out
 
 
@@ -227,7 +259,8 @@ def _mean_std(mean: pd.Series, std: pd.Series, digits: int) -> list[str]:
 
 
 def headline_table(table: pd.DataFrame, k: int) -> pd.DataFrame:
-    """One row per method: Recall@k overall and by group, hallucination, Ret-Per (mean ± std over seeds)."""
+    """One row per method: Recall@k overall and by group, hallucination (all beams, top k beams, over
+    chance), Ret-Per (mean ± std over seeds)."""
     methods = list(dict.fromkeys(table.index.get_level_values(0)))
     out = pd.DataFrame(index=pd.Index(methods, name="method"))
     metric = f"recall@{k}"
@@ -235,7 +268,7 @@ def headline_table(table: pd.DataFrame, k: int) -> pd.DataFrame:
         part = table.xs(group, level="group").reindex(methods)
         out[f"R@{k} {group}"] = _mean_std(part[metric], part[f"{metric} std"], 4)
     overall = table.xs("overall", level="group").reindex(methods)
-    for m, digits in (("hallucination", 4), ("ret_per", 1)):
+    for m, digits in (("hallucination", 4), (f"hallucination@{k}", 4), ("hallucination_norm", 4), ("ret_per", 1)):
         if m in overall.columns:
             out[metric_label(m)] = _mean_std(overall[m], overall[f"{m} std"], digits)
     out["seeds"] = overall["seeds"].to_numpy()

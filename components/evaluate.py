@@ -23,7 +23,8 @@ from components.metrics import (
     GROUPS,
     drop_history_items,
     evaluate_ranked,
-    hallucination_per_query,
+    hallucination_table,
+    issued_by_length,
     recall_by_popularity_decile,
 )
 from components.runtime_env import set_offline_defaults
@@ -31,7 +32,8 @@ from components.runtime_env import set_offline_defaults
 BASELINES = ("bm25", "dense", "popular", "two_tower", "sasrec", "sasrec_text")
 # row names of baselines whose key is not their name (components/sasrec.py); the others keep their key
 BASELINE_LABELS = {"sasrec": "SASRec", "sasrec_text": "SASRec + text"}
-HEADLINE = ("recall@{k}", "ndcg@{k}", "mrr@{k}", "recall@all", "ret_per", "hallucination")
+HEADLINE = ("recall@{k}", "ndcg@{k}", "mrr@{k}", "recall@all", "ret_per", "hallucination", "hallucination@{k}",
+            "hallucination_norm")
 
 
 def baseline_label(name: str) -> str:
@@ -134,15 +136,26 @@ def run_baseline(name: str, params: dict, data: EvalInputs) -> pd.DataFrame | No
     raise ConfigError("eval.baselines", f"unknown baseline {name!r}; choose from {list(BASELINES)}")
 
 
-def run_generative(params: dict, test: pd.DataFrame) -> tuple[dict[str, pd.DataFrame], pd.Series]:
-    """Constrained and unconstrained ranked results of the trained retriever, and per-query hallucination."""
+def run_generative(params: dict, test: pd.DataFrame) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+    """Constrained and unconstrained ranked results of the trained retriever, and per-query hallucination.
+
+    Hallucination (components.metrics.hallucination_table): over all B beams, over the top
+    eval.headline_k beams, and normalised by the chance rate of random SIDs of the same lengths,
+    which needs the decoder's vocabulary (sids/meta.json codebook_sizes up to max_len, from which
+    the retriever's vocabulary is built) and the issued SIDs (sids/sid_table.parquet).
+    """
     from components.retrieve import retrieve, retrieve_and_generate
 
     method = params["tokenizer"]["method"]
     beam = int(params["retriever"]["beam"])
     constrained = retrieve(params, test, beam=beam, constrained=True)
     free, generated = retrieve_and_generate(params, test, beam=beam, constrained=False)
-    return {method: constrained, f"{method} (unconstrained)": free}, hallucination_per_query(generated)
+    sids = out_path(params, "sids")
+    meta = json.loads((sids / "meta.json").read_text())
+    sizes = [int(k) for k in meta["codebook_sizes"]][: int(meta["max_len"])]  # as retriever_data.load_inputs
+    issued = issued_by_length(pd.read_parquet(sids / "sid_table.parquet", columns=["codes"])["codes"])
+    halluc = hallucination_table(generated, int(params["eval"]["headline_k"]), sizes, issued)
+    return {method: constrained, f"{method} (unconstrained)": free}, halluc
 
 
 def headline(results: dict[str, dict], k: int) -> dict:

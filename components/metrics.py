@@ -12,10 +12,15 @@ Rules (also in the report):
   targets of group g are relevant. With one target per query this is the plain split by the
   target's group.
 - Ret-Per = items returned per query. Hallucination = per query, the share of generated SIDs
-  that match no item; its mean over queries is reported.
+  that match no item; its mean over queries is reported, over all B beams (`hallucination`,
+  the paper's "Hallu"), over the top k beams (`hallucination@k`), and divided by the rate of
+  random SIDs of the same lengths (`hallucination_norm`; see `hallucination_table`).
 - 95% intervals: percentile bootstrap over queries (within each group), fixed seed.
 """
 from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -127,13 +132,109 @@ def ret_per_query(ranked: pd.DataFrame, query_ids: pd.Index) -> pd.Series:
     return counts.reindex(query_ids, fill_value=0).astype(float).rename("ret_per")
 
 
-def hallucination_per_query(generated: pd.DataFrame) -> pd.Series:
-    """Share of a query's generated SIDs that no item holds.
+def hallucination_per_query(generated: pd.DataFrame, k: int | None = None) -> pd.Series:
+    """Share of a query's generated SIDs that no item holds (over its first `k` beams when given).
 
     `generated`: one row per (query_id, decoded SID) from unconstrained decoding, with
-    `sid_index` = -1 where the SID was never issued (components.retrieve.generate).
+    `beam_rank` and `sid_index` = -1 where the SID was never issued (components.retrieve.generate).
     """
-    return (generated["sid_index"] < 0).astype(float).groupby(generated["query_id"]).mean().rename("hallucination")
+    if k is not None:
+        generated = top_beams(generated, k)
+    name = "hallucination" if k is None else f"hallucination@{k}"
+    return (generated["sid_index"] < 0).astype(float).groupby(generated["query_id"]).mean().rename(name)
+
+
+def top_beams(generated: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Each query's first `k` decoded SIDs by beam_rank (beams that decoded nothing have no row)."""
+    order = generated.sort_values(["query_id", "beam_rank"], kind="stable")
+    return order[order.groupby("query_id", sort=False).cumcount().to_numpy() < k]
+
+
+# ---- the SID space: what a uniformly random SID of the decoder's vocabulary would hit -------
+
+def issued_by_length(codes: Iterable[Sequence[int]]) -> dict[int, int]:
+    """Distinct issued SIDs per length, from the `codes` column of a sid_table (items sharing a SID count once)."""
+    distinct = {tuple(int(c) for c in row) for row in codes}
+    out: dict[int, int] = {}
+    for sid in distinct:
+        out[len(sid)] = out.get(len(sid), 0) + 1
+    return dict(sorted(out.items()))
+
+
+def sid_space(codebook_sizes: Sequence[int], lengths: Iterable[int] | None = None) -> int:
+    """Token sequences the unconstrained decoder can emit with a length in `lengths`.
+
+    Its per-depth mask (components.sid_vocab.SidVocab.layer_mask) allows at depth t the K_t
+    codes of layer t, and END from depth 1 on, whatever the tokenizer's min_len: so a length-L
+    SID is any of K_1 * ... * K_L sequences, and the whole space is the sum over L = 1..max_len
+    (default `lengths`). With TIGER's collision token the collision layer is the last layer of
+    codebook_sizes (sids/meta.json) and counts like any other.
+    """
+    sizes = [int(k) for k in codebook_sizes]
+    lengths = range(1, len(sizes) + 1) if lengths is None else lengths
+    bad = [int(n) for n in lengths if not 1 <= int(n) <= len(sizes)]
+    if bad:
+        raise ValueError(f"SID lengths {bad} outside 1..{len(sizes)} (codebook_sizes {sizes})")
+    return sum(math.prod(sizes[: int(n)]) for n in lengths)
+
+
+def chance_hallucination(codebook_sizes: Sequence[int], issued: Mapping[int, int],
+                         lengths: Iterable[int] | None = None) -> float:
+    """Hallucination rate of a uniformly random SID among the sequences of the lengths in `lengths`.
+
+    = 1 - (issued SIDs of those lengths) / sid_space(codebook_sizes, lengths); `issued` maps a
+    length to its number of distinct issued SIDs (issued_by_length). With every length
+    (the default) this is the chance rate of the decoder's whole output space; with one length
+    L it is the chance rate at L, which `hallucination_table` uses.
+    """
+    lengths = list(range(1, len(codebook_sizes) + 1) if lengths is None else lengths)
+    space = sid_space(codebook_sizes, lengths)
+    hit = sum(int(issued.get(int(n), 0)) for n in set(int(n) for n in lengths))
+    if hit > space:
+        raise ValueError(f"{hit} issued SIDs of lengths {sorted(set(lengths))} but only {space} sequences")
+    return 1.0 - hit / space
+
+
+def chance_by_length(codebook_sizes: Sequence[int], issued: Mapping[int, int]) -> np.ndarray:
+    """Chance hallucination rate at each length: entry L-1 = chance_hallucination(..., lengths=[L])."""
+    return np.array([chance_hallucination(codebook_sizes, issued, [n]) for n in range(1, len(codebook_sizes) + 1)])
+
+
+def hallucination_table(generated: pd.DataFrame, k: int, codebook_sizes: Sequence[int],
+                        issued: Mapping[int, int]) -> pd.DataFrame:
+    """Per-query hallucination three ways, indexed by query_id (the unconstrained row's metrics).
+
+    - `hallucination`: share of all B decoded SIDs that no item holds (the paper's "Hallu").
+    - `hallucination@k`: the same over the first k beams by beam_rank (k = eval.headline_k).
+      With B = 100 a retriever is made to emit 100 distinct SIDs although only a few real
+      ones lie near a query; the top k are the ones that fill Recall@k.
+    - `hallucination_norm`: observed / chance over all B beams, where chance is what SIDs drawn
+      uniformly at random *at the lengths the decoder chose* would score: a beam of length L
+      has chance c_L = 1 - issued_L / (K_1 * ... * K_L) (chance_by_length), and per query
+        hallucination_norm = #hallucinated beams / sum over its beams of c_{L_b}.
+      1.0 = no better than a uniformly random SID of the same length; lower is better; above 1
+      = worse than random. Where every beam sits at a length whose whole space is issued
+      (c = 0, so nothing could be hallucinated) the query counts as 1.0: chance did as well.
+      Why length-matched: a short SID lives in a small space that issued SIDs can fill (one
+      SA2CRQ run issues 17% of all length-2 sequences of its 80 x 160 codebooks), so short
+      SIDs lower the raw rate by construction; dividing by c_L removes that, and leaves the
+      model's choice of codes given the length. The chance rate of the whole output space (chance_hallucination
+      with every length, i.e. 1 - issued / sum_L prod K) is >= 0.998 for every tokenizer in the
+      amazon-scientific and climate-fever comparisons, so dividing by it would leave the raw
+      rate unchanged and compare nothing.
+    """
+    lengths = generated["sid"].astype(str).str.count("-").to_numpy() + 1
+    chance = chance_by_length(codebook_sizes, issued)
+    if len(lengths) and lengths.max() > len(chance):
+        raise ValueError(f"a generated SID has {lengths.max()} codes but codebook_sizes has {len(chance)} layers")
+    miss = (generated["sid_index"].to_numpy() < 0).astype(float)
+    frame = pd.DataFrame({"miss": miss, "chance": chance[lengths - 1] if len(lengths) else np.zeros(0)})
+    sums = frame.groupby(generated["query_id"].to_numpy()).sum()
+    norm = np.where(sums["chance"] > 0, sums["miss"] / sums["chance"].where(sums["chance"] > 0, 1.0), 1.0)
+    out = pd.DataFrame({"hallucination": hallucination_per_query(generated),
+                        f"hallucination@{k}": hallucination_per_query(generated, k)})
+    out["hallucination_norm"] = pd.Series(norm, index=sums.index).reindex(out.index).to_numpy()
+    return out.rename_axis("query_id")
 
 
 def bootstrap_ci(values: np.ndarray, n_boot: int, seed: int, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
@@ -180,12 +281,13 @@ def evaluate_ranked(
     deep_ks: list[int] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
-    hallucination: pd.Series | None = None,
+    hallucination: pd.Series | pd.DataFrame | None = None,
     source: str = "ranked results",
 ) -> dict:
     """Metrics with 95% CIs for one method: {"overall"|"head"|"tail"|"cold": {n_queries, metrics}}.
 
-    `hallucination`: optional per-query rate (see hallucination_per_query), reported as `hallucination`.
+    `hallucination`: optional per-query rates: a Series (hallucination_per_query), reported as
+    `hallucination`, or a frame (hallucination_table) whose every column is reported.
     """
     check_ranked(ranked, source)
     pairs = target_ranks(ranked, target_pairs(queries, items))
@@ -196,7 +298,10 @@ def evaluate_ranked(
         table = per_query_metrics(sub, ks, deep_ks)
         table["ret_per"] = ret_per.reindex(table.index).to_numpy()
         if hallucination is not None:
-            table["hallucination"] = hallucination.reindex(table.index).to_numpy()
+            rates = hallucination.rename("hallucination").to_frame() if isinstance(hallucination, pd.Series) \
+                else hallucination
+            for col in rates.columns:
+                table[col] = rates[col].reindex(table.index).to_numpy()
         result[group] = _summarise(table, n_boot, seed)
     return result
 

@@ -1,8 +1,10 @@
 """results/<dataset>.json: the comparison's headline rows, the file quality is judged from.
 
 One row per method with each metric as {"mean", "std"} over seeds (std null for one seed;
-hallucination null for non-generative rows), plus the command that produced it, so the file
-stays true to the command it names.
+the hallucination metrics null for non-generative rows: `hallucination` over all beams,
+`hallucination@k` over the top k, `hallucination_norm` over the chance rate of random SIDs of
+the same lengths, see components.metrics.hallucination_table), plus the command that produced
+it, so the file stays true to the command it names.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ def _stat(mean: object, std: object) -> dict | None:
 
 
 def result_rows(table: pd.DataFrame, k: int) -> list[dict]:
-    """Rows in table order: R@k overall and by group, NDCG@k, MRR@k, hallucination, recall@all, Ret-Per."""
+    """Rows in table order: R@k overall and by group, NDCG@k, MRR@k, hallucination (all beams, top k,
+    over chance), recall@all, Ret-Per."""
     rows = []
     methods = list(dict.fromkeys(table.index.get_level_values(0)))
     for method in methods:
@@ -45,6 +48,8 @@ def result_rows(table: pd.DataFrame, k: int) -> list[dict]:
         row[f"NDCG@{k}"] = cell(overall, f"ndcg@{k}")
         row[f"MRR@{k}"] = cell(overall, f"mrr@{k}")
         row["hallucination"] = cell(overall, "hallucination")
+        row[f"hallucination@{k}"] = cell(overall, f"hallucination@{k}")
+        row["hallucination_norm"] = cell(overall, "hallucination_norm")
         row["R@all"] = cell(overall, "recall@all")
         row["ret_per"] = cell(overall, "ret_per")
         row["seeds"] = seeds

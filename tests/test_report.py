@@ -18,6 +18,7 @@ from components.sid_table import make_sid_table, write_sid_table
 
 ROOT = Path(__file__).resolve().parents[1]
 N_ITEMS = 30
+REAL_RUN_GENERATIVE = evaluate_mod.run_generative     # the fixture below replaces it with a fake
 
 
 def _write_run(out: Path, seed: int = 0) -> None:
@@ -48,13 +49,17 @@ def _write_sids(out: Path, items: pd.DataFrame) -> None:
                 "tau": 6.0}, out / "sids" / "meta.json")
 
 
-def _fake_generative(params: dict, test: pd.DataFrame) -> tuple[dict, pd.Series]:
-    """Constrained: the target first with seed 0, nothing with other seeds; unconstrained: only hallucinated SIDs."""
+def _fake_generative(params: dict, test: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
+    """Constrained: the target first with seed 0, nothing with other seeds; unconstrained: only hallucinated SIDs.
+
+    Hallucination 0.25 over all beams, 0.1 over the top headline_k, 0.5 over chance."""
     rows = [(qid, 0, t[0], 1.0, "0") for qid, t in zip(test["query_id"], test["targets"])]
     ranked = pd.DataFrame(rows, columns=["query_id", "rank", "item_id", "score", "sid"])
     empty = ranked.iloc[:0]
     ranked = ranked if params["seed"] == 0 else empty
-    halluc = pd.Series(0.25 + 0.0 * np.arange(len(test)), index=test["query_id"].to_numpy())
+    k = int(params["eval"]["headline_k"])
+    halluc = pd.DataFrame({"hallucination": 0.25, f"hallucination@{k}": 0.1, "hallucination_norm": 0.5},
+                          index=pd.Index(test["query_id"].to_numpy(), name="query_id"))
     method = params["tokenizer"]["method"]
     return {method: ranked, f"{method} (unconstrained)": empty}, halluc
 
@@ -88,20 +93,23 @@ def test_run_evaluate_writes_results_report_and_metrics(run_params):
     assert set(res) == {"sa2crq", "sa2crq (unconstrained)", "bm25", "dense", "popular", "two_tower"}
     assert res["sa2crq"]["overall"]["metrics"]["recall@1"]["mean"] == 1.0
     assert res["sa2crq (unconstrained)"]["overall"]["metrics"]["hallucination"]["mean"] == pytest.approx(0.25)
+    assert res["sa2crq (unconstrained)"]["overall"]["metrics"]["hallucination@5"]["mean"] == pytest.approx(0.1)
     assert res["popular"]["overall"]["metrics"]["ret_per"]["mean"] == 10
     head = json.loads((out / "metrics" / "eval.json").read_text())
     assert head["sa2crq"]["recall@5"] == 1.0 and "recall@5_tail" in head["bm25"]
+    assert head["sa2crq_unconstrained"]["hallucination_norm"] == pytest.approx(0.5)
+    assert head["sa2crq_unconstrained"]["hallucination@5"] == pytest.approx(0.1)
     md = (out / "report" / "report.md").read_text()
-    for text in ("| sa2crq ", "| two_tower ", "R@5 tail", "Table 2", "eval_recall_vs_k.png", "items_per_sid.png"):
+    for text in ("| sa2crq ", "| two_tower ", "R@5 tail", "Table 2", "eval_recall_vs_k.png", "items_per_sid.png",
+                 "Hallu@5", "Hallu/chance"):
         assert text in md
     assert (out / "plots" / "eval_recall_by_decile.png").stat().st_size > 1000
     assert "data:image/png;base64," in (out / "report" / "report.html").read_text()
     assert summary["report"]["md"].endswith("report.md")
 
 
-def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypatch):
-    calls: list[tuple[str, str]] = []
-
+def _fake_steps(calls: list[tuple[str, str]]):
+    """get_step stand-in: records (step, out_dir); assign_ids writes sids/, train_retriever a curve and model.pt."""
     def fake_step(name: str):
         def step(p: dict) -> dict:
             calls.append((name, p["out_dir"]))
@@ -111,8 +119,16 @@ def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypa
                 (Path(p["out_dir"]) / "plots").mkdir(parents=True, exist_ok=True)
                 pd.DataFrame({"epoch": [0, 1, 2], "train_loss": [3.0, 2.0, 1.5], "val_recall@10": [0.1, 0.3, 0.2]}
                              ).to_csv(Path(p["out_dir"]) / "plots" / "retriever_curve.csv", index=False)
+                (Path(p["out_dir"]) / "retriever").mkdir(parents=True, exist_ok=True)
+                (Path(p["out_dir"]) / "retriever" / "model.pt").write_bytes(b"fake")
             return {}
         return step
+    return fake_step
+
+
+def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypatch):
+    calls: list[tuple[str, str]] = []
+    fake_step = _fake_steps(calls)
 
     import components.stages
 
@@ -126,12 +142,17 @@ def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypa
     assert row["recall@1"] == pytest.approx(0.5) and row["recall@1 std"] == pytest.approx(np.sqrt(0.5))
     assert row["seeds"] == 2
     assert row["hallucination"] == pytest.approx(0.25)
+    assert row["hallucination@5"] == pytest.approx(0.1) and row["hallucination_norm"] == pytest.approx(0.5)
+    assert pd.isna(table.loc[("popular", "overall"), "hallucination_norm"])
     assert ("popular", "tail") in table.index
     md = (Path(params["out_dir"]) / "compare" / "results.md").read_text()
     assert "Table 1" in md and "A one" in md and "Table 2" in md and "0.5000 ± 0.7071" in md
     head = compare_mod.headline_table(table, 5)
     assert list(head.index) == ["A one", "B", "popular"]
     assert head.loc["A one", "Hallu"] == "0.2500 ± 0.0000" and head.loc["popular", "Hallu"] == "-"
+    assert head.loc["A one", "Hallu@5"] == "0.1000 ± 0.0000"
+    assert head.loc["A one", "Hallu/chance"] == "0.5000 ± 0.0000"
+    assert head.loc["popular", "Hallu/chance"] == "-"
     assert "## Headline: Recall@5 by target group" in md
     # results/<dataset>.json: the headline rows with mean and std over seeds, named as the issue asks
     doc = json.loads((Path(params["eval"]["results_dir"]) / f"{params['dataset']}.json").read_text())
@@ -140,6 +161,9 @@ def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypa
     assert list(rows) == ["A one", "B", "most popular"]
     assert rows["A one"]["hallucination"]["mean"] == pytest.approx(0.25)
     assert rows["most popular"]["hallucination"] is None                  # not a generative row
+    assert rows["A one"]["hallucination@5"] == {"mean": pytest.approx(0.1), "std": 0.0}
+    assert rows["A one"]["hallucination_norm"]["mean"] == pytest.approx(0.5)
+    assert rows["most popular"]["hallucination@5"] is None and rows["most popular"]["hallucination_norm"] is None
     assert rows["A one"]["R@5"]["mean"] == pytest.approx(table.loc[("A one", "overall"), "recall@5"])
     assert rows["A one"]["R@5"]["std"] == pytest.approx(table.loc[("A one", "overall"), "recall@5 std"])
     assert {"R@5_head", "R@5_tail", "R@5_cold", "NDCG@5"} <= set(rows["B"])
@@ -166,6 +190,74 @@ def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypa
     longer = dict(fewer, retriever={**fewer["retriever"], "epochs": fewer["retriever"]["epochs"] + 1})
     compare_mod.compare_variants(longer, variants[:1], [0])
     assert [name for name, _ in calls] == list(compare_mod.TRAIN_STEPS)
+
+
+def test_cached_run_without_new_metrics_is_evaluated_again_not_retrained(run_params, monkeypatch):
+    """A compare_run.json made before hallucination@k / hallucination_norm existed: `compare` fills them
+    by evaluating the trained model again; the train steps are not called."""
+    import components.stages
+
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(components.stages, "get_step", _fake_steps(calls))
+    params = dict(run_params, eval={**run_params["eval"], "baselines": []})
+    variants = [{"name": "A", "params": {}}]
+    compare_mod.compare_variants(params, variants, [0])
+    assert len(calls) == len(compare_mod.TRAIN_STEPS)
+    done = Path(compare_mod.variant_params(params, variants[0], 0)["out_dir"]) / "eval" / "compare_run.json"
+    old = json.loads(done.read_text())
+    key = old["params_hash"]
+    for part in ("constrained", "unconstrained"):                   # as written before this change
+        for group in old[part].values():
+            for name in ("hallucination@5", "hallucination_norm"):
+                group["metrics"].pop(name, None)
+    write_json(old, done)
+    assert compare_mod.missing_metrics(old, compare_mod.variant_params(params, variants[0], 0)) == \
+        ["hallucination@5", "hallucination_norm"]
+
+    def no_training(name: str):
+        raise AssertionError(f"{name} must not run: the model is trained")
+
+    monkeypatch.setattr(components.stages, "get_step", no_training)
+    evaluated: list[str] = []
+    monkeypatch.setattr(evaluate_mod, "run_generative", lambda p, t: evaluated.append(p["out_dir"]) or
+                        _fake_generative(p, t))
+    table = compare_mod.compare_variants(params, variants, [0])
+    assert len(evaluated) == 1                                            # evaluation only
+    assert table.loc[("A", "overall"), "hallucination_norm"] == pytest.approx(0.5)
+    assert table.loc[("A", "overall"), "hallucination@5"] == pytest.approx(0.1)
+    fresh = json.loads(done.read_text())
+    assert fresh["params_hash"] == key and "hallucination_norm" in fresh["unconstrained"]["overall"]["metrics"]
+    doc = json.loads((Path(params["eval"]["results_dir"]) / f"{params['dataset']}.json").read_text())
+    assert doc["rows"][0]["hallucination_norm"]["mean"] == pytest.approx(0.5)
+    compare_mod.compare_variants(params, variants, [0])                   # now complete: reused as it is
+    assert len(evaluated) == 1
+    # without the trained model there is nothing to evaluate: the run is trained again
+    write_json(old, done)
+    (done.parent.parent / "retriever" / "model.pt").unlink()
+    calls.clear()
+    monkeypatch.setattr(components.stages, "get_step", _fake_steps(calls))
+    compare_mod.compare_variants(params, variants, [0])
+    assert [name for name, _ in calls] == list(compare_mod.TRAIN_STEPS) and len(evaluated) == 2
+
+
+def test_run_generative_reports_hallucination_three_ways(run_params, monkeypatch):
+    """The real run_generative on the fake run's sids (codebooks 4 x 3; four length-1 SIDs issued, six of
+    the twelve length-2 ones): chance is 0 at length 1 and 0.5 at length 2."""
+    import components.retrieve
+
+    test = pd.DataFrame({"query_id": ["a", "b"], "targets": [["i00"], ["i01"]]})
+    generated = pd.DataFrame({"query_id": ["a"] * 6 + ["b"] * 2, "beam_rank": [0, 1, 2, 3, 4, 5, 0, 1],
+                              "sid": ["0-0", "3-2", "1", "0-2", "2", "3-1", "0", "1-1"],
+                              "sid_index": [0, -1, 6, -1, 7, -1, 8, 1], "score": 0.0})
+    ranked = pd.DataFrame(columns=["query_id", "rank", "item_id", "score", "sid"])
+    monkeypatch.setattr(components.retrieve, "retrieve", lambda *a, **k: ranked)
+    monkeypatch.setattr(components.retrieve, "retrieve_and_generate", lambda *a, **k: (ranked, generated))
+    frames, halluc = REAL_RUN_GENERATIVE(run_params, test)            # eval.headline_k = 5
+    assert set(frames) == {"sa2crq", "sa2crq (unconstrained)"}
+    assert halluc.loc["a", "hallucination"] == pytest.approx(3 / 6)
+    assert halluc.loc["a", "hallucination@5"] == pytest.approx(2 / 5)
+    assert halluc.loc["a", "hallucination_norm"] == pytest.approx(3 / (4 * 0.5))
+    assert halluc.loc["b"].tolist() == pytest.approx([0.0, 0.0, 0.0])
 
 
 def test_compare_picks_variants_by_name():
