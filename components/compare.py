@@ -69,7 +69,7 @@ def _rows(method: str, seed: int, result: dict, hallucination: dict | None) -> l
 
 # Settings added after runs were cached, at the value that reproduces the behaviour before they
 # existed: left out of the run key, so adding a switch does not invalidate finished runs.
-EARLIER_BEHAVIOUR = {("retriever", "item_head"): False, ("retriever", "fusion"): {"source": "none"},
+EARLIER_BEHAVIOUR = {("retriever", "item_head"): False, ("retriever", "fusion"): {"sources": "none"},
                      ("tokenizer", "head_encoder"): "head", ("tokenizer", "stage2_items"): "tail_and_cold"}
 # keys read only when a switch is on: (section, key) -> (switch key, value at which it is off)
 READ_ONLY_WHEN = {("retriever", "item_head_weight"): ("item_head", False)}

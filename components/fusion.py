@@ -3,13 +3,14 @@
 Why: a generative retriever only returns items inside the SIDs it decodes, so tail and cold
 items the decoder never learned to emit cannot surface; a dense ranking reaches every item.
 Weighted reciprocal-rank fusion needs no score calibration between a beam log-probability and a
-cosine: score = w / (k + generative rank) + (1 - w) / (k + dense rank), 1-based ranks, a list
-an item is missing from adds nothing. w = 1 keeps the generative order, w = 0 the dense one.
+cosine: score = sum over lists of w_list / (k + rank in the list), 1-based ranks, a list an item
+is missing from adds nothing. The weights sum to 1; w_generated = 1 keeps the generative order.
 The dense side is the retriever's learned item scorer (`learned`, components/item_scorer.py)
 or the frozen text embeddings (`zero_shot`, the dense baseline's vectors); the source and w
-are chosen on the validation split when the retriever is trained (`choose_fusion`), so the
-same rule carries over to any catalog: a search catalog with strong text matching picks a
-low w, a recommendation log with a sharp decoder a high one.
+are chosen on the validation split when the retriever is trained (`choose_fusion`, a 0.1 grid
+over weights summing to 1, with both dense sources at once), so the same rule carries over to
+any catalog: a search catalog with strong text matching picks a low w, a recommendation log
+with a sharp decoder a high one.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import numpy as np
 
 from components.errors import ConfigError
 
-SOURCES = ("none", "learned", "zero_shot")
-WEIGHT_GRID = tuple(round(w, 2) for w in np.linspace(0.0, 1.0, 11))
+SOURCES = ("learned", "zero_shot")
+STEP = 0.1  # weight grid step of the validation choice
 
 
 @dataclass
@@ -49,20 +50,45 @@ class Ranked:
 
 
 def fusion_config(rp: dict) -> dict:
-    """`retriever.fusion` checked: source auto | none | learned | zero_shot; weight auto | 0..1."""
-    fu = dict(rp.get("fusion") or {"source": "none"})
-    source, weight = str(fu.get("source", "none")), fu.get("weight", "auto")
-    if source not in SOURCES + ("auto",):
-        raise ConfigError("retriever.fusion.source", f"must be auto or one of {SOURCES}, got {source!r}")
-    if source == "learned" and not rp.get("item_head", False):
-        raise ConfigError("retriever.fusion.source", "learned needs retriever.item_head: true")
-    if weight != "auto" and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1):
-        raise ConfigError("retriever.fusion.weight", f"must be auto or a number in [0, 1], got {weight!r}")
+    """`retriever.fusion` checked: sources auto | none | a list of SOURCES; weights auto | one number per list."""
+    fu = dict(rp.get("fusion") or {"sources": "none"})
+    sources, weights = fu.get("sources", "none"), fu.get("weights", "auto")
+    if sources == "auto":
+        sources = [s for s in SOURCES if s != "learned" or rp.get("item_head", False)]
+    elif sources == "none":
+        sources = []
+    elif not isinstance(sources, list) or not sources or any(s not in SOURCES for s in sources) \
+            or len(set(sources)) < len(sources):
+        raise ConfigError("retriever.fusion.sources", f"must be auto, none or a list from {list(SOURCES)}, got {sources!r}")
+    if "learned" in sources and not rp.get("item_head", False):
+        raise ConfigError("retriever.fusion.sources", "learned needs retriever.item_head: true")
+    if weights != "auto":
+        ok = isinstance(weights, list) and len(weights) == len(sources) + 1 and all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights) and sum(weights) > 0
+        if not ok:
+            raise ConfigError("retriever.fusion.weights", "must be auto or a list of non-negative numbers, one for the "
+                              f"generated list and one per source {sources}, got {weights!r}")
+        weights = [float(w) / sum(weights) for w in weights]
     depth, k = fu.get("depth", 100), fu.get("rrf_k", 60)
     for key, value in (("depth", depth), ("rrf_k", k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"retriever.fusion.{key}", f"must be an integer >= 1, got {value!r}")
-    return {"source": source, "weight": weight, "depth": int(depth), "rrf_k": int(k)}
+    return {"sources": list(sources), "weights": weights, "depth": int(depth), "rrf_k": int(k)}
+
+
+def weight_grid(n_lists: int, step: float = STEP) -> list[tuple[float, ...]]:
+    """Every weight vector over n_lists lists on a `step` grid, summing to 1 (the generated list first)."""
+    units = round(1 / step)
+
+    def split(n: int, total: int):
+        if n == 1:
+            yield (total,)
+            return
+        for first in range(total, -1, -1):
+            for rest in split(n - 1, total - first):
+                yield (first,) + rest
+
+    return [tuple(round(u * step, 4) for u in combo) for combo in split(n_lists, units)]
 
 
 def dense_ranking(query_vecs: np.ndarray, item_vecs: np.ndarray, depth: int, chunk: int = 2048) -> Ranked:
@@ -81,20 +107,23 @@ def dense_ranking(query_vecs: np.ndarray, item_vecs: np.ndarray, depth: int, chu
     return Ranked(rows.reshape(-1), scores.reshape(-1), np.full(n, depth, dtype=np.int64))
 
 
-def fuse(generated: Ranked, dense: Ranked, weight: float, rrf_k: int, n_items: int) -> Ranked:
-    """Weighted reciprocal-rank fusion of two ranked lists per query (ties: generative rank, then item row)."""
-    q = np.concatenate([generated.query, dense.query])
-    items = np.concatenate([generated.items, dense.items])
-    contrib = np.concatenate([weight / (rrf_k + 1.0 + generated.rank), (1.0 - weight) / (rrf_k + 1.0 + dense.rank)])
-    gen_rank = np.concatenate([generated.rank, np.full(len(dense.items), np.iinfo(np.int64).max // 2)])
+def fuse(lists: list[Ranked], weights: list[float] | tuple[float, ...], rrf_k: int, n_items: int) -> Ranked:
+    """Weighted reciprocal-rank fusion of ranked lists per query; ties follow the first list's rank, then item row.
+
+    The first list is the generated one: an item it misses gets no share of its weight."""
+    q = np.concatenate([r.query for r in lists])
+    items = np.concatenate([r.items for r in lists])
+    contrib = np.concatenate([w / (rrf_k + 1.0 + r.rank) for r, w in zip(lists, weights)])
+    never = np.iinfo(np.int64).max // 2
+    first_rank = np.concatenate([lists[0].rank] + [np.full(len(r.items), never) for r in lists[1:]])
     key = q.astype(np.int64) * n_items + items
     uniq, inv = np.unique(key, return_inverse=True)
     score = np.bincount(inv, weights=contrib, minlength=len(uniq))
-    first_gen = np.full(len(uniq), np.iinfo(np.int64).max // 2, dtype=np.int64)
-    np.minimum.at(first_gen, inv, gen_rank)
+    first = np.full(len(uniq), never, dtype=np.int64)
+    np.minimum.at(first, inv, first_rank)
     uq, ui = uniq // n_items, uniq % n_items
-    order = np.lexsort((ui, first_gen, -score, uq))
-    per_query = np.bincount(uq, minlength=len(generated.per_query))
+    order = np.lexsort((ui, first, -score, uq))
+    per_query = np.bincount(uq, minlength=len(lists[0].per_query))
     return Ranked(ui[order], score[order].astype(np.float32), per_query)
 
 
@@ -108,16 +137,19 @@ def recall_at(ranked: Ranked, targets: np.ndarray, k: int) -> float:
 
 
 def choose_fusion(generated: Ranked, dense: dict[str, Ranked], targets: np.ndarray, k: int, rrf_k: int,
-                  n_items: int, weights: tuple[float, ...] = WEIGHT_GRID) -> tuple[dict, list[dict]]:
-    """Best (source, weight) by validation Recall@k over the grid; generative only (w = 1) wins ties.
+                  n_items: int, weights: list | None = None) -> tuple[list[float], list[dict]]:
+    """Best weights (generated list first, then each dense source) by validation Recall@k.
 
-    Returns the choice and every grid point tried (logged by the train step)."""
-    tried = [{"source": "none", "weight": 1.0, f"recall@{k}": recall_at(generated, targets, k)}]
-    for source, ranking in dense.items():
-        for w in weights:
-            if w == 1.0:
-                continue  # w = 1 is the generative list itself
-            tried.append({"source": source, "weight": float(w),
-                          f"recall@{k}": recall_at(fuse(generated, ranking, w, rrf_k, n_items), targets, k)})
-    best = max(tried, key=lambda t: (t[f"recall@{k}"], t["source"] == "none", t["weight"]))
-    return {"source": best["source"], "weight": best["weight"]}, tried
+    `weights` None = the whole grid (`weight_grid`); ties go to the larger generated weight, so
+    without a gain the generated list stays alone. Returns the choice and every point tried."""
+    names = list(dense)
+    grid = weight_grid(len(names) + 1) if weights is None else [tuple(weights)]
+    tried = []
+    for w in grid:
+        if w[0] == 1.0:
+            ranked = generated
+        else:
+            ranked = fuse([generated] + [dense[n] for n in names], w, rrf_k, n_items)
+        tried.append({"weights": dict(zip(["generated"] + names, w)), f"recall@{k}": recall_at(ranked, targets, k)})
+    best = max(tried, key=lambda t: (round(t[f"recall@{k}"], 12), t["weights"]["generated"]))
+    return [best["weights"][n] for n in ["generated"] + names], tried

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from components.fusion import SOURCES, WEIGHT_GRID, choose_fusion, fusion_config
+from components.fusion import choose_fusion, fusion_config
 from components.retriever import RetrieverModel
 from components.retrieve import decode_queries, dense_side, generated_ranking
 
@@ -19,18 +19,13 @@ VAL_K = 10
 def tune_fusion(params: dict, net: RetrieverModel, valid: pd.DataFrame) -> tuple[dict | None, list[dict]]:
     """The fusion for `net` by validation Recall@10 (None: no fusion asked for), and the grid tried."""
     fu = fusion_config(params["retriever"])
-    if fu["source"] == "none" or valid.empty:
+    if not fu["sources"] or valid.empty:
         return None, []
     dec = decode_queries(params, valid, model=net, beam=int(params["retriever"]["beam"]))
-    sources = [s for s in SOURCES[1:] if fu["source"] in ("auto", s)]
-    if net.scorer is None and "learned" in sources:
-        sources.remove("learned")
-    dense = {s: dense_side(dec, s, fu["depth"]) for s in sources}
-    weights = WEIGHT_GRID if fu["weight"] == "auto" else (float(fu["weight"]),)
-    targets = dec.dataset.ex.targets
-    choice, grid = choose_fusion(generated_ranking(dec), dense, targets, VAL_K, fu["rrf_k"],
-                                 len(dec.catalog.item_ids), weights)
-    return {**choice, "depth": fu["depth"], "rrf_k": fu["rrf_k"]}, grid
+    dense = {s: dense_side(dec, s, fu["depth"]) for s in fu["sources"]}
+    weights, grid = choose_fusion(generated_ranking(dec), dense, dec.dataset.ex.targets, VAL_K, fu["rrf_k"],
+                                  len(dec.catalog.item_ids), None if fu["weights"] == "auto" else fu["weights"])
+    return {"sources": fu["sources"], "weights": weights, "depth": fu["depth"], "rrf_k": fu["rrf_k"]}, grid
 
 
 def validation_queries(queries: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:

@@ -164,11 +164,11 @@ def ranked_items(dec: Decoded, order: str = "popularity") -> pd.DataFrame:
     Items of one SID follow the item scorer when the retriever has one (`order` otherwise); with a
     fusion chosen on validation, the generated list is fused with the dense ranking (score = fused)."""
     generated = generated_ranking(dec, order)
-    fusion = dec.fusion or {}
-    if fusion.get("source", "none") == "none":
+    fusion = dec.fusion or {"sources": []}
+    if not fusion["sources"] or fusion["weights"][0] == 1.0:
         return ranked_frame(dec.query_ids, generated, dec.catalog)
-    dense = dense_side(dec, fusion["source"], int(fusion["depth"]))
-    fused = fuse(generated, dense, float(fusion["weight"]), int(fusion["rrf_k"]), len(dec.catalog.item_ids))
+    dense = [dense_side(dec, source, int(fusion["depth"])) for source in fusion["sources"]]
+    fused = fuse([generated] + dense, fusion["weights"], int(fusion["rrf_k"]), len(dec.catalog.item_ids))
     return ranked_frame(dec.query_ids, fused, dec.catalog)
 
 
@@ -185,7 +185,7 @@ def dense_side(dec: Decoded, source: str, depth: int) -> Ranked:
     """Dense ranking for the fusion: the learned item scorer, or the frozen text embeddings."""
     if source == "learned":
         if dec.learned_query is None:
-            raise ConfigError("retriever.fusion.source", "learned needs a retriever trained with item_head: true")
+            raise ConfigError("retriever.fusion.sources", "learned needs a retriever trained with item_head: true")
         return dense_ranking(dec.learned_query, dec.learned_items, depth)
     item = dec.dataset.item_emb
     unit = item / np.maximum(np.linalg.norm(item, axis=1, keepdims=True), 1e-12)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from components.errors import ConfigError
-from components.fusion import Ranked, choose_fusion, dense_ranking, fuse, fusion_config, recall_at
+from components.fusion import Ranked, choose_fusion, dense_ranking, fuse, fusion_config, recall_at, weight_grid
 from components.retriever import RetrieverModel, model_config
 
 RP = {"backbone": "small", "d_model": 32, "n_heads": 2, "n_layers": 1, "decoder_layers": 1, "ff_dim": 64,
@@ -23,12 +23,22 @@ def _lists(r: Ranked) -> list[list[int]]:
     return [r.items[e - n: e].tolist() for e, n in zip(ends, r.per_query)]
 
 
-def test_fusion_weights_move_between_the_two_orders():
+def test_fusion_weights_move_between_the_orders():
     gen, dense = _ranked([[0, 1, 2], [5]]), _ranked([[3, 2, 0], [6, 5]])
-    assert _lists(fuse(gen, dense, 1.0, 60, 10)) == [[0, 1, 2, 3], [5, 6]]     # generative order, dense-only after
-    assert _lists(fuse(gen, dense, 0.0, 60, 10)) == [[3, 2, 0, 1], [6, 5]]     # dense order, generative-only after
+    assert _lists(fuse([gen, dense], [1.0, 0.0], 60, 10)) == [[0, 1, 2, 3], [5, 6]]   # generative order, dense-only after
+    assert _lists(fuse([gen, dense], [0.0, 1.0], 60, 10)) == [[3, 2, 0, 1], [6, 5]]   # dense order, generative-only after
     # equal weights: an item both lists rank well beats one only the generative list has
-    assert _lists(fuse(gen, dense, 0.5, 60, 10))[0][:2] == [0, 2]
+    assert _lists(fuse([gen, dense], [0.5, 0.5], 60, 10))[0][:2] == [0, 2]
+    # a third list breaks the tie between the two
+    third = _ranked([[2], [6]])
+    assert _lists(fuse([gen, dense, third], [0.4, 0.3, 0.3], 60, 10))[0][0] == 2
+
+
+def test_weight_grid_covers_the_simplex():
+    grid = weight_grid(3)
+    assert len(grid) == 66 and len(set(grid)) == 66
+    assert all(abs(sum(w) - 1) < 1e-9 and min(w) >= 0 for w in grid)
+    assert grid[0] == (1.0, 0.0, 0.0) and (0.0, 0.0, 1.0) in grid and (0.3, 0.3, 0.4) in grid
 
 
 def test_recall_and_the_validation_choice():
@@ -36,14 +46,15 @@ def test_recall_and_the_validation_choice():
     gen, dense = _ranked([[0, 1, 2], [5, 6], [9]]), _ranked([[3, 0], [6], [8]])
     assert recall_at(gen, targets, 1) == pytest.approx(1 / 3)
     assert recall_at(gen, targets, 2) == pytest.approx(2 / 3)
-    choice, grid = choose_fusion(gen, {"zero_shot": dense}, targets, 1, 60, 10)
+    weights, grid = choose_fusion(gen, {"zero_shot": dense}, targets, 1, 60, 10)
     best = max(t["recall@1"] for t in grid)
-    assert choice["source"] == "zero_shot" and best == pytest.approx(2 / 3)   # the generative list alone: 1 / 3
-    assert choice["weight"] == max(t["weight"] for t in grid if t["recall@1"] == best)  # ties: closest to generative
+    assert best == pytest.approx(2 / 3) and weights[0] < 1.0       # the generated list alone: 1 / 3
+    # ties go to the largest generated weight
+    assert weights[0] == max(t["weights"]["generated"] for t in grid if t["recall@1"] == best)
     assert len(grid) == 11
-    # when the generative list is better at every weight, no fusion is chosen
-    choice, _ = choose_fusion(_ranked([[3], [6], [9]]), {"zero_shot": _ranked([[0], [1], [2]])}, targets, 1, 60, 10)
-    assert choice == {"source": "none", "weight": 1.0}
+    # when the generative list is better at every weight, it stays alone
+    weights, _ = choose_fusion(_ranked([[3], [6], [9]]), {"zero_shot": _ranked([[0], [1], [2]])}, targets, 1, 60, 10)
+    assert weights == [1.0, 0.0]
 
 
 def test_dense_ranking_is_the_exact_top_k():
@@ -53,14 +64,18 @@ def test_dense_ranking_is_the_exact_top_k():
     assert (top == np.argsort(-(q @ items.T), axis=1, kind="stable")[:, :6]).all()
 
 
-def test_fusion_config_refuses_bad_values():
-    assert fusion_config({"fusion": {"source": "auto"}})["weight"] == "auto"
-    with pytest.raises(ConfigError, match="retriever.fusion.source"):
-        fusion_config({"fusion": {"source": "bm25"}})
+def test_fusion_config_fills_and_refuses():
+    assert fusion_config({"item_head": True, "fusion": {"sources": "auto"}})["sources"] == ["learned", "zero_shot"]
+    assert fusion_config({"item_head": False, "fusion": {"sources": "auto"}})["sources"] == ["zero_shot"]
+    assert fusion_config({"fusion": {"sources": ["zero_shot"], "weights": [3, 1]}})["weights"] == [0.75, 0.25]
+    with pytest.raises(ConfigError, match="retriever.fusion.sources"):
+        fusion_config({"fusion": {"sources": ["bm25"]}})
     with pytest.raises(ConfigError, match="item_head"):
-        fusion_config({"item_head": False, "fusion": {"source": "learned"}})
-    with pytest.raises(ConfigError, match="retriever.fusion.weight"):
-        fusion_config({"fusion": {"source": "zero_shot", "weight": 1.5}})
+        fusion_config({"item_head": False, "fusion": {"sources": ["learned"]}})
+    with pytest.raises(ConfigError, match="retriever.fusion.weights"):
+        fusion_config({"fusion": {"sources": ["zero_shot"], "weights": [1.0]}})
+    with pytest.raises(ConfigError, match="retriever.fusion.depth"):
+        fusion_config({"fusion": {"sources": "none", "depth": 0}})
 
 
 def test_without_the_item_head_the_retriever_is_built_as_before():

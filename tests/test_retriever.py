@@ -103,7 +103,7 @@ def test_tiny_catalog_is_learned_from_indexing_pairs(tmp_path):
 
 def test_ranked_frame_contract_and_hallucination(tmp_path):
     items = write_catalog(tmp_path)
-    params = tiny_params(tmp_path, epochs=2, item_head=False, fusion={"source": "none"})   # the paper's retriever
+    params = tiny_params(tmp_path, epochs=2, item_head=False, fusion={"sources": "none"})   # the paper's retriever
     run_train_retriever(params)
     queries = pd.read_parquet(tmp_path / "prepared" / "queries.parquet")
     ranked = retrieve(params, queries, beam=5)
@@ -132,14 +132,12 @@ def test_item_head_orders_inside_a_sid_and_the_fusion_is_tuned_on_validation(tmp
     from components.retrieve import decode_queries, dense_side, generated_ranking, ranked_frame
 
     write_catalog(tmp_path)
-    params = tiny_params(tmp_path, epochs=3, fusion={"source": "auto", "weight": "auto", "depth": 5, "rrf_k": 60})
+    params = tiny_params(tmp_path, epochs=3, fusion={"sources": "auto", "weights": "auto", "depth": 5, "rrf_k": 60})
     summary = run_train_retriever(params)
-    assert summary["item_head"] and summary["fusion_grid"][0]["source"] == "none"
-    assert {t["source"] for t in summary["fusion_grid"]} == {"none", "learned", "zero_shot"}
-    best = max(t["recall@10"] for t in summary["fusion_grid"])
-    chosen = summary["fusion"]
-    assert [t for t in summary["fusion_grid"] if (t["source"], t["weight"]) == (chosen["source"], chosen["weight"])
-            ][0]["recall@10"] == best
+    grid, chosen = summary["fusion_grid"], summary["fusion"]
+    assert summary["item_head"] and chosen["sources"] == ["learned", "zero_shot"] and len(grid) == 66
+    best = max(t["recall@10"] for t in grid)
+    assert [t for t in grid if list(t["weights"].values()) == chosen["weights"]][0]["recall@10"] == best
     model = load_retriever(tmp_path / "retriever" / "model.pt")
     assert model.config["fusion"] == chosen
     queries = pd.read_parquet(tmp_path / "prepared" / "queries.parquet")
@@ -150,8 +148,8 @@ def test_item_head_orders_inside_a_sid_and_the_fusion_is_tuned_on_validation(tmp
     same = (gen.query[1:] == gen.query[:-1]) & (sid[1:] == sid[:-1])
     assert same.any() and (sims[1:][same] <= sims[:-1][same] + 1e-6).all()   # learned order inside one SID
     ranked = retrieve(params, queries, model=model, beam=5)
-    expect = gen if chosen["source"] == "none" else fuse(gen, dense_side(dec, chosen["source"], 5), chosen["weight"],
-                                                         60, len(dec.catalog.item_ids))
+    dense = [dense_side(dec, source, 5) for source in chosen["sources"]]
+    expect = gen if chosen["weights"][0] == 1.0 else fuse([gen] + dense, chosen["weights"], 60, len(dec.catalog.item_ids))
     pd.testing.assert_frame_equal(ranked, ranked_frame(dec.query_ids, expect, dec.catalog))
 
 
