@@ -2,8 +2,9 @@
 
 Each layer's codebook is `[anchors ; extension]`: anchor rows are a frozen buffer (ACRQ
 Stage 2; empty for one-stage training), extension rows a trainable parameter. Keeping the
-frozen rows out of the optimizer makes "anchors never move" true by construction, and the
-codebook loss is additionally masked by `1[c >= K^a]` as in the paper.
+frozen rows out of the optimizer and out of the autograd graph (`codebook` detaches them)
+makes "anchors never move" true by construction, and the codebook loss is additionally
+masked by `1[c >= K^a]` as in the paper.
 """
 from __future__ import annotations
 
@@ -92,7 +93,9 @@ class ResidualQuantizer(nn.Module):
         return [a + int(e.shape[0]) for a, e in zip(self.anchor_sizes, self.ext)]
 
     def codebook(self, layer: int) -> Tensor:
-        return torch.cat([self.anchor(layer), self.ext[layer]], dim=0)
+        """[anchors ; extension]. The anchors are detached: no gradient reaches them even if
+        they were made trainable, so no optimizer (weight decay included) can move them."""
+        return torch.cat([self.anchor(layer).detach(), self.ext[layer]], dim=0)
 
     @staticmethod
     def nearest(r: Tensor, book: Tensor) -> tuple[Tensor, Tensor]:

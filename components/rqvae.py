@@ -3,10 +3,17 @@
 One class serves every trained tokenizer stage: one-stage RQ-VAE / SARQ on all items,
 ACRQ Stage 1 on head items and Stage 2 on tail items (encoder and decoder frozen, anchors
 frozen, only extension rows train). Losses sum only up to each item's depth L(i).
+
+`fit(..., recon_x=...)` (ACRQ Stage 1 with `tokenizer.head_encoder: all`): the steps are
+those of head-only training (same head batches, same epochs), and each step adds a plain
+autoencoder loss ||x - D(E(x))||^2 over one slice of a shuffled pass over `recon_x` (all
+items; one pass per epoch). Encoder and decoder learn every item's text; the codebooks
+(k-means init, codebook loss, commitment, dead-row re-seeding, path table) see head items only.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -72,6 +79,9 @@ class RQVAE(L.LightningModule):
         self.sarq: SarqSpec | None = None
         self.table: PathTable | None = None
         self.train_x: Tensor | None = None
+        self.recon_x: Tensor | None = None          # head_encoder=all: reconstruction-only items
+        self._recon_gen: torch.Generator | None = None
+        self._recon_slices: tuple[Tensor, ...] = ()
         self._epoch_sums: dict[str, float] = {}
 
     # ---- depth -------------------------------------------------------------------------
@@ -94,6 +104,10 @@ class RQVAE(L.LightningModule):
 
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
         parts = self.losses(self.train_x[batch[0]])
+        if self.recon_x is not None:
+            xa = self.recon_x[self._recon_slices[batch_idx % len(self._recon_slices)]]
+            parts["recon_all"] = ((xa - self.decoder(self.encoder(xa))) ** 2).sum(1).mean()
+            parts["loss"] = parts["loss"] + parts["recon_all"]
         n = batch[0].numel()
         for key, value in parts.items():
             self._epoch_sums[key] = self._epoch_sums.get(key, 0.0) + float(value.detach()) * n
@@ -113,6 +127,10 @@ class RQVAE(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch_sums = {}
+        if self.recon_x is not None:  # this epoch's pass over all items, one slice per head step
+            steps = max(1, math.ceil(len(self.train_x) / self.spec.batch_size))
+            order = torch.randperm(len(self.recon_x), generator=self._recon_gen)
+            self._recon_slices = order.tensor_split(min(steps, len(order)))
 
     @torch.no_grad()
     def on_train_epoch_end(self) -> None:
@@ -163,15 +181,18 @@ def _quiet_lightning() -> None:
 
 
 def fit(model: RQVAE, x: Tensor, spec: TrainSpec, sarq: SarqSpec | None, init_kmeans: bool,
-        progress: bool = True) -> dict:
+        progress: bool = True, recon_x: Tensor | None = None) -> dict:
     """Train `model` on x (rows = training items); returns a summary with the loss history.
 
     k-means initialises the trainable codebook rows from an encoded sample first; with SARQ
     the path table is re-estimated on schedule (or stays the frozen one given) and is
-    re-estimated once more at the end, then frozen in `model.table`."""
+    re-estimated once more at the end, then frozen in `model.table`. `recon_x`: items whose
+    reconstruction the encoder and decoder also learn, without the quantizer (module docstring)."""
     _quiet_lightning()
     L.seed_everything(spec.seed, workers=True, verbose=False)
     model.spec, model.sarq, model.train_x = spec, sarq, x.float()
+    model.recon_x = None if recon_x is None or len(recon_x) == 0 else recon_x.float()
+    model._recon_gen = torch.Generator().manual_seed(spec.seed + 1)
     model.table = sarq.frozen_table if sarq is not None else None
     if init_kmeans:
         sample = torch.randperm(len(x), generator=torch.Generator().manual_seed(spec.seed))[:KMEANS_SAMPLE]
@@ -192,7 +213,8 @@ def fit(model: RQVAE, x: Tensor, spec: TrainSpec, sarq: SarqSpec | None, init_km
             torch.use_deterministic_algorithms(was_deterministic)
     if sarq is not None and sarq.frozen_table is None:
         model.reestimate_table()
-    model.train_x = None
+    model.train_x = model.recon_x = model._recon_gen = None
+    model._recon_slices = ()
     model.eval()
     return {"epochs": spec.epochs, "wall_s": round(time.perf_counter() - start, 2),
             "final": spec.history[-1] if spec.history else {}}

@@ -5,6 +5,7 @@ File contract (docs/ARCHITECTURE.md): `item_id` (str), `codes` (list[int]), `len
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -141,14 +142,78 @@ def changed_sids(old: pd.DataFrame, new: pd.DataFrame) -> list[str]:
             if new_codes.get(i) != tuple(int(x) for x in c)]
 
 
-def assert_stable(old: pd.DataFrame, new: pd.DataFrame, file: str) -> None:
+def assert_stable(old: pd.DataFrame, new: pd.DataFrame, file: str, row_ids: Sequence[str] | None = None,
+                  what: str = "issued SIDs changed or vanished") -> None:
     """DataError naming the items whose issued SID changed (an issued SID never changes
-    unless a full rebuild is asked for)."""
+    unless a full rebuild is asked for). The error's rows are positions in `row_ids`
+    (default: `new`'s item ids)."""
     changed = changed_sids(old, new)
     if changed:
-        pos = np.flatnonzero(new["item_id"].astype(str).isin(set(changed)))
-        raise DataError(file, f"{len(changed)} issued SIDs changed or vanished, e.g. {changed[:5]}",
-                        column="codes", rows=pos)
+        ids = pd.Series(list(new["item_id"] if row_ids is None else row_ids), dtype=object).astype(str)
+        pos = np.flatnonzero(ids.isin(set(changed))).tolist()
+        raise DataError(file, f"{len(changed)} {what}, e.g. {changed[:5]}", column="codes", rows=pos)
+
+
+def issued_table(issued: dict, version: str) -> pd.DataFrame:
+    """The Stage-1 registry (head.pt `issued`: item ids, full-depth codes, lengths) as a SID table."""
+    codes = np.asarray(issued["codes"])
+    lengths = np.asarray(issued["lengths"])
+    return make_sid_table(issued["item_ids"], [c[:n].tolist() for c, n in zip(codes, lengths)], "head", version)
+
+
+def anchor_tokenizer(tokenizer):
+    """`tokenizer` restricted to its anchor rows (the Stage-1 codebooks it carries): same
+    encoder, path table, tau and lengths, extension rows dropped."""
+    from components.quantizer import ResidualQuantizer  # lazy: keeps this module free of faiss / torch imports
+
+    q = tokenizer.quantizer
+    anchors = ResidualQuantizer([0] * q.n_layers, q.dim, anchors=[q.anchor(layer) for layer in range(q.n_layers)])
+    return dataclasses.replace(tokenizer, quantizer=anchors)
+
+
+def reencoded_issued(tokenizer, issued: dict, item_ids: Sequence[str], x: np.ndarray, unique_head: bool,
+                     version: str) -> pd.DataFrame:
+    """The issued items, in registry order, encoded again from their catalog embeddings by
+    the anchor rows of `tokenizer` (what Stage 1 issued them from), lengthened by
+    `unique_floor` over the whole registry when `tokenizer.sarq.unique_head` made Stage 1
+    do so. Items the catalog lost are left out (changed_sids reports them as vanished), and
+    then so is the lengthening, which needs the whole registry."""
+    from components.sarq import unique_floor
+
+    pos = {str(i): k for k, i in enumerate(item_ids)}
+    ids = [str(i) for i in issued["item_ids"] if str(i) in pos]
+    if not ids:
+        return make_sid_table([], [], "head", version)
+    codes, lengths = anchor_tokenizer(tokenizer).assign(np.asarray(x)[[pos[i] for i in ids]])
+    if unique_head and len(ids) == len(issued["item_ids"]):
+        lengths = unique_floor(codes, lengths, tokenizer.max_len)
+    return make_sid_table(ids, [c[:n].tolist() for c, n in zip(codes, lengths)], "head", version)
+
+
+def assert_issued_reencode(tokenizer, issued: dict, item_ids: Sequence[str], x: np.ndarray, unique_head: bool,
+                           file: str) -> None:
+    """Stage 2 must leave every issued head SID reproducible: the Stage-2 tokenizer's anchor
+    rows, frozen encoder and frozen path table give each head item exactly the SID Stage 1
+    issued (head.pt `issued`). DataError naming the items (rows: their positions in
+    `item_ids`) when they do not: anchors, encoder, table or embeddings changed since
+    train_head, or the registry was edited; DataError naming them when the catalog lost
+    issued items.
+
+    Only the anchor rows are used: the extension rows are new in Stage 2 and may lie nearer
+    to some head items (238 of 725 on amazon-scientific); those items keep their issued SID,
+    as the registry is the source of truth for head SIDs (docs/TOKENIZERS.md)."""
+    catalog = {str(i) for i in item_ids}
+    lost = [str(i) for i in issued["item_ids"] if str(i) not in catalog]
+    if lost:  # before re-encoding: unique_floor over a partial registry would blame other items too
+        raise DataError(file, f"{len(lost)} issued head items are not in the catalog any more, e.g. {lost[:5]} "
+                              "(the catalog changed since train_head: run train_head and train_tail again)",
+                        column="item_id")
+    old = issued_table(issued, tokenizer.version)
+    new = reencoded_issued(tokenizer, issued, item_ids, x, unique_head, tokenizer.version)
+    assert_stable(old, new, file, row_ids=item_ids,
+                  what="issued head SIDs are not what the Stage-2 tokenizer's anchor rows give them "
+                       "(anchors, encoder, path table or embeddings changed since train_head, or the registry "
+                       "was edited: run train_head and train_tail again)")
 
 
 # ---- TIGER collision token ----------------------------------------------------------------

@@ -6,15 +6,21 @@ assign_ids -> sids/ + metrics/sid_stats.json + plots. Behaviour comes from param
 | rqkmeans | layer-wise k-means, all items       | nothing (writes a marker file)          | fixed    |
 | rqvae    | RQ-VAE, all items                   | nothing                                 | fixed    |
 | sarq     | RQ-VAE + SARQ, all items            | nothing                                 | adaptive |
-| acrq     | RQ-VAE on head, curriculum sizes    | anchors + extensions on tail and cold   | fixed    |
+| acrq     | RQ-VAE on head, curriculum sizes    | anchors + extensions on tail (and cold) | fixed    |
 | sa2crq   | acrq Stage 1 + SARQ on head         | acrq Stage 2 + frozen head path table   | adaptive |
 | import   | reads and checks tokenizer.import_path | nothing                              | as given |
+
+`tokenizer.head_encoder: all` lets the Stage-1 encoder / decoder also learn reconstruction
+from every item (codebooks still from head items); `tokenizer.stage2_items: tail` keeps cold
+items out of Stage 2 (they get SIDs from the frozen tokenizer like any item). A head small
+for the codebooks is warned about (`small_head_warning`).
 """
 from __future__ import annotations
 
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import faiss
@@ -31,14 +37,16 @@ from components.rqvae import RQVAE, SarqSpec, TrainSpec, fit
 from components.quantizer import ResidualQuantizer
 from components.sarq import parse_tau, popularity_weights, unique_floor
 from components.sid_stats import plot_sid_stats, sid_statistics
-from components.sid_table import (assert_stable, collision_codes, collision_layer_size, make_sid_table, read_import,
-                                  write_sid_table)
+from components.sid_table import (assert_issued_reencode, collision_codes, collision_layer_size, make_sid_table,
+                                  read_import, write_sid_table)
 from components.sid_tokenizer import (STAGE2_METHODS, Tokenizer, assign_new_items, load_checkpoint,
                                       load_tokenizer, save_checkpoint)
 
 METHODS = ("rqkmeans", "rqvae", "acrq", "sarq", "sa2crq", "import")
 SARQ_METHODS = ("sarq", "sa2crq")
 COLLISION_METHODS = ("rqkmeans", "rqvae")
+STAGE2_ITEMS = ("tail_and_cold", "tail")
+HEAD_ENCODERS = ("head", "all")
 FORMAT = 1
 
 __all__ = ["run_train_head", "run_train_tail", "run_assign_ids", "load_tokenizer", "assign_new_items",
@@ -74,6 +82,8 @@ class TokenizerConfig:
     seed: int
     collision_token: bool = False
     unique_head: bool = False
+    stage2_items: str = "tail_and_cold"
+    head_encoder: str = "head"
 
     @property
     def adaptive(self) -> bool:
@@ -103,6 +113,12 @@ def _unique_head_flag(value: object, method: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError("tokenizer.sarq.unique_head", f"must be true or false, got {value!r}")
     return value and method in SARQ_METHODS
+
+
+def _choice(value: object, key: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(key, f"must be one of {choices}, got {value!r}")
+    return str(value)
 
 
 def tokenizer_config(params: dict) -> TokenizerConfig:
@@ -143,7 +159,9 @@ def tokenizer_config(params: dict) -> TokenizerConfig:
         warmup_epochs=int(s.get("warmup_epochs", 0)), reestimate_every=int(s.get("reestimate_every", 1)),
         unique_head=_unique_head_flag(s.get("unique_head", False), method),
         import_path=str(t.get("import_path") or ""), seed=int(params.get("seed", 0)),
-        collision_token=_collision_flag(t.get("collision_token", False), method))
+        collision_token=_collision_flag(t.get("collision_token", False), method),
+        stage2_items=_choice(t.get("stage2_items", "tail_and_cold"), "tokenizer.stage2_items", STAGE2_ITEMS),
+        head_encoder=_choice(t.get("head_encoder", "head"), "tokenizer.head_encoder", HEAD_ENCODERS))
     if cfg.method in SARQ_METHODS and cfg.smoothing <= 0:
         raise ConfigError("tokenizer.sarq.smoothing", f"must be > 0, got {cfg.smoothing}")
     for key, value in (("batch_size", cfg.batch_size), ("latent_dim", cfg.latent_dim), ("threads", cfg.threads)):
@@ -209,6 +227,21 @@ def _tokenizer(cfg: TokenizerConfig, model: RQVAE | None, quantizer: ResidualQua
 
 # ---- train_head ------------------------------------------------------------------------------
 
+def small_head_warning(n_head: int, sizes: list[int], head_encoder: str = "head") -> str | None:
+    """One line when Stage 1 has too few head items for its codebooks, else None.
+
+    Small: fewer than 2 head items per first-layer row, or fewer than the last layer's rows
+    (the deeper anchors are then fitted on near-zero residuals and the encoder on a handful
+    of texts; climate-fever's 62 head items against 64/128/192 rows)."""
+    if n_head >= 2 * sizes[0] and n_head >= sizes[-1]:
+        return None
+    todo = ("tokenizer.head_encoder is all already; use" if head_encoder == "all"
+            else "set tokenizer.head_encoder: all, or use")
+    return (f"small head: {n_head} head items for tokenizer.codebook_sizes {sizes} (want >= {2 * sizes[0]} = "
+            f"2 x first layer and >= {sizes[-1]} = last layer); Stage 1 may generalise poorly to tail and "
+            f"cold items: {todo} fewer codes or a larger data.head_share")
+
+
 def run_train_head(params: dict) -> dict:
     """Stage 1 (or the only stage): writes tokenizer/head.pt."""
     cfg = tokenizer_config(params)
@@ -232,11 +265,20 @@ def run_train_head(params: dict) -> dict:
         if not train.any():
             raise DataError(str(out_path(params, "prepared", "items.parquet")),
                             f"no head items: tokenizer.method={cfg.method} trains Stage 1 on head items", column="group")
+        small = small_head_warning(int(train.sum()), cfg.sizes, cfg.head_encoder) if stage1 else None
+        if small:
+            warnings.warn(small)
+            ckpt["small_head_warning"] = summary["small_head_warning"] = small
         model = RQVAE(x.shape[1], cfg.hidden_dims, cfg.latent_dim, ResidualQuantizer(cfg.sizes, cfg.latent_dim))
         sarq = _sarq_spec(cfg, items["popularity"].to_numpy()[train]) if cfg.adaptive else None
         spec = _train_spec(cfg, cfg.epochs_head if stage1 else cfg.epochs_full)
-        summary["train"] = fit(model, torch.from_numpy(x[train]), spec, sarq, init_kmeans=True)
+        # head_encoder=all: encoder and decoder also reconstruct every item; codebooks stay head-only
+        recon_x = torch.from_numpy(x) if stage1 and cfg.head_encoder == "all" else None
+        summary["train"] = fit(model, torch.from_numpy(x[train]), spec, sarq, init_kmeans=True,
+                               recon_x=recon_x)
         summary["n_train"] = int(train.sum())
+        if recon_x is not None:
+            summary["n_recon"] = len(recon_x)
         tok = _tokenizer(cfg, model, model.quantizer, version, table=model.table)
         ckpt["tokenizer"] = tok.state()
         ckpt["history"] = spec.history
@@ -262,8 +304,10 @@ def _load_head(params: dict, cfg: TokenizerConfig) -> dict:
 
 
 def run_train_tail(params: dict) -> dict:
-    """Stage 2 for ACRQ / SA2CRQ (anchors + extensions on tail and cold items); for the
-    one-stage methods it writes a marker tokenizer/tail.pt so the pipeline stays uniform."""
+    """Stage 2 for ACRQ / SA2CRQ (anchors + extensions on tail items, and cold items unless
+    tokenizer.stage2_items is tail); for the one-stage methods it writes a marker
+    tokenizer/tail.pt so the pipeline stays uniform. Items left out get their SIDs from the
+    frozen result in assign_ids, like every item."""
     cfg = tokenizer_config(params)
     _setup(cfg)
     head = _load_head(params, cfg)
@@ -276,7 +320,8 @@ def run_train_tail(params: dict) -> dict:
     items, x = load_catalog(params)
     stage1 = Tokenizer.from_state(head["tokenizer"])
     model = anchored_model(stage1.model, cfg.ext_sizes)
-    train = (items["group"] != "head").to_numpy()
+    groups = ("tail",) if cfg.stage2_items == "tail" else ("tail", "cold")
+    train = items["group"].isin(groups).to_numpy()
     sarq = None
     if cfg.adaptive:
         sarq = SarqSpec(tau=cfg.tau, min_len=cfg.min_len, max_len=cfg.max_len, smoothing=cfg.smoothing,
@@ -287,7 +332,8 @@ def run_train_tail(params: dict) -> dict:
                      anchor_sizes=model.quantizer.anchor_sizes)
     save_checkpoint({"format": FORMAT, "method": cfg.method, "stage2": True, "version": head["version"],
                      "tokenizer": tok.state(), "history": spec.history}, out_path(params, "tokenizer", "tail.pt"))
-    return {"method": cfg.method, "stage2": True, "n_train": int(train.sum()), "train": result,
+    return {"method": cfg.method, "stage2": True, "n_train": int(train.sum()), "stage2_items": cfg.stage2_items,
+            "train": result,
             "codebook_sizes": model.quantizer.sizes, "wall_s": round(time.perf_counter() - start, 2)}
 
 
@@ -357,15 +403,13 @@ def run_assign_ids(params: dict) -> dict:
         meta = {"method": cfg.method, "codebook_sizes": tok.sizes, "anchor_sizes": tok.anchor_sizes,
                 "max_len": tok.max_len, "min_len": tok.min_len,
                 "tau": tok.tau if math.isfinite(tok.tau) else None, "collision_token": cfg.collision_token}
+        if head.get("small_head_warning"):
+            meta["small_head_warning"] = head["small_head_warning"]
         if cfg.collision_token:
             codes_list, meta = _with_collision_layer(codes_list, items["popularity"].to_numpy(), meta)
         table = make_sid_table(item_ids, codes_list, stages.tolist(), tok.version)
-        if cfg.method in STAGE2_METHODS:
-            issued = head["issued"]
-            old = make_sid_table(issued["item_ids"], [c[:n].tolist() for c, n in
-                                                      zip(issued["codes"].numpy(), issued["lengths"].numpy())],
-                                 "head", tok.version)
-            assert_stable(old, table, str(table_path))
+        if cfg.method in STAGE2_METHODS:  # the head rows above are the registry; check it still holds
+            assert_issued_reencode(tok, head["issued"], item_ids, x, cfg.unique_head, str(table_path))
         dist = tok.residual_distances(x)
         residual = {f"layer{l + 1}": {"q50": float(np.quantile(dist[:, l], 0.5)),
                                       "q99": float(np.quantile(dist[:, l], 0.99))} for l in range(dist.shape[1])}

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from tokenizer_fixtures import make_catalog, run_tokenizer, tiny_params
 
 from components.errors import DataError
 from components.sid_stats import sid_statistics
-from components.sid_table import assert_stable, changed_sids, make_sid_table, read_import
+from components.sid_table import (assert_issued_reencode, assert_stable, changed_sids, issued_table,
+                                  make_sid_table, read_import)
 
 IDS = ["a", "b", "c"]
 
@@ -72,6 +75,20 @@ def test_stability_check_flags_changed_and_lost_sids():
     with pytest.raises(DataError) as exc:
         assert_stable(old, moved, "new.parquet")
     assert exc.value.column == "codes" and exc.value.rows == [1]
+    # rows may refer to another order (the catalog's) than the compared table's
+    with pytest.raises(DataError, match="2 head SIDs moved, e.g. \\['b', 'c'\\]") as exc:
+        assert_stable(old, moved, "sids.parquet", row_ids=["z", "c", "a", "b"], what="head SIDs moved")
+    assert exc.value.rows == [1, 3]
+
+
+def test_reencode_check_names_issued_items_the_catalog_lost():
+    issued = {"item_ids": ["a", "b", "c"], "codes": torch.tensor([[0, 1], [1, 2], [2, 3]]),
+              "lengths": torch.tensor([2, 1, 2])}
+    assert issued_table(issued, "v")["codes"].tolist() == [[0, 1], [1], [2, 3]]
+    with pytest.raises(DataError, match="1 issued head items are not in the catalog.*\\['b'\\]") as exc:
+        assert_issued_reencode(SimpleNamespace(version="v"), issued, ["a", "c", "d"], np.zeros((3, 2)), True,
+                               "sids.parquet")
+    assert exc.value.column == "item_id" and exc.value.file == "sids.parquet"
 
 
 def test_same_seed_gives_identical_sid_table(tmp_path):

@@ -48,3 +48,29 @@ def run_tokenizer(params: dict) -> pd.DataFrame:
     run_train_tail(params)
     run_assign_ids(params)
     return read_sid_table(Path(params["out_dir"]) / "sids" / "sid_table.parquet")
+
+
+def make_small_head_catalog(out_dir: Path, n_head: int = 40, n_tail: int = 300, n_cold: int = 60, dim: int = 32,
+                            n_clusters: int = 12, head_clusters: int = 3, rank: int = 8,
+                            seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+    """A catalog whose head is small for codebooks like [16, 32, 64] and covers only a few topics:
+    head items come from `head_clusters` of the clusters, tail and cold items from all of them
+    (popular items on a few subjects, the long tail everywhere). Vectors lie near a
+    `rank`-dimensional subspace, like sentence embeddings, so an encoder can learn them.
+    Writes prepared/items.parquet and embeddings/items.npy under out_dir; returns both."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(dim, rank)))[0].T           # (rank, dim), orthonormal rows
+    centers = rng.normal(size=(n_clusters, rank))
+    which = np.concatenate([rng.integers(0, head_clusters, n_head), rng.integers(0, n_clusters, n_tail + n_cold)])
+    n = len(which)
+    x = (centers[which] + 0.35 * rng.normal(size=(n, rank))) @ basis + 0.02 * rng.normal(size=(n, dim))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    group = ["head"] * n_head + ["tail"] * n_tail + ["cold"] * n_cold
+    popularity = np.concatenate([rng.integers(50, 100, n_head), rng.integers(1, 4, n_tail), np.zeros(n_cold, int)])
+    items = pd.DataFrame({"item_id": [f"s{k:04d}" for k in range(n)], "text": [f"item {k}" for k in range(n)],
+                          "popularity": popularity.astype(np.int64), "group": group})
+    (out_dir / "prepared").mkdir(parents=True, exist_ok=True)
+    (out_dir / "embeddings").mkdir(parents=True, exist_ok=True)
+    items.to_parquet(out_dir / "prepared" / "items.parquet", index=False)
+    np.save(out_dir / "embeddings" / "items.npy", x)
+    return items, x
