@@ -3,8 +3,9 @@
 The candidate folder (versions/<new>/) gets the full set a retriever serves from:
 prepared/ (old items, then the new ones as cold items; queries unchanged), embeddings/
 (old rows, then the new rows), tokenizer/ (with any grown extension rows), sids/ (old rows
-byte-for-byte the same SIDs, new rows with stage `new`). Old SIDs are checked unchanged
-with components.sid_table.assert_stable before anything is written. With TIGER's collision
+byte-for-byte the same SIDs, new rows with stage `new`). The written table is read back
+and its old rows checked unchanged (components.sid_table.assert_stable) before the folder
+is moved into place. With TIGER's collision
 token (meta `collision_token`) new SIDs get the next free collision code of their prefix.
 """
 from __future__ import annotations
@@ -88,7 +89,6 @@ def write_candidate(base: Path, cand: Path, new_items: pd.DataFrame, new_emb: np
     meta = json.loads((base / "sids" / "meta.json").read_text())
     codes, collision_size = with_collision_codes(old_table, meta, codes)
     table = pd.concat([old_table, make_sid_table(new_items["item_id"], codes, "new", version)], ignore_index=True)
-    assert_stable(old_table, table, str(cand / "sids" / "sid_table.parquet"))
     items = grown_items(old_items, new_items)
     with atomic_dir(cand / "prepared") as tmp:
         items.to_parquet(tmp / "items.parquet", index=False)
@@ -102,6 +102,8 @@ def write_candidate(base: Path, cand: Path, new_items: pd.DataFrame, new_emb: np
                  "parent": meta["version"]})
     with atomic_dir(cand / "sids") as tmp:
         write_sid_table(table, tmp / "sid_table.parquet")
+        # what the candidate will serve, read back: a write that drops, reorders or coerces issued codes fails here
+        assert_stable(old_table, read_sid_table(tmp / "sid_table.parquet"), str(cand / "sids" / "sid_table.parquet"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     lengths = np.array([len(c) for c in codes])
     new_sids = {tuple(c) for c in codes}
