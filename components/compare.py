@@ -191,6 +191,8 @@ def _aggregate(long: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
 
 
 MISSING = object()
+# retriever settings of the generative ranking alone: no baseline reads them (two-tower reads the query-encoder shape)
+GENERATIVE_RANKING_KEYS = ("item_head", "item_head_weight", "fusion")
 # the eval settings each baseline reads besides the shared ones (ks, bootstrap, exclude_history, ...)
 BASELINE_SETTINGS = {"bm25": ("bm25_history",), "dense": ("dense_history",), "two_tower": ("two_tower",),
                      "sasrec": ("sasrec",), "sasrec_text": ("sasrec",)}
@@ -204,6 +206,7 @@ def _baseline_file(params: dict, name: str, seed: int) -> tuple[Path, str]:
     """
     seeded = name in SEEDED_BASELINES
     kept = {k: v for k, v in params.items() if k not in ("out_dir", "wandb", "flows", "tokenizer", "seed")}
+    kept["retriever"] = {k: v for k, v in params["retriever"].items() if k not in GENERATIVE_RANKING_KEYS}
     own = BASELINE_SETTINGS.get(name, ())
     kept["eval"] = {k: v for k, v in params["eval"].items()
                     if k in own or k not in NOT_RUN_KEYS + ("results_dir", "group_order")}
