@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.query_encoders import item_id_table
+
 TEMPERATURE = 0.05  # cosine scores / temperature: the two-tower baseline's setting
 
 
@@ -27,11 +29,7 @@ class ItemScorer(nn.Module):
         self.n_item_ids = n_item_ids
         self.query = nn.Linear(d_model, d_model)
         self.item_text = nn.Linear(emb_dim, d_model)
-        self.item_ids = nn.Embedding(n_item_ids + 1, d_model, padding_idx=n_item_ids) if n_item_ids else None
-        if self.item_ids is not None:
-            nn.init.normal_(self.item_ids.weight, std=0.02)
-            with torch.no_grad():
-                self.item_ids.weight[n_item_ids].zero_()
+        self.item_ids = item_id_table(n_item_ids, d_model)
 
     def query_vectors(self, enc: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """enc (N, M, d) encoder output, mask (N, M) True = real -> (N, d) unit vectors."""

@@ -46,6 +46,18 @@ class TextQueryEncoder(nn.Module):
         return self.drop(self.norm(out))
 
 
+def item_id_table(n_item_ids: int, d_model: int) -> nn.Embedding | None:
+    """Learned item-id rows plus one zero padding row (row n_item_ids) that items added after
+    training share; None when n_item_ids is 0."""
+    if not n_item_ids:
+        return None
+    table = nn.Embedding(n_item_ids + 1, d_model, padding_idx=n_item_ids)
+    nn.init.normal_(table.weight, std=0.02)
+    with torch.no_grad():
+        table.weight[n_item_ids].zero_()
+    return table
+
+
 class HistoryQueryEncoder(nn.Module):
     """A sequence of item embeddings -> projected vectors with recency positions."""
 
@@ -53,11 +65,7 @@ class HistoryQueryEncoder(nn.Module):
         super().__init__()
         self.max_history, self.n_item_ids = max_history, n_item_ids
         self.proj = nn.Linear(emb_dim, d_model)
-        self.ids = nn.Embedding(n_item_ids + 1, d_model, padding_idx=n_item_ids) if n_item_ids else None
-        if self.ids is not None:
-            nn.init.normal_(self.ids.weight, std=0.02)
-            with torch.no_grad():
-                self.ids.weight[n_item_ids].zero_()
+        self.ids = item_id_table(n_item_ids, d_model)
         self.pos = nn.Embedding(max_history, d_model)
         self.norm = nn.LayerNorm(d_model)
         self.drop = nn.Dropout(dropout)
