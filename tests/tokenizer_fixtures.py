@@ -13,6 +13,18 @@ from components.tokenizer_stages import run_assign_ids, run_train_head, run_trai
 ROOT = Path(__file__).resolve().parents[1]
 
 
+
+def write_catalog(out_dir: Path, ids: list[str], x: np.ndarray, group: list[str], popularity: np.ndarray
+                  ) -> tuple[pd.DataFrame, np.ndarray]:
+    """prepared/items.parquet and embeddings/items.npy of a synthetic catalog, as the pipeline writes them."""
+    items = pd.DataFrame({"item_id": ids, "text": [f"item {k}" for k in range(len(ids))],
+                          "popularity": popularity.astype(np.int64), "group": group})
+    (out_dir / "prepared").mkdir(parents=True, exist_ok=True)
+    (out_dir / "embeddings").mkdir(parents=True, exist_ok=True)
+    items.to_parquet(out_dir / "prepared" / "items.parquet", index=False)
+    np.save(out_dir / "embeddings" / "items.npy", x)
+    return items, x
+
 def make_catalog(out_dir: Path, n_head: int = 40, n_tail: int = 100, n_cold: int = 6, dim: int = 24,
                  n_clusters: int = 6, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
     """Write prepared/items.parquet and embeddings/items.npy under out_dir; return both."""
@@ -23,13 +35,7 @@ def make_catalog(out_dir: Path, n_head: int = 40, n_tail: int = 100, n_cold: int
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     group = ["head"] * n_head + ["tail"] * n_tail + ["cold"] * n_cold
     popularity = np.concatenate([rng.integers(20, 60, n_head), rng.integers(1, 6, n_tail), np.zeros(n_cold, int)])
-    items = pd.DataFrame({"item_id": [f"i{k:03d}" for k in range(n)], "text": [f"item {k}" for k in range(n)],
-                          "popularity": popularity.astype(np.int64), "group": group})
-    (out_dir / "prepared").mkdir(parents=True, exist_ok=True)
-    (out_dir / "embeddings").mkdir(parents=True, exist_ok=True)
-    items.to_parquet(out_dir / "prepared" / "items.parquet", index=False)
-    np.save(out_dir / "embeddings" / "items.npy", x)
-    return items, x
+    return write_catalog(out_dir, [f"i{k:03d}" for k in range(n)], x, group, popularity)
 
 
 def tiny_params(out_dir: Path, method: str, *extra: str) -> dict:
@@ -67,10 +73,4 @@ def make_small_head_catalog(out_dir: Path, n_head: int = 40, n_tail: int = 300, 
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     group = ["head"] * n_head + ["tail"] * n_tail + ["cold"] * n_cold
     popularity = np.concatenate([rng.integers(50, 100, n_head), rng.integers(1, 4, n_tail), np.zeros(n_cold, int)])
-    items = pd.DataFrame({"item_id": [f"s{k:04d}" for k in range(n)], "text": [f"item {k}" for k in range(n)],
-                          "popularity": popularity.astype(np.int64), "group": group})
-    (out_dir / "prepared").mkdir(parents=True, exist_ok=True)
-    (out_dir / "embeddings").mkdir(parents=True, exist_ok=True)
-    items.to_parquet(out_dir / "prepared" / "items.parquet", index=False)
-    np.save(out_dir / "embeddings" / "items.npy", x)
-    return items, x
+    return write_catalog(out_dir, [f"s{k:04d}" for k in range(n)], x, group, popularity)
