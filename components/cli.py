@@ -135,11 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     set_offline_defaults()
     args = build_parser().parse_args(argv)
-    from components.errors import ConfigError, DataError
+    from components.errors import Sa2crqError
 
     try:
         return args.func(args)
-    except (DataError, ConfigError, FileNotFoundError, KeyError) as exc:
+    except (Sa2crqError, FileNotFoundError, KeyError) as exc:
         print(f"sa2crq: error: {exc}", file=sys.stderr)
         return 2
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 from typing import Iterable
 
 
-class DataError(ValueError):
+class Sa2crqError(ValueError):
+    """Base of every expected, user-facing failure: the CLI prints it as one line and exits 2."""
+
+
+class DataError(Sa2crqError):
     """Bad input data: names the file, the column and the first offending rows."""
 
     def __init__(self, file: str, message: str, column: str | None = None, rows: Iterable | None = None):
@@ -19,9 +23,13 @@ class DataError(ValueError):
         super().__init__(f"{where}: {message}")
 
 
-class ConfigError(ValueError):
+class ConfigError(Sa2crqError):
     """A params.yaml value that cannot work, named by its key."""
 
     def __init__(self, key: str, message: str):
         self.key = key
         super().__init__(f"params.yaml '{key}': {message}")
+
+
+class BusyError(Sa2crqError):
+    """Another run holds the lock on this output folder (or the retrain lock)."""
