@@ -10,6 +10,8 @@ interrupted comparison resumes where it stopped.
 """
 from __future__ import annotations
 
+import copy
+
 import json
 from pathlib import Path
 
@@ -71,8 +73,16 @@ def _rows(method: str, seed: int, result: dict, hallucination: dict | None) -> l
 # existed: left out of the run key, so adding a switch does not invalidate finished runs.
 EARLIER_BEHAVIOUR = {("retriever", "item_head"): False, ("retriever", "fusion"): {"sources": "none"},
                      ("tokenizer", "head_encoder"): "head", ("tokenizer", "stage2_items"): "tail_and_cold"}
-# keys read only when a switch is on: (section, key) -> (switch key, value at which it is off)
-READ_ONLY_WHEN = {("retriever", "item_head_weight"): ("item_head", False)}
+# keys read only when a switch is on: key path -> (switch path, test of the switch's value for "on")
+READ_ONLY_WHEN = {("retriever", "item_head_weight"): (("retriever", "item_head"), bool),
+                  ("tokenizer", "sarq", "target_items_per_sid"): (("tokenizer", "sarq", "tau"),
+                                                                   lambda tau: tau == "auto")}
+
+
+def _get(tree: dict, path: tuple[str, ...]) -> object:
+    for part in path:
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def run_key(p: dict) -> str:
@@ -82,7 +92,7 @@ def run_key(p: dict) -> str:
     extension rows and Stage-2 options for one-stage methods), settings behind a switch that is
     off, and new switches at the value that reproduces earlier runs are left out: tuning SA2CRQ does
     not retrain TIGER."""
-    kept = {k: v for k, v in p.items() if k not in ("out_dir", "wandb", "flows")}
+    kept = copy.deepcopy({k: v for k, v in p.items() if k not in ("out_dir", "wandb", "flows")})
     kept["eval"] = {k: v for k, v in p["eval"].items() if k not in NOT_RUN_KEYS}
     method = p["tokenizer"].get("method")
     unread = (() if method in SARQ_METHODS else ("sarq",)) + \
@@ -94,9 +104,10 @@ def run_key(p: dict) -> str:
         if current == value or (isinstance(value, dict) and isinstance(current, dict)
                                 and all(current.get(k) == v for k, v in value.items())):
             kept.get(section, {}).pop(key, None)
-    for (section, key), (switch, off) in READ_ONLY_WHEN.items():
-        if p.get(section, {}).get(switch, off) == off:
-            kept.get(section, {}).pop(key, None)
+    for path, (switch, is_on) in READ_ONLY_WHEN.items():
+        parent = _get(kept, path[:-1])
+        if isinstance(parent, dict) and not is_on(_get(p, switch)):
+            parent.pop(path[-1], None)
     return params_hash(kept)
 
 

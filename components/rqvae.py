@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from components.quantizer import (ResidualQuantizer, depth_mask, init_rows_kmeans, reseed_dead_rows,
                                   rq_losses)
-from components.sarq import PathTable, stop_depths
+from components.sarq import PathTable, choose_tau, stop_depths
 
 KMEANS_SAMPLE = 65536  # items encoded for the k-means init of the codebooks (all, for catalogs this small)
 
@@ -52,6 +52,7 @@ class SarqSpec:
     reestimate_every: int = 1
     weights: Tensor | None = None      # per training item, for the table
     frozen_table: PathTable | None = None  # Stage 2: the head table, never re-estimated
+    target_items_per_sid: float | None = None  # tau: auto; tau is re-chosen at each estimation
 
 
 @dataclass
@@ -152,9 +153,13 @@ class RQVAE(L.LightningModule):
 
     @torch.no_grad()
     def reestimate_table(self) -> None:
-        """Path table from the full-depth codes of all training items (not their truncated SIDs)."""
-        codes = self.quantizer(self.encoder(self.train_x)).codes
-        self.table = PathTable.build(codes.cpu(), self.quantizer.sizes, self.sarq.smoothing, self.sarq.weights)
+        """Path table from the full-depth codes of all training items (not their truncated SIDs);
+        with `tau: auto`, tau is chosen again on the same items for the new table."""
+        codes = self.quantizer(self.encoder(self.train_x)).codes.cpu()
+        self.table = PathTable.build(codes, self.quantizer.sizes, self.sarq.smoothing, self.sarq.weights)
+        if self.sarq.target_items_per_sid is not None:
+            self.sarq.tau = choose_tau(self.table.information(codes), codes, self.sarq.target_items_per_sid,
+                                       self.sarq.min_len, self.sarq.max_len)
 
     # ---- persistence ---------------------------------------------------------------------
     def state(self) -> dict:

@@ -134,8 +134,35 @@ def popularity_weights(popularity: Tensor) -> Tensor:
     return pop / mean if mean > 0 else torch.ones_like(pop)
 
 
+def items_per_sid(codes: np.ndarray, lengths: np.ndarray) -> float:
+    """Mean items per distinct SID (codes truncated to their lengths)."""
+    cols = np.arange(codes.shape[1])[None, :]
+    keyed = np.column_stack([np.where(cols < lengths[:, None], codes, -1), lengths])
+    return len(codes) / max(1, len(np.unique(keyed, axis=0)))
+
+
+def choose_tau(info: Tensor, codes: Tensor, target: float, min_len: int, max_len: int,
+               candidates: int = 256) -> float:
+    """The smallest tau whose SIDs hold at most `target` items on average (`tau: auto`).
+
+    A fixed tau means different things on different catalogs and layer counts (3 layers
+    leave a window under one nat wide between lengths 2 and 3); a target items-per-SID
+    carries over. Lengths change only where tau crosses an item's path information, so the
+    candidates are quantiles of those values; more candidates, a finer choice. Where no
+    candidate reaches the target (every item at max_len), the deepest tau is returned."""
+    values = np.unique(info[:, :max_len].numpy())
+    if len(values) > candidates:
+        values = np.unique(np.quantile(values, np.linspace(0, 1, candidates)))
+    codes_np = codes.numpy()
+    for tau in values.tolist():
+        if items_per_sid(codes_np, stop_depths(info, tau, min_len, max_len).numpy()) <= target:
+            return float(tau)
+    return float(values[-1]) if len(values) else math.inf
+
+
 def parse_tau(value: object) -> float:
-    """tau from params: a number, or null / 'inf' for 'never stop early' (fixed length)."""
+    """tau from params: a number, or null / 'inf' for 'never stop early' (fixed length);
+    'auto' is read by the tokenizer config and never reaches here."""
     if value is None:
         return math.inf
     try:

@@ -84,6 +84,7 @@ class TokenizerConfig:
     unique_head: bool = False
     stage2_items: str = "tail_and_cold"
     head_encoder: str = "head"
+    tau_target: float | None = None   # tau: auto: target items per SID on the items the table is built from
 
     @property
     def adaptive(self) -> bool:
@@ -121,6 +122,17 @@ def _choice(value: object, key: str, choices: tuple[str, ...]) -> str:
     return str(value)
 
 
+def _tau(sarq: dict) -> tuple[float, float | None]:
+    """(tau, target items per SID): a number, or 'auto' with tokenizer.sarq.target_items_per_sid
+    (tau is then chosen at each path-table estimation; the initial tau is never read)."""
+    if sarq.get("tau") != "auto":
+        return parse_tau(sarq.get("tau")), None
+    target = sarq.get("target_items_per_sid", 1.5)
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 1.0 <= target < math.inf:
+        raise ConfigError("tokenizer.sarq.target_items_per_sid", f"must be a number >= 1, got {target!r}")
+    return math.inf, float(target)
+
+
 def tokenizer_config(params: dict) -> TokenizerConfig:
     """Read and check params['tokenizer']; ConfigError names the offending key."""
     t = params.get("tokenizer") or {}
@@ -146,7 +158,7 @@ def tokenizer_config(params: dict) -> TokenizerConfig:
     if method in STAGE2_METHODS:
         check_curriculum(sizes)
         check_extensions(ext, len(sizes))
-    tau = parse_tau(s.get("tau")) if method in SARQ_METHODS else math.inf
+    tau, tau_target = (_tau(s) if method in SARQ_METHODS else (math.inf, None))
     cfg = TokenizerConfig(
         method=method, sizes=sizes, ext_sizes=ext, latent_dim=int(t.get("latent_dim", 64)),
         hidden_dims=[int(h) for h in t.get("hidden_dims", [])], beta=float(t.get("beta", 0.25)),
@@ -161,7 +173,8 @@ def tokenizer_config(params: dict) -> TokenizerConfig:
         import_path=str(t.get("import_path") or ""), seed=int(params.get("seed", 0)),
         collision_token=_collision_flag(t.get("collision_token", False), method),
         stage2_items=_choice(t.get("stage2_items", "tail_and_cold"), "tokenizer.stage2_items", STAGE2_ITEMS),
-        head_encoder=_choice(t.get("head_encoder", "head"), "tokenizer.head_encoder", HEAD_ENCODERS))
+        head_encoder=_choice(t.get("head_encoder", "head"), "tokenizer.head_encoder", HEAD_ENCODERS),
+        tau_target=tau_target)
     if cfg.method in SARQ_METHODS and cfg.smoothing <= 0:
         raise ConfigError("tokenizer.sarq.smoothing", f"must be > 0, got {cfg.smoothing}")
     for key, value in (("batch_size", cfg.batch_size), ("latent_dim", cfg.latent_dim), ("threads", cfg.threads)):
@@ -216,12 +229,15 @@ def _train_spec(cfg: TokenizerConfig, epochs: int) -> TrainSpec:
 def _sarq_spec(cfg: TokenizerConfig, popularity: np.ndarray) -> SarqSpec:
     weights = popularity_weights(torch.as_tensor(popularity)) if cfg.popularity_weighted else None
     return SarqSpec(tau=cfg.tau, min_len=cfg.min_len, max_len=cfg.max_len, smoothing=cfg.smoothing,
-                    warmup_epochs=cfg.warmup_epochs, reestimate_every=cfg.reestimate_every, weights=weights)
+                    warmup_epochs=cfg.warmup_epochs, reestimate_every=cfg.reestimate_every, weights=weights,
+                    target_items_per_sid=cfg.tau_target)
 
 
 def _tokenizer(cfg: TokenizerConfig, model: RQVAE | None, quantizer: ResidualQuantizer, version: str,
-               table=None, anchor_sizes: list[int] | None = None) -> Tokenizer:
-    return Tokenizer(cfg.method, quantizer, model, table, cfg.tau, cfg.min_len, cfg.max_len, version,
+               table=None, anchor_sizes: list[int] | None = None, tau: float | None = None) -> Tokenizer:
+    """tau: the one training chose (`tau: auto`), else the configured one."""
+    tau = cfg.tau if tau is None else tau
+    return Tokenizer(cfg.method, quantizer, model, table, tau, cfg.min_len, cfg.max_len, version,
                      list(anchor_sizes if anchor_sizes is not None else quantizer.sizes))
 
 
@@ -279,8 +295,11 @@ def run_train_head(params: dict) -> dict:
         summary["n_train"] = int(train.sum())
         if recon_x is not None:
             summary["n_recon"] = len(recon_x)
-        tok = _tokenizer(cfg, model, model.quantizer, version, table=model.table)
+        tok = _tokenizer(cfg, model, model.quantizer, version, table=model.table,
+                         tau=sarq.tau if sarq is not None else None)
         ckpt["tokenizer"] = tok.state()
+        if cfg.tau_target is not None:
+            summary["tau_chosen"] = tok.tau
         ckpt["history"] = spec.history
         if stage1:
             codes, lengths = tok.assign(x[train])
@@ -324,12 +343,12 @@ def run_train_tail(params: dict) -> dict:
     train = items["group"].isin(groups).to_numpy()
     sarq = None
     if cfg.adaptive:
-        sarq = SarqSpec(tau=cfg.tau, min_len=cfg.min_len, max_len=cfg.max_len, smoothing=cfg.smoothing,
+        sarq = SarqSpec(tau=stage1.tau, min_len=cfg.min_len, max_len=cfg.max_len, smoothing=cfg.smoothing,
                         frozen_table=stage1.table)
     spec = _train_spec(cfg, cfg.epochs_tail)
     result = fit(model, torch.from_numpy(x[train]), spec, sarq, init_kmeans=True)
     tok = _tokenizer(cfg, model, model.quantizer, head["version"], table=stage1.table,
-                     anchor_sizes=model.quantizer.anchor_sizes)
+                     anchor_sizes=model.quantizer.anchor_sizes, tau=stage1.tau)
     save_checkpoint({"format": FORMAT, "method": cfg.method, "stage2": True, "version": head["version"],
                      "tokenizer": tok.state(), "history": spec.history}, out_path(params, "tokenizer", "tail.pt"))
     return {"method": cfg.method, "stage2": True, "n_train": int(train.sum()), "stage2_items": cfg.stage2_items,

@@ -279,4 +279,8 @@ def test_run_key_ignores_tokenizer_settings_the_method_never_reads(run_params):
     assert key("rqvae", extension_sizes=[1, 2, 3]) == key("rqvae")
     assert key("sa2crq", **tau) != key("sa2crq")                    # SA2CRQ does
     assert key("sa2crq", extension_sizes=[1, 2, 3]) != key("sa2crq")
+    sarq = run_params["tokenizer"]["sarq"]
+    target = lambda tau, t: key("sa2crq", sarq={**sarq, "tau": tau, "target_items_per_sid": t})  # noqa: E731
+    assert target(8.0, 3.0) == target(8.0, 1.5)                     # read only with tau: auto
+    assert target("auto", 3.0) != target("auto", 1.5)
     assert key("rqvae", codebook_sizes=[8, 8, 8]) != key("rqvae")

@@ -11,7 +11,9 @@ import torch
 from tokenizer_fixtures import make_catalog, run_tokenizer, tiny_params
 
 from components.errors import ConfigError
-from components.sarq import PathTable, parse_tau, popularity_weights, stop_depths
+from components.sarq import PathTable, choose_tau, items_per_sid, parse_tau, popularity_weights, stop_depths
+from components.sid_tokenizer import Tokenizer, load_checkpoint
+from components.tokenizer_stages import load_catalog, run_train_head, tokenizer_config
 
 # hand-made catalog over 2 x 3 x 2 codes: 6 items under (0,), 2 under (1,)
 CODES = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 0, 0], [0, 1, 0], [0, 1, 1], [0, 2, 0], [1, 0, 0], [1, 0, 1]])
@@ -139,3 +141,37 @@ def test_unique_head_gives_head_items_distinct_sids_and_keeps_tail_lengths(tmp_p
     assert all(tuple(b[: len(a)]) == tuple(a) for a, b in zip(plain["codes"], floor["codes"]))
     if method == "sarq":                                            # one stage: tail SIDs untouched
         assert (floor["length"].to_numpy()[~head] == plain["length"].to_numpy()[~head]).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), target=st.floats(1.0, 6.0))
+def test_auto_tau_is_the_smallest_candidate_that_meets_the_target(seed, target):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 4, (60, 3), generator=gen)
+    table = PathTable.build(codes, [4, 4, 4], smoothing=1.0)
+    info = table.information(codes)
+    tau = choose_tau(info, codes, target, 1, 3)
+    per_sid = lambda t: items_per_sid(codes.numpy(), stop_depths(info, t, 1, 3).numpy())  # noqa: E731
+    lower = [float(v) for v in np.unique(info.numpy()) if v < tau]
+    if per_sid(math.inf) <= target:                     # reachable: met at tau, missed just below it
+        assert per_sid(tau) <= target
+        assert not lower or per_sid(lower[-1]) > target
+    else:                                               # unreachable: the deepest SIDs there are
+        assert per_sid(tau) == per_sid(math.inf)
+
+
+def test_auto_tau_config_and_training_record_the_chosen_tau(tmp_path):
+    make_catalog(tmp_path / "out")
+    params = tiny_params(tmp_path / "out", "sarq")
+    params["tokenizer"]["sarq"].update(tau="auto", target_items_per_sid=1.2)
+    assert tokenizer_config(params).tau_target == 1.2
+    run_train_head(params)
+    tok = Tokenizer.from_state(load_checkpoint(tmp_path / "out" / "tokenizer" / "head.pt")["tokenizer"])
+    assert math.isfinite(tok.tau)
+    x = load_catalog(params)[1]
+    codes, lengths = tok.assign(x)
+    assert items_per_sid(codes, lengths) <= 1.2 or (lengths == tok.max_len).all()
+    for bad in (0.5, "many", True):
+        params["tokenizer"]["sarq"]["target_items_per_sid"] = bad
+        with pytest.raises(ConfigError, match="target_items_per_sid"):
+            tokenizer_config(params)
