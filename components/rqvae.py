@@ -53,6 +53,7 @@ class SarqSpec:
     weights: Tensor | None = None      # per training item, for the table
     frozen_table: PathTable | None = None  # Stage 2: the head table, never re-estimated
     target_items_per_sid: float | None = None  # tau: auto; tau is re-chosen at each estimation
+    tau_items: Tensor | None = None  # tau: auto: items whose SIDs meet the target (default: the training items)
 
 
 @dataclass
@@ -154,10 +155,13 @@ class RQVAE(L.LightningModule):
     @torch.no_grad()
     def reestimate_table(self) -> None:
         """Path table from the full-depth codes of all training items (not their truncated SIDs);
-        with `tau: auto`, tau is chosen again on the same items for the new table."""
+        with `tau: auto`, tau is chosen again for the new table, on the items SIDs are meant for
+        (Stage 1 trains on head items, but its tau also decides the tail's lengths)."""
         codes = self.quantizer(self.encoder(self.train_x)).codes.cpu()
         self.table = PathTable.build(codes, self.quantizer.sizes, self.sarq.smoothing, self.sarq.weights)
         if self.sarq.target_items_per_sid is not None:
+            if self.sarq.tau_items is not None:
+                codes = self.quantizer(self.encoder(self.sarq.tau_items.float())).codes.cpu()
             self.sarq.tau = choose_tau(self.table.information(codes), codes, self.sarq.target_items_per_sid,
                                        self.sarq.min_len, self.sarq.max_len)
 

@@ -84,7 +84,7 @@ class TokenizerConfig:
     unique_head: bool = False
     stage2_items: str = "tail_and_cold"
     head_encoder: str = "head"
-    tau_target: float | None = None   # tau: auto: target items per SID on the items the table is built from
+    tau_target: float | None = None   # tau: auto: target items per SID (over the catalog for Stage 1)
 
     @property
     def adaptive(self) -> bool:
@@ -287,6 +287,8 @@ def run_train_head(params: dict) -> dict:
             ckpt["small_head_warning"] = summary["small_head_warning"] = small
         model = RQVAE(x.shape[1], cfg.hidden_dims, cfg.latent_dim, ResidualQuantizer(cfg.sizes, cfg.latent_dim))
         sarq = _sarq_spec(cfg, items["popularity"].to_numpy()[train]) if cfg.adaptive else None
+        if sarq is not None and stage1:  # tau: auto meets its target over the whole catalog
+            sarq.tau_items = torch.from_numpy(x)
         spec = _train_spec(cfg, cfg.epochs_head if stage1 else cfg.epochs_full)
         # head_encoder=all: encoder and decoder also reconstruct every item; codebooks stay head-only
         recon_x = torch.from_numpy(x) if stage1 and cfg.head_encoder == "all" else None
