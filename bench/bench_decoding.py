@@ -14,7 +14,11 @@ change the work a beam search does: every step scores all live beams and masks b
             beams and trie children). It scores exactly like ours, so its output must equal
             ours: the `agree_*` columns check that.
   ours-small  our default backbone (`small`: own Transformer with a KV cache), no HF twin,
-            same search code: shows what the pipeline's default model costs.
+            same search code: what the pipeline's default model costs. When the pipeline has
+            trained one (outputs/retriever/model.pt with outputs/sids), that model decodes its
+            own SID table from history queries (recent catalog items, 1-8 long, mean 4.5, as in
+            amazon-scientific); else random weights from params.yaml sizes, text queries. The
+            `model` column says which.
 Methods are timed round-robin on the same batches (load swings hit all alike).
 Columns: lat_vs_ours = latency / ours (T5) latency (peers > 1: ours is faster);
 hf_lat_ratio = HF generate latency / this method's latency (the speed-up over HF).
@@ -61,6 +65,46 @@ def build_model(backbone: str, sids: list[tuple[int, ...]], sizes: tuple[int, ..
                                [list(s) for s in sids], len(sizes))
     model.attach_catalog(catalog)
     return model
+
+
+def trained_small() -> tuple[torch.nn.Module, np.ndarray] | None:
+    """The pipeline's trained retriever with its SID catalog, and the item embeddings its
+    history queries are made of; None when the pipeline has not trained one."""
+    import json
+
+    import pandas as pd
+
+    from components.retriever import load_retriever
+    from components.sid_vocab import SidCatalog
+
+    out = ROOT / "outputs"
+    files = [out / "retriever" / "model.pt", out / "sids" / "sid_table.parquet", out / "sids" / "meta.json",
+             out / "embeddings" / "items.npy"]
+    if not all(f.exists() for f in files):
+        return None
+    net = load_retriever(files[0])
+    table = pd.read_parquet(files[1])
+    max_len = int(json.loads(files[2].read_text())["max_len"])
+    codes = [list(c[:n]) for c, n in zip(table["codes"], table["length"])]
+    net.attach_catalog(SidCatalog.build(table["item_id"].astype(str).to_numpy(), np.ones(len(table), np.int64),
+                                        codes, max_len))
+    return net, np.load(files[3]).astype(np.float32)
+
+
+def history_batches(item_emb: np.ndarray, n: int, seed: int) -> list[dict]:
+    """n one-query history batches (recent items first, 1-8 long) to slice batches from."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 9, n)
+    rows = rng.integers(0, len(item_emb), (n, 8))
+    mask = np.arange(8)[None, :] < lengths[:, None]
+    rows = np.where(mask, rows, -1)
+    return [{"kind": "history", "x": torch.from_numpy(item_emb[np.maximum(rows[i : i + 1], 0)]),
+             "mask": torch.from_numpy(mask[i : i + 1]), "hist_items": torch.from_numpy(rows[i : i + 1])}
+            for i in range(n)]
+
+
+def concat(batches: list[dict]) -> dict:
+    return {"kind": "history", **{k: torch.cat([b[k] for b in batches]) for k in ("x", "mask", "hist_items")}}
 
 
 def text_batch(x: np.ndarray) -> dict:
@@ -229,14 +273,33 @@ def main() -> None:
         source = "synthetic (4344 items, 64/128/256, len 1-3)"
     queries = clustered_embeddings(2000, seed=args.seed + 1)
     t5 = build_model("t5", sids, sizes, args.seed)
-    small = build_model("small", sids, sizes, args.seed)
     allowed = allowed_tokens_dict(sids, t5.vocab)
     trie = dict_trie(sids)
+    trained = trained_small() if real is not None else None
+    if trained is not None:
+        small, item_emb = trained
+        small_model = "trained (outputs/retriever/model.pt), history queries"
+        pool = history_batches(item_emb, 2000, args.seed + 2)
+        # the batch the harness passes is a text batch of the same size: swap in as many history queries
+        cursor = {"i": 0}
+
+        def small_fn(b: dict, B: int) -> list:
+            n = int(b["x"].shape[0])
+            start = cursor["i"] % (len(pool) - n)
+            cursor["i"] += n
+            return ours(small, concat(pool[start : start + n]), B)
+    else:
+        small = build_model("small", sids, sizes, args.seed)
+        small_model = "random weights (params.yaml sizes), text queries"
+
+        def small_fn(b: dict, B: int) -> list:
+            return ours(small, b, B)
+    print(f"ours-small: {small_model}", flush=True)
     methods = {
         "ours": lambda b, B: ours(t5, b, B),
         "hf": lambda b, B: hf_generate(t5, b, B, allowed),
         "dicttrie": lambda b, B: dict_trie_beam_search(t5, b, B, trie),
-        "ours-small": lambda b, B: ours(small, b, B),
+        "ours-small": small_fn,
     }
     rows = []
     for B in args.beams:
@@ -255,7 +318,9 @@ def main() -> None:
     cols = ["beam", "batch", "method", "lat_p50_ms", "lat_p99_ms", "qps", "cpu_p50_ms", "cpu_p99_ms", "qps_cpu", "lat_vs_ours", "hf_lat_ratio", "agree_top1", "agree_set",
             "calls"]
     print_table(rows, cols, f"Constrained beam search, {len(set(sids))} distinct SIDs ({source}), {args.threads} threads")
-    path = write_result("decoding", {"config": {**vars(args), "sid_table": source, "n_items": len(sids),
+    path = write_result("decoding", {"config": {**vars(args), "sid_table": source, "small_model": small_model,
+                                                "t5_model": "random weights (params.yaml sizes), text queries",
+                                                "n_items": len(sids),
                                                 "n_sids": len(set(sids)), "codebook_sizes": sizes}, "rows": rows})
     print(f"wrote {path}")
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from components.constrained_decoding import SidTrie, beam_search
 from components.retrieve import ranked_from_beams
-from components.retriever import RetrieverModel, decode
+from components.retriever import RetrieverModel, decode, model_config
 from components.sid_vocab import END, SidCatalog, SidVocab, pad_codes
 
 
@@ -134,11 +134,12 @@ def test_trie_tables_encode_children_and_ends():
     assert (trie.tables[1][-1] == -1).all()          # sink row
 
 
-def _tiny_model(sizes=(4, 5, 3), seed=0) -> RetrieverModel:
+def _tiny_model(sizes=(4, 5, 3), seed=0, backbone: str = "small") -> RetrieverModel:
+    """Both step decoders (ours with its KV cache; T5 with the Hugging Face cache) on tiny sizes."""
     torch.manual_seed(seed)
-    cfg = {"backbone": "small", "codebook_sizes": list(sizes), "emb_dim": 8, "max_history": 6, "d_model": 16,
-           "n_heads": 2, "n_layers": 1, "ff_dim": 32, "dropout": 0.0, "n_memory": 2, "hf_config": None}
-    return RetrieverModel(cfg)
+    rp = {"backbone": backbone, "d_model": 16, "n_heads": 2, "n_layers": 1, "ff_dim": 32, "dropout": 0.0,
+          "n_memory": 2}
+    return RetrieverModel(model_config(rp, sizes, 8, 6)).eval()
 
 
 def _catalog(n_items: int, sizes, seed: int) -> SidCatalog:
@@ -147,8 +148,9 @@ def _catalog(n_items: int, sizes, seed: int) -> SidCatalog:
     return SidCatalog.build(np.array([f"i{j}" for j in range(n_items)]), rng.integers(0, 5, n_items), codes, len(sizes))
 
 
-def test_batched_and_one_by_one_decoding_agree():
-    net = _tiny_model()
+@pytest.mark.parametrize("backbone", ["small", "t5"])
+def test_batched_and_one_by_one_decoding_agree(backbone):
+    net = _tiny_model(backbone=backbone)
     net.attach_catalog(_catalog(40, (4, 5, 3), 1))
     rng = np.random.default_rng(0)
     lengths = [1, 3, 6, 2, 4]
@@ -166,10 +168,11 @@ def test_batched_and_one_by_one_decoding_agree():
     assert torch.equal(both.sid_index[3], one.sid_index[0])
 
 
-def test_model_decoding_matches_teacher_forced_scores():
+@pytest.mark.parametrize("backbone", ["small", "t5"])
+def test_model_decoding_matches_teacher_forced_scores(backbone):
     """The KV-cached step decoder and the teacher-forced forward agree on every SID's score."""
     sizes = (4, 5, 3)
-    net = _tiny_model(sizes, seed=3).eval()
+    net = _tiny_model(sizes, seed=3, backbone=backbone)
     cat = _catalog(30, sizes, 2)
     net.attach_catalog(cat)
     x = torch.from_numpy(np.random.default_rng(5).normal(size=(1, 3, 8)).astype(np.float32))
