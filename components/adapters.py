@@ -12,8 +12,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from components.contract import (check_texts, id_column, int_column, list_column, read_items, require_columns, single_id_lists,
-                                 validate_items, validate_queries)
+from components.contract import (check_texts, id_column, int_column, list_column, read_items, require_columns,
+                                 single_id_lists, validate_items, validate_queries)
 from components.errors import ConfigError, DataError
 from components.readers import read_json, read_table
 

@@ -267,3 +267,17 @@ def test_cli_prints_a_damaged_checkpoint_as_one_line(tmp_path, capsys):
     assert main(["stage", "assign_ids", "--params", str(tmp_path / "params.yaml")]) == 2
     err = capsys.readouterr().err
     assert "head.pt" in err and "truncated or corrupt" in err and "Traceback" not in err
+
+
+def test_new_items_whose_extra_column_cannot_join_the_catalog_are_refused_before_writing(tmp_path):
+    from flows.catalog_update import read_new_items
+
+    catalog = pd.DataFrame({"item_id": ["i1", "i2"], "text": ["a", "b"], "popularity": [1, 0],
+                            "group": ["head", "cold"], "weight": [3, 4]})
+    (tmp_path / "new.jsonl").write_text('{"item_id": "n1", "text": "c", "weight": 5}\n'
+                                        '{"item_id": "n2", "text": "d", "weight": "heavy"}\n')
+    with pytest.raises(DataError, match="mixed") as info:
+        read_new_items(tmp_path / "new.jsonl", catalog)
+    assert info.value.column == "weight" and info.value.rows == [1] and Path(info.value.file).name == "new.jsonl"
+    (tmp_path / "new.jsonl").write_text('{"item_id": 9, "text": "c", "weight": 5}\n')
+    assert read_new_items(tmp_path / "new.jsonl", catalog)["item_id"].tolist() == ["9"]
