@@ -12,8 +12,10 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from components.contract import list_column, read_json, read_table, require_columns, validate_items, validate_queries
+from components.contract import (check_texts, id_column, int_column, list_column, read_items, require_columns,
+                                 single_id_lists, validate_items, validate_queries)
 from components.errors import ConfigError, DataError
+from components.readers import read_json, read_table
 
 Frames = tuple[pd.DataFrame, pd.DataFrame]
 
@@ -119,8 +121,8 @@ def load_amazon_scientific(params: dict) -> Frames:
 def _split_fractions(params: dict) -> tuple[float, float]:
     cf = params["data"]["climate_fever"]
     valid, test = float(cf["valid_frac"]), float(cf["test_frac"])
-    if not (0 <= valid < 1 and 0 <= test < 1 and valid + test < 1):
-        raise ConfigError("data.climate_fever", f"valid_frac + test_frac must be in [0, 1), got {valid} + {test}")
+    if not (0 < valid < 1 and 0 < test < 1 and valid + test < 1):  # every split is needed (contract.SPLIT_USES)
+        raise ConfigError("data.climate_fever", f"valid_frac, test_frac > 0 and their sum < 1, got {valid} + {test}")
     return valid, test
 
 
@@ -202,11 +204,8 @@ def load_generic(params: dict) -> Frames:
     `data.max_users` > 0 keeps the first N queries by query_id and the items they touch.
     """
     item_path, query_path = _generic_path(params, "items"), _generic_path(params, "queries")
-    item_file, query_file = str(item_path), str(query_path)
-    items = read_table(item_path)
-    validate_items(items, item_file)
-    items["item_id"] = items["item_id"].astype(str)
-    items["text"] = items["text"].astype("str")
+    query_file = str(query_path)
+    items = read_items(item_path)
     raw = read_table(query_path)
     require_columns(raw, ("query_id", "split"), query_file)
     if "target" not in raw.columns and "targets" not in raw.columns:
@@ -214,19 +213,18 @@ def load_generic(params: dict) -> Frames:
     if "text" not in raw.columns and "history" not in raw.columns:
         raise DataError(query_file, "missing column (need 'text' or 'history')", column="text")
     max_hist = _max_history(params)
+    query_ids = id_column(raw["query_id"], query_file, "query_id")
     targets = list_column(raw, "targets", query_file) if "targets" in raw.columns else \
-        raw["target"].map(lambda t: [] if pd.isna(t) or str(t).strip() == "" else [str(t).strip()])
+        single_id_lists(raw["target"], query_file, "target")
     history = list_column(raw, "history", query_file) if "history" in raw.columns else \
         pd.Series([[] for _ in range(len(raw))], index=raw.index, dtype=object)
-    order = raw["order"] if "order" in raw.columns else pd.Series(range(len(raw)), index=raw.index)
-    order_num = pd.to_numeric(order, errors="coerce")
-    bad = order_num.isna() | (order_num != order_num.round())
-    if bad.any():
-        raise DataError(query_file, "order must be an integer", column="order", rows=np.flatnonzero(bad)[:5].tolist())
-    texts = raw["text"] if "text" in raw.columns else pd.Series([None] * len(raw), index=raw.index)
-    rows = [{"query_id": str(q), "split": str(s).strip(), "order": int(o), "history": h[-max_hist:],
-             "text": None if pd.isna(t) or str(t).strip() == "" else str(t), "targets": ts}
-            for q, s, o, h, t, ts in zip(raw["query_id"], raw["split"], order_num, history, texts, targets)]
+    order = int_column(raw["order"], query_file, "order") if "order" in raw.columns else \
+        pd.Series(range(len(raw)), index=raw.index, dtype="int64")
+    texts = raw["text"] if "text" in raw.columns else pd.Series([None] * len(raw), index=raw.index, dtype=object)
+    check_texts(texts, query_file, required=False)
+    rows = [{"query_id": q, "split": s.strip() if isinstance(s, str) else s, "order": int(o), "history": h[-max_hist:],
+             "text": t if isinstance(t, str) and t.strip() else None, "targets": ts}
+            for q, s, o, h, t, ts in zip(query_ids, raw["split"], order, history, texts, targets)]
     queries = _query_frame(rows)
     validate_queries(queries, items, query_file)
     n_keep = _max_users(params)

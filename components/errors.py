@@ -14,7 +14,7 @@ class DataError(Sa2crqError):
     def __init__(self, file: str, message: str, column: str | None = None, rows: Iterable | None = None):
         self.file = str(file)
         self.column = column
-        self.rows = list(rows)[:5] if rows is not None else []
+        self.rows = [int(r) for r in list(rows)[:5]] if rows is not None else []  # np.int64(3) prints as such
         where = f"{self.file}"
         if column is not None:
             where += f", column '{column}'"

@@ -28,6 +28,7 @@ from components.item_scorer import ItemScorer
 from components.query_encoders import QueryEncoder
 from components.seq2seq_backbones import HFSeq2Seq, SmallSeq2Seq
 from components.sid_vocab import BOS, END, PAD, SidCatalog, SidVocab
+from components.torch_files import load_weights
 
 BACKBONES = ("small", "t5", "pretrained")
 
@@ -219,7 +220,7 @@ def load_retriever(path: str | Path) -> RetrieverModel:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no retriever checkpoint (run the train_retriever step first)")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = load_weights(path, keys=("state_dict", "config"), rerun="the train_retriever step")
     net = RetrieverModel(blob["config"])
     net.load_state_dict(blob["state_dict"])
     net.eval()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -15,7 +16,10 @@ import numpy as np
 import pandas as pd
 
 from components.atomic import write_parquet
+from components.contract import id_column
 from components.errors import DataError
+from components.readers import check_file, read_text
+from components.values import INT64_MAX
 
 SID_COLUMNS = ("item_id", "codes", "length", "stage", "version")
 STAGES = ("head", "tail", "new", "import", "full")
@@ -72,25 +76,33 @@ def sid_strings(df: pd.DataFrame) -> pd.Series:
 
 # ---- import of an external SID table -------------------------------------------------------
 
+IMPORT_UNKNOWN = ("error", "drop")
+
+
 def _read_import_file(path: Path) -> pd.DataFrame:
     """JSON ({item_id: [codes]} or [{item_id, codes}, ...]) or parquet (item_id, codes)."""
-    if not path.exists():
-        raise DataError(str(path), "import file not found (tokenizer.import_path)")
-    if path.suffix.lower() == ".parquet":
-        df = pd.read_parquet(path)
-    elif path.suffix.lower() == ".json":
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".parquet"):
+        raise DataError(str(path), "import file must be .json or .parquet")
+    check_file(path, "import file not found (tokenizer.import_path)")
+    if suffix == ".parquet":
         try:
-            obj = json.loads(path.read_text())
+            df = pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises several types for a corrupt file
+            raise DataError(str(path), f"not a readable parquet file: {exc}") from None
+    else:
+        try:
+            obj = json.loads(read_text(path))
         except json.JSONDecodeError as exc:
             raise DataError(str(path), f"malformed JSON at line {exc.lineno}: {exc.msg}") from None
         if isinstance(obj, dict):
-            df = pd.DataFrame({"item_id": list(obj.keys()), "codes": list(obj.values())})
-        elif isinstance(obj, list) and all(isinstance(r, dict) for r in obj):
-            df = pd.DataFrame(obj)
+            df = pd.DataFrame({"item_id": pd.Series(list(obj.keys()), dtype=object),
+                               "codes": pd.Series(list(obj.values()), dtype=object)})
+        elif isinstance(obj, list) and obj and all(isinstance(r, dict) for r in obj):
+            df = pd.DataFrame({c: pd.Series([r.get(c) for r in obj], dtype=object) for c in ("item_id", "codes")
+                               if any(c in r for r in obj)})
         else:
             raise DataError(str(path), "JSON must be an object {item_id: [codes]} or a list of {item_id, codes}")
-    else:
-        raise DataError(str(path), "import file must be .json or .parquet")
     for col in ("item_id", "codes"):
         if col not in df.columns:
             raise DataError(str(path), f"missing column (file has: {', '.join(map(str, df.columns))})", column=col)
@@ -98,38 +110,48 @@ def _read_import_file(path: Path) -> pd.DataFrame:
 
 
 def _is_code_list(value: object) -> bool:
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+    """A non-empty list of integers in [0, 2^63) (no booleans, no floats)."""
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__"):
         return False
     if len(value) == 0 or any(isinstance(v, (bool, np.bool_)) for v in value):
         return False
     arr = np.asarray(value, dtype=object)
-    return arr.ndim == 1 and all(isinstance(v, (int, np.integer)) and v >= 0 for v in arr)
+    return arr.ndim == 1 and all(isinstance(v, (int, np.integer)) and 0 <= v <= INT64_MAX for v in arr)
 
 
-def read_import(path: str | os.PathLike, catalog_ids: Sequence[str]) -> list[list[int]]:
+def read_import(path: str | os.PathLike, catalog_ids: Sequence[str], unknown: str = "error") -> list[list[int]]:
     """Codes for every catalog item, in catalog order, from an external SID table.
 
-    DataError (file, column, first rows) for duplicate or unknown item ids, catalog items
-    the file misses, and codes that are not non-empty lists of non-negative integers."""
+    DataError (file, column, first rows) for null, float or duplicate item ids, catalog items
+    the file misses, and codes that are not non-empty lists of non-negative integers. Item
+    ids not in the catalog are an error, or with `unknown="drop"` (tokenizer.import_unknown)
+    left out with a warning saying how many."""
     path = Path(path)
+    file = str(path)
     df = _read_import_file(path)
-    ids = df["item_id"].astype(str)
-    dup = ids.duplicated()
+    ids = id_column(df["item_id"], file, "item_id")
+    null = ids.isna().to_numpy()
+    if null.any():
+        raise DataError(file, "null item_id", column="item_id", rows=np.flatnonzero(null))
+    dup = ids.duplicated().to_numpy()
     if dup.any():
-        raise DataError(str(path), f"duplicate item_id {ids[dup].iloc[0]!r}", column="item_id", rows=np.flatnonzero(dup))
-    known = set(map(str, catalog_ids))
-    unknown = ~ids.isin(known)
-    if unknown.any():
-        raise DataError(str(path), f"item ids not in the catalog: {ids[unknown].head(5).tolist()}",
-                        column="item_id", rows=np.flatnonzero(unknown))
-    bad = ~df["codes"].map(_is_code_list).to_numpy(dtype=bool)
+        raise DataError(file, f"duplicate item_id {ids[dup].iloc[0]!r}", column="item_id", rows=np.flatnonzero(dup))
+    outside = (~ids.isin(set(map(str, catalog_ids)))).to_numpy()
+    if outside.any() and unknown == "error":
+        raise DataError(file, f"{int(outside.sum())} item ids not in the catalog, e.g. {ids[outside].head(5).tolist()} "
+                              "(tokenizer.import_unknown: drop leaves them out)", column="item_id",
+                        rows=np.flatnonzero(outside))
+    if outside.any():
+        warnings.warn(f"{file}: dropped {int(outside.sum())} item ids not in the catalog "
+                      f"(tokenizer.import_unknown: drop), e.g. {ids[outside].head(5).tolist()}")
+    bad = ~df["codes"].map(_is_code_list).to_numpy(dtype=bool) & ~outside
     if bad.any():
-        raise DataError(str(path), "codes must be non-empty lists of non-negative integers",
+        raise DataError(file, "codes must be non-empty lists of non-negative integers (int64)",
                         column="codes", rows=np.flatnonzero(bad))
-    by_id = dict(zip(ids, df["codes"]))
+    by_id = dict(zip(ids[~outside], df["codes"][~outside]))
     missing = [i for i in map(str, catalog_ids) if i not in by_id]
     if missing:
-        raise DataError(str(path), f"{len(missing)} catalog items have no SID, e.g. {missing[:5]}", column="item_id")
+        raise DataError(file, f"{len(missing)} catalog items have no SID, e.g. {missing[:5]}", column="item_id")
     return [[int(c) for c in by_id[i]] for i in map(str, catalog_ids)]
 
 

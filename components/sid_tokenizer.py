@@ -21,6 +21,7 @@ from components.errors import ConfigError
 from components.quantizer import ResidualQuantizer
 from components.rqvae import RQVAE
 from components.sarq import PathTable, stop_depths
+from components.torch_files import load_weights
 
 STAGE2_METHODS = ("acrq", "sa2crq")
 ASSIGN_BLOCK = 4096   # rows per block in Tokenizer.assign: cache-sized (block, K) distance matrices
@@ -117,7 +118,7 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: tokenizer checkpoint not found (run train_head / train_tail first)")
-    return torch.load(path, weights_only=True)
+    return load_weights(path, rerun="train_head / train_tail")
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:

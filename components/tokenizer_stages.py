@@ -10,6 +10,8 @@ assign_ids -> sids/ + metrics/sid_stats.json + plots. Behaviour comes from param
 | sa2crq   | acrq Stage 1 + SARQ on head         | acrq Stage 2 + frozen head path table   | adaptive |
 | import   | reads and checks tokenizer.import_path | nothing                              | as given |
 
+`tokenizer.import_unknown: drop` leaves out imported ids the catalog lacks (default `error`).
+
 `tokenizer.head_encoder: all` lets the Stage-1 encoder / decoder also learn reconstruction
 from every item (codebooks still from head items); `tokenizer.stage2_items: tail` keeps cold
 items out of Stage 2 (they get SIDs from the frozen tokenizer like any item). A head small
@@ -37,8 +39,8 @@ from components.rqvae import RQVAE, SarqSpec, TrainSpec, fit
 from components.quantizer import ResidualQuantizer
 from components.sarq import parse_tau, popularity_weights, unique_floor
 from components.sid_stats import plot_sid_stats, sid_statistics
-from components.sid_table import (assert_issued_reencode, collision_codes, collision_layer_size, make_sid_table,
-                                  read_import, write_sid_table)
+from components.sid_table import (IMPORT_UNKNOWN, assert_issued_reencode, collision_codes, collision_layer_size,
+                                  make_sid_table, read_import, write_sid_table)
 from components.sid_tokenizer import (STAGE2_METHODS, Tokenizer, assign_new_items, load_checkpoint,
                                       load_tokenizer, save_checkpoint)
 
@@ -85,6 +87,7 @@ class TokenizerConfig:
     stage2_items: str = "tail_and_cold"
     head_encoder: str = "head"
     tau_target: float | None = None   # tau: auto: target items per SID (over the catalog for Stage 1)
+    import_unknown: str = "error"
 
     @property
     def adaptive(self) -> bool:
@@ -174,7 +177,8 @@ def tokenizer_config(params: dict) -> TokenizerConfig:
         collision_token=_collision_flag(t.get("collision_token", False), method),
         stage2_items=_choice(t.get("stage2_items", "tail_and_cold"), "tokenizer.stage2_items", STAGE2_ITEMS),
         head_encoder=_choice(t.get("head_encoder", "head"), "tokenizer.head_encoder", HEAD_ENCODERS),
-        tau_target=tau_target)
+        tau_target=tau_target,
+        import_unknown=_choice(t.get("import_unknown", "error"), "tokenizer.import_unknown", IMPORT_UNKNOWN))
     if cfg.method in SARQ_METHODS and cfg.smoothing <= 0:
         raise ConfigError("tokenizer.sarq.smoothing", f"must be > 0, got {cfg.smoothing}")
     for key, value in (("batch_size", cfg.batch_size), ("latent_dim", cfg.latent_dim), ("threads", cfg.threads)):
@@ -268,7 +272,7 @@ def run_train_head(params: dict) -> dict:
     ckpt: dict = {"format": FORMAT, "method": cfg.method, "version": version, "tokenizer": None}
     summary: dict = {"method": cfg.method}
     if cfg.method == "import":
-        codes = read_import(cfg.import_path, items["item_id"].astype(str).tolist())
+        codes = read_import(cfg.import_path, items["item_id"].astype(str).tolist(), cfg.import_unknown)
         ckpt["import"] = {"file": cfg.import_path, "item_ids": items["item_id"].astype(str).tolist(), "codes": codes}
         summary["n_items"] = len(codes)
     elif cfg.method == "rqkmeans":

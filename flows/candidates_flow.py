@@ -24,8 +24,9 @@ from prefect.cache_policies import NO_CACHE
 
 from components.atomic import write_json, write_parquet
 from components.config import out_path
-from components.contract import list_column, read_table, require_columns
+from components.contract import list_column, require_columns
 from components.errors import DataError
+from components.readers import read_table
 from components.retrieve import retrieve
 from flows.flow_params import apply_overrides, flow_run_name
 from flows.tracking import log_metrics, wandb_run

@@ -18,26 +18,25 @@ import numpy as np
 import pandas as pd
 
 from components.atomic import atomic_dir
-from components.contract import ITEM_COLUMNS, read_table, validate_items
+from components.contract import ITEM_COLUMNS, check_writable, read_items
 from components.errors import DataError
 from components.sid_table import (assert_stable, collision_layer_size, make_sid_table, next_collision_codes,
                                   read_sid_table, write_sid_table)
 from components.sid_tokenizer import Tokenizer, load_checkpoint, save_checkpoint
 
 
-def read_new_items(path: str | Path, catalog_ids: pd.Series) -> pd.DataFrame:
-    """New items in the data contract's item format (item_id, text); none may be in the catalog."""
+def read_new_items(path: str | Path, catalog: pd.DataFrame) -> pd.DataFrame:
+    """New items in the data contract's item format (item_id, text); none may be in the catalog,
+    and their extra columns must join the catalog's in one parquet column type (checked here,
+    before the candidate is written)."""
     file = str(path)
-    df = read_table(path)
-    validate_items(df, file)
-    df = df.reset_index(drop=True)
-    df["item_id"] = df["item_id"].astype(str)
-    df["text"] = df["text"].astype(str)
-    known = df["item_id"].isin(set(catalog_ids.astype(str)))
+    df = read_items(path)
+    known = df["item_id"].isin(set(catalog["item_id"].astype(str)))
     if known.any():
         raise DataError(file, f"{int(known.sum())} items are already in the catalog, e.g. "
                         f"{df.loc[known, 'item_id'].head(3).tolist()} (retraining adds new items only)",
                         column="item_id", rows=np.flatnonzero(known).tolist())
+    check_writable(grown_items(catalog, df), file, rows_from=len(catalog))
     return df
 
 

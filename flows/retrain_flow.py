@@ -2,7 +2,8 @@
 
 `sa2crq retrain --new-items FILE` calls `retrain_flow(params=..., opt_new_items=FILE)`.
 1. read the file (data contract item format) and check it; ids already in the catalog are refused;
-2. embed the new items with the project's encoder (components.embed.encode_texts);
+2. embed the new items with the project's encoder (components.embed.encode_cached: texts already
+   in <out_dir>/embed_cache are not encoded again);
 3. SIDs from the frozen tokenizer (components.sid_tokenizer.assign_new_items); extension rows
    grow only where a new item is farther than `grow_threshold` from every row of a layer;
 4. a candidate version in <out_dir>/versions/<new>/ (catalog, embeddings, tokenizer, SIDs;
@@ -30,7 +31,7 @@ from prefect.cache_policies import NO_CACHE
 
 from components.atomic import write_json
 from components.config import out_path, params_hash
-from components.embed import encode_texts
+from components.embed import encode_cached, encode_settings, text_cache
 from components.errors import ConfigError
 from components.retriever import load_retriever
 from components.sid_table import changed_sids, read_sid_table
@@ -62,14 +63,15 @@ def retrain_config(params: dict) -> dict:
 
 @task(name="read-new-items", cache_policy=NO_CACHE)
 def read_items_task(path: str, base: Path) -> pd.DataFrame:
-    return read_new_items(path, pd.read_parquet(base / "prepared" / "items.parquet", columns=["item_id"])["item_id"])
+    return read_new_items(path, pd.read_parquet(base / "prepared" / "items.parquet"))
 
 
 @task(name="embed-new-items", retries=2, retry_delay_seconds=5, retry_condition_fn=is_transient, cache_policy=NO_CACHE)
 def embed_task(params: dict, texts: list[str]) -> np.ndarray:
-    e = params["embed"]
-    return encode_texts(texts, batch_size=int(e["batch_size"]), max_chars=int(e["max_chars"]),
-                        normalize=bool(e.get("normalize", True)))
+    """Through the run's vector cache: a retried or repeated retrain encodes each new text once."""
+    vectors, _ = encode_cached(texts, text_cache(params), int(params["embed"].get("cache_every_batches", 8)),
+                               **encode_settings(params))
+    return vectors
 
 
 def grow_threshold(cfg: dict, tokenizer, old_emb: np.ndarray) -> float | None:

@@ -24,6 +24,7 @@ from components.retriever import RetrieverModel, RetrieverModule, save_retriever
 from components.retriever_data import BucketBatchSampler, ExampleDataset, Examples
 from components.retriever_train import VAL_K, prepare_training, trainer_args
 from components.sid_vocab import N_SPECIAL, SidVocab
+from components.torch_files import load_weights
 
 
 def token_map(old: SidVocab, new: SidVocab) -> np.ndarray:
@@ -86,7 +87,7 @@ def finetune_retriever(params: dict, init_checkpoint: Path, new_item_ids: list[s
     train = examples.take(np.sort(np.concatenate([new_idx, replay])))
     val = Examples.concat([valid, examples.take(np.unique(new_idx))])
 
-    blob = torch.load(init_checkpoint, map_location="cpu", weights_only=True)
+    blob = load_weights(init_checkpoint, keys=("state_dict", "config"), rerun="the train_retriever step")
     config = dict(blob["config"])
     config["codebook_sizes"] = [int(k) for k in inputs.codebook_sizes]
     config["sid_version"] = inputs.sid_version

@@ -123,25 +123,27 @@ def test_generic_reads_csv_lists_and_jsonl(tmp_path):
         "query_id,split,history,target\n"
         'a,train,"[""007""]",8\n'
         "b,test,007 8,9\n"
+        "c,valid,9,8\n"
     )
     items, queries = load_generic(_params("dataset=generic", f"data.generic.items={tmp_path / 'items.csv'}",
                                           f"data.generic.queries={tmp_path / 'q.csv'}"))
     assert items["item_id"].tolist() == ["007", "8", "9"] and "brand" in items.columns
-    assert [list(h) for h in queries["history"]] == [["007"], ["007", "8"]]
+    assert [list(h) for h in queries["history"]] == [["007"], ["007", "8"], ["9"]]
     assert items["popularity"].tolist() == [0, 1, 0]
     with open(tmp_path / "q.jsonl", "w") as fh:
         fh.write(json.dumps({"query_id": "s1", "split": "valid", "text": "find it", "targets": ["9", "8"]}) + "\n")
         fh.write(json.dumps({"query_id": "s2", "split": "train", "history": ["8"], "targets": ["9"]}) + "\n")
+        fh.write(json.dumps({"query_id": "s3", "split": "test", "history": ["9"], "targets": ["8"]}) + "\n")
     _, q2 = load_generic(_params("dataset=generic", f"data.generic.items={tmp_path / 'items.csv'}",
                                  f"data.generic.queries={tmp_path / 'q.jsonl'}"))
-    assert q2["emb_row"].tolist() == [0, -1] and list(q2["targets"][0]) == ["9", "8"]
+    assert q2["emb_row"].tolist() == [0, -1, -1] and list(q2["targets"][0]) == ["9", "8"]
     pd.DataFrame({"item_id": [1, 2, 3], "text": ["x", "y", "z"]}).to_parquet(tmp_path / "items.parquet")
-    pd.DataFrame({"query_id": ["p", "q"], "split": ["train", "test"], "order": [5, 6],
-                  "history": [[1, 2] * 15, [3]], "targets": [[3], [1, 2]]}).to_parquet(tmp_path / "q.parquet")
+    pd.DataFrame({"query_id": ["p", "q", "r"], "split": ["train", "test", "valid"], "order": [5, 6, 7],
+                  "history": [[1, 2] * 15, [3], [1]], "targets": [[3], [1, 2], [2]]}).to_parquet(tmp_path / "q.parquet")
     items3, q3 = load_generic(_params("dataset=generic", f"data.generic.items={tmp_path / 'items.parquet'}",
                                       f"data.generic.queries={tmp_path / 'q.parquet'}"))
     assert items3["item_id"].tolist() == ["1", "2", "3"] and items3["popularity"].tolist() == [0, 0, 1]
-    assert list(q3["history"][0]) == ["1", "2"] * 10 and q3["order"].tolist() == [5, 6]
+    assert list(q3["history"][0]) == ["1", "2"] * 10 and q3["order"].tolist() == [5, 6, 7]
 
 
 def test_prepare_outputs_are_byte_identical(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tokenizer_fixtures import make_catalog, run_tokenizer, tiny_params
 
-from components.errors import DataError
+from components.errors import ConfigError, DataError
 from components.sid_stats import sid_statistics
 from components.sid_table import (assert_issued_reencode, assert_stable, changed_sids, issued_table,
                                   make_sid_table, read_import)
@@ -45,6 +45,49 @@ def test_import_validation_names_file_column_and_rows(tmp_path, obj, column, row
     with pytest.raises(DataError, match=text) as exc:
         read_import(path, IDS)
     assert exc.value.file == str(path) and exc.value.column == column and exc.value.rows == rows
+
+
+def test_import_unknown_ids_error_with_plain_rows_or_drop_with_a_warning(tmp_path):
+    obj = {"a": [1], "zz": [2], "b": [3], "yy": [4], "c": [5]}
+    pq = tmp_path / "t.parquet"
+    pd.DataFrame({"item_id": list(obj), "codes": list(obj.values())}).to_parquet(pq)
+    with pytest.raises(DataError, match="2 item ids not in the catalog") as exc:
+        read_import(pq, IDS)
+    assert exc.value.rows == [1, 3] and all(type(r) is int for r in exc.value.rows)
+    assert "rows [1, 3]" in str(exc.value) and "np.int64" not in str(exc.value)
+    with pytest.warns(UserWarning, match="dropped 2 item ids not in the catalog"):
+        assert read_import(pq, IDS, unknown="drop") == [[1], [3], [5]]
+    bad = _write_json(tmp_path / "bad.json", {"a": [1], "zz": "not codes", "b": [3], "c": [2.5]})
+    with pytest.warns(UserWarning), pytest.raises(DataError, match="integers") as exc:
+        read_import(bad, IDS, unknown="drop")  # a dropped row's codes are not checked, the kept ones are
+    assert exc.value.rows == [3]
+
+
+@pytest.mark.parametrize("records, column, rows, text", [
+    ([{"item_id": "a", "codes": [1]}, {"item_id": 2.5, "codes": [2]}], "item_id", [1], "not the float 2.5"),
+    ([{"item_id": "a", "codes": [1]}, {"item_id": None, "codes": [2]}], "item_id", [1], "null item_id"),
+    ([{"item_id": "a", "codes": [1]}, {"item_id": "b", "codes": [2 ** 63]}, {"item_id": "c", "codes": [3]}], "codes",
+     [1], "int64"),
+])
+def test_import_refuses_float_or_null_ids_and_codes_beyond_int64(tmp_path, records, column, rows, text):
+    path = _write_json(tmp_path / "r.json", records)
+    with pytest.raises(DataError, match=text) as exc:
+        read_import(path, IDS)
+    assert exc.value.column == column and exc.value.rows == rows
+
+
+def test_import_unknown_option_reaches_the_tokenizer_step(tmp_path):
+    items, _ = make_catalog(tmp_path, n_head=5, n_tail=10, n_cold=1)
+    codes = {i: [k % 3] for k, i in enumerate(items["item_id"])} | {"gone-1": [0], "gone-2": [1]}
+    path = _write_json(tmp_path / "ext.json", codes)
+    with pytest.raises(DataError, match="tokenizer.import_unknown: drop"):
+        run_tokenizer(tiny_params(tmp_path, "import", f"tokenizer.import_path={path}"))
+    with pytest.warns(UserWarning, match="dropped 2"):
+        table = run_tokenizer(tiny_params(tmp_path, "import", f"tokenizer.import_path={path}",
+                                          "tokenizer.import_unknown=drop"))
+    assert table["item_id"].tolist() == items["item_id"].tolist()
+    with pytest.raises(ConfigError, match="tokenizer.import_unknown"):
+        run_tokenizer(tiny_params(tmp_path, "import", f"tokenizer.import_path={path}", "tokenizer.import_unknown=keep"))
 
 
 def test_import_parquet_with_float_codes_is_rejected(tmp_path):
