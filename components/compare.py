@@ -43,6 +43,8 @@ LINKED = ("prepared", "embeddings")
 # eval keys that pick what to compare or how baselines run; a finished variant run does not depend on them
 NOT_RUN_KEYS = ("variants", "seeds", "compare_dir", "baselines", "two_tower", "sasrec", "bm25_history",
                 "dense_history", "threads", "results_dir")
+# embed settings that only decide how vectors are cached, not what they are
+NOT_RUN_EMBED_KEYS = ("cache", "cache_every_batches")
 
 
 def table_metrics(params: dict) -> list[str]:
@@ -94,9 +96,11 @@ def run_key(p: dict) -> str:
     not retrain TIGER."""
     kept = copy.deepcopy({k: v for k, v in p.items() if k not in ("out_dir", "wandb", "flows")})
     kept["eval"] = {k: v for k, v in p["eval"].items() if k not in NOT_RUN_KEYS}
+    kept["embed"] = {k: v for k, v in p.get("embed", {}).items() if k not in NOT_RUN_EMBED_KEYS}
     method = p["tokenizer"].get("method")
     unread = (() if method in SARQ_METHODS else ("sarq",)) + \
-        (() if method in STAGE2_METHODS else ("extension_sizes", "head_encoder", "stage2_items"))
+        (() if method in STAGE2_METHODS else ("extension_sizes", "head_encoder", "stage2_items")) + \
+        (() if method == "import" else ("import_unknown",))
     kept["tokenizer"] = {k: v for k, v in p["tokenizer"].items() if k not in unread}
     kept["retriever"] = dict(p["retriever"])
     for (section, key), value in EARLIER_BEHAVIOUR.items():
@@ -218,6 +222,7 @@ def _baseline_file(params: dict, name: str, seed: int) -> tuple[Path, str]:
     seeded = name in SEEDED_BASELINES
     kept = {k: v for k, v in params.items() if k not in ("out_dir", "wandb", "flows", "tokenizer", "seed")}
     kept["retriever"] = {k: v for k, v in params["retriever"].items() if k not in GENERATIVE_RANKING_KEYS}
+    kept["embed"] = {k: v for k, v in params.get("embed", {}).items() if k not in NOT_RUN_EMBED_KEYS}
     own = BASELINE_SETTINGS.get(name, ())
     kept["eval"] = {k: v for k, v in params["eval"].items()
                     if k in own or k not in NOT_RUN_KEYS + ("results_dir", "group_order")}
