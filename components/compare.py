@@ -29,6 +29,7 @@ from components.evaluate import (
     log_to_wandb,
     slug,
 )
+from components.locks import lock_out_dir
 from components.metrics import GROUPS
 from components.report import metric_label, sid_stats_row
 from components.results_file import input_digests, invoked_command, write_results_file
@@ -366,7 +367,9 @@ def run_compare(params: dict, opt_variants: str | None = None) -> dict:
     <out_dir>/<eval.compare_dir>/ and <eval.results_dir>/<dataset>.json."""
     ev = params["eval"]
     variants = pick_variants(list(ev.get("variants") or []), opt_variants)
-    table = compare_variants(params, variants, list(ev["seeds"]))
+    # each variant run's steps lock its own scratch folder under this one: a domain of its own, no deadlock
+    with lock_out_dir(params):
+        table = compare_variants(params, variants, list(ev["seeds"]))
     root = out_path(params, ev["compare_dir"])
     return {"runs": len(variants) * len(ev["seeds"]),
             "methods": list(dict.fromkeys(table.index.get_level_values(0))),

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from components.atomic import atomic_path
+from components.atomic import write_torch
 from components.constrained_decoding import BeamResult, SidTrie, beam_search
 from components.errors import ConfigError
 from components.item_scorer import ItemScorer
@@ -211,8 +211,7 @@ def generate_sids(model: nn.Module, batch: dict, beam: int, constrained: bool = 
 
 def save_retriever(model: nn.Module, path: str | Path) -> None:
     net = _net(model)
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": net.state_dict(), "config": net.config}, tmp)
+    write_torch({"state_dict": net.state_dict(), "config": net.config}, path)
 
 
 def load_retriever(path: str | Path) -> RetrieverModel:

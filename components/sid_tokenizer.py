@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from components.atomic import atomic_path
+from components.atomic import write_torch
 from components.config import out_path
 from components.errors import ConfigError
 from components.quantizer import ResidualQuantizer
@@ -110,8 +110,7 @@ class Tokenizer:
 
 def save_checkpoint(obj: dict, path: str | Path) -> None:
     """torch.save of plain dicts / tensors / lists, written atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    write_torch(obj, path)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -1,8 +1,19 @@
-"""The pipeline's steps by name: DVC stages, flows and the CLI all resolve them here."""
+"""The pipeline's steps by name: DVC stages, flows and the CLI all resolve them here.
+
+A step runs holding its out_dir's lock (components/locks.py), so two runs never write one
+folder at once; a write that runs out of disk space becomes one clear error (atomic writes
+left the step's earlier outputs as they were).
+"""
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Callable
+
+from components.atomic import out_of_space
+from components.config import out_path
+from components.errors import Sa2crqError
+from components.locks import lock_out_dir
 
 STEPS: dict[str, str] = {
     "prepare": "components.prepare:run_prepare",
@@ -16,8 +27,23 @@ STEPS: dict[str, str] = {
 
 
 def get_step(name: str) -> Callable[[dict], dict]:
-    """Import and return the function for a step, with a clear error for unknown names."""
+    """Import the function for a step (a clear error for unknown names), wrapped to hold the
+    out_dir lock while it runs."""
     if name not in STEPS:
         raise KeyError(f"unknown step {name!r}; steps are: {', '.join(STEPS)}")
     module, func = STEPS[name].split(":")
-    return getattr(importlib.import_module(module), func)
+    step = getattr(importlib.import_module(module), func)
+
+    @functools.wraps(step)
+    def locked(params: dict) -> dict:
+        try:
+            with lock_out_dir(params):
+                return step(params)
+        except Exception as exc:
+            if out_of_space(exc):
+                raise Sa2crqError(f"{out_path(params)}/: no space left on device during step {name}; "
+                                  "its earlier outputs were left as they were (free space or set "
+                                  "out_dir elsewhere)") from exc
+            raise
+
+    return locked

@@ -26,6 +26,7 @@ from components.atomic import write_json, write_parquet
 from components.config import out_path
 from components.contract import list_column, require_columns
 from components.errors import DataError
+from components.locks import lock_folder
 from components.readers import read_table
 from components.retrieve import retrieve
 from flows.flow_params import apply_overrides, flow_run_name
@@ -129,8 +130,9 @@ def candidates_flow(params: dict, opt_a: str, opt_b: str, opt_queries: str, opt_
              f"jaccard@{k}": float(jac.mean()), f"jaccard@{k}_median": float(jac.median()),
              "identical_query_share": float((jac == 1.0).mean()), "variants": variants}
     out = Path(opt_out)
-    write_parquet(cands, out / "candidates.parquet")
-    write_json(stats, out / "stats.json")
+    with lock_folder(out):   # the pair comes from one run; a lock domain of its own, even inside outputs/
+        write_parquet(cands, out / "candidates.parquet")
+        write_json(stats, out / "stats.json")
     create_table_artifact(table=[{"variant": n, **{k2: v for k2, v in s.items() if k2 != "path"}}
                                  for n, s in variants.items()], key="ab-candidates",
                           description=f"Jaccard@{k} between A and B: {stats[f'jaccard@{k}']:.4f}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from prefect import flow
 
 from components.stages import STEPS
+from components.locks import lock_out_dir
 from flows.evaluate_flow import evaluate_flow
 from flows.flow_params import apply_overrides, flow_run_name
 from flows.tasks import metric_files, run_steps
@@ -31,7 +32,7 @@ def pipeline_flow(params: dict, overrides: list[str] | None = None,
     params = apply_overrides(params, overrides)
     steps = select_steps(start, stop)
     out: dict = {}
-    with nested_flows():
+    with lock_out_dir(params), nested_flows():   # held across the steps (each takes it again)
         out.update(run_steps(params, [s for s in steps if s in ("prepare", "embed")]))
         if "train_head" in steps:
             out.update(train_head_flow(params))

@@ -1,6 +1,8 @@
 """Flow: new items arrive -> SIDs with the frozen tokenizer -> fine-tune with replay -> check -> promote.
 
 `sa2crq retrain --new-items FILE` calls `retrain_flow(params=..., opt_new_items=FILE)`.
+The whole flow holds the out_dir lock (components/locks.py) and first rolls back a promotion
+that a killed run left half-done (flows/versions.py `recover`).
 1. read the file (data contract item format) and check it; ids already in the catalog are refused;
 2. embed the new items with the project's encoder (components.embed.encode_cached: texts already
    in <out_dir>/embed_cache are not encoded again);
@@ -12,9 +14,10 @@
 5. checks (flows/retrain_checks.py): old items' recall before vs after may not drop by more
    than `max_old_recall_drop`; the new items' recall is reported (and gated by `min_new_recall`);
 6. promotion when the checks pass (flows/versions.py): the live folders move to
-   versions/<old>/, the candidate's into place; otherwise the live version stays and the
-   candidate is kept in versions/<new>/ with the reason. `flows.retrain.dvc: commit`
-   records the promoted outputs in dvc.lock.
+   versions/<old>/, the candidate's into place (journal first, so a kill at any point is
+   rolled back); otherwise the live version stays and the candidate is kept in
+   versions/<new>/ with the reason. `flows.retrain.dvc: commit` records the promoted
+   outputs in dvc.lock.
 The decision goes to <out_dir>/metrics/retrain.json, versions/history.json, a Prefect
 markdown artifact and W&B.
 """
@@ -33,6 +36,7 @@ from components.atomic import write_json
 from components.config import out_path, params_hash
 from components.embed import encode_cached, encode_settings, text_cache
 from components.errors import ConfigError
+from components.locks import lock_folder
 from components.retriever import load_retriever
 from components.sid_table import changed_sids, read_sid_table
 from components.sid_tokenizer import assign_new_items, load_tokenizer
@@ -42,7 +46,7 @@ from flows.retrain_checks import decide, index_queries, recall_at, sample_rows, 
 from flows.retriever_finetune import finetune_retriever
 from flows.tasks import is_transient
 from flows.tracking import log_artifact, log_metrics, wandb_run
-from flows.versions import RetrainLock, dvc_commit, live_version, next_version, promote, record, recover, versions_dir
+from flows.versions import dvc_commit, live_version, next_version, promote, record, recover, versions_dir
 
 
 def retrain_config(params: dict) -> dict:
@@ -149,7 +153,7 @@ def retrain_flow(params: dict, opt_new_items: str, overrides: list[str] | None =
     params = apply_overrides(params, overrides)
     cfg = retrain_config(params)
     base = out_path(params)
-    with RetrainLock(base):
+    with lock_folder(base):   # one writer per out_dir: steps, flows and other retrains wait or are refused
         recovered = recover(base)
         old_version = live_version(base)
         version = next_version(old_version)

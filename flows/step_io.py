@@ -7,6 +7,7 @@ are what they were when it last ran, and its outputs still exist.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from components.config import out_path, params_hash
+from components.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC_FILE = ROOT / "dvc.yaml"
@@ -60,6 +62,16 @@ def _load(dvc_file: str) -> dict[str, StepIO]:
             outs=tuple(p for p in (_under_out(o) for o in outs) if p is not None),
         )
     return steps
+
+
+def require_dvc_out_dir(params: dict) -> None:
+    """`sa2crq run` runs dvc.yaml, whose stages read and write outputs/ by name: another
+    out_dir would run every stage into it while DVC tracks (and caches) outputs/. Refuse it."""
+    out = Path(params.get("out_dir", PIPELINE_OUT))
+    if os.path.normpath(out) != PIPELINE_OUT and out.resolve() != (ROOT / PIPELINE_OUT).resolve():
+        raise ConfigError("out_dir", f"`sa2crq run` runs dvc.yaml, whose stages write {PIPELINE_OUT}/, not {out}/; "
+                                     f"use `sa2crq stage <name> -s out_dir={out}` (or `sa2crq compare -s out_dir={out}`), "
+                                     f"or change the {PIPELINE_OUT}/ paths in dvc.yaml")
 
 
 def step_io(name: str) -> StepIO:

@@ -41,6 +41,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from components.atomic import atomic_path, write_parquet
 from components.config import out_path, params_hash
 from components.errors import ConfigError
+from components.locks import lock_out_dir
 from flows.flow_params import apply_overrides, flow_run_name
 from flows.step_io import ROOT
 from flows.tasks import run_steps
@@ -175,6 +176,13 @@ def report_markdown(table: pd.DataFrame, keys: list[str], patterns: list[str]) -
 def sweep_points_flow(params: dict, grid: list[str], overrides: list[str] | None = None) -> dict:
     """Run every grid point (in parallel, per the flow's task runner) and gather the table."""
     params = apply_overrides(params, overrides)
+    # the sweep folder and the shared prepared/ + embeddings/; each point locks its own folder
+    with lock_out_dir(params):
+        return run_sweep(params, grid)
+
+
+def run_sweep(params: dict, grid: list[str]) -> dict:
+    """The sweep flow's body: points, then results.parquet / results.md and the artifact."""
     axes = parse_grid(grid)
     points = grid_points(axes)
     keys = [k for k, _ in axes]

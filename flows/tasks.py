@@ -23,6 +23,7 @@ from prefect.filesystems import LocalFileSystem
 
 from components.config import out_path, params_hash
 from components.errors import ConfigError, DataError
+from components.locks import lock_out_dir
 from components.stages import STEPS, get_step
 from flows.step_io import cache_key, outputs_present, step_io
 from flows.tracking import flatten, log_flow
@@ -122,7 +123,8 @@ def run_steps(params: dict, steps: list[str]) -> dict[str, dict]:
 
 
 def run_and_log(params: dict, steps: list[str], flow_name: str) -> dict[str, dict]:
-    """A flow's body: run its steps, then log them to one W&B run."""
-    summaries = run_steps(params, steps)
+    """A flow's body: run its steps (holding the out_dir lock across them), then log them to one W&B run."""
+    with lock_out_dir(params):
+        summaries = run_steps(params, steps)
     log_flow(params, flow_name, summaries, {s: metric_files(params, s) for s in summaries})
     return summaries

@@ -3,8 +3,11 @@
 A version is the set of folders a retriever needs to serve: prepared/, embeddings/,
 tokenizer/, sids/, retriever/. Retraining builds a candidate in versions/<new>/; promotion
 moves the live folders to versions/<old>/ and the candidate's into place. Each move is an
-atomic rename; a journal (versions/PROMOTING.json) lists the moves so a crash half-way is
-rolled back on the next start (`recover`). `promote(out_dir, old)` is also the rollback.
+atomic rename. Journal before move: the whole plan goes to versions/PROMOTING.json (fsynced)
+before the first rename, and the journal is deleted only after the last; while it exists the
+promotion has not happened, so a process killed at any point is rolled back from the plan by
+`recover` (the next retrain's first act, or `run_recover`). `promote(out_dir, old)` is also
+the rollback. Promotion and recovery hold the out_dir lock (components/locks.py).
 After promotion, `dvc_commit` records the new outputs in dvc.lock (so `dvc push` stores
 them and a git commit of dvc.lock names the version).
 """
@@ -17,7 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from components.atomic import write_json
+from components.atomic import fsync_dir, write_json
+from components.config import out_path
+from components.locks import lock_folder
 from flows.step_io import DVC_FILE, PIPELINE_OUT, ROOT
 
 VERSIONED = ("prepared", "embeddings", "tokenizer", "sids", "retriever")
@@ -53,20 +58,44 @@ def _move(src: Path, dst: Path) -> None:
 
 
 def _undo(moves: list[list[str]]) -> None:
-    """Reverse completed moves, last first (each entry is [src, dst] as done)."""
+    """Reverse the moves of a plan that were done, last first (each entry is [src, dst]).
+
+    A move was done exactly when dst exists and src does not, so this is right after a kill
+    at any point of the plan, and again after a kill during the undo itself."""
     for src, dst in reversed(moves):
         if Path(dst).exists() and not Path(src).exists():
             _move(Path(dst), Path(src))
 
 
+def _sync(paths: set[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            fsync_dir(path)
+
+
 def recover(out_dir: str | os.PathLike) -> bool:
-    """Roll back a promotion that crashed half-way; True when there was one."""
-    journal = versions_dir(out_dir) / JOURNAL
-    if not journal.exists():
-        return False
-    _undo(json.loads(journal.read_text())["moves"])
-    journal.unlink()
-    return True
+    """Roll back a promotion that was cut short (its journal is still there); True when there was one."""
+    vdir = versions_dir(out_dir)
+    with lock_folder(out_dir):
+        journal = vdir / JOURNAL
+        if not journal.exists():
+            return False
+        plan = json.loads(journal.read_text())
+        _undo(plan["moves"])
+        _sync({Path(p).parent for move in plan["moves"] for p in move})
+        journal.unlink()
+        keep = vdir / plan["from"]
+        if keep.is_dir() and not any(keep.iterdir()):
+            keep.rmdir()
+        return True
+
+
+def run_recover(params: dict) -> dict:
+    """`sa2crq recover`: roll back an interrupted promotion in params' out_dir."""
+    out_dir = out_path(params)
+    recovered = recover(out_dir)
+    return {"out_dir": str(out_dir), "recovered": recovered,
+            "live": live_version(out_dir) if (out_dir / "sids" / "meta.json").exists() else None}
 
 
 def promote(out_dir: str | os.PathLike, version: str) -> str:
@@ -77,34 +106,35 @@ def promote(out_dir: str | os.PathLike, version: str) -> str:
     out_dir = Path(out_dir)
     vdir = versions_dir(out_dir)
     cand = vdir / version
-    missing = [name for name in VERSIONED if not (cand / name).is_dir()]
-    if missing:
-        raise FileNotFoundError(f"{cand}: version is incomplete, missing {missing}")
-    old = live_version(out_dir)
-    if old == version:
-        raise ValueError(f"version {version!r} is already live in {out_dir}")
-    keep = vdir / old
-    if keep.exists():
-        shutil.rmtree(keep)
-    planned = [(out_dir / n, keep / n) for n in VERSIONED if (out_dir / n).exists()]
-    planned += [(cand / n, out_dir / n) for n in VERSIONED]
-    journal = vdir / JOURNAL
-    done: list[list[str]] = []
-    write_json({"from": old, "to": version, "moves": done}, journal)
-    try:
-        for src, dst in planned:
-            _move(src, dst)
-            done.append([str(src), str(dst)])
-            write_json({"from": old, "to": version, "moves": done}, journal)
-    except BaseException:
-        _undo(done)
+    with lock_folder(out_dir):
+        recover(out_dir)
+        missing = [name for name in VERSIONED if not (cand / name).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{cand}: version is incomplete, missing {missing}")
+        old = live_version(out_dir)
+        if old == version:
+            raise ValueError(f"version {version!r} is already live in {out_dir}")
+        keep = vdir / old
+        if keep.exists():
+            shutil.rmtree(keep)
+        moves = [(out_dir / n, keep / n) for n in VERSIONED if (out_dir / n).exists()]
+        moves += [(cand / n, out_dir / n) for n in VERSIONED]
+        plan = [[str(src), str(dst)] for src, dst in moves]
+        journal = vdir / JOURNAL
+        write_json({"from": old, "to": version, "moves": plan}, journal, durable=True)
+        try:
+            for src, dst in moves:
+                _move(src, dst)
+            _sync({out_dir, keep, cand})
+        except BaseException:
+            _undo(plan)
+            journal.unlink()
+            raise
         journal.unlink()
-        raise
-    journal.unlink()
-    leftover = [p for p in cand.iterdir()] if cand.exists() else []
-    if cand.exists() and not leftover:
-        cand.rmdir()
-    return old
+        fsync_dir(vdir)
+        if cand.exists() and not any(cand.iterdir()):
+            cand.rmdir()
+        return old
 
 
 def record(out_dir: str | os.PathLike, entry: dict) -> None:
@@ -129,40 +159,3 @@ def dvc_commit(out_dir: str | os.PathLike, stages: tuple[str, ...] = RETRAIN_STA
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
     return "committed"
-
-
-class RetrainLock:
-    """versions/RETRAIN.lock: one retrain per out_dir at a time (a stale lock of a dead process is taken over)."""
-
-    def __init__(self, out_dir: str | os.PathLike):
-        self.path = versions_dir(out_dir) / "RETRAIN.lock"
-
-    def _holder_alive(self) -> bool:
-        try:
-            pid = int(self.path.read_text().strip() or 0)
-        except (FileNotFoundError, ValueError):
-            return False
-        if pid <= 0:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-    def __enter__(self) -> "RetrainLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and not self._holder_alive():
-            self.path.unlink()
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            raise RuntimeError(f"{self.path}: another retrain of this out_dir is running") from None
-        with os.fdopen(fd, "w") as fh:
-            fh.write(str(os.getpid()))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.path.unlink(missing_ok=True)

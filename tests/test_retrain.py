@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +14,12 @@ import pandas as pd
 import pytest
 import torch
 
-from components.errors import DataError
+from components.errors import BusyError, DataError
+from components.locks import LOCK_FILE
 from components.sid_table import changed_sids, read_sid_table
 from flows.flow_params import apply_overrides
 from flows.retrain_checks import decide, index_queries, recall_at
-from flows.versions import JOURNAL, VERSIONED, dvc_commit, live_version, promote, recover
+from flows.versions import JOURNAL, VERSIONED, dvc_commit, live_version, promote, recover, run_recover
 from test_flows import build_trained
 
 # the smoke retriever is weak (old recall@10 of a few percent on 200 queries), so a drop of a
@@ -87,7 +90,6 @@ def test_known_items_are_refused(retrained, tmp_path):
         retrain_flow(params=retrained["params"], opt_new_items=str(bad))
     assert err.value.column == "item_id" and err.value.file == str(bad)
     assert live_version(work) == version
-    assert not (work / "versions" / "RETRAIN.lock").exists()
 
 
 def test_decide_names_the_failing_check():
@@ -151,6 +153,132 @@ def test_recover_undoes_a_promotion_cut_short(tmp_path):
     assert recover(out) is True
     assert (out / "prepared" / "mark.txt").read_text() == "old"
     assert not (out / "versions" / JOURNAL).exists() and recover(out) is False
+
+
+def _marks(root: Path) -> set[str]:
+    return {(root / name / "mark.txt").read_text() for name in VERSIONED}
+
+
+def _promotion_killed(out: Path, version: str, after_moves: int) -> None:
+    """promote() in a forked process that SIGKILLs itself right after its `after_moves`-th rename
+    (0: before the first, once the journal is written; all of them: before the journal goes)."""
+    import flows.versions
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            real_move, done = flows.versions._move, []
+
+            def move(src: Path, dst: Path) -> None:
+                if after_moves == 0:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                real_move(src, dst)
+                done.append(src)
+                if len(done) == after_moves:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            flows.versions._move = move
+            promote(out, version)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+@pytest.mark.parametrize("after_moves", range(len(VERSIONED) * 2 + 1))
+def test_promotion_killed_at_any_point_is_rolled_back(tmp_path, after_moves):
+    """kill -9 between any two renames of a promotion: `recover` (the next retrain's first act,
+    or `sa2crq recover`) puts every live folder back, the candidate stays whole, and it can be
+    promoted again."""
+    out = tmp_path / "out"
+    _version_tree(out, "v1", "old")
+    _version_tree(out / "versions" / "v1.r1", "v1.r1", "new")
+    _promotion_killed(out, "v1.r1", after_moves)
+    assert (out / "versions" / JOURNAL).exists()
+    assert run_recover({"out_dir": str(out)}) == {"out_dir": str(out), "recovered": True, "live": "v1"}
+    assert _marks(out) == {"old"} and _marks(out / "versions" / "v1.r1") == {"new"}
+    assert not (out / "versions" / JOURNAL).exists() and not (out / "versions" / "v1").exists()
+    assert promote(out, "v1.r1") == "v1" and _marks(out) == {"new"} and _marks(out / "versions" / "v1") == {"old"}
+
+
+def test_promotion_journal_holds_the_whole_plan_before_the_first_move(tmp_path, monkeypatch):
+    import flows.versions
+
+    out = tmp_path / "out"
+    _version_tree(out, "v1", "old")
+    _version_tree(out / "versions" / "v1.r1", "v1.r1", "new")
+    real_move, seen = flows.versions._move, []
+
+    def move(src: Path, dst: Path) -> None:
+        seen.append(json.loads((out / "versions" / JOURNAL).read_text())["moves"])
+        real_move(src, dst)
+
+    monkeypatch.setattr(flows.versions, "_move", move)
+    promote(out, "v1.r1")
+    assert len(seen) == 2 * len(VERSIONED) and all(plan == seen[0] for plan in seen)
+    assert len(seen[0]) == 2 * len(VERSIONED)
+
+
+def _catalog_out(out: Path) -> None:
+    """A live version whose catalog has items a, b, c (enough for retrain to read new items)."""
+    _version_tree(out, "v1", "old")
+    pd.DataFrame({"item_id": ["a", "b", "c"], "text": ["x", "y", "z"], "popularity": [3, 2, 0],
+                  "group": ["head", "tail", "cold"]}).to_parquet(out / "prepared" / "items.parquet")
+
+
+def _snapshot(out: Path) -> dict[str, bytes]:
+    """Every file under out with its bytes (the lock file's holder stamp aside)."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != LOCK_FILE}
+
+
+HOSTILE = {
+    "known.jsonl": '{"item_id": "d", "text": "new"}\n{"item_id": "b", "text": "again"}\n',
+    "empty.jsonl": "",
+    "malformed.jsonl": '{"item_id": "d", "text": "new"}\n{"item_id": "e", "text": \n',
+    "duplicate.jsonl": '{"item_id": "d", "text": "one"}\n{"item_id": "d", "text": "two"}\n',
+    "no_text.csv": "item_id,title\nd,new\n",
+    "blank_text.csv": "item_id,text\nd,\n",
+    "items.txt": "d new\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_new_items_are_refused_before_anything_changes(name, smoke_params, prefect_server, tmp_path):
+    from flows.retrain_flow import retrain_flow
+
+    out = tmp_path / "out"
+    _catalog_out(out)
+    bad = tmp_path / name
+    bad.write_text(HOSTILE[name])
+    before = _snapshot(out)
+    with pytest.raises(DataError) as err:
+        retrain_flow(params={**smoke_params, "out_dir": str(out)}, opt_new_items=str(bad))
+    assert err.value.file == str(bad)
+    assert _snapshot(out) == before
+
+
+def test_retrain_of_a_busy_out_dir_is_refused(smoke_params, prefect_server, tmp_path):
+    """A stage (or another retrain) holds the out_dir: the retrain stops at once, changing nothing."""
+    from flows.retrain_flow import retrain_flow
+
+    out = tmp_path / "out"
+    _catalog_out(out)
+    new = tmp_path / "new.jsonl"
+    new.write_text('{"item_id": "d", "text": "new"}\n')
+    before = _snapshot(out)
+    hold = "import sys\nfrom components.locks import lock_folder\nwith lock_folder(sys.argv[1]):\n" \
+           "    print('held', flush=True)\n    sys.stdin.read()\n"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(BusyError, match=f"pid {holder.pid}"):
+            retrain_flow(params={**smoke_params, "out_dir": str(out)}, opt_new_items=str(new))
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert _snapshot(out) == before
 
 
 def test_grown_vocabulary_keeps_learned_tokens():
