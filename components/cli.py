@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import subprocess
 import sys
 from typing import Callable
@@ -19,6 +20,9 @@ EPILOG = """examples:
   sa2crq retrain --new-items new.jsonl   give new items SIDs, fine-tune, check, promote
   sa2crq candidates --a outputs/ab/A --b outputs --queries q.parquet
   sa2crq sweep --grid tokenizer.sarq.tau=[7,9] --grid seed=[0,1]
+
+A bad param, input file or option stops with one line and exit status 2; --debug (or
+SA2CRQ_DEBUG=1) shows the traceback instead.
 """
 
 
@@ -51,12 +55,15 @@ def cmd_steps(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run the DVC pipeline; --dataset / --profile / -s are passed as dvc exp params."""
+    """Run the DVC pipeline; --dataset / --profile / -s are passed as dvc exp params (checked first)."""
     sets = list(args.set)
     if args.dataset:
         sets.append(f"dataset={args.dataset}")
     if args.profile:
         sets.append(f"profile={args.profile}")
+    from components.config import load_params
+
+    load_params(args.params, sets)  # a bad value stops here, not inside the first DVC stage
     if sets:
         cmd = ["dvc", "exp", "run"] + [x for s in sets for x in ("-S", s)]
     else:
@@ -72,9 +79,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return rc
 
 
-def cmd_flow(spec: str) -> Callable[[argparse.Namespace], int]:
+def cmd_flow(spec: str, prefect: bool = True) -> Callable[[argparse.Namespace], int]:
+    """A command that calls spec with the checked params; a Prefect flow first checks its server answers."""
     def run(args: argparse.Namespace) -> int:
-        result = _load(spec)(params=_params(args), **{k: v for k, v in vars(args).items() if k.startswith("opt_")})
+        params = _params(args)
+        if prefect:
+            from components.prefect_api import check_prefect_api
+
+            check_prefect_api()
+        result = _load(spec)(params=params, **{k: v for k, v in vars(args).items() if k.startswith("opt_")})
         print(json.dumps(result or {}, indent=2, default=str))
         return 0
 
@@ -88,7 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also: SA2CRQ_DEBUG=1)")
     common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand without --debug keeps the top-level value instead of resetting it
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error (also: SA2CRQ_DEBUG=1)")
     common.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     common.add_argument("-s", "--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, e.g. -s tokenizer.sarq.tau=4 (repeatable)")
@@ -110,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the paper's Table 1: train and evaluate every tokenizer variant in eval.variants over eval.seeds")
     s.add_argument("--variants", dest="opt_variants", metavar="NAMES",
                    help="comma-separated names from eval.variants (default: all); 'none' = the baselines only")
-    s.set_defaults(func=cmd_flow("components.compare:run_compare"))
+    s.set_defaults(func=cmd_flow("components.compare:run_compare", prefect=False))
 
     s = sub.add_parser("retrain", parents=[common], help="assign SIDs to new items, fine-tune with replay, check, promote")
     s.add_argument("--new-items", dest="opt_new_items", required=True, metavar="FILE",
@@ -121,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--a", dest="opt_a", required=True, help="model version A (an output folder)")
     s.add_argument("--b", dest="opt_b", required=True, help="model version B (an output folder)")
     s.add_argument("--queries", dest="opt_queries", required=True, metavar="FILE", help="queries (data contract format)")
-    s.add_argument("--k", dest="opt_k", type=int, default=100, help="candidates per query (default 100)")
+    s.add_argument("--k", dest="opt_k", type=_positive_int, default=100, help="candidates per query (default 100)")
     s.add_argument("--out", dest="opt_out", default="outputs/ab", help="output folder (default outputs/ab)")
     s.set_defaults(func=cmd_flow("flows.candidates_flow:candidates_flow"))
 
@@ -132,16 +149,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    set_offline_defaults()
-    args = build_parser().parse_args(argv)
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def guarded(run: Callable[[], int], debug: bool = False) -> int:
+    """The error boundary of every entry point (CLI, DVC stages, the flow server).
+
+    An expected failure (Sa2crqError: bad params, bad input, a busy output folder; a missing
+    file; an unknown name) prints one line and returns exit status 2; with debug or
+    SA2CRQ_DEBUG=1 it is raised with its traceback. Any other exception is a bug and keeps
+    its traceback."""
     from components.errors import Sa2crqError
 
     try:
-        return args.func(args)
+        return run()
     except (Sa2crqError, FileNotFoundError, KeyError) as exc:
-        print(f"sa2crq: error: {exc}", file=sys.stderr)
+        if debug or os.environ.get("SA2CRQ_DEBUG", "") not in ("", "0"):
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # str(KeyError) adds quotes
+        print(f"sa2crq: error: {' '.join(str(message).split())}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    set_offline_defaults()
+    args = build_parser().parse_args(argv)  # usage errors: argparse prints them and exits 2
+    return guarded(lambda: args.func(args), args.debug)
 
 
 if __name__ == "__main__":

@@ -54,15 +54,24 @@ def build_deployment(params: dict, params_file: str = "params.yaml", overrides: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from components.cli import guarded
+    from components.prefect_api import check_prefect_api
     from components.runtime_env import set_offline_defaults
 
     set_offline_defaults()
     ap = argparse.ArgumentParser(description="Serve the retrain flow (event trigger and / or cron).")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("-s", "--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error (also: SA2CRQ_DEBUG=1)")
     args = ap.parse_args(argv)
-    serve(build_deployment(load_params(args.params, args.set), args.params, args.set))
-    return 0
+
+    def run() -> int:
+        deployment = build_deployment(load_params(args.params, args.set), args.params, args.set)
+        check_prefect_api()
+        serve(deployment)
+        return 0
+
+    return guarded(run, args.debug)
 
 
 if __name__ == "__main__":

@@ -32,14 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from components.atomic import atomic_path, write_parquet
-from components.config import out_path, params_hash
+from components.config import out_path, override_layer, params_hash, parse_value
 from components.errors import ConfigError
 from components.locks import lock_out_dir
 from flows.flow_params import apply_overrides, flow_run_name
@@ -60,7 +59,7 @@ def parse_grid(grid: list[str]) -> list[tuple[str, list]]:
         if "=" not in text:
             raise ConfigError("sweep --grid", f"{text!r} must look like key.path=[v1,v2]")
         key, raw = text.split("=", 1)
-        values = yaml.safe_load(raw)
+        values = parse_value(raw, f"sweep --grid {key.strip()}")
         values = values if isinstance(values, list) else [values]
         if not values:
             raise ConfigError(f"sweep --grid {key}", "needs at least one value")
@@ -74,6 +73,11 @@ def grid_points(axes: list[tuple[str, list]]) -> list[dict[str, Any]]:
     """Cartesian product, first axis slowest."""
     keys = [k for k, _ in axes]
     return [dict(zip(keys, combo)) for combo in itertools.product(*(v for _, v in axes))]
+
+
+def point_overrides(point: dict[str, Any]) -> list[dict]:
+    """A point's values as override layers: no text round trip (a swept .inf stays a float)."""
+    return [override_layer(k, v) for k, v in point.items()]
 
 
 def point_name(point: dict[str, Any]) -> str:
@@ -202,7 +206,7 @@ def run_sweep(params: dict, grid: list[str]) -> dict:
     try:
         futures = []
         for point in points:
-            point_params = apply_overrides(params, [f"{k}={json.dumps(v)}" for k, v in point.items()])
+            point_params = apply_overrides(params, point_overrides(point))
             point_dir = (root / point_name(point)).resolve()
             point_dir.mkdir(parents=True, exist_ok=True)
             point_params["out_dir"] = str(point_dir)
@@ -231,4 +235,6 @@ def run_sweep(params: dict, grid: list[str]) -> dict:
 def sweep_flow(params: dict, opt_grid: list[str], overrides: list[str] | None = None) -> dict:
     """The CLI entry: the sweep flow on the task runner that params flows.task_runner names."""
     params = apply_overrides(params, overrides)
+    for point in grid_points(parse_grid(list(opt_grid))):  # a bad grid value stops before any point runs
+        apply_overrides(params, point_overrides(point))
     return sweep_points_flow.with_options(task_runner=task_runner(params))(params=params, grid=list(opt_grid))

@@ -155,7 +155,7 @@ def test_cli_exits_2_with_message_on_stderr(tmp_path, capsys):
     assert "queries.csv" in err and "column 'targets'" in err and "'zz'" in err
     assert not (tmp_path / "out").exists()
     assert main(["stage", "prepare", "--params", str(tmp_path / "params.yaml"), "-s", "dataset=movies"]) == 2
-    assert "valid names" in capsys.readouterr().err
+    assert "'dataset': must be one of amazon-scientific | climate-fever | generic, got 'movies'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name, data, column, rows", [

@@ -7,6 +7,7 @@ import pytest
 
 from components.cli import build_parser, main
 from components.config import load_params, params_hash, parse_override
+from components.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ def test_smoke_profile_overlays_and_overrides_win():
 
 
 def test_unknown_profile_is_named(tmp_path):
-    with pytest.raises(ValueError, match="profile 'nope'"):
+    with pytest.raises(ConfigError, match=r"'profile': must be one of default \| smoke, got 'nope'"):
         load_params(ROOT / "params.yaml", ["profile=nope"])
 
 
