@@ -47,7 +47,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_steps(args: argparse.Namespace) -> int:
-    from components.stages import STEPS
+    from components.steps import STEPS
 
     for name, spec in STEPS.items():
         print(f"{name:16s} {spec}")

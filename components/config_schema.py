@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError, cre
 from pydantic_core import PydanticCustomError
 
 from components.errors import ConfigError
-from components.stages import STEPS
+from components.steps import STEPS
 
 # ---- rules: one value each; the message is what the key accepts --------------------------
 
@@ -176,12 +176,14 @@ Embed = section(
     max_chars=integer(1),
     normalize=FLAG,
     num_threads=THREADS,
+    cache=FLAG,
+    cache_every_batches=integer(1),
 )
 
 Sarq = section(
     "Sarq",
     tau=rule("must be auto or a number > 0 (.inf = fixed length)", _tau),
-    target_items_per_sid=optional(POSITIVE),  # tau: auto aims at this many items per SID
+    target_items_per_sid=number(1),  # tau: auto aims at this many items per SID
     min_len=integer(1),
     max_len=integer(1),
     smoothing=POSITIVE,
@@ -211,6 +213,7 @@ Tokenizer = section(
     threads=THREADS,
     sarq=Sarq,
     import_path=text(),
+    import_unknown=choice("error", "drop"),
     collision_token=FLAG,
 )
 

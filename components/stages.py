@@ -14,16 +14,7 @@ from components.atomic import out_of_space
 from components.config import out_path
 from components.errors import Sa2crqError
 from components.locks import lock_out_dir
-
-STEPS: dict[str, str] = {
-    "prepare": "components.prepare:run_prepare",
-    "embed": "components.embed:run_embed",
-    "train_head": "components.tokenizer_stages:run_train_head",
-    "train_tail": "components.tokenizer_stages:run_train_tail",
-    "assign_ids": "components.tokenizer_stages:run_assign_ids",
-    "train_retriever": "components.retriever_train:run_train_retriever",
-    "evaluate": "components.evaluate:run_evaluate",
-}
+from components.steps import STEPS
 
 
 def get_step(name: str) -> Callable[[dict], dict]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from components.stages import STEPS
+from components.steps import STEPS
 from components.locks import lock_out_dir
 from flows.evaluate_flow import evaluate_flow
 from flows.flow_params import apply_overrides, flow_run_name
