@@ -8,6 +8,7 @@ accepting requests meanwhile: while a batch decodes, the next one fills.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,11 +23,13 @@ class BatchStats:
     requests: int = 0
     batches: int = 0
     largest: int = 0
+    busy_s: float = 0.0     # time spent running batches (the rest of a request's latency is waiting or HTTP)
 
     def as_dict(self) -> dict:
-        mean = self.requests / self.batches if self.batches else 0.0
+        n = max(self.batches, 1)
         return {"requests": self.requests, "batches": self.batches, "largest_batch": self.largest,
-                "mean_batch": round(mean, 3)}
+                "mean_batch": round(self.requests / n, 3), "busy_s": round(self.busy_s, 3),
+                "mean_batch_ms": round(1000 * self.busy_s / n, 2)}
 
 
 @dataclass
@@ -90,10 +93,12 @@ class DynamicBatcher(Generic[T, R]):
             batch = [p for p in await self._collect() if not p.future.done()]   # drop requests whose client left
             if not batch:
                 continue
+            start = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._executor, self.run_batch, [p.item for p in batch])
             except Exception as exc:       # noqa: BLE001 - a failing batch fails its requests, never the loop
                 results = [exc] * len(batch)
+            self.stats.busy_s += time.perf_counter() - start
             self.stats.requests += len(batch)
             self.stats.batches += 1
             self.stats.largest = max(self.stats.largest, len(batch))

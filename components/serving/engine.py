@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import ThreadpoolController
 
 from components.retrieve import decode_with, group_order, ranked_items
 from components.serving.request_log import RequestLog
@@ -49,11 +50,18 @@ def unknown_items(job: Job, loaded: LoadedVersion) -> RequestError | None:
 
 
 class Engine:
-    """Runs in the batcher's worker thread; one `run` per collected batch."""
+    """Runs in the batcher's worker thread; one `run` per collected batch.
+
+    numpy's BLAS (the dense rankings of the fusion) runs on retriever.num_threads threads, as torch
+    does: left at one thread per core, a one-query ranking took 16 ms instead of 0.07 ms on a
+    loaded 2-core machine (its threads spin against the other jobs).
+    """
 
     def __init__(self, params: dict, slots: dict[str, ModelSlot], log: RequestLog | None):
         self.params, self.slots, self.log = params, slots, log
         self.order = group_order(params)
+        self.threads = int(params["retriever"].get("num_threads", 1))
+        self._blas = ThreadpoolController()
 
     def run(self, jobs: list[Job]) -> list[Answer | Exception]:
         out: list[Answer | Exception | None] = [None] * len(jobs)
@@ -72,7 +80,8 @@ class Engine:
             if not ok:
                 continue
             try:
-                answers = self.answer(loaded, [jobs[p] for p in ok], beam)
+                with self._blas.limit(limits=self.threads, user_api="blas"):
+                    answers = self.answer(loaded, [jobs[p] for p in ok], beam)
             except Exception as exc:                  # noqa: BLE001 - fail the group, keep the worker
                 answers = [exc] * len(ok)
             for pos, answer in zip(ok, answers):
@@ -83,11 +92,14 @@ class Engine:
 
     def answer(self, loaded: LoadedVersion, jobs: list[Job], beam: int) -> list[Answer]:
         ranked = ranked_items(decode_with(self.params, loaded.context, queries_frame(jobs), beam=beam), self.order)
-        ranked = ranked[ranked["rank"] < max(j.k for j in jobs)]
-        rows = {qid: grp for qid, grp in ranked.groupby("query_id", sort=False)}
+        # rows come query by query (query_id = the job's position), best first
+        pos = ranked["query_id"].to_numpy().astype(np.int64)
+        starts = np.searchsorted(pos, np.arange(len(jobs)))
+        ends = np.searchsorted(pos, np.arange(len(jobs)), side="right")
+        cols = [ranked[f].to_numpy() for f in ITEM_FIELDS]
         answers = []
-        for pos, job in enumerate(jobs):
-            grp = rows.get(str(pos))
-            items = [] if grp is None else grp[grp["rank"] < job.k][list(ITEM_FIELDS)].to_dict("records")
+        for job, start, end in zip(jobs, starts, ends):
+            rows = zip(*(col[start: min(end, start + job.k)].tolist() for col in cols))
+            items = [dict(zip(ITEM_FIELDS, row)) for row in rows]
             answers.append(Answer(job.request_id, job.user_id, job.variant, loaded.version, job.k, beam, items))
         return answers
