@@ -52,13 +52,20 @@ class Service:
         await self.batcher.stop()
 
     async def reload(self, force: bool = False) -> dict[str, dict]:
-        """Reload every slot whose live version changed (all with force); raises the first failure."""
-        out = {}
+        """Reload every slot whose live version changed (all with force); a slot that fails keeps its
+        version, the others still reload, then the first failure is raised."""
+        out, failures = {}, []
         for name, slot in self.slots.items():
-            swapped = await asyncio.to_thread(slot.reload, force)
+            try:
+                swapped = await asyncio.to_thread(slot.reload, force)
+            except Exception as exc:     # noqa: BLE001 - raised below, after the other slots
+                failures.append(exc)
+                continue
             if swapped:
                 log.info("slot %s now serves %s (%s)", name, slot.current.version, slot.out_dir)
             out[name] = {"version": slot.current.version, "reloaded": swapped}
+        if failures:
+            raise failures[0]
         return out
 
     async def _watch(self) -> None:
