@@ -22,6 +22,7 @@ from components.errors import ConfigError
 
 SOURCES = ("learned", "zero_shot")
 STEP = 0.1  # weight grid step of the validation choice
+TIE_DECIMALS = 9  # dense similarities equal to this many decimals are ties (float64 sums agree far beyond)
 
 
 @dataclass
@@ -92,12 +93,17 @@ def weight_grid(n_lists: int, step: float = STEP) -> list[tuple[float, ...]]:
 
 
 def dense_ranking(query_vecs: np.ndarray, item_vecs: np.ndarray, depth: int, chunk: int = 2048) -> Ranked:
-    """Top-`depth` items per query by dot product (vectors are unit length: cosine), in query chunks."""
+    """Top-`depth` items per query by dot product (vectors are unit length: cosine), in query chunks.
+
+    Similarities are computed in float64 and rounded to TIE_DECIMALS, so items whose scores are equal
+    (a two-item history's mean is exactly as close to either item) rank by item row whatever the
+    query's batch: float32 rounding depends on the batch's shape and would break such ties either way."""
     n, depth = len(query_vecs), min(depth, len(item_vecs))
     rows = np.empty((n, depth), dtype=np.int64)
     scores = np.empty((n, depth), dtype=np.float32)
+    items_t = item_vecs.astype(np.float64).T
     for s in range(0, n, chunk):
-        sim = query_vecs[s: s + chunk] @ item_vecs.T
+        sim = np.round(query_vecs[s: s + chunk].astype(np.float64) @ items_t, TIE_DECIMALS)
         part = np.argpartition(-sim, depth - 1, axis=1)[:, :depth] if depth < sim.shape[1] else \
             np.tile(np.arange(sim.shape[1]), (len(sim), 1))
         psim = np.take_along_axis(sim, part, 1)

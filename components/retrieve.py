@@ -21,10 +21,13 @@ from components.config import out_path
 from components.errors import ConfigError, DataError
 from components.fusion import Ranked, dense_ranking, fuse
 from components.retriever import RetrieverModel, decode, load_retriever
-from components.retriever_data import KIND_TEXT, BucketBatchSampler, ExampleDataset, load_inputs, query_examples
+from components.retriever_data import (KIND_TEXT, BucketBatchSampler, ExampleDataset, RetrieverInputs, load_inputs,
+                                       query_examples)
 from components.sid_vocab import SidCatalog, sid_string
 
 GROUP_ORDERS = ("popularity", "similarity")
+# A/B candidates (flows/candidates_flow.py, the service's request log): a ranked frame plus the variant
+CANDIDATE_COLUMNS = ("query_id", "variant", "rank", "item_id", "score", "sid")
 
 
 def _text_vectors(queries: pd.DataFrame, query_emb: np.ndarray, params: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -53,8 +56,20 @@ def _text_vectors(queries: pd.DataFrame, query_emb: np.ndarray, params: dict) ->
     return np.concatenate([query_emb, new]), rows
 
 
-def _prepare(params: dict, queries: pd.DataFrame, model: RetrieverModel | None, out_dir: str | Path | None
-             ) -> tuple[RetrieverModel, ExampleDataset, SidCatalog]:
+@dataclass
+class DecodeContext:
+    """A retriever with its version's catalog attached, and what every decode of it reuses: loaded
+    once, so a service answers each batch without rereading files or rebuilding catalog-sized arrays."""
+
+    model: RetrieverModel
+    inputs: RetrieverInputs
+    learned_items: np.ndarray | None   # the item scorer's item vectors (None without the scorer)
+    unit_items: np.ndarray             # unit-length frozen item embeddings (the zero_shot dense side)
+
+
+def load_context(params: dict, model: RetrieverModel | None = None, out_dir: str | Path | None = None
+                 ) -> DecodeContext:
+    """Read the version in out_dir (params' out_dir by default) and attach its catalog to the retriever."""
     root = Path(out_dir) if out_dir is not None else out_path(params)
     inputs = load_inputs(params, root, with_queries=False)
     if model is None:
@@ -67,12 +82,14 @@ def _prepare(params: dict, queries: pd.DataFrame, model: RetrieverModel | None, 
             raise DataError(root / "sids" / "sid_table.parquet", f"SIDs use codes beyond the model's codebook sizes "
                             f"{list(known)}: retrain the retriever", column="codes", rows=big.tolist())
     model.attach_catalog(inputs.catalog)
+    learned = None
     if model.scorer is not None:
         model.attach_items(inputs.item_emb)
-    vectors, text_rows = _text_vectors(queries, inputs.query_emb, params)
-    examples = query_examples(queries, inputs.item_index, text_rows, model.config["max_history"])
-    dataset = ExampleDataset(examples, vectors, inputs.item_emb, model.vocab, inputs.catalog)
-    return model, dataset, inputs.catalog
+        with torch.no_grad():
+            learned = model.item_vectors().numpy()
+    item = inputs.item_emb
+    unit = (item / np.maximum(np.linalg.norm(item, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    return DecodeContext(model, inputs, learned, unit)
 
 
 def _decode_all(params: dict, model: RetrieverModel, dataset: ExampleDataset, beam: int, constrained: bool
@@ -107,8 +124,9 @@ def _decode_all(params: dict, model: RetrieverModel, dataset: ExampleDataset, be
 class Decoded:
     """Beams of every query (N, B), in query order; sid_index is -1 where no item holds the SID.
 
-    With the retriever's item scorer: its query vectors (N, d) and item vectors (I, d), and the
-    fusion the checkpoint chose on validation (components/fusion.py)."""
+    unit_items: the frozen item embeddings at unit length (the zero_shot dense side). With the
+    retriever's item scorer: its query vectors (N, d) and item vectors (I, d), and the fusion the
+    checkpoint chose on validation (components/fusion.py)."""
 
     query_ids: np.ndarray
     sid_index: np.ndarray
@@ -117,12 +135,13 @@ class Decoded:
     lengths: np.ndarray
     dataset: ExampleDataset
     catalog: SidCatalog
+    unit_items: np.ndarray
     learned_query: np.ndarray | None = None
     learned_items: np.ndarray | None = None
     fusion: dict | None = None
 
 
-def _group_order(params: dict) -> str:
+def group_order(params: dict) -> str:
     order = str(params.get("eval", {}).get("group_order", "popularity"))
     if order not in GROUP_ORDERS:
         raise ConfigError("eval.group_order", f"must be one of {GROUP_ORDERS}, got {order!r}")
@@ -132,18 +151,23 @@ def _group_order(params: dict) -> str:
 def decode_queries(params: dict, queries: pd.DataFrame, *, model: RetrieverModel | None = None,
                    beam: int | None = None, constrained: bool = True, out_dir: str | Path | None = None) -> Decoded:
     """Beam-search every query once; `ranked_items` and `generated_sids` are two views of the result."""
+    return decode_with(params, load_context(params, model, out_dir), queries, beam=beam, constrained=constrained)
+
+
+def decode_with(params: dict, ctx: DecodeContext, queries: pd.DataFrame, *, beam: int | None = None,
+                constrained: bool = True) -> Decoded:
+    """`decode_queries` on an already loaded version (the online service calls this per batch)."""
     beam = int(beam or params["retriever"]["beam"])
-    model, dataset, catalog = _prepare(params, queries, model, out_dir)
+    model, catalog = ctx.model, ctx.inputs.catalog
+    vectors, text_rows = _text_vectors(queries, ctx.inputs.query_emb, params)
+    examples = query_examples(queries, ctx.inputs.item_index, text_rows, model.config["max_history"])
+    dataset = ExampleDataset(examples, vectors, ctx.inputs.item_emb, model.vocab, catalog)
     sid_index, scores, codes, lengths, qvecs = _decode_all(params, model, dataset, beam, constrained)
     if not constrained:
         found = catalog.find(codes.reshape(-1, codes.shape[2]), lengths.reshape(-1)).reshape(sid_index.shape)
         sid_index = np.where(np.isfinite(scores), found, -1)
-    items = None
-    if qvecs is not None:
-        with torch.no_grad():
-            items = model.item_vectors().numpy()
     return Decoded(queries["query_id"].astype(str).to_numpy(), sid_index, scores, codes, lengths, dataset, catalog,
-                   qvecs, items, model.config.get("fusion"))
+                   ctx.unit_items, qvecs, ctx.learned_items, model.config.get("fusion"))
 
 
 def generated_sids(dec: Decoded) -> pd.DataFrame:
@@ -187,9 +211,7 @@ def dense_side(dec: Decoded, source: str, depth: int) -> Ranked:
         if dec.learned_query is None:
             raise ConfigError("retriever.fusion.sources", "learned needs a retriever trained with item_head: true")
         return dense_ranking(dec.learned_query, dec.learned_items, depth)
-    item = dec.dataset.item_emb
-    unit = item / np.maximum(np.linalg.norm(item, axis=1, keepdims=True), 1e-12)
-    return dense_ranking(query_vectors(dec.dataset), unit.astype(np.float32), depth)
+    return dense_ranking(query_vectors(dec.dataset), dec.unit_items, depth)
 
 
 def generate(params: dict, queries: pd.DataFrame, *, model: RetrieverModel | None = None, beam: int | None = None,
@@ -245,14 +267,12 @@ def beam_items(sid_index: np.ndarray, scores: np.ndarray, catalog: SidCatalog,
 
 def ranked_frame(query_ids: np.ndarray, ranked: Ranked, catalog: SidCatalog) -> pd.DataFrame:
     """The data contract's ranked-results frame of flat ranked item rows (sid = each item's SID)."""
-    sid_text = np.array([sid_string(catalog.codes[s, : catalog.lengths[s]]) for s in range(catalog.n_sids)],
-                        dtype=object)
     return pd.DataFrame({
         "query_id": np.repeat(np.asarray(query_ids, dtype=object), ranked.per_query).astype(str),
         "rank": ranked.rank.astype(np.int64),
         "item_id": catalog.item_ids[ranked.items].astype(str),
         "score": ranked.scores.astype(float),
-        "sid": sid_text[catalog.item_sid[ranked.items]].astype(str),
+        "sid": catalog.sid_text[catalog.item_sid[ranked.items]].astype(str),
     })
 
 
@@ -269,7 +289,7 @@ def retrieve(params: dict, queries: pd.DataFrame, *, model: RetrieverModel | Non
     Inside one SID, items follow `eval.group_order`. Unconstrained decoding drops generated SIDs
     that no item holds (see `generate` to count them).
     """
-    order = _group_order(params)
+    order = group_order(params)
     return ranked_items(decode_queries(params, queries, model=model, beam=beam, constrained=constrained,
                                        out_dir=out_dir), order)
 
@@ -278,6 +298,6 @@ def retrieve_and_generate(params: dict, queries: pd.DataFrame, *, beam: int | No
                           ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """`retrieve` and `generate` from one decode: evaluation needs both views of unconstrained decoding
     (recall and hallucination), and decoding once halves its cost and keeps the two consistent."""
-    order = _group_order(params)
+    order = group_order(params)
     dec = decode_queries(params, queries, beam=beam, constrained=constrained)
     return ranked_items(dec, order), generated_sids(dec)

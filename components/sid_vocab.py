@@ -8,6 +8,7 @@ reverse maps the decoder and the metrics need.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +145,11 @@ class SidCatalog:
     @property
     def max_len(self) -> int:
         return self.codes.shape[1]
+
+    @functools.cached_property
+    def sid_text(self) -> np.ndarray:
+        """Every issued SID as text (object array, sid order): built once, ranked frames index it."""
+        return np.array([sid_string(self.codes[s, : self.lengths[s]]) for s in range(self.n_sids)], dtype=object)
 
     def sid_tuple(self, sid: int) -> tuple[int, ...]:
         return tuple(int(c) for c in self.codes[sid, : self.lengths[sid]])

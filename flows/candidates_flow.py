@@ -28,12 +28,11 @@ from components.contract import list_column, require_columns
 from components.errors import DataError
 from components.locks import lock_folder
 from components.readers import read_table
-from components.retrieve import retrieve
+from components.retrieve import CANDIDATE_COLUMNS, retrieve
 from flows.flow_params import apply_overrides, flow_run_name
 from flows.tracking import log_metrics, wandb_run
 
 PARTS = ("prepared", "embeddings", "sids", "retriever")
-CANDIDATE_COLUMNS = ("query_id", "variant", "rank", "item_id", "score", "sid")
 
 
 def read_queries(path: str | Path) -> pd.DataFrame:

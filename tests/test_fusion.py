@@ -64,6 +64,18 @@ def test_dense_ranking_is_the_exact_top_k():
     assert (top == np.argsort(-(q @ items.T), axis=1, kind="stable")[:, :6]).all()
 
 
+def test_dense_ranking_ties_rank_by_item_row_in_any_batch():
+    """A two-item history's mean is exactly as close to either item: the lower row wins, whatever the batch."""
+    rng = np.random.default_rng(1)
+    items = rng.normal(size=(50, 384)).astype(np.float32)
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    tied = items[[31, 7]].mean(0)
+    tied /= np.linalg.norm(tied)
+    others = rng.normal(size=(37, 384)).astype(np.float32)
+    for batch, row in ((tied[None], 0), (np.vstack([others[:5], tied, others[5:]]), 5)):
+        assert dense_ranking(batch, items, 2).top(2)[row].tolist() == [7, 31]
+
+
 def test_fusion_config_fills_and_refuses():
     assert fusion_config({"item_head": True, "fusion": {"sources": "auto"}})["sources"] == ["learned", "zero_shot"]
     assert fusion_config({"item_head": False, "fusion": {"sources": "auto"}})["sources"] == ["zero_shot"]

@@ -20,15 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 DIM = 24
 
 
-def write_catalog(out: Path, n_items: int = 30, text: bool = False, seed: int = 0, train: bool = True) -> pd.DataFrame:
+def write_catalog(out: Path, n_items: int = 30, text: bool = False, seed: int = 0, train: bool = True,
+                  dim: int = DIM) -> pd.DataFrame:
     """Items, queries, embeddings and a variable-length SID table in the pipeline's formats.
 
     SIDs include collisions and SIDs that are prefixes of others; train=False makes every
-    query a test query (no training pairs, no validation). Returns the items frame.
+    query a test query (no training pairs, no validation); dim=384 (MiniLM's) lets fresh text
+    queries be encoded against it. Returns the items frame.
     """
     rng = np.random.default_rng(seed)
     ids = [f"it{j:03d}" for j in range(n_items)]
-    emb = rng.normal(size=(n_items, DIM)).astype(np.float32)
+    emb = rng.normal(size=(n_items, dim)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     pop = rng.integers(0, 6, n_items)
     pop[-2:] = 0
@@ -50,7 +52,7 @@ def write_catalog(out: Path, n_items: int = 30, text: bool = False, seed: int = 
     is_text = queries["text"].notna().to_numpy()
     queries["emb_row"] = np.where(is_text, np.cumsum(is_text) - 1, -1)
     target_rows = [ids.index(t[0]) for t in queries["targets"]]
-    q_emb = (emb[target_rows] + 0.05 * rng.normal(size=(len(queries), DIM))).astype(np.float32)[is_text]
+    q_emb = (emb[target_rows] + 0.05 * rng.normal(size=(len(queries), dim))).astype(np.float32)[is_text]
     for sub in ("prepared", "embeddings", "sids"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     items.to_parquet(out / "prepared" / "items.parquet", index=False)

@@ -1,0 +1,105 @@
+"""Answer a batch of checked requests: one decode per (slot, beam) group, exactly as `retrieve` ranks.
+
+The group's queries go through `decode_with` and `ranked_items`, the functions `retrieve` itself
+calls, on a version loaded once; so an answer equals `retrieve(params, queries, beam=beam)` on the
+same files, cut at the request's k. A request naming an item the answering version lacks is
+refused alone; an error while decoding fails its group, not the worker.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from threadpoolctl import ThreadpoolController
+
+from components.retrieve import decode_with, group_order, ranked_items
+from components.serving.request_log import RequestLog
+from components.serving.schema import Job, RequestError
+from components.serving.versions import LoadedVersion, ModelSlot
+
+
+ITEM_FIELDS = ("rank", "item_id", "sid", "score")
+
+
+@dataclass(frozen=True)
+class Answer:
+    request_id: str
+    user_id: str | None
+    variant: str
+    version: str
+    k: int
+    beam: int
+    items: list[dict]     # ITEM_FIELDS of each returned item, best first
+
+
+def queries_frame(jobs: list[Job]) -> pd.DataFrame:
+    """Jobs as data-contract queries (the layout `candidates_flow.read_queries` gives); query_id = position."""
+    return pd.DataFrame({"query_id": [str(i) for i in range(len(jobs))], "history": [list(j.history) for j in jobs],
+                         "text": [j.text for j in jobs], "targets": [[] for _ in jobs],
+                         "emb_row": np.full(len(jobs), -1, np.int64)})
+
+
+def unknown_items(job: Job, loaded: LoadedVersion) -> RequestError | None:
+    index = loaded.context.inputs.item_index
+    missing = [item for item, row in zip(job.history, index.get_indexer(list(job.history))) if row < 0]
+    if not missing:
+        return None
+    return RequestError("history", f"unknown item id(s) {missing[:5]} (not in version {loaded.version}'s catalog)")
+
+
+class Engine:
+    """Runs in the batcher's worker thread; one `run` per collected batch.
+
+    numpy's BLAS (the dense rankings of the fusion) runs on retriever.num_threads threads, as torch
+    does: left at one thread per core, a one-query ranking took 16 ms instead of 0.07 ms on a
+    loaded 2-core machine (its threads spin against the other jobs).
+    """
+
+    def __init__(self, params: dict, slots: dict[str, ModelSlot], log: RequestLog | None):
+        self.params, self.slots, self.log = params, slots, log
+        self.order = group_order(params)
+        self.threads = int(params["retriever"].get("num_threads", 1))
+        self._blas = ThreadpoolController()
+
+    def run(self, jobs: list[Job]) -> list[Answer | Exception]:
+        out: list[Answer | Exception | None] = [None] * len(jobs)
+        groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for pos, job in enumerate(jobs):
+            groups[(job.variant, job.beam)].append(pos)
+        for (variant, beam), positions in groups.items():
+            loaded = self.slots[variant].current      # one version for the whole group
+            if loaded is None:
+                raise RuntimeError(f"version {variant} is not loaded")   # the app refuses requests before ready
+            ok = []
+            for pos in positions:
+                out[pos] = unknown_items(jobs[pos], loaded)
+                if out[pos] is None:
+                    ok.append(pos)
+            if not ok:
+                continue
+            try:
+                with self._blas.limit(limits=self.threads, user_api="blas"):
+                    answers = self.answer(loaded, [jobs[p] for p in ok], beam)
+            except Exception as exc:                  # noqa: BLE001 - fail the group, keep the worker
+                answers = [exc] * len(ok)
+            for pos, answer in zip(ok, answers):
+                out[pos] = answer
+            if self.log is not None:
+                self.log.write([a for a in answers if isinstance(a, Answer)])
+        return out
+
+    def answer(self, loaded: LoadedVersion, jobs: list[Job], beam: int) -> list[Answer]:
+        ranked = ranked_items(decode_with(self.params, loaded.context, queries_frame(jobs), beam=beam), self.order)
+        # rows come query by query (query_id = the job's position), best first
+        pos = ranked["query_id"].to_numpy().astype(np.int64)
+        starts = np.searchsorted(pos, np.arange(len(jobs)))
+        ends = np.searchsorted(pos, np.arange(len(jobs)), side="right")
+        cols = [ranked[f].to_numpy() for f in ITEM_FIELDS]
+        answers = []
+        for job, start, end in zip(jobs, starts, ends):
+            rows = zip(*(col[start: min(end, start + job.k)].tolist() for col in cols))
+            items = [dict(zip(ITEM_FIELDS, row)) for row in rows]
+            answers.append(Answer(job.request_id, job.user_id, job.variant, loaded.version, job.k, beam, items))
+        return answers

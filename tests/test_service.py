@@ -1,0 +1,230 @@
+"""The online service end to end: a real uvicorn server on a free loopback port, a trained tiny retriever.
+
+Two versions of one synthetic catalog (tests/test_retriever.py's, with MiniLM-sized vectors so text
+queries work), t1 and t2, each with its own trained retriever. Answers are checked against
+`retrieve` called directly on the same files; the reload test switches the live folders the way a
+promotion renames them while requests keep coming.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+
+from components.errors import ConfigError
+from components.retrieve import CANDIDATE_COLUMNS, retrieve
+from components.retriever_train import run_train_retriever
+from components.serving.engine import queries_frame
+from components.serving.request_log import read_request_log
+from components.serving.schema import Job
+from components.serving.server import ServerThread
+from components.serving.settings import serve_settings
+from components.serving.traffic import variant_for
+from components.serving.versions import VersionChanged, load_version
+from test_retriever import tiny_params, write_catalog
+
+PARTS = ("prepared", "embeddings", "sids", "retriever")   # what a served version is made of
+
+
+def _version(out: Path, name: str, epochs: int) -> dict:
+    """The synthetic catalog in `out` as version `name`, with a retriever trained on it."""
+    write_catalog(out, dim=384)
+    meta = json.loads((out / "sids" / "meta.json").read_text())
+    (out / "sids" / "meta.json").write_text(json.dumps({**meta, "version": name}))
+    table = pd.read_parquet(out / "sids" / "sid_table.parquet").assign(version=name)
+    table.to_parquet(out / "sids" / "sid_table.parquet", index=False)
+    params = tiny_params(out, epochs=epochs)
+    run_train_retriever(params)
+    return params
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("serve")
+    params = _version(root / "t1", "t1", epochs=2)
+    _version(root / "t2", "t2", epochs=3)
+    return {"root": root, "params": params}
+
+
+def _params(versions: dict, out_dir: Path, **serve) -> dict:
+    params = copy.deepcopy(versions["params"])
+    params["out_dir"] = str(out_dir)
+    params["serve"].update({"reload_every_s": 0, "max_wait_ms": 20, "max_batch": 16, **serve})
+    return params
+
+
+def _wait_ready(client: httpx.Client, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        res = client.get("/ready")
+        if res.status_code == 200:
+            return res.json()
+        time.sleep(0.05)
+    raise AssertionError(f"not ready: {res.json()}")
+
+
+@pytest.fixture(scope="module")
+def server(versions):
+    params = _params(versions, versions["root"] / "t1")
+    with ServerThread(params) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        _wait_ready(client)
+        yield {"srv": srv, "client": client, "params": params, "settings": srv.service.settings}
+
+
+async def _post_all(url: str, bodies: list) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        return await asyncio.gather(*(client.post("/retrieve", json=b) for b in bodies))
+
+
+def _expected(params: dict, query: Job, out_dir: Path) -> list[dict]:
+    ranked = retrieve(params, queries_frame([query]), beam=query.beam, out_dir=out_dir)
+    return ranked[ranked["rank"] < query.k][["rank", "item_id", "sid", "score"]].to_dict("records")
+
+
+def test_answers_equal_retrieve_and_requests_are_batched(server):
+    """Concurrent history queries (two beams) and a text query, each as `retrieve` ranks it."""
+    params, out = server["params"], Path(server["params"]["out_dir"])
+    queries = pd.read_parquet(out / "prepared" / "queries.parquet")
+    bodies = [{"history": list(h), "k": 5 + i % 3, "beam": (5, 10)[i % 2], "request_id": q}
+              for i, (q, h) in enumerate(zip(queries["query_id"], queries["history"]))]
+    bodies.append({"text": "a microscope slide set", "k": 7, "request_id": "text-1"})
+    before = server["client"].get("/stats").json()
+    responses = asyncio.run(_post_all(server["srv"].url, bodies))
+    assert [r.status_code for r in responses] == [200] * len(bodies)
+    settings = server["settings"]
+    for body, res in zip(bodies, responses):
+        got = res.json()
+        job = Job(body["request_id"], None, "A", body.get("text"), tuple(body.get("history", ())), body["k"],
+                  body.get("beam", settings.beam_default))
+        assert (got["request_id"], got["version"], got["k"], got["beam"]) == (job.request_id, "t1", job.k, job.beam)
+        assert got["items"] == _expected(params, job, out)
+    stats = server["client"].get("/stats").json()
+    assert stats["requests"] - before["requests"] == len(bodies)
+    assert stats["batches"] - before["batches"] < len(bodies)          # concurrent requests shared decodes
+    assert 1 < stats["largest_batch"] <= settings.max_batch
+    log = read_request_log(settings.request_log)
+    assert tuple(log.columns) == (*CANDIDATE_COLUMNS, "version")
+    logged = log[log["query_id"] == "text-1"]
+    assert logged[["rank", "item_id", "sid", "score"]].to_dict("records") == responses[-1].json()["items"]
+
+
+def _bad_requests(settings) -> list[tuple[object, int, str]]:
+    """(body, status, field named in the answer); bytes are sent as they are."""
+    good = ["it001"]
+    return [
+        (b"{not json", 400, "body"), (b"", 400, "body"), ([1, 2], 422, "body"),
+        ({}, 422, "text"), ({"text": "  "}, 422, "text"), ({"history": []}, 422, "history"),
+        ({"history": good, "text": "both"}, 422, "text"), ({"history": ["no-such-item"]}, 422, "history"),
+        ({"history": [7]}, 422, "history[0]"), ({"history": good, "extra": 1}, 422, "extra"),
+        ({"history": good, "k": 0}, 422, "k"), ({"history": good, "k": settings.k_max + 1}, 422, "k"),
+        ({"history": good, "k": "5"}, 422, "k"), ({"history": good, "beam": 0}, 422, "beam"),
+        ({"history": good, "beam": settings.beam_max + 1}, 422, "beam"),
+        ({"history": good * (settings.max_history_items + 1)}, 413, "history"),
+        ({"text": "x" * (settings.max_text_chars + 1)}, 413, "text"),
+        ({"text": "x", "user_id": "y" * settings.max_body_bytes}, 413, "body"),
+    ]
+
+
+def test_bad_requests_get_4xx_naming_the_field(server):
+    client, settings = server["client"], server["settings"]
+    for body, status, field in _bad_requests(settings):
+        res = client.post("/retrieve", content=body) if isinstance(body, bytes) else client.post("/retrieve", json=body)
+        assert (res.status_code, res.json()["field"]) == (status, field), body
+        assert res.json()["detail"].startswith(f"{field}: ")
+    # an unknown item in a batch fails that request alone; the worker keeps serving
+    mixed = asyncio.run(_post_all(server["srv"].url, [{"history": ["it002"]}, {"history": ["nope"]},
+                                                      {"history": ["it003", "it004"]}]))
+    assert [r.status_code for r in mixed] == [200, 422, 200]
+    assert client.post("/retrieve", json={"history": ["it001"], "k": 3}).json()["items"]
+
+
+def _switch(live: Path, staged: Path, parked: Path) -> None:
+    """Promote `staged` into `live` folder by folder (atomic renames, not atomic as a whole)."""
+    parked.mkdir(parents=True)
+    for part in PARTS:
+        os.replace(live / part, parked / part)
+        os.replace(staged / part, live / part)
+
+
+def test_reload_on_promotion_drops_no_request(versions):
+    """The poller picks up a promoted version, /admin/reload a rollback; requests keep succeeding meanwhile."""
+    root = versions["root"]
+    live, staged = root / "reload-live", root / "reload-t2"
+    shutil.copytree(root / "t1", live)
+    shutil.copytree(root / "t2", staged)
+    params = _params(versions, live, reload_every_s=0.3)
+    with ServerThread(params) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+        _wait_ready(client)
+
+        async def traffic(until: str) -> list[tuple[int, str | None]]:
+            """Requests 4 at a time until version `until` answers (and 20 s at most)."""
+            seen: list[tuple[int, str | None]] = []
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and (not seen or seen[-1][1] != until):
+                for res in await _post_all(srv.url, [{"history": ["it001", f"it{i:03d}"]} for i in range(4)]):
+                    seen.append((res.status_code, res.json().get("version")))
+            return seen
+
+        async def promote_during_traffic() -> list[tuple[int, str | None]]:
+            task = asyncio.create_task(traffic("t2"))
+            await asyncio.sleep(0.2)
+            await asyncio.to_thread(_switch, live, staged, root / "reload-parked-t1")
+            return await task
+
+        seen = asyncio.run(promote_during_traffic())
+        assert {status for status, _ in seen} == {200}
+        assert seen[0][1] == "t1" and seen[-1][1] == "t2"
+        job = Job("q", None, "A", None, ("it001", "it004"), 10, 20)
+        assert client.post("/retrieve", json={"history": list(job.history)}).json()["items"] == \
+            _expected(params, job, live)
+
+        _switch(live, root / "reload-parked-t1", root / "reload-parked-t2")     # roll back, reload on demand
+        assert client.post("/admin/reload").json()["A"]["version"] == "t1"
+        assert client.post("/retrieve", json={"history": ["it001"]}).json()["version"] == "t1"
+
+
+def test_serve_params_are_checked_before_the_port_opens(versions):
+    params = _params(versions, versions["root"] / "t1", k_default=500)
+    with pytest.raises(ConfigError, match="'serve.k_default': must be an integer between 1 and 100"):
+        serve_settings(params)
+    del params["serve"]["max_wait_ms"]
+    with pytest.raises(ConfigError, match="serve.max_wait_ms"):
+        serve_settings(params)
+
+
+def test_a_half_promoted_out_dir_is_not_loaded(versions, tmp_path):
+    """The SID table of one version beside the retriever of another: refused, so the slot keeps its version."""
+    shutil.copytree(versions["root"] / "t1", tmp_path / "mixed")
+    shutil.rmtree(tmp_path / "mixed" / "sids")
+    shutil.copytree(versions["root"] / "t2" / "sids", tmp_path / "mixed" / "sids")
+    with pytest.raises(VersionChanged, match="retriever trained on 't1'"):
+        load_version(versions["params"], tmp_path / "mixed")
+
+
+def test_ab_split_is_stable_per_user_and_logged(versions):
+    root = versions["root"]
+    params = _params(versions, root / "t1", ab={"out_dir": str(root / "t2"), "share": 0.5},
+                     request_log=str(root / "ab" / "requests.jsonl"))
+    users = [f"user{i}" for i in range(24)] * 2
+    with ServerThread(params) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+        assert _wait_ready(client)["versions"] == {"A": "t1", "B": "t2"}
+        responses = asyncio.run(_post_all(srv.url, [{"history": ["it002"], "user_id": u, "k": 5} for u in users]))
+    answers = [r.json() for r in responses]
+    assert {a["variant"] for a in answers} == {"A", "B"}
+    for user, a in zip(users, answers):
+        assert a["variant"] == variant_for(user, 0.5)
+        assert a["version"] == {"A": "t1", "B": "t2"}[a["variant"]]
+    b = next(a for a in answers if a["variant"] == "B")
+    assert b["items"] == _expected(params, Job("b", None, "B", None, ("it002",), 5, b["beam"]), root / "t2")
+    log = read_request_log(root / "ab" / "requests.jsonl")
+    assert log.groupby("query_id")["variant"].first().to_dict() == {a["request_id"]: a["variant"] for a in answers}
+    assert (log["version"] == log["variant"].map({"A": "t1", "B": "t2"})).all()
