@@ -20,6 +20,8 @@ EPILOG = """examples:
   sa2crq retrain --new-items new.jsonl   give new items SIDs, fine-tune, check, promote
   sa2crq candidates --a outputs/ab/A --b outputs --queries q.parquet
   sa2crq sweep --grid tokenizer.sarq.tau=[7,9] --grid seed=[0,1]
+  sa2crq serve --port 8000               the live retriever over HTTP (README "Online service")
+  sa2crq recover                         roll back a promotion that was killed half-way
 
 A bad param, input file or option stops with one line and exit status 2; --debug (or
 SA2CRQ_DEBUG=1) shows the traceback instead.
@@ -62,8 +64,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.profile:
         sets.append(f"profile={args.profile}")
     from components.config import load_params
+    from flows.step_io import require_dvc_out_dir
 
-    load_params(args.params, sets)  # a bad value stops here, not inside the first DVC stage
+    require_dvc_out_dir(load_params(args.params, sets))  # a bad value stops here, not inside the first DVC stage
     if sets:
         cmd = ["dvc", "exp", "run"] + [x for s in sets for x in ("-S", s)]
     else:
@@ -94,6 +97,12 @@ def cmd_flow(spec: str, prefect: bool = True) -> Callable[[argparse.Namespace], 
     return run
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from components.serving.server import serve
+
+    return serve(_params(args), host=args.host, port=args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sa2crq",
@@ -109,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     common.add_argument("-s", "--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, e.g. -s tokenizer.sarq.tau=4 (repeatable)")
+    common.add_argument("--wait", type=_seconds, default=argparse.SUPPRESS, metavar="SECONDS",
+                        help="when another run holds the output folder's lock, wait up to this long "
+                             "(default: refuse at once; also SA2CRQ_LOCK_WAIT)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("run", parents=[common], help="run the whole pipeline through DVC and print where the report is")
@@ -146,7 +158,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grid", dest="opt_grid", action="append", default=[], metavar="KEY=[V1,V2]",
                    help="a swept param, e.g. --grid tokenizer.sarq.tau=[7,9] (repeatable)")
     s.set_defaults(func=cmd_flow("flows.sweep_flow:sweep_flow"))
+
+    s = sub.add_parser("serve", parents=[common],
+                       help="serve the live retriever over HTTP: POST /retrieve, /health, /ready (README 'Online service')")
+    s.add_argument("--host", help="bind address (default: serve.host, 127.0.0.1)")
+    s.add_argument("--port", type=_positive_int, help="port (default: serve.port, 8000)")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("recover", parents=[common],
+                       help="roll back a promotion that was killed half-way (retrain and promote also do this first)")
+    s.set_defaults(func=cmd_flow("flows.versions:run_recover", prefect=False))
     return p
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -177,6 +209,10 @@ def guarded(run: Callable[[], int], debug: bool = False) -> int:
 def main(argv: list[str] | None = None) -> int:
     set_offline_defaults()
     args = build_parser().parse_args(argv)  # usage errors: argparse prints them and exits 2
+    if getattr(args, "wait", None) is not None:
+        from components.locks import WAIT_ENV
+
+        os.environ[WAIT_ENV] = str(args.wait)  # an env var, so the stages `dvc repro` starts see it too
     return guarded(lambda: args.func(args), args.debug)
 
 

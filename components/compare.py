@@ -44,6 +44,8 @@ LINKED = ("prepared", "embeddings")
 # eval keys that pick what to compare or how baselines run; a finished variant run does not depend on them
 NOT_RUN_KEYS = ("variants", "seeds", "compare_dir", "baselines", "two_tower", "sasrec", "bm25_history",
                 "dense_history", "threads", "results_dir")
+# top-level sections that never change a result: where, logging, operations, serving
+OPERATIONAL_KEYS = ("out_dir", "wandb", "flows", "serve")
 # embed settings that only decide how vectors are cached, not what they are
 NOT_RUN_EMBED_KEYS = ("cache", "cache_every_batches")
 
@@ -95,7 +97,7 @@ def run_key(p: dict) -> str:
     extension rows and Stage-2 options for one-stage methods), settings behind a switch that is
     off, and new switches at the value that reproduces earlier runs are left out: tuning SA2CRQ does
     not retrain TIGER."""
-    kept = copy.deepcopy({k: v for k, v in p.items() if k not in ("out_dir", "wandb", "flows")})
+    kept = copy.deepcopy({k: v for k, v in p.items() if k not in OPERATIONAL_KEYS})
     kept["eval"] = {k: v for k, v in p["eval"].items() if k not in NOT_RUN_KEYS}
     kept["embed"] = {k: v for k, v in p.get("embed", {}).items() if k not in NOT_RUN_EMBED_KEYS}
     method = p["tokenizer"].get("method")
@@ -221,7 +223,7 @@ def _baseline_file(params: dict, name: str, seed: int) -> tuple[Path, str]:
     finished baseline is reused across variants and interrupted comparisons, like a variant run.
     """
     seeded = name in SEEDED_BASELINES
-    kept = {k: v for k, v in params.items() if k not in ("out_dir", "wandb", "flows", "tokenizer", "seed")}
+    kept = {k: v for k, v in params.items() if k not in OPERATIONAL_KEYS + ("tokenizer", "seed")}
     kept["retriever"] = {k: v for k, v in params["retriever"].items() if k not in GENERATIVE_RANKING_KEYS}
     kept["embed"] = {k: v for k, v in params.get("embed", {}).items() if k not in NOT_RUN_EMBED_KEYS}
     own = BASELINE_SETTINGS.get(name, ())

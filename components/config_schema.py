@@ -375,6 +375,30 @@ Flows = section(
     schedule=Schedule,
 )
 
+ServeAB = section(
+    "ServeAB",
+    out_dir=text(),
+    share=SHARE,
+)
+
+Serve = section(
+    "Serve",
+    host=text(empty_ok=False),
+    port=rule("must be an integer port 1-65535", lambda v: _is_int(v) and 1 <= v <= 65535),
+    max_batch=integer(1),
+    max_wait_ms=number(0),
+    k_default=integer(1),
+    k_max=integer(1),
+    beam_default=integer(1),
+    beam_max=integer(1),
+    max_history_items=integer(1),
+    max_text_chars=integer(1),
+    max_body_bytes=integer(1),
+    reload_every_s=number(0, note="0 = only POST /admin/reload"),
+    request_log=text(),
+    ab=ServeAB,
+)
+
 Params = section(
     "Params",
     dataset=choice(*DATASETS),
@@ -388,6 +412,7 @@ Params = section(
     eval=Eval,
     wandb=Wandb,
     flows=Flows,
+    serve=Serve,
     profiles=rule("must map each profile name to a mapping of params keys (an overlay)",
                   lambda v: isinstance(v, dict) and all(isinstance(o, dict) for o in v.values())),
 )

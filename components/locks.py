@@ -105,7 +105,7 @@ def lock_folder(folder: str | os.PathLike, wait: float | None = None) -> Iterato
         except Timeout:
             waited = f" after waiting {wait:g} s" if wait > 0 else ""
             raise BusyError(f"{folder}/: another sa2crq run holds the lock ({holder(path)}){waited}; "
-                            f"wait for it or set {WAIT_ENV}=<seconds> to wait") from None
+                            f"wait for it, or pass --wait SECONDS (or set {WAIT_ENV})") from None
     try:
         if lock.lock_counter == 1:
             remove_stale_temps(folder)

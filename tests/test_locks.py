@@ -197,7 +197,7 @@ def test_stage_refuses_a_busy_out_dir_then_waits_when_asked(tmp_path):
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and re.fullmatch(
             rf"sa2crq: error: {re.escape(str(out))}/: another sa2crq run holds the lock \(pid {os.getpid()}, "
-            rf"since [0-9-]+ [0-9:]+\); wait for it or set {WAIT_ENV}=<seconds> to wait", lines[0]), lines
+            rf"since [0-9-]+ [0-9:]+\); wait for it, or pass --wait SECONDS \(or set {WAIT_ENV}\)", lines[0]), lines
         assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
         waiting = subprocess.Popen(_stage("prepare", out), env=_env(**{WAIT_ENV: "120"}), cwd=tmp_path,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
