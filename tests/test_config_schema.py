@@ -89,7 +89,7 @@ PROBES = [
     ("retriever.batch_size=0", "retriever.batch_size", "must be an integer >= 1"),
     ("tokenizer.sarq.tau=-1", "tokenizer.sarq.tau", "must be auto or a number > 0"),
     ("tokenizer.sarq.tau=.nan", "tokenizer.sarq.tau", "got nan"),
-    ("tokenizer.sarq.target_items_per_sid=0", "tokenizer.sarq.target_items_per_sid", "must be a number > 0"),
+    ("tokenizer.sarq.target_items_per_sid=0", "tokenizer.sarq.target_items_per_sid", "must be a number >= 1"),
     ("retriever.epochs=-1", "retriever.epochs", "must be an integer >= 1, got -1"),
     ("retriever.patience=-1", "retriever.patience", "(0 = no early stopping)"),
     ("retriever.bem=5", "retriever.bem", "unknown key (did you mean 'retriever.beam'?)"),
