@@ -191,18 +191,17 @@ def guarded(run: Callable[[], int], debug: bool = False) -> int:
     """The error boundary of every entry point (CLI, DVC stages, the flow server).
 
     An expected failure (Sa2crqError: bad params, bad input, a busy output folder; a missing
-    file; an unknown name) prints one line and returns exit status 2; with debug or
+    file) prints one line and returns exit status 2; with debug or
     SA2CRQ_DEBUG=1 it is raised with its traceback. Any other exception is a bug and keeps
     its traceback."""
     from components.errors import Sa2crqError
 
     try:
         return run()
-    except (Sa2crqError, FileNotFoundError, KeyError) as exc:
+    except (Sa2crqError, FileNotFoundError) as exc:
         if debug or os.environ.get("SA2CRQ_DEBUG", "") not in ("", "0"):
             raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # str(KeyError) adds quotes
-        print(f"sa2crq: error: {' '.join(str(message).split())}", file=sys.stderr)
+        print(f"sa2crq: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

@@ -31,5 +31,9 @@ class ConfigError(Sa2crqError):
         super().__init__(f"params.yaml '{key}': {message}")
 
 
+class UnknownNameError(Sa2crqError):
+    """A name the user gave (a step, a stage) that does not exist; the message lists the known ones."""
+
+
 class BusyError(Sa2crqError):
     """Another run holds the lock on this output folder (or the retrain lock)."""

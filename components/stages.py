@@ -12,7 +12,7 @@ from typing import Callable
 
 from components.atomic import out_of_space
 from components.config import out_path
-from components.errors import Sa2crqError
+from components.errors import Sa2crqError, UnknownNameError
 from components.locks import lock_out_dir
 from components.steps import STEPS
 
@@ -21,7 +21,7 @@ def get_step(name: str) -> Callable[[dict], dict]:
     """Import the function for a step (a clear error for unknown names), wrapped to hold the
     out_dir lock while it runs."""
     if name not in STEPS:
-        raise KeyError(f"unknown step {name!r}; steps are: {', '.join(STEPS)}")
+        raise UnknownNameError(f"unknown step {name!r}; steps are: {', '.join(STEPS)}")
     module, func = STEPS[name].split(":")
     step = getattr(importlib.import_module(module), func)
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from components.steps import STEPS
+from components.errors import UnknownNameError
 from components.locks import lock_out_dir
+from components.steps import STEPS
 from flows.evaluate_flow import evaluate_flow
 from flows.flow_params import apply_overrides, flow_run_name
 from flows.tasks import metric_files, run_steps
@@ -19,7 +20,7 @@ def select_steps(start: str, stop: str) -> list[str]:
     order = list(STEPS)
     for name in (start, stop):
         if name not in order:
-            raise KeyError(f"unknown step {name!r}; steps are: {', '.join(order)}")
+            raise UnknownNameError(f"unknown step {name!r}; steps are: {', '.join(order)}")
     if order.index(start) > order.index(stop):
         raise ValueError(f"start step {start!r} comes after stop step {stop!r}")
     return order[order.index(start): order.index(stop) + 1]

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from components.best_epoch import fit_best_epoch
 from components.config import out_path
+from components.errors import DataError
 from components.retriever import RetrieverModel, RetrieverModule, save_retriever
 from components.retriever_data import BucketBatchSampler, ExampleDataset, Examples
 from components.retriever_train import VAL_K, prepare_training, trainer_args
@@ -81,8 +82,9 @@ def finetune_retriever(params: dict, init_checkpoint: Path, new_item_ids: list[s
     seed, _, inputs, (examples, valid, text_vectors, counts) = prepare_training(params)
     new_rows = inputs.item_index.get_indexer(new_item_ids)
     if (new_rows < 0).any():
-        raise KeyError(f"new items missing from {out_path(params, 'prepared')}: "
-                       f"{[i for i, r in zip(new_item_ids, new_rows) if r < 0][:5]}")
+        missing = [i for i, r in zip(new_item_ids, new_rows) if r < 0]
+        raise DataError(out_path(params, "prepared", "items.parquet"), f"{len(missing)} new items are missing, "
+                        f"e.g. {missing[:5]} (run catalog_update first)", column="item_id")
     new_idx, replay = replay_split(examples, new_rows, int(cfg["new_repeats"]), float(cfg["replay_ratio"]), seed)
     train = examples.take(np.sort(np.concatenate([new_idx, replay])))
     val = Examples.concat([valid, examples.take(np.unique(new_idx))])

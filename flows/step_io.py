@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from components.config import out_path, params_hash
-from components.errors import ConfigError
+from components.errors import ConfigError, UnknownNameError
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC_FILE = ROOT / "dvc.yaml"
@@ -75,10 +75,10 @@ def require_dvc_out_dir(params: dict) -> None:
 
 
 def step_io(name: str) -> StepIO:
-    """The dvc.yaml description of one step (KeyError naming the known steps otherwise)."""
+    """The dvc.yaml description of one step (UnknownNameError naming the known steps otherwise)."""
     steps = _load(str(DVC_FILE))
     if name not in steps:
-        raise KeyError(f"step {name!r} is not a stage of {DVC_FILE} (stages: {', '.join(steps)})")
+        raise UnknownNameError(f"step {name!r} is not a stage of {DVC_FILE} (stages: {', '.join(steps)})")
     return steps[name]
 
 

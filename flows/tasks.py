@@ -22,14 +22,14 @@ from prefect.artifacts import create_table_artifact
 from prefect.filesystems import LocalFileSystem
 
 from components.config import out_path, params_hash
-from components.errors import ConfigError, DataError
+from components.errors import Sa2crqError
 from components.locks import lock_out_dir
 from components.stages import STEPS, get_step
 from flows.step_io import cache_key, outputs_present, step_io
 from flows.tracking import flatten, log_flow
 
 IO_STEPS = ("prepare", "embed")
-FAIL_FAST = (DataError, ConfigError, FileNotFoundError, KeyError, TypeError)
+FAIL_FAST = (Sa2crqError, FileNotFoundError, KeyError, TypeError)
 CACHE_DIR = ".prefect-cache"
 
 
