@@ -77,9 +77,11 @@ def _rows(method: str, seed: int, result: dict, hallucination: dict | None) -> l
 # Settings added after runs were cached, at the value that reproduces the behaviour before they
 # existed: left out of the run key, so adding a switch does not invalidate finished runs.
 EARLIER_BEHAVIOUR = {("retriever", "item_head"): False, ("retriever", "fusion"): {"sources": "none"},
-                     ("tokenizer", "head_encoder"): "head", ("tokenizer", "stage2_items"): "tail_and_cold"}
+                     ("tokenizer", "head_encoder"): "head", ("tokenizer", "stage2_items"): "tail_and_cold",
+                     ("retriever", "item_head_encoder"): "shared"}
 # keys read only when a switch is on: key path -> (switch path, test of the switch's value for "on")
 READ_ONLY_WHEN = {("retriever", "item_head_weight"): (("retriever", "item_head"), bool),
+                  ("retriever", "item_head_encoder"): (("retriever", "item_head"), bool),
                   ("tokenizer", "sarq", "target_items_per_sid"): (("tokenizer", "sarq", "tau"),
                                                                    lambda tau: tau == "auto")}
 
@@ -210,7 +212,7 @@ def _aggregate(long: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
 
 MISSING = object()
 # retriever settings of the generative ranking alone: no baseline reads them (two-tower reads the query-encoder shape)
-GENERATIVE_RANKING_KEYS = ("item_head", "item_head_weight", "fusion")
+GENERATIVE_RANKING_KEYS = ("item_head", "item_head_weight", "item_head_encoder", "fusion")
 # the eval settings each baseline reads besides the shared ones (ks, bootstrap, exclude_history, ...)
 BASELINE_SETTINGS = {"bm25": ("bm25_history",), "dense": ("dense_history",), "two_tower": ("two_tower",),
                      "sasrec": ("sasrec",), "sasrec_text": ("sasrec",)}

@@ -250,6 +250,7 @@ Retriever = section(
     finetune_text_encoder=FLAG,
     item_head=FLAG,
     item_head_weight=number(0),
+    item_head_encoder=choice("shared", "own"),
     fusion=Fusion,
     indexing_pairs=FLAG,
     lr=POSITIVE,

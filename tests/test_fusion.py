@@ -100,19 +100,26 @@ def test_without_the_item_head_the_retriever_is_built_as_before():
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), off.state_dict().values()))
 
 
-def test_the_item_head_learns_to_rank_the_target_first():
-    torch.manual_seed(0)
-    n_items, emb = 12, 8
-    net = RetrieverModel(model_config({**RP, "item_head": True}, (4, 4), emb, 5, n_items=n_items))
+def _shift_task(n_items: int = 12, emb: int = 8) -> tuple[np.ndarray, dict, torch.Tensor]:
+    """"What comes after item i" is item (i + 5) % n: nothing the text vectors say, only learnable."""
     item_emb = np.random.default_rng(0).normal(size=(n_items, emb)).astype(np.float32)
-    net.attach_items(item_emb)
-    # "what comes after item i" is item (i + 5) % n: nothing the text vectors say, only learnable
     hist = torch.arange(n_items)[:, None]
     target = (hist[:, 0] + 5) % n_items
     batch = {"kind": "history", "x": torch.from_numpy(item_emb)[hist], "mask": torch.ones(n_items, 1, dtype=torch.bool),
              "hist_items": hist, "hist_tokens": torch.zeros(n_items, 1, 2, dtype=torch.long),
              "dec_in": torch.full((n_items, 2), 1), "target": torch.zeros(n_items, 2, dtype=torch.long),
              "target_item": target}
+    return item_emb, batch, target
+
+
+@pytest.mark.parametrize("encoder", ["shared", "own"])
+def test_the_item_head_learns_to_rank_the_target_first(encoder):
+    torch.manual_seed(0)
+    n_items, emb = 12, 8
+    net = RetrieverModel(model_config({**RP, "item_head": True, "item_head_encoder": encoder}, (4, 4), emb, 5,
+                                      n_items=n_items))
+    item_emb, batch, target = _shift_task(n_items, emb)
+    net.attach_items(item_emb)
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     for _ in range(150):
         opt.zero_grad()
@@ -122,3 +129,21 @@ def test_the_item_head_learns_to_rank_the_target_first():
     with torch.no_grad():
         scores = net.query_vectors(batch) @ net.item_vectors().T
     assert (scores.argmax(1) == target).float().mean() == 1.0
+
+
+def test_an_own_scorer_encoder_leaves_the_sid_encoder_to_the_sid_loss():
+    """item_head_encoder own: the scorer's loss reaches its own tower and never the SID encoder; shared, it does."""
+    item_emb, batch, _ = _shift_task()
+    for encoder, reaches_sid_encoder in (("shared", True), ("own", False)):
+        torch.manual_seed(0)
+        net = RetrieverModel(model_config({**RP, "item_head": True, "item_head_encoder": encoder}, (4, 4), 8, 5,
+                                          n_items=12))
+        net.attach_items(item_emb)
+        qvec = net._forward(batch)[1]
+        net.scorer.logits(qvec, net.item_vectors()).logsumexp(1).sum().backward()
+        grads = [p.grad for p in net.backbone.encoder.parameters()]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads) == reaches_sid_encoder
+        assert (net.scorer_tower is not None) == (encoder == "own")
+    torch.manual_seed(0)
+    shared = RetrieverModel(model_config({**RP, "item_head": True}, (4, 4), 8, 5, n_items=12))
+    assert "item_head_encoder" not in shared.config      # the default keeps earlier checkpoints' configs
