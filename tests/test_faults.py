@@ -3,7 +3,8 @@ with SIGKILL the moment their temporary output file appears, then rerun; and a f
 
 A rerun must give the outputs of an uninterrupted run (byte for byte; timings in the metrics
 aside) and leave no temporary file. embed is not killed here: it writes through the same
-atomic_dir as prepare and takes a minute on the smoke slice.
+atomic_dir as prepare and takes a minute on the smoke slice; evaluate writes its JSON through
+the same atomic_path as assign_ids' metadata.
 """
 from __future__ import annotations
 
@@ -112,12 +113,21 @@ def test_killed_prepare_reruns_to_the_same_outputs(smoke_embedded, tmp_path):
     assert temporaries(out) == []
 
 
-def test_killed_tokenizer_step_reruns_to_the_same_outputs(reference, tmp_path):
-    out = with_inputs(tmp_path, "fault", reference, ("prepared", "embeddings"))
-    kill_at_temp("train_head", out, "tokenizer", "head.pt")
-    assert not (out / "tokenizer" / "head.pt").exists()
-    run_ok("train_head", out)
-    same_files(out, reference, ["tokenizer/head.pt"])
+@pytest.mark.parametrize("step, inputs, watch, target, compared", [
+    ("train_head", ("prepared", "embeddings"), "tokenizer", "head.pt", ["tokenizer/head.pt"]),
+    ("train_tail", ("prepared", "embeddings", "tokenizer"), "tokenizer", "tail.pt", ["tokenizer/tail.pt"]),
+    ("assign_ids", ("prepared", "embeddings", "tokenizer"), "sids", "sid_table.parquet",
+     ["sids/sid_table.parquet", "sids/meta.json"]),
+])
+def test_killed_tokenizer_step_reruns_to_the_same_outputs(reference, tmp_path, step, inputs, watch, target, compared):
+    """A kill mid-write leaves the earlier output (copied from the reference run) or none; the rerun matches."""
+    out = with_inputs(tmp_path, "fault", reference, inputs)
+    before = (out / watch / target).read_bytes() if (out / watch / target).exists() else None
+    kill_at_temp(step, out, watch, target)
+    after = (out / watch / target).read_bytes() if (out / watch / target).exists() else None
+    assert after == before
+    run_ok(step, out)
+    same_files(out, reference, compared)
     assert temporaries(out) == []
 
 
