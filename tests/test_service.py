@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -29,9 +28,9 @@ from components.serving.server import ServerThread
 from components.serving.settings import serve_settings
 from components.serving.traffic import variant_for
 from components.serving.versions import VersionChanged, load_version
+from flows.versions import VERSIONED, promote
 from test_retriever import tiny_params, write_catalog
 
-PARTS = ("prepared", "embeddings", "sids", "retriever")   # what a served version is made of
 
 
 def _version(out: Path, name: str, epochs: int) -> dict:
@@ -147,20 +146,22 @@ def test_bad_requests_get_4xx_naming_the_field(server):
     assert client.post("/retrieve", json={"history": ["it001"], "k": 3}).json()["items"]
 
 
-def _switch(live: Path, staged: Path, parked: Path) -> None:
-    """Promote `staged` into `live` folder by folder (atomic renames, not atomic as a whole)."""
-    parked.mkdir(parents=True)
-    for part in PARTS:
-        os.replace(live / part, parked / part)
-        os.replace(staged / part, live / part)
+def _stage_version(live: Path, src: Path, name: str) -> None:
+    """Copy version `src` to live/versions/<name>/, where the retrain flow leaves a candidate."""
+    for part in VERSIONED:
+        if (src / part).exists():
+            shutil.copytree(src / part, live / "versions" / name / part)
+        else:  # the synthetic versions have no tokenizer; promotion moves every versioned folder
+            (live / "versions" / name / part).mkdir(parents=True)
 
 
 def test_reload_on_promotion_drops_no_request(versions):
     """The poller picks up a promoted version, /admin/reload a rollback; requests keep succeeding meanwhile."""
     root = versions["root"]
-    live, staged = root / "reload-live", root / "reload-t2"
+    live = root / "reload-live"
     shutil.copytree(root / "t1", live)
-    shutil.copytree(root / "t2", staged)
+    (live / "tokenizer").mkdir(exist_ok=True)
+    _stage_version(live, root / "t2", "t2")
     params = _params(versions, live, reload_every_s=0.3)
     with ServerThread(params) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
         _wait_ready(client)
@@ -177,7 +178,7 @@ def test_reload_on_promotion_drops_no_request(versions):
         async def promote_during_traffic() -> list[tuple[int, str | None]]:
             task = asyncio.create_task(traffic("t2"))
             await asyncio.sleep(0.2)
-            await asyncio.to_thread(_switch, live, staged, root / "reload-parked-t1")
+            await asyncio.to_thread(promote, live, "t2")     # the retrain flow's promotion
             return await task
 
         seen = asyncio.run(promote_during_traffic())
@@ -187,7 +188,7 @@ def test_reload_on_promotion_drops_no_request(versions):
         assert client.post("/retrieve", json={"history": list(job.history)}).json()["items"] == \
             _expected(params, job, live)
 
-        _switch(live, root / "reload-parked-t1", root / "reload-parked-t2")     # roll back, reload on demand
+        assert promote(live, "t1") == "t2"                  # roll back, reload on demand
         assert client.post("/admin/reload").json()["A"]["version"] == "t1"
         assert client.post("/retrieve", json={"history": ["it001"]}).json()["version"] == "t1"
 
