@@ -308,7 +308,7 @@ def results_markdown(table: pd.DataFrame, sid_table: pd.DataFrame, params: dict)
         cells[metric_label(m)] = _mean_std(table[m], table[f"{m} std"], 1 if m == "ret_per" else 4)
     cells["seeds"] = table["seeds"].to_numpy()
     depth = max(list(ev["ks"]) + list(ev.get("deep_ks") or []))
-    lines = [f"# Tokenizer comparison on {params['dataset']}", "",
+    lines = [f"# Tokenizer comparison on {dataset_title(params)}", "",
              f"Test split, item level; mean ± std over seeds {list(ev['seeds'])}; retriever beam "
              f"{params['retriever']['beam']}; Hallu = share of SIDs from unconstrained decoding that match no item; "
              f"baselines return {depth} items; rows '(group)' hold the queries whose target is in that group.", "",
@@ -366,6 +366,28 @@ def pick_variants(variants: list[dict], names: str | None) -> list[dict]:
     return [known[n] for n in wanted]
 
 
+def dataset_title(params: dict) -> str:
+    """The dataset's name, and for a user's own catalog the files it came from."""
+    if params["dataset"] != "generic":
+        return params["dataset"]
+    files = params["data"]["generic"]
+    return f"generic ({Path(files['items']).name}, {Path(files['queries']).name})"
+
+
+def prepare_inputs(params: dict) -> list[str]:
+    """Run prepare and embed, with these params, when their outputs (what every variant run links)
+    are missing: `sa2crq compare -s dataset=generic -s data.generic.items=...` then needs no
+    separate step commands with the same flags. Present outputs are kept (DVC owns their staleness)."""
+    from components.stages import get_step
+
+    ran = []
+    for step, folder in zip(("prepare", "embed"), LINKED):
+        if not out_path(params, folder).exists():
+            get_step(step)(params)
+            ran.append(step)
+    return ran
+
+
 def run_compare(params: dict, opt_variants: str | None = None) -> dict:
     """`sa2crq compare`: eval.variants (or the --variants subset) x eval.seeds, then the tables under
     <out_dir>/<eval.compare_dir>/ and <eval.results_dir>/<dataset>.json."""
@@ -373,6 +395,7 @@ def run_compare(params: dict, opt_variants: str | None = None) -> dict:
     variants = pick_variants(list(ev.get("variants") or []), opt_variants)
     # each variant run's steps lock its own scratch folder under this one: a domain of its own, no deadlock
     with lock_out_dir(params):
+        prepare_inputs(params)
         table = compare_variants(params, variants, list(ev["seeds"]))
     root = out_path(params, ev["compare_dir"])
     return {"runs": len(variants) * len(ev["seeds"]),

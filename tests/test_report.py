@@ -284,3 +284,18 @@ def test_run_key_ignores_tokenizer_settings_the_method_never_reads(run_params):
     assert target(8.0, 3.0) == target(8.0, 1.5)                     # read only with tau: auto
     assert target("auto", 3.0) != target("auto", 1.5)
     assert key("rqvae", codebook_sizes=[8, 8, 8]) != key("rqvae")
+
+
+def test_compare_brings_missing_inputs_and_titles_a_generic_catalog(tmp_path):
+    """`sa2crq compare` on a user's catalog runs prepare and embed itself when their outputs are missing."""
+    (tmp_path / "items.csv").write_text("item_id,text\ni1,a red lamp\ni2,a blue chair\ni3,a green desk\n")
+    (tmp_path / "queries.csv").write_text("query_id,split,history,target\nq1,train,i1,i2\nq2,valid,i1 i2,i3\n"
+                                          "q3,test,i2 i3,i1\n")
+    params = load_params(ROOT / "params.yaml", [
+        "dataset=generic", f"out_dir={tmp_path / 'out'}", f"data.generic.items={tmp_path / 'items.csv'}",
+        f"data.generic.queries={tmp_path / 'queries.csv'}"])
+    assert compare_mod.prepare_inputs(params) == ["prepare", "embed"]
+    assert (tmp_path / "out" / "prepared" / "items.parquet").exists()
+    assert (tmp_path / "out" / "embeddings" / "items.npy").exists()
+    assert compare_mod.prepare_inputs(params) == []                  # present: kept as they are
+    assert compare_mod.dataset_title(params) == "generic (items.csv, queries.csv)"
