@@ -154,6 +154,12 @@ def params_hash(params: dict, sections: tuple[str, ...] | None = None) -> str:
     return hashlib.sha256(blob).hexdigest()[:10]
 
 
+def wandb_dir(params: dict) -> Path:
+    """Where W&B writes a run's files (wandb adds its own `wandb/` below): the run's out_dir, so an
+    experiment in another out_dir keeps its logs with its outputs; WANDB_DIR overrides."""
+    return Path(os.environ.get("WANDB_DIR") or out_path(params))
+
+
 def out_path(params: dict, *parts: str) -> Path:
     """A path under the run's output folder (never inside data/)."""
     return Path(params.get("out_dir", "outputs")).joinpath(*parts)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from components.atomic import write_json
-from components.config import out_path, params_hash
+from components.config import out_path, params_hash, wandb_dir
 from components.errors import ConfigError, DataError
 from components.metrics import (
     GROUPS,
@@ -202,7 +202,7 @@ def log_to_wandb(params: dict, summary: dict, tables: dict[str, pd.DataFrame], p
         return
     import wandb
 
-    run_dir = Path(os.environ.get("WANDB_DIR", "runs/wandb"))
+    run_dir = wandb_dir(params)
     run_dir.mkdir(parents=True, exist_ok=True)
     run = wandb.init(project=params["wandb"]["project"], mode=params["wandb"]["mode"], dir=str(run_dir), job_type=job,
                      name=f"{job}-{params['dataset']}-{params['tokenizer']['method']}-{params_hash(params)}",

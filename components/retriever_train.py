@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from components.atomic import atomic_path, write_json
 from components.best_epoch import fit_best_epoch, patience_param
-from components.config import out_path
+from components.config import out_path, wandb_dir
 from components.errors import ConfigError
 from components.fusion import fusion_config
 from components.fusion_tuning import tune_fusion, validation_queries
@@ -121,7 +121,7 @@ def run_train_retriever(params: dict) -> dict:
                              eval_beam=int(rp["eval_beam"]), val_k=VAL_K,
                              warmup_steps=int(rp.get("warmup_steps", 0)), total_steps=epochs * len(sampler))
     run_dir = Path("runs")
-    logger = _logger(params, run_dir)
+    logger = _logger(params, wandb_dir(params))
     start = time.perf_counter()
     fit = fit_best_epoch(module, trainer_args(rp, epochs, logger, run_dir / "lightning"), train_dl,
                          val_dl if len(valid) else None, f"val_recall@{VAL_K}", patience)

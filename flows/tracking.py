@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from components.config import out_path, params_hash
+from components.config import out_path, params_hash, wandb_dir
 
 _NESTED: contextvars.ContextVar[bool] = contextvars.ContextVar("sa2crq_wandb_nested", default=False)
 
@@ -69,8 +69,8 @@ def wandb_run(params: dict, name: str, job_type: str) -> Iterator[Any]:
         return
     import wandb
 
-    wandb_dir = Path(os.environ.get("WANDB_DIR") or out_path(params, "wandb"))
-    wandb_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = wandb_dir(params)
+    run_dir.mkdir(parents=True, exist_ok=True)
     run = wandb.init(
         project=params.get("wandb", {}).get("project", "sa2crq"),
         name=f"{name}-{params_hash(params)}",
@@ -78,7 +78,7 @@ def wandb_run(params: dict, name: str, job_type: str) -> Iterator[Any]:
         group=os.environ.get("WANDB_RUN_GROUP") or None,
         config={k: v for k, v in params.items() if not k.startswith("_")},
         mode=mode,
-        dir=str(wandb_dir),
+        dir=str(run_dir),
         reinit="create_new",
     )
     try:

@@ -299,3 +299,16 @@ def test_compare_brings_missing_inputs_and_titles_a_generic_catalog(tmp_path):
     assert (tmp_path / "out" / "embeddings" / "items.npy").exists()
     assert compare_mod.prepare_inputs(params) == []                  # present: kept as they are
     assert compare_mod.dataset_title(params) == "generic (items.csv, queries.csv)"
+
+
+def test_wandb_offline_runs_land_under_the_out_dir(tmp_path, monkeypatch):
+    """An experiment's W&B files stay with its outputs (not the project's runs/); WANDB_DIR overrides."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    params = load_params(ROOT / "params.yaml", [f"out_dir={tmp_path / 'exp'}"])
+    evaluate_mod.log_to_wandb(params, {"m": {"r": 1.0}}, {"t": pd.DataFrame({"a": [1]})}, {})
+    assert list((tmp_path / "exp" / "wandb").glob("offline-run-*"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))
+    evaluate_mod.log_to_wandb(params, {"m": {"r": 1.0}}, {}, {})
+    assert list((tmp_path / "elsewhere" / "wandb").glob("offline-run-*"))
+    assert len(list((tmp_path / "exp" / "wandb").glob("offline-run-*"))) == 1
