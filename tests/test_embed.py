@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import components.embed
 from components.config import load_params
-from components.embed import EMBED_DIM, encode_texts, load_encoder, run_embed, text_cache
+from components.embed import EMBED_DIM, encode_texts, load_encoder, one_shot_order, run_embed, text_cache
 from components.prepare import run_prepare
 from conftest import ROOT
 
@@ -100,25 +101,28 @@ class _Counting:
 
 def test_killed_embed_resumes_and_matches_an_uninterrupted_run(encoder, tmp_path, monkeypatch):
     params = _catalog_params(tmp_path / "a", CATALOG)
-    killed = _Counting(fail_after=1)
+    texts = pd.read_parquet(tmp_path / "a" / "out" / "prepared" / "items.parquet")["text"].tolist()
+    order = [texts[i] for i in one_shot_order(texts)]         # longest first, as one encode call batches them
+    queries = [["a lamp", "a chair"][i] for i in one_shot_order(["a lamp", "a chair"])]
+    killed = _Counting(fail_after=2)                           # dies in the second chunk (2 batches of 2)
     monkeypatch.setattr(components.embed, "encode_texts", killed)
     with pytest.raises(RuntimeError, match="killed"):
         run_embed(params)
-    assert killed.texts == CATALOG[:4] and not (tmp_path / "a" / "out" / "embeddings").exists()
+    assert killed.texts == order[:4] and not (tmp_path / "a" / "out" / "embeddings").exists()
     resumed = _Counting()
     monkeypatch.setattr(components.embed, "encode_texts", resumed)
     stats = run_embed(params)
-    assert resumed.texts == CATALOG[4:] + ["a lamp", "a chair"] and stats["n_encoded"] == 10
+    assert resumed.texts == order[4:] + queries and stats["n_encoded"] == 10
     fresh = _Counting()
     monkeypatch.setattr(components.embed, "encode_texts", fresh)
     run_embed(_catalog_params(tmp_path / "b", CATALOG))
-    assert fresh.texts == CATALOG + ["a lamp", "a chair"]
+    assert fresh.texts == order + queries
     for name in ("items.npy", "queries.npy"):
         got, want = (np.load(tmp_path / run / "out" / "embeddings" / name) for run in ("a", "b"))
-        assert np.array_equal(got, want), name  # same chunks in the same order: the same bits
-    # against one encode of everything, batch composition differs: equal to float32 rounding
-    np.testing.assert_allclose(np.load(tmp_path / "a" / "out" / "embeddings" / "items.npy"),
-                               encode_texts(CATALOG, batch_size=2), atol=1e-6)
+        assert np.array_equal(got, want), name
+    # the same bits as one encode of everything: the same batches, so a cache never moves what is trained
+    assert np.array_equal(np.load(tmp_path / "a" / "out" / "embeddings" / "items.npy"),
+                          encode_texts(texts, batch_size=2))
 
 
 def test_grown_catalog_and_retrain_encode_only_new_texts(encoder, tmp_path, monkeypatch):
@@ -155,4 +159,4 @@ def test_cache_off_or_damaged_shard_falls_back_to_encoding(encoder, tmp_path, mo
     monkeypatch.setattr(components.embed, "encode_texts", counting)
     with pytest.warns(UserWarning, match="unreadable embedding cache shard"):
         stats = run_embed(params)
-    assert stats["n_encoded"] == 5 and counting.texts == CATALOG[:3] + ["a lamp", "a chair"]
+    assert stats["n_encoded"] == 5 and sorted(counting.texts) == sorted(CATALOG[:3] + ["a lamp", "a chair"])
