@@ -10,7 +10,7 @@ complete SIDs, sorted by log-probability and distinct (distinct prefixes stay di
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -26,6 +26,7 @@ class SidTrie:
     """Prefix trie of issued SIDs as per-depth transition tables (torch int32: half the gather traffic)."""
 
     tables: list[torch.Tensor]   # tables[t]: (n_nodes_t + 1, K_t + 1) int32; last row = sink, last column = END
+    _copies: dict = field(default_factory=dict, repr=False, compare=False)  # device -> SidTrie (`on`)
 
     @classmethod
     def build(cls, codes: np.ndarray, lengths: np.ndarray, codebook_sizes: tuple[int, ...]) -> "SidTrie":
@@ -64,6 +65,14 @@ class SidTrie:
     @property
     def max_len(self) -> int:
         return len(self.tables) - 1
+
+    def on(self, device: torch.device) -> "SidTrie":
+        """The tables on `device` (copied once per device and kept): the trie follows the model."""
+        if self.tables[0].device == device:
+            return self
+        if device not in self._copies:
+            self._copies[device] = SidTrie([t.to(device) for t in self.tables])
+        return self._copies[device]
 
 
 class StepDecoder(Protocol):
@@ -113,18 +122,20 @@ def beam_search(model: StepDecoder, batch: dict, vocab: SidVocab, beam: int, tri
     if trie is not None and trie.max_len != max_len:
         raise ValueError(f"trie depth {trie.max_len} != vocabulary depth {max_len}")
     n = _batch_size(batch)
-    scores = torch.zeros(n, 1)
-    node = torch.zeros(n, 1, dtype=torch.int32)
-    done = torch.zeros(n, 1, dtype=torch.bool)
-    sid_index = torch.full((n, 1), -1, dtype=torch.long)
-    codes = torch.full((n, 1, max_len), -1, dtype=torch.long)
-    lengths = torch.zeros(n, 1, dtype=torch.long)
-    tokens = torch.full((n, 1), 1, dtype=torch.long)  # BOS
+    device = batch["x"].device  # search state lives where the model's inputs are
+    trie = trie.on(device) if trie is not None else None
+    scores = torch.zeros(n, 1, device=device)
+    node = torch.zeros(n, 1, dtype=torch.int32, device=device)
+    done = torch.zeros(n, 1, dtype=torch.bool, device=device)
+    sid_index = torch.full((n, 1), -1, dtype=torch.long, device=device)
+    codes = torch.full((n, 1, max_len), -1, dtype=torch.long, device=device)
+    lengths = torch.zeros(n, 1, dtype=torch.long, device=device)
+    tokens = torch.full((n, 1), 1, dtype=torch.long, device=device)  # BOS
     offsets = vocab.offsets
     for depth in range(max_len):
         if bool(done.all()):
             break
-        columns = torch.from_numpy(vocab.layer_columns(depth))
+        columns = torch.from_numpy(vocab.layer_columns(depth)).to(device)
         width = len(columns)
         logp = model.step(state, tokens, depth, columns)  # (N, W, K+1)
         child = None
@@ -170,10 +181,10 @@ def beam_search(model: StepDecoder, batch: dict, vocab: SidVocab, beam: int, tri
             scores = torch.where(live & (reached < 0), NEG_INF, scores)
     if scores.shape[1] < beam:
         pad = beam - scores.shape[1]
-        scores = torch.cat([scores, torch.full((n, pad), NEG_INF)], 1)
-        sid_index = torch.cat([sid_index, torch.full((n, pad), -1, dtype=torch.long)], 1)
-        lengths = torch.cat([lengths, torch.zeros(n, pad, dtype=torch.long)], 1)
-        codes = torch.cat([codes, torch.full((n, pad, max_len), -1, dtype=torch.long)], 1)
+        scores = torch.cat([scores, torch.full((n, pad), NEG_INF, device=device)], 1)
+        sid_index = torch.cat([sid_index, torch.full((n, pad), -1, dtype=torch.long, device=device)], 1)
+        lengths = torch.cat([lengths, torch.zeros(n, pad, dtype=torch.long, device=device)], 1)
+        codes = torch.cat([codes, torch.full((n, pad, max_len), -1, dtype=torch.long, device=device)], 1)
     order = scores.argsort(dim=1, descending=True, stable=True)
     return BeamResult(codes.gather(1, order.unsqueeze(-1).expand(-1, -1, max_len)), lengths.gather(1, order),
                       scores.gather(1, order), sid_index.gather(1, order))

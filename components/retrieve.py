@@ -86,7 +86,7 @@ def load_context(params: dict, model: RetrieverModel | None = None, out_dir: str
     if model.scorer is not None:
         model.attach_items(inputs.item_emb)
         with torch.no_grad():
-            learned = model.item_vectors().numpy()
+            learned = model.item_vectors().cpu().numpy()
     item = inputs.item_emb
     unit = (item / np.maximum(np.linalg.norm(item, axis=1, keepdims=True), 1e-12)).astype(np.float32)
     return DecodeContext(model, inputs, learned, unit)
@@ -110,11 +110,11 @@ def _decode_all(params: dict, model: RetrieverModel, dataset: ExampleDataset, be
         for idx in tqdm(sampler, desc="decode", disable=len(sampler) < 20):
             batch = dataset[idx]
             res = decode(model, batch, beam, constrained)
-            sid_index[idx], scores[idx] = res.sid_index.numpy(), res.scores.numpy()
-            codes[idx], lengths[idx] = res.codes.numpy(), res.lengths.numpy()
+            sid_index[idx], scores[idx] = res.sid_index.cpu().numpy(), res.scores.cpu().numpy()
+            codes[idx], lengths[idx] = res.codes.cpu().numpy(), res.lengths.cpu().numpy()
             if qvecs is not None:
                 with torch.no_grad():
-                    qvecs[idx] = model.query_vectors(batch).numpy()
+                    qvecs[idx] = model.query_vectors(batch).cpu().numpy()
     finally:
         model.train(was_training)
     return sid_index, scores, codes, lengths, qvecs

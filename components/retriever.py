@@ -196,8 +196,14 @@ class RetrieverModel(nn.Module):
             raise ValueError("the item scorer needs item_head on and attach_items(item_emb) first")
         return self.scorer.item_vectors(self.item_emb.to(self.layer_bias.device))
 
+    def on_device(self, batch: dict) -> dict:
+        """The batch's tensors on the model's device (a no-op where they are already)."""
+        device = self.layer_bias.device
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
     def query_vectors(self, batch: dict) -> torch.Tensor:
         """The item scorer's unit query vectors (N, d) for a batch (eval mode is the caller's job)."""
+        batch = self.on_device(batch)
         if self.scorer_tower is not None:
             return self.scorer.query_vectors(*self.scorer_tower(batch))
         memory, mask = self.encode_query(batch)
@@ -228,6 +234,7 @@ def decode(model: nn.Module, batch: dict, beam: int, constrained: bool = True) -
     was_training = net.training
     if was_training:  # switching modes walks every submodule: skip it when serving
         net.eval()
+    batch = net.on_device(batch)
     try:
         return beam_search(net, batch, net.vocab, beam, net.trie if constrained else None)
     finally:
@@ -281,8 +288,9 @@ class RetrieverModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         result = beam_search(self.net, batch, self.net.vocab, self.eval_beam, self.net.trie)
-        ranks = self.net.catalog.target_ranks(result.sid_index.numpy(), batch["targets"].numpy())
-        valid = batch["targets"].numpy() >= 0
+        targets = batch["targets"].cpu().numpy()
+        ranks = self.net.catalog.target_ranks(result.sid_index.cpu().numpy(), targets)
+        valid = targets >= 0
         self._hits.append(((ranks < self.val_k) & valid).sum(1) / valid.sum(1))
 
     def on_validation_epoch_end(self) -> None:
