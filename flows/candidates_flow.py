@@ -24,11 +24,12 @@ from prefect.cache_policies import NO_CACHE
 
 from components.atomic import write_json, write_parquet
 from components.config import out_path
-from components.contract import list_column, require_columns
+from components.contract import check_texts, id_column, list_column, require_columns
 from components.errors import DataError
 from components.locks import lock_folder
 from components.readers import read_table
 from components.retrieve import CANDIDATE_COLUMNS, retrieve
+from components.values import is_null
 from flows.flow_params import apply_overrides, flow_run_name
 from flows.tracking import log_metrics, wandb_run
 
@@ -43,13 +44,17 @@ def read_queries(path: str | Path) -> pd.DataFrame:
     require_columns(raw, ("query_id",), file)
     if "text" not in raw.columns and "history" not in raw.columns:
         raise DataError(file, "missing column (need 'text' or 'history')", column="text")
-    ids = raw["query_id"].astype(str)
+    ids = id_column(raw["query_id"], file, "query_id")
+    null = ids.map(lambda v: v is None or not v.strip())
+    if null.any():
+        raise DataError(file, "null or empty id", column="query_id", rows=np.flatnonzero(null))
     dup = ids.duplicated()
     if dup.any():
         raise DataError(file, f"duplicate id {ids[dup].iloc[0]!r}", column="query_id", rows=np.flatnonzero(dup))
     history = list_column(raw, "history", file) if "history" in raw.columns else pd.Series([[]] * len(raw))
     text = raw["text"] if "text" in raw.columns else pd.Series([None] * len(raw))
-    text = [None if t is None or (isinstance(t, float) and np.isnan(t)) or not str(t).strip() else str(t) for t in text]
+    check_texts(text, file, required=False)
+    text = [None if is_null(t) or not t.strip() else t for t in text]
     empty = np.array([not h and t is None for h, t in zip(history, text)])
     if empty.any():
         raise DataError(file, "query has neither text nor history", column="text", rows=np.flatnonzero(empty))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from components.errors import UnknownNameError
+from components.errors import Sa2crqError, UnknownNameError
 from components.locks import lock_out_dir
 from components.steps import STEPS
 from flows.evaluate_flow import evaluate_flow
@@ -22,7 +22,7 @@ def select_steps(start: str, stop: str) -> list[str]:
         if name not in order:
             raise UnknownNameError(f"unknown step {name!r}; steps are: {', '.join(order)}")
     if order.index(start) > order.index(stop):
-        raise ValueError(f"start step {start!r} comes after stop step {stop!r}")
+        raise Sa2crqError(f"start step {start!r} comes after stop step {stop!r}")
     return order[order.index(start): order.index(stop) + 1]
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from components.atomic import fsync_dir, write_json
 from components.config import out_path
+from components.errors import Sa2crqError
 from components.locks import lock_folder
 from flows.step_io import DVC_FILE, PIPELINE_OUT, ROOT
 
@@ -113,7 +114,7 @@ def promote(out_dir: str | os.PathLike, version: str) -> str:
             raise FileNotFoundError(f"{cand}: version is incomplete, missing {missing}")
         old = live_version(out_dir)
         if old == version:
-            raise ValueError(f"version {version!r} is already live in {out_dir}")
+            raise Sa2crqError(f"{out_dir}: version {version!r} is already live")
         keep = vdir / old
         if keep.exists():
             shutil.rmtree(keep)

@@ -79,3 +79,26 @@ def test_queries_need_text_or_history(tmp_path):
     with pytest.raises(DataError, match="neither text nor history") as err:
         read_queries(bad)
     assert err.value.rows == [1]
+
+
+@pytest.mark.parametrize("frame, column, message, rows", [
+    (pd.DataFrame({"query_id": [1.0, 7.5], "text": ["a lamp", "a desk"]}), "query_id", "not the float 7.5", [1]),
+    (pd.DataFrame({"query_id": ["a", ""], "text": ["a lamp", "a desk"]}), "query_id", "null or empty id", [1]),
+    (pd.DataFrame({"query_id": ["a", "b"], "text": ["a lamp", ["a", "desk"]]}), "text", "text must be a string", [1]),
+])
+def test_candidate_queries_follow_the_data_contract(tmp_path, frame, column, message, rows):
+    """The A/B queries file obeys the same id and text rules as the pipeline's (JSON lines keep the types)."""
+    bad = tmp_path / "q.jsonl"
+    frame.to_json(bad, orient="records", lines=True)
+    with pytest.raises(DataError, match=message) as err:
+        read_queries(bad)
+    assert err.value.column == column and err.value.rows == rows
+
+
+def test_integer_query_ids_read_as_their_digits(tmp_path):
+    good = tmp_path / "q.csv"
+    good.write_text("query_id,text\n7,a lamp\n8,\n")
+    with pytest.raises(DataError, match="neither text nor history"):
+        read_queries(good)
+    good.write_text("query_id,text\n7,a lamp\n")
+    assert read_queries(good)["query_id"].tolist() == ["7"]
