@@ -295,6 +295,13 @@ def repro(sid: str, plan: dict) -> int:
     return ran
 
 
+def stage_outs(repo) -> dict[str, list[str]]:
+    """The outputs of every comparison stage, by DVC target (one parse of each file: collecting
+    stage by stage re-parses it each time)."""
+    return {stage.addressing: [out.fs_path for out in stage.outs]
+            for path in (DVC_FILE, SETS_FILE) for stage in repo.stage.collect(str(path))}
+
+
 def adopt(sid: str, plan: dict) -> dict:
     """Record the set's finished runs as they are (`dvc commit`): stages whose outputs all exist
     enter experiments/dvc.lock and the DVC cache without running; the others will run."""
@@ -302,9 +309,9 @@ def adopt(sid: str, plan: dict) -> dict:
 
     done, missing = [], []
     with Repo() as repo:
+        outs = stage_outs(repo)
         for name in stage_names(sid, plan):
-            (stage,) = repo.stage.collect(name)
-            (done if all(Path(out.fs_path).exists() for out in stage.outs) else missing).append(name)
+            (done if all(Path(out).exists() for out in outs[name]) else missing).append(name)
     if done:
         rc = subprocess.call(_dvc(["commit", "--force", *done]), env=_dvc_env())
         if rc != 0:

@@ -63,10 +63,10 @@ def _stand_in_outputs(sid: str, plan: dict) -> None:
     from dvc.repo import Repo
 
     with Repo() as repo:
+        outs = compare_dvc.stage_outs(repo)
         for name in compare_dvc.stage_names(sid, plan):
-            (stage,) = repo.stage.collect(name)
-            for out in stage.outs:
-                path = Path(out.fs_path)
+            for out in outs[name]:
+                path = Path(out)
                 target = path if path.suffix else path / "part.bin"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(f"stand-in for {name}")
