@@ -103,7 +103,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     stage reads the same params."""
     compare = _load("flows.compare_dvc:run_compare")
     result = compare(_params(args), params_file=args.params, overrides=list(args.set),
-                     opt_variants=args.opt_variants, opt_adopt=args.opt_adopt)
+                     opt_variants=args.opt_variants, opt_adopt=args.opt_adopt, opt_jobs=args.opt_jobs)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the paper's Table 1: train and evaluate every tokenizer variant in eval.variants over eval.seeds")
     s.add_argument("--variants", dest="opt_variants", metavar="NAMES",
                    help="comma-separated names from eval.variants (default: all); 'none' = the baselines only")
+    s.add_argument("--jobs", "-j", dest="opt_jobs", type=_positive_int, default=1, metavar="N",
+                   help="train / evaluate N runs at a time (default 1; dvc repro itself runs one stage at a time)")
     s.add_argument("--adopt", dest="opt_adopt", action="store_true",
                    help="record the runs already on disk as done (dvc commit) instead of running anything")
     s.set_defaults(func=cmd_compare)

@@ -230,9 +230,9 @@ def run_baseline(params: dict, name: str, seed: int) -> dict | None:
     """Evaluate one baseline for one seed and store it (the compare_baseline stage); None = not
     applicable to the dataset (SASRec without histories), stored as such."""
     p = deep_merge(params, {"seed": int(seed)})
-    with lock_out_dir(params):
-        result = evaluate_all(p, load_eval_inputs(params), [name], generative=False)[0].get(baseline_label(name))
-        write_json({"name": baseline_label(name), "result": result}, baseline_file(params, name, seed))
+    # no out_dir lock: baselines of one comparison run side by side (`sa2crq compare --jobs`), each its own file
+    result = evaluate_all(p, load_eval_inputs(params), [name], generative=False)[0].get(baseline_label(name))
+    write_json({"name": baseline_label(name), "result": result}, baseline_file(params, name, seed))
     return result
 
 

@@ -14,8 +14,10 @@ overrides and stops if compare.yaml no longer matches them (edited params.yaml, 
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,13 +66,13 @@ def key(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", str(text).lower()).strip("_")
 
 
-def _rel_out_dir(params: dict) -> str:
-    """out_dir relative to the project root: DVC tracks outputs inside the project only."""
-    out = Path(params["out_dir"])
+def _inside(path: str, name: str) -> str:
+    """`path` relative to the project root: DVC tracks outputs inside the project only."""
+    out = Path(path)
     rel = Path(os.path.relpath(out.resolve(), Path.cwd().resolve())) if out.is_absolute() else out
     if rel.parts[:1] == ("..",) or not rel.parts:
-        raise ConfigError("out_dir", f"{out}: `sa2crq compare` keeps its runs in DVC, so out_dir must be a folder "
-                                     "inside the project (e.g. -s out_dir=outputs-mine)")
+        raise ConfigError(name, f"{out}: `sa2crq compare` keeps its outputs in DVC, so this must be a folder "
+                                "inside the project (e.g. -s out_dir=outputs-mine)")
     return rel.as_posix()
 
 
@@ -85,10 +87,10 @@ def input_keys(params: dict) -> dict:
 def _input_deps(params: dict) -> list[str]:
     if params["dataset"] == "generic":
         files = [params["data"]["generic"][k] for k in ("items", "queries")]
-        missing = [f for f in files if not f or not Path(f).exists()]
+        missing = [f for f in files if not f or not Path(f).is_file()]
         if missing:
             raise ConfigError("data.generic", f"dataset generic reads data.generic.items and .queries; "
-                                              f"missing: {missing or files}")
+                                              f"no such file: {missing}")
     else:
         files = [params["data"]["root"]]
     return [*files, *PREPARE_CODE]
@@ -97,7 +99,7 @@ def _input_deps(params: dict) -> list[str]:
 def plan_set(params: dict, params_file: str, overrides: list[str], variants: list[dict], command: str
              ) -> tuple[str, dict]:
     """The set of these params: its id and its entry in every plan section."""
-    out_dir = _rel_out_dir(params)
+    out_dir = _inside(params["out_dir"], "out_dir")
     sid = key(out_dir)
     ev = params["eval"]
     seeds = [int(s) for s in ev["seeds"]]
@@ -136,7 +138,7 @@ def plan_set(params: dict, params_file: str, overrides: list[str], variants: lis
             file = baseline_file(rel, name, seed).as_posix()
             plan["baselines"][bid] = {"set": sid, "name": name, "seed": seed, "out_dir": out_dir, "file": file}
             deps.append(file)
-    results_dir = str(ev["results_dir"] or "results")
+    results_dir = _inside(str(ev["results_dir"] or "results"), "eval.results_dir")
     results = f"{results_dir}/{params['dataset']}.json"
     tables = [f"{out_dir}/{ev['compare_dir']}/{name}" for name in TABLES]
     plan["sets"][sid] = {
@@ -269,16 +271,17 @@ def _dvc_env() -> dict:
     return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
-def repro(sid: str, plan: dict) -> int:
-    """`dvc repro` of the set's aggregate stage (and so of everything it reads), with a progress bar:
-    one tick per stage DVC checks, named while it runs; the stages' own output passes through."""
+def repro(sid: str, plan: dict, targets: list[str] | None = None) -> int:
+    """`dvc repro` of the set's aggregate stage (and so of everything it reads), or of `targets`,
+    with a progress bar: one tick per stage DVC checks, named while it runs; the stages' own output
+    passes through. Returns how many stages ran."""
     names = stage_names(sid, plan)
     total = len(names) + (0 if sid in plan["input_keys"] else 2)   # dvc.yaml's prepare and embed
-    cmd = _dvc(["repro", f"{SETS_FILE}:aggregate_{sid}"])
-    print("+", " ".join(cmd[1:]).join(["dvc ", ""]), flush=True)
+    cmd = _dvc(["repro", *(targets or [f"{SETS_FILE}:aggregate_{sid}"])])
+    print(f"+ dvc {' '.join(cmd[1:])}", flush=True)
     stage_line = re.compile(r"^(?:Running stage|Stage) '([^']+)'")
     ran = 0
-    with tqdm(total=total, desc=f"compare {sid}", unit="stage", file=sys.stderr) as bar, \
+    with tqdm(total=total if targets is None else None, desc=f"compare {sid}", unit="stage", file=sys.stderr) as bar, \
             subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_dvc_env()) as proc:
         for line in proc.stdout:
             match = stage_line.match(line)
@@ -293,6 +296,60 @@ def repro(sid: str, plan: dict) -> int:
         raise Sa2crqError(f"{DVC_FILE}: `dvc repro` of comparison {sid!r} stopped (its error is above); "
                           "`sa2crq compare` with the same flags resumes, finished stages are kept")
     return ran
+
+
+def _stale(targets: list[str]) -> list[str]:
+    """The targets `dvc status` reports changed (deps, params, outs or command)."""
+    if not targets:
+        return []
+    proc = subprocess.run(_dvc(["status", "--json", *targets]), capture_output=True, text=True, env=_dvc_env())
+    if proc.returncode != 0:
+        raise Sa2crqError(f"{DVC_FILE}: `dvc status` failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    changed = json.loads(proc.stdout or "{}")
+    return [t for t in targets if t in changed]
+
+
+def repro_parallel(sid: str, plan: dict, jobs: int) -> int:
+    """The set's stale runs, `jobs` at a time (`dvc repro` runs one stage at a time): first the
+    inputs, then wave by wave (every stale train stage, then evaluate, then baseline) each stage's
+    own command in a process of its own, recorded with `dvc commit` as `dvc repro` records it; then
+    `dvc repro` of the aggregate, which finds the runs up to date."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dvc.repo import Repo
+
+    names = stage_names(sid, plan)
+    inputs = [n for n in names if n.startswith(f"{SETS_FILE}:")][:-1] or ["prepare", "embed"]
+    ran = repro(sid, plan, inputs)
+    with Repo() as repo:
+        stages = {stage.addressing: stage for path in (DVC_FILE, SETS_FILE) for stage in repo.stage.collect(str(path))}
+    for kind in ("train", "evaluate", "baseline"):
+        stale = _stale([n for n in names if f":compare_{kind}@" in n])
+        if not stale:
+            continue
+
+        def run(name: str) -> int:
+            stage = stages[name]
+            for out in stage.outs:                        # as dvc repro does: no leftovers of the last run
+                path = Path(out.fs_path)
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            return subprocess.call(stage.cmd, shell=True, cwd=stage.wdir, env=_dvc_env())
+
+        with tqdm(total=len(stale), desc=f"compare {sid} {kind}", unit="stage", file=sys.stderr) as bar, \
+                ThreadPoolExecutor(max_workers=jobs) as pool:
+            codes = []
+            for code in pool.map(run, stale):
+                bar.update(1)
+                codes.append(code)
+        done = [n for n, code in zip(stale, codes) if code == 0]
+        failed = [n.split(":")[-1] for n, code in zip(stale, codes) if code != 0]
+        if done and subprocess.call(_dvc(["commit", "--force", "--quiet", *done]), env=_dvc_env()) != 0:
+            raise Sa2crqError(f"{DVC_FILE}: `dvc commit` of comparison {sid!r} failed (its error is above)")
+        if failed:
+            raise Sa2crqError(f"{DVC_FILE}: comparison {sid!r}: {', '.join(failed)} failed (errors above); the "
+                              "others are recorded, `sa2crq compare` with the same flags resumes")
+        ran += len(stale)
+    return ran + repro(sid, plan)
 
 
 def stage_outs(repo) -> dict[str, list[str]]:
@@ -320,9 +377,9 @@ def adopt(sid: str, plan: dict) -> dict:
 
 
 def run_compare(params: dict, params_file: str, overrides: list[str], opt_variants: str | None = None,
-                opt_adopt: bool = False) -> dict:
-    """`sa2crq compare`: write the set's plan, then `dvc repro` it (or, with --adopt, record the runs
-    already on disk without running anything)."""
+                opt_adopt: bool = False, opt_jobs: int = 1) -> dict:
+    """`sa2crq compare`: write the set's plan, then `dvc repro` it, `opt_jobs` runs at a time (or,
+    with --adopt, record the runs already on disk without running anything)."""
     if not DVC_FILE.exists():
         raise FileNotFoundError(f"{DVC_FILE}: missing (run `sa2crq compare` from the project root)")
     variants = pick_variants(list(params["eval"].get("variants") or []), opt_variants)
@@ -334,7 +391,7 @@ def run_compare(params: dict, params_file: str, overrides: list[str], opt_varian
     plan = read_plan()
     if opt_adopt:
         return {"set": sid, "plan": str(PLAN), **adopt(sid, plan)}
-    ran = repro(sid, plan)
+    ran = repro(sid, plan) if opt_jobs <= 1 else repro_parallel(sid, plan, opt_jobs)
     root = out_path(params, params["eval"]["compare_dir"])
     return {"set": sid, "stages_run": ran, "runs": len(variants) * len(params["eval"]["seeds"]),
             "markdown": str(root / "results.md"), "results": plan["sets"][sid]["results"]}

@@ -146,21 +146,27 @@ def test_a_users_catalog_gets_its_own_inputs_and_title(project: Path, tmp_path):
     assert f"aggregate_{sid}" in yaml.safe_load((project / "experiments/sets/dvc.yaml").read_text())["stages"]
 
 
+def _summary(stdout: str) -> dict:
+    """The command's own JSON summary: the last object printed (the stages print theirs before it)."""
+    return json.loads(stdout[stdout.rindex("\n{\n") + 1:])
+
+
 @pytest.mark.slow
 def test_compare_runs_through_dvc(tmp_path):
-    """The real thing on the smoke slice: `sa2crq compare` reproduces its inputs, one run and a
-    baseline, then the aggregate; run again, it runs nothing."""
+    """The real thing on the smoke slice: `sa2crq compare --jobs 2` reproduces its inputs, one run
+    and a baseline (each stage's command beside DVC, then `dvc commit`), then the aggregate; a plain
+    `sa2crq compare` (`dvc repro` alone) then finds every stage up to date."""
     root = _project(tmp_path / "project", data=True)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                PYTHONPATH=str(root))
     cmd = [sys.executable, "-m", "components.cli", "compare", "--variants", "RQ-KMeans", "-s", "profile=smoke",
            "-s", "out_dir=outputs-t", "-s", "eval.baselines=[popular]", "-s", "data.max_users=150"]
-    first = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    first = subprocess.run(cmd + ["--jobs", "2"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert json.loads(first.stdout[first.stdout.index("{\n"):])["stages_run"] == 6
+    assert _summary(first.stdout)["stages_run"] == 6          # prepare, embed, train, evaluate, popular, aggregate
     doc = json.loads((root / "results" / "amazon-scientific.json").read_text())
     assert [r["name"] for r in doc["rows"]] == ["RQ-KMeans", "most popular"]
     assert doc["command"] == "sa2crq compare"
     assert "compare outputs_t" in first.stderr                           # the progress bar
     again = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0 and json.loads(again.stdout[again.stdout.index("{\n"):])["stages_run"] == 0
+    assert again.returncode == 0 and _summary(again.stdout)["stages_run"] == 0
