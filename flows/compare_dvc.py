@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -42,7 +43,6 @@ from components.compare import (
 )
 from components.config import load_params, out_path
 from components.errors import ConfigError, Sa2crqError, UnknownNameError
-from components.results_file import invoked_command
 from flows.step_io import PIPELINE_OUT
 
 DVC_FILE = Path("experiments/dvc.yaml")
@@ -298,14 +298,19 @@ def repro(sid: str, plan: dict, targets: list[str] | None = None) -> int:
     return ran
 
 
-def _stale(targets: list[str]) -> list[str]:
-    """The targets `dvc status` reports changed (deps, params, outs or command)."""
+def _status(targets: list[str]) -> dict:
+    """`dvc status --json` of these targets: the changed ones, with what changed."""
     if not targets:
-        return []
+        return {}
     proc = subprocess.run(_dvc(["status", "--json", *targets]), capture_output=True, text=True, env=_dvc_env())
     if proc.returncode != 0:
         raise Sa2crqError(f"{DVC_FILE}: `dvc status` failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    changed = json.loads(proc.stdout or "{}")
+    return json.loads(proc.stdout or "{}")
+
+
+def _stale(targets: list[str]) -> list[str]:
+    """The targets `dvc status` reports changed (deps, params, outs or command)."""
+    changed = _status(targets)
     return [t for t in targets if t in changed]
 
 
@@ -359,6 +364,24 @@ def stage_outs(repo) -> dict[str, list[str]]:
             for path in (DVC_FILE, SETS_FILE) for stage in repo.stage.collect(str(path))}
 
 
+def unrecorded_runs(sid: str, plan: dict) -> list[str]:
+    """Trained runs on disk that DVC would train again: missing from experiments/dvc.lock (finished
+    before the comparison ran on DVC) or with outputs that differ from it (trained outside DVC)."""
+    from dvc.repo import Repo
+
+    lock_file = DVC_FILE.with_name("dvc.lock")
+    locked = (yaml.safe_load(lock_file.read_text()) or {}).get("stages", {}) if lock_file.exists() else {}
+    with Repo() as repo:
+        outs = stage_outs(repo)
+    trains = [n for n in stage_names(sid, plan) if ":compare_train@" in n]
+    on_disk = [n for n in trains if all(Path(out).exists() for out in outs[n])]
+    unlocked = [n for n in on_disk if n.split(":", 1)[1] not in locked]
+    modified = [n for n, changes in _status([n for n in on_disk if n not in unlocked]).items()
+                if any("modified" in change.get("changed outs", {}).values() for change in changes
+                       if isinstance(change, dict))]
+    return unlocked + modified
+
+
 def adopt(sid: str, plan: dict) -> dict:
     """Record the set's finished runs as they are (`dvc commit`): stages whose outputs all exist
     enter experiments/dvc.lock and the DVC cache without running; the others will run."""
@@ -376,6 +399,15 @@ def adopt(sid: str, plan: dict) -> dict:
     return {"adopted": len(done), "to_run": missing}
 
 
+def compare_command(params_file: str, overrides: list[str], names: str | None) -> str:
+    """The command the results file names: what decides the results (params file, variants,
+    overrides), however it was typed (`--jobs`, `--adopt` or `python -m` aside)."""
+    args = ["sa2crq", "compare"] + (["--params", params_file] if params_file != "params.yaml" else [])
+    args += ["--variants", names] if names is not None else []
+    args += [x for o in overrides for x in ("-s", o)]
+    return " ".join(map(shlex.quote, args))
+
+
 def run_compare(params: dict, params_file: str, overrides: list[str], opt_variants: str | None = None,
                 opt_adopt: bool = False, opt_jobs: int = 1) -> dict:
     """`sa2crq compare`: write the set's plan, then `dvc repro` it, `opt_jobs` runs at a time (or,
@@ -385,12 +417,18 @@ def run_compare(params: dict, params_file: str, overrides: list[str], opt_varian
     variants = pick_variants(list(params["eval"].get("variants") or []), opt_variants)
     if not variants and not params["eval"]["baselines"]:
         raise ConfigError("eval.variants", "no variants and no baselines to compare")
-    command = " ".join(part for part in invoked_command().split(" ") if part != "--adopt")
-    sid, entries = plan_set(params, params_file, overrides, variants, command)
+    sid, entries = plan_set(params, params_file, overrides, variants,
+                            compare_command(params_file, overrides, opt_variants))
     write_plan(sid, entries)
     plan = read_plan()
     if opt_adopt:
         return {"set": sid, "plan": str(PLAN), **adopt(sid, plan)}
+    unrecorded = unrecorded_runs(sid, plan)
+    if unrecorded:   # DVC would retrain them: hours of finished work
+        names = ", ".join(n.split("@")[-1] for n in unrecorded[:3]) + (" ..." if len(unrecorded) > 3 else "")
+        raise Sa2crqError(f"comparison {sid!r}: {len(unrecorded)} trained run(s) on disk that {DVC_FILE.parent}/dvc.lock "
+                          f"does not record ({names}); `sa2crq compare --adopt` with the same flags records them "
+                          "as they are, or delete a run's folder to train it again")
     ran = repro(sid, plan) if opt_jobs <= 1 else repro_parallel(sid, plan, opt_jobs)
     root = out_path(params, params["eval"]["compare_dir"])
     return {"set": sid, "stages_run": ran, "runs": len(variants) * len(params["eval"]["seeds"]),

@@ -89,10 +89,17 @@ def test_dvc_reruns_only_the_runs_whose_params_they_read_changed(project: Path):
     assert sid == "outputs_t"
     _stand_in_outputs(sid, plan)
     params = load_params("params.yaml", BASE)
+    # finished runs DVC has not recorded are not retrained behind the user's back
+    with pytest.raises(Sa2crqError, match="4 trained run.* does not record .*sa2crq compare --adopt"):
+        compare_dvc.run_compare(params, "params.yaml", BASE)
     adopted = compare_dvc.run_compare(params, "params.yaml", BASE, opt_adopt=True)
     runs = [f"{v}-s{s}" for v in ("rq_kmeans", "sa2crq_tau_6") for s in (0, 1)]
     assert adopted["adopted"] == 2 + 2 * len(runs) + 3 + 1 and adopted["to_run"] == []
     assert _stale(project) == set()                                      # adopted: nothing to run
+    model = project / "outputs-t/compare/rq_kmeans/seed1/retriever/part.bin"
+    model.write_text("trained outside DVC")
+    assert compare_dvc.unrecorded_runs(sid, plan) == ["experiments/dvc.yaml:compare_train@outputs_t-rq_kmeans-s1"]
+    model.write_text("stand-in for experiments/dvc.yaml:compare_train@outputs_t-rq_kmeans-s1")
 
     # keys no run reads: the baselines list, a baseline's own settings, W&B, flows, serving
     _plan(BASE[:-1] + ["eval.baselines=[popular]", "eval.two_tower.epochs=9", "wandb.mode=disabled",
