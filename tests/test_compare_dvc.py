@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -167,13 +168,14 @@ def test_compare_runs_through_dvc(tmp_path):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                PYTHONPATH=str(root))
     cmd = [sys.executable, "-m", "components.cli", "compare", "--variants", "RQ-KMeans", "-s", "profile=smoke",
-           "-s", "out_dir=outputs-t", "-s", "eval.baselines=[popular]", "-s", "data.max_users=150"]
+           "-s", "out_dir=outputs-t", "-s", "eval.baselines=[popular]", "-s", "data.max_users=150",
+           "-s", "tokenizer.epochs_head=2", "-s", "tokenizer.epochs_tail=1", "-s", "retriever.epochs=1"]
     first = subprocess.run(cmd + ["--jobs", "2"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert _summary(first.stdout)["stages_run"] == 6          # prepare, embed, train, evaluate, popular, aggregate
     doc = json.loads((root / "results" / "amazon-scientific.json").read_text())
     assert [r["name"] for r in doc["rows"]] == ["RQ-KMeans", "most popular"]
-    assert doc["command"] == "sa2crq compare"
+    assert doc["command"] == "sa2crq " + shlex.join(cmd[3:])          # as typed, --jobs aside
     assert "compare outputs_t" in first.stderr                           # the progress bar
     again = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and _summary(again.stdout)["stages_run"] == 0
