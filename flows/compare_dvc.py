@@ -187,16 +187,30 @@ def _dump(path: Path, data: dict, flow: bool | None) -> None:
         tmp.write_text(HEADER + yaml.safe_dump(data, sort_keys=False, default_flow_style=flow, width=120))
 
 
+def _replace(old: dict, mine, new: dict) -> dict:
+    """`old` with the entries `mine` picks replaced by `new`, where the first of them was: rewriting
+    a set leaves the files' order (and their diff) alone."""
+    out: dict = {}
+    placed = False
+    for k, v in old.items():
+        if not mine(k):
+            out[k] = v
+        elif not placed:
+            out.update(new)
+            placed = True
+    if not placed:
+        out.update(new)
+    return out
+
+
 def write_plan(sid: str, entries: dict) -> None:
     """Replace one set's entries in experiments/compare.yaml and its stages in SETS_FILE, keeping the other sets'."""
     plan = read_plan()
     for name in SECTIONS:
-        kept = {k: v for k, v in plan[name].items() if not (k == sid or k.startswith(f"{sid}-"))}
-        plan[name] = {**kept, **entries[name]}
+        plan[name] = _replace(plan[name], lambda k: k == sid or k.startswith(f"{sid}-"), entries[name])
     _dump(PLAN, plan, None)
-    stages = _set_stages(None)
-    kept = {name: stage for name, stage in stages.items() if name not in _stage_keys(sid)}
-    _dump(SETS_FILE, {"stages": {**kept, **entries["stages"]}}, False)
+    stages = _replace(_set_stages(None), lambda k: k in _stage_keys(sid), entries["stages"])
+    _dump(SETS_FILE, {"stages": stages}, False)
 
 
 def load_set(sid: str) -> tuple[dict, list[dict], dict]:
