@@ -84,6 +84,8 @@ READ_ONLY_WHEN = {("retriever", "item_head_weight"): (("retriever", "item_head")
                   ("retriever", "item_head_encoder"): (("retriever", "item_head"), bool),
                   ("tokenizer", "sarq", "target_items_per_sid"): (("tokenizer", "sarq", "tau"),
                                                                    lambda tau: tau == "auto")}
+# keys split off another later, left out of the run key while they equal it (the behaviour before the split)
+SPLIT_FROM = {("retriever", "fusion", "beam"): ("retriever", "beam")}
 
 
 def _get(tree: dict, path: tuple[str, ...]) -> object:
@@ -107,7 +109,7 @@ def run_key(p: dict) -> str:
         (() if method in STAGE2_METHODS else ("extension_sizes", "head_encoder", "stage2_items")) + \
         (() if method == "import" else ("import_unknown",))
     kept["tokenizer"] = {k: v for k, v in p["tokenizer"].items() if k not in unread}
-    kept["retriever"] = dict(p["retriever"])
+    kept["retriever"] = copy.deepcopy(p["retriever"])
     for (section, key), value in EARLIER_BEHAVIOUR.items():
         current = kept.get(section, {}).get(key, value)
         if current == value or (isinstance(value, dict) and isinstance(current, dict)
@@ -117,6 +119,10 @@ def run_key(p: dict) -> str:
         parent = _get(kept, path[:-1])
         if isinstance(parent, dict) and not is_on(_get(p, switch)):
             parent.pop(path[-1], None)
+    for path, source in SPLIT_FROM.items():
+        parent = _get(kept, path[:-1])
+        if isinstance(parent, dict) and parent.get(path[-1]) == _get(p, source):
+            parent.pop(path[-1])
     return params_hash(kept)
 
 

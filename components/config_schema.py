@@ -224,6 +224,7 @@ Fusion = section(
                  _fusion_weights),
     depth=integer(1),
     rrf_k=integer(1),
+    beam=integer(1),
 )
 
 Trainer = section(
