@@ -366,7 +366,6 @@ Schedule = section(
 
 Flows = section(
     "Flows",
-    cache=FLAG,
     retries=integer(0),
     retry_delay_s=number(0),
     task_runner=choice("threads", "dask"),
