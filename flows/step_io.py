@@ -12,6 +12,7 @@ step functions (components.stages) directly, with no cache of its own.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from functools import lru_cache
@@ -66,13 +67,25 @@ def _value(params: dict, key: str) -> object:
     return params
 
 
+def _difference(key: str, mine: object, theirs: object) -> tuple[str, object, object] | None:
+    """The first leaf (key, mine, theirs) where two values differ, or None."""
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        for sub in sorted(set(mine) | set(theirs)):
+            found = _difference(f"{key}.{sub}", mine.get(sub), theirs.get(sub))
+            if found:
+                return found
+        return None
+    return None if mine == theirs else (key, mine, theirs)
+
+
 def check_stage_params(params: dict, root: Path, steps: list[str]) -> None:
     """Refuse params the DVC stages would not run with: they load root/params.yaml, not the flow's
     params, so a key they read must have the same value in both (other keys are the flow's own)."""
     stages = load_params(root / "params.yaml")
-    for key in sorted({k for step in steps for k in stage_param_keys(root, step)}):
-        mine, theirs = _value(params, key), _value(stages, key)
-        if mine != theirs:
+    for listed in sorted({k for step in steps for k in stage_param_keys(root, step)}):
+        found = _difference(listed, _value(params, listed), _value(stages, listed))
+        if found:
+            key, mine, theirs = found
             raise ConfigError(key, f"is {mine!r} for this flow but {theirs!r} in {root / 'params.yaml'}, which the "
                                    f"DVC stages on {root / PIPELINE_OUT}/ read: set it there, run "
                                    f"`sa2crq run -s {key}=...` (dvc exp run), or give the flow another out_dir")
@@ -90,8 +103,9 @@ def dvc_repro(root: Path, step: str) -> list[str]:
     # the stages run `sa2crq`: the one installed beside this interpreter, even when no venv is active
     run_env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     try:
-        with Repo(str(root)) as repo:
-            ran = repo.reproduce(f"{root / DVC_FILE.name}:{step}", run_env=run_env)  # a target is read from the cwd
+        # DVC resolves targets and stage paths against the working directory, as its CLI run in root does
+        with contextlib.chdir(root), Repo(str(root)) as repo:
+            ran = repo.reproduce(f"{DVC_FILE.name}:{step}", run_env=run_env)
     except LockError:
         raise Sa2crqError(f"{root}: another DVC process holds the repository lock; rerun when it has finished") from None
     except ReproductionError as exc:
