@@ -77,6 +77,8 @@ def test_flow_on_outputs_runs_its_steps_through_dvc(project: Path, prefect_serve
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert flow() == {"train_retriever": {"dvc_ran": ["resolve_params"]}}
     (project / "params.yaml").write_text(text)
+    assert flow() == {"train_retriever": {"dvc_ran": ["resolve_params"]}}
+    assert _changed(project) == set()
 
 
 def _changed(project: Path) -> set[str]:
