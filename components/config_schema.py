@@ -251,6 +251,7 @@ Retriever = section(
     item_head=FLAG,
     item_head_weight=number(0),
     item_head_encoder=choice("shared", "own"),
+    cold_item_rows=choice("text", "learned"),
     fusion=Fusion,
     indexing_pairs=FLAG,
     lr=POSITIVE,
