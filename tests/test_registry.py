@@ -113,3 +113,41 @@ def test_promotion_keeps_dvc_lock_on_the_live_model_and_repro_leaves_it(project)
     _run(project, "git", "checkout", new_commit, "--", "dvc.lock")
     _dvc(project, "checkout", "-q", "--force")
     assert _marks(out) == {"retrained"}
+
+
+def _tree(root: Path, version: str, mark: str) -> None:
+    for name in VERSIONED:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / "mark.txt").write_text(mark)
+    (root / "sids" / "meta.json").write_text(json.dumps({"version": version}))
+
+
+def test_cli_promote_rollback_and_versions_outside_the_project(tmp_path, capsys):
+    """An out_dir that is not the project's outputs/ keeps its registry in <out_dir>/registry;
+    `sa2crq promote` promotes and rolls back, `sa2crq versions` shows prod, a bad name exits 2."""
+    from components.cli import main
+
+    out = tmp_path / "out"
+    _tree(out, "v1", "old")
+    _tree(out / "versions" / "v1.r1", "v1.r1", "new")
+    args = ["--params", str(Path(__file__).resolve().parents[1] / "params.yaml"), "-s", f"out_dir={out}"]
+    assert main(["versions", *args]) == 0
+    assert json.loads(capsys.readouterr().out) == {"out_dir": str(out), "live": "v1", "repo": str(out / "registry"),
+                                                   "prod": None, "versions": []}
+    assert main(["promote", "v1.r1", *args]) == 0
+    promoted = json.loads(capsys.readouterr().out)
+    assert promoted["live"] == "v1.r1" and promoted["previous"] == "v1" and promoted["registry"]["prod"] == "v1.r1"
+    assert _marks(out) == {"new"}
+    assert main(["promote", "v1", *args]) == 0                   # rollback: prod back on v1
+    capsys.readouterr()
+    assert main(["versions", *args]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["live"] == shown["prod"] == "v1" and _marks(out) == {"old"}
+    assert [(v["version"], v["stages"]) for v in shown["versions"]] == [("v1.r1", []), ("v1", ["prod"])]
+    # the fallback's commits each hold the manifest of the version made live
+    manifest = json.loads(_run(out / "registry", "git", "show", f"{ARTIFACT}@{shown['versions'][0]['gto_version']}:"
+                                                                 f"{ARTIFACT}.json"))
+    assert manifest["version"] == "v1.r1" and set(manifest["files"]) >= {"retriever/mark.txt", "sids/meta.json"}
+    assert main(["promote", "v9", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "v9" in err[0] and "Traceback" not in err[0]
