@@ -354,7 +354,6 @@ Retrain = section(
     max_old_recall_drop=SHARE,
     min_new_recall=SHARE,
     promote=FLAG,
-    dvc=choice("none", "commit"),
 )
 
 Schedule = section(
