@@ -21,7 +21,9 @@ EPILOG = """examples:
   sa2crq candidates --a outputs/ab/A --b outputs --queries q.parquet
   sa2crq sweep --grid tokenizer.sarq.tau=[7,9] --grid seed=[0,1]
   sa2crq serve --port 8000               the live retriever over HTTP (README "Online service")
-  sa2crq recover                         roll back a promotion that was killed half-way
+  sa2crq recover                         finish or roll back a promotion that was killed half-way
+  sa2crq promote VERSION                 make a kept version live and prod (rollback: an earlier one)
+  sa2crq versions                        the live version and the registry (GTO: versions, prod)
 
 A bad param, input file or option stops with one line and exit status 2; --debug (or
 SA2CRQ_DEBUG=1) shows the traceback instead.
@@ -178,8 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("recover", parents=[common],
-                       help="roll back a promotion that was killed half-way (retrain and promote also do this first)")
+                       help="finish or roll back a promotion that was killed half-way (retrain and promote also do this first)")
     s.set_defaults(func=cmd_flow("flows.versions:run_recover", prefect=False))
+
+    s = sub.add_parser("promote", parents=[common],
+                       help="make a kept version (versions/<v>/) live and prod in the registry; an earlier one = rollback")
+    s.add_argument("opt_version", metavar="VERSION", help="a version under <out_dir>/versions/ (`sa2crq versions` lists them)")
+    s.set_defaults(func=cmd_flow("flows.versions:run_promote", prefect=False))
+
+    s = sub.add_parser("versions", parents=[common], help="the live version and the model registry (GTO versions, prod)")
+    s.set_defaults(func=cmd_flow("flows.versions:run_versions", prefect=False))
     return p
 
 

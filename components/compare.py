@@ -78,10 +78,11 @@ def _rows(method: str, seed: int, result: dict, hallucination: dict | None) -> l
 # existed: left out of the run key, so adding a switch does not invalidate finished runs.
 EARLIER_BEHAVIOUR = {("retriever", "item_head"): False, ("retriever", "fusion"): {"sources": "none"},
                      ("tokenizer", "head_encoder"): "head", ("tokenizer", "stage2_items"): "tail_and_cold",
-                     ("retriever", "item_head_encoder"): "shared"}
+                     ("retriever", "item_head_encoder"): "shared", ("retriever", "cold_item_rows"): "learned"}
 # keys read only when a switch is on: key path -> (switch path, test of the switch's value for "on")
 READ_ONLY_WHEN = {("retriever", "item_head_weight"): (("retriever", "item_head"), bool),
                   ("retriever", "item_head_encoder"): (("retriever", "item_head"), bool),
+                  ("retriever", "cold_item_rows"): (("retriever", "item_head"), bool),
                   ("tokenizer", "sarq", "target_items_per_sid"): (("tokenizer", "sarq", "tau"),
                                                                    lambda tau: tau == "auto")}
 # keys split off another later, left out of the run key while they equal it (the behaviour before the split)

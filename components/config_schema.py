@@ -252,6 +252,7 @@ Retriever = section(
     item_head=FLAG,
     item_head_weight=number(0),
     item_head_encoder=choice("shared", "own"),
+    cold_item_rows=choice("text", "learned"),
     fusion=Fusion,
     indexing_pairs=FLAG,
     lr=POSITIVE,
@@ -354,7 +355,6 @@ Retrain = section(
     max_old_recall_drop=SHARE,
     min_new_recall=SHARE,
     promote=FLAG,
-    dvc=choice("none", "commit"),
 )
 
 Schedule = section(

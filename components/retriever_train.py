@@ -109,7 +109,7 @@ def run_train_retriever(params: dict) -> dict:
     net = RetrieverModel(config, load_pretrained=True).train()
     net.attach_catalog(inputs.catalog)
     if net.scorer is not None:
-        net.attach_items(inputs.item_emb)
+        net.attach_items(inputs.item_emb, inputs.catalog.popularity)
     train_ds = ExampleDataset(examples, text_vectors, inputs.item_emb, net.vocab, inputs.catalog)
     val_ds = ExampleDataset(valid, text_vectors, inputs.item_emb, net.vocab, inputs.catalog)
     sampler = BucketBatchSampler(examples.bucket_keys(), int(rp["batch_size"]), shuffle=True, seed=seed)

@@ -99,7 +99,7 @@ def finetune_retriever(params: dict, init_checkpoint: Path, new_item_ids: list[s
     moved = load_grown(net, blob["state_dict"], tuple(blob["config"]["codebook_sizes"]))
     net.attach_catalog(inputs.catalog)
     if net.scorer is not None:
-        net.attach_items(inputs.item_emb)   # new items: text vector + the shared zero id row
+        net.attach_items(inputs.item_emb, inputs.catalog.popularity)   # new items: text vector + the shared zero id row
 
     epochs = int(cfg["epochs"])
     sampler = BucketBatchSampler(train.bucket_keys(), int(cfg["batch_size"]), shuffle=True, seed=seed)
