@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from components.config import load_params, out_path
@@ -116,7 +116,7 @@ def dvc_repro(root: Path, step: str) -> list[str]:
     return [stage.name for stage in ran]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _stage_metrics(step: str) -> tuple[str, ...]:
     """dvc.yaml's JSON metrics of a stage, relative to outputs/ (read through DVC's own parser)."""
     from dvc.repo import Repo

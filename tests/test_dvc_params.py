@@ -11,15 +11,15 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import yaml
+from conftest import ROOT
 
 from components.config import load_params
 from components.resolved_params import RESOLVED_FILE, resolved_view
-from conftest import ROOT
 
 # resolved keys that are not inputs of any stage: where outputs go, the flows', serving and
 # logging settings, the comparison's own choices (compare runs the steps itself), and how

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT
 
 from components.config import load_params
 from components.errors import ConfigError, Sa2crqError
-from conftest import ROOT
 
 STAGE = """import pathlib, sys
 name = sys.argv[1]
