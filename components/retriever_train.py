@@ -25,6 +25,7 @@ from components.query_encoders import check_text_encoder_option
 from components.retriever import RetrieverModel, RetrieverModule, model_config, save_retriever
 from components.retriever_data import (KIND_HISTORY, KIND_TEXT, BucketBatchSampler, ExampleDataset, Examples,
                                        RetrieverInputs, indexing_pairs, load_inputs, query_examples, training_pairs)
+from components.locks import launched_rank
 from components.runtime_env import set_offline_defaults
 
 VAL_K = 10
@@ -57,10 +58,38 @@ def build_examples(inputs: RetrieverInputs, rp: dict, max_history: int, seed: in
     return examples, valid, text_vectors, counts
 
 
+class RetrieverData(L.LightningDataModule):
+    """Training batches (seeded buckets, sharded over the ranks of a multi-process run) and the
+    validation batches (every rank decodes all of them, so each logs the same recall)."""
+
+    def __init__(self, train_ds: ExampleDataset, train_keys: np.ndarray, val_ds: ExampleDataset,
+                 val_keys: np.ndarray, batch_size: int, decode_batch_size: int, seed: int):
+        super().__init__()
+        self.train_ds, self.train_keys, self.val_ds, self.val_keys = train_ds, train_keys, val_ds, val_keys
+        self.batch_size, self.decode_batch_size, self.seed = batch_size, decode_batch_size, seed
+
+    @property
+    def validates(self) -> bool:
+        return len(self.val_keys) > 0
+
+    def train_dataloader(self) -> DataLoader:
+        rank, replicas = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sampler = BucketBatchSampler(self.train_keys, self.batch_size, shuffle=True, seed=self.seed, rank=rank,
+                                     replicas=replicas)
+        return DataLoader(self.train_ds, sampler=sampler, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.validates:
+            return []
+        return DataLoader(self.val_ds, sampler=BucketBatchSampler(self.val_keys, self.decode_batch_size, shuffle=False),
+                          batch_size=None)
+
+
 def _logger(params: dict, run_dir: Path):
-    """Offline W&B logger unless W&B is disabled (params or WANDB_MODE=disabled)."""
+    """Offline W&B logger unless W&B is disabled (params or WANDB_MODE=disabled); none on the
+    other ranks of a `ddp` run (rank 0 logs)."""
     mode = str(params.get("wandb", {}).get("mode", "offline"))
-    if mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
+    if mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled" or launched_rank() != 0:
         return False
     import wandb
     from lightning.pytorch.loggers import WandbLogger
@@ -110,30 +139,30 @@ def run_train_retriever(params: dict) -> dict:
     net.attach_catalog(inputs.catalog)
     if net.scorer is not None:
         net.attach_items(inputs.item_emb, inputs.catalog.popularity)
-    train_ds = ExampleDataset(examples, text_vectors, inputs.item_emb, net.vocab, inputs.catalog)
-    val_ds = ExampleDataset(valid, text_vectors, inputs.item_emb, net.vocab, inputs.catalog)
-    sampler = BucketBatchSampler(examples.bucket_keys(), int(rp["batch_size"]), shuffle=True, seed=seed)
-    train_dl = DataLoader(train_ds, sampler=sampler, batch_size=None)
-    val_dl = DataLoader(val_ds, sampler=BucketBatchSampler(valid.bucket_keys(), int(rp.get("decode_batch_size", 64)),
-                                                           shuffle=False), batch_size=None)
+    data = RetrieverData(ExampleDataset(examples, text_vectors, inputs.item_emb, net.vocab, inputs.catalog),
+                         examples.bucket_keys(), ExampleDataset(valid, text_vectors, inputs.item_emb, net.vocab,
+                                                                inputs.catalog),
+                         valid.bucket_keys(), int(rp["batch_size"]), int(rp.get("decode_batch_size", 64)), seed)
     epochs = int(rp["epochs"])
     module = RetrieverModule(net, lr=float(rp["lr"]), weight_decay=float(rp.get("weight_decay", 0.0)),
                              eval_beam=int(rp["eval_beam"]), val_k=VAL_K,
-                             warmup_steps=int(rp.get("warmup_steps", 0)), total_steps=epochs * len(sampler))
+                             warmup_steps=int(rp.get("warmup_steps", 0)), total_steps=None)
     run_dir = Path("runs")
     logger = _logger(params, wandb_dir(params))
     start = time.perf_counter()
-    fit = fit_best_epoch(module, trainer_args(rp, epochs, logger, run_dir / "lightning"), train_dl,
-                         val_dl if len(valid) else None, f"val_recall@{VAL_K}", patience)
+    fit = fit_best_epoch(module, trainer_args(rp, epochs, logger, run_dir / "lightning"), data,
+                         f"val_recall@{VAL_K}", patience)
     if logger:
         logger.experiment.finish()
+    if not fit.is_global_zero:   # another rank of a `ddp` run: rank 0 writes the outputs
+        return {}
     fusion, fusion_grid = tune_fusion(params, net.eval(), validation_queries(
         inputs.queries, int(rp.get("val_max_queries", 0)), seed))
     if fusion is not None:
         net.config["fusion"] = fusion
     seconds = time.perf_counter() - start
     save_retriever(net, out_path(params, "retriever", "model.pt"))
-    curve = pd.DataFrame(module.curve, columns=["epoch", "train_loss", f"val_recall@{VAL_K}"])
+    curve = pd.DataFrame(fit.curve, columns=["epoch", "train_loss", f"val_recall@{VAL_K}"])
     with atomic_path(out_path(params, "plots", "retriever_curve.csv")) as tmp:
         curve.to_csv(tmp, index=False)
     summary = {
