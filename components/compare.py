@@ -78,7 +78,10 @@ def _rows(method: str, seed: int, result: dict, hallucination: dict | None) -> l
 # existed: left out of the run key, so adding a switch does not invalidate finished runs.
 EARLIER_BEHAVIOUR = {("retriever", "item_head"): False, ("retriever", "fusion"): {"sources": "none"},
                      ("tokenizer", "head_encoder"): "head", ("tokenizer", "stage2_items"): "tail_and_cold",
-                     ("retriever", "item_head_encoder"): "shared", ("retriever", "cold_item_rows"): "learned"}
+                     ("retriever", "item_head_encoder"): "shared", ("retriever", "cold_item_rows"): "learned",
+                     ("tokenizer", "accelerator"): "auto"}
+# the same for a baseline's own eval settings: eval.<baseline>.<key> -> its earlier value
+BASELINE_EARLIER_BEHAVIOUR = {("two_tower", "accelerator"): "auto"}
 # keys read only when a switch is on: key path -> (switch path, test of the switch's value for "on")
 READ_ONLY_WHEN = {("retriever", "item_head_weight"): (("retriever", "item_head"), bool),
                   ("retriever", "item_head_encoder"): (("retriever", "item_head"), bool),
@@ -232,6 +235,9 @@ def _baseline_file(params: dict, name: str, seed: int) -> tuple[Path, str]:
     own = BASELINE_SETTINGS.get(name, ())
     kept["eval"] = {k: v for k, v in params["eval"].items()
                     if k in own or k not in NOT_RUN_KEYS + ("results_dir", "group_order")}
+    for (section, key), value in BASELINE_EARLIER_BEHAVIOUR.items():
+        if section in kept["eval"] and kept["eval"][section].get(key, value) == value:
+            kept["eval"][section] = {k: v for k, v in kept["eval"][section].items() if k != key}
     kept["baseline"] = name
     if seeded:
         kept["seed"] = int(seed)

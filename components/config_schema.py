@@ -215,6 +215,7 @@ Tokenizer = section(
     import_path=text(),
     import_unknown=choice("error", "drop"),
     collision_token=FLAG,
+    accelerator=choice(*ACCELERATORS),
 )
 
 Fusion = section(
@@ -276,6 +277,7 @@ TwoTower = section(
     batch_size=integer(1),
     lr=POSITIVE,
     temperature=POSITIVE,
+    accelerator=choice(*ACCELERATORS),
 )
 
 Sasrec = section(

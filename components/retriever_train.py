@@ -5,7 +5,6 @@ train_loss, val_recall@10) and metrics/retriever_train.json.
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from components.atomic import atomic_path, write_json
 from components.best_epoch import fit_best_epoch, patience_param
-from components.config import out_path, wandb_dir
+from components.config import out_path
 from components.errors import ConfigError
 from components.fusion import fusion_config
 from components.fusion_tuning import tune_fusion, validation_queries
@@ -25,8 +24,8 @@ from components.query_encoders import check_text_encoder_option
 from components.retriever import RetrieverModel, RetrieverModule, model_config, save_retriever
 from components.retriever_data import (KIND_HISTORY, KIND_TEXT, BucketBatchSampler, ExampleDataset, Examples,
                                        RetrieverInputs, indexing_pairs, load_inputs, query_examples, training_pairs)
-from components.locks import launched_rank
 from components.runtime_env import set_offline_defaults
+from components.train_loggers import finish, training_loggers
 
 VAL_K = 10
 
@@ -85,22 +84,6 @@ class RetrieverData(L.LightningDataModule):
                           batch_size=None)
 
 
-def _logger(params: dict, run_dir: Path):
-    """Offline W&B logger unless W&B is disabled (params or WANDB_MODE=disabled); none on the
-    other ranks of a `ddp` run (rank 0 logs)."""
-    mode = str(params.get("wandb", {}).get("mode", "offline"))
-    if mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled" or launched_rank() != 0:
-        return False
-    import wandb
-    from lightning.pytorch.loggers import WandbLogger
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(mode=mode, dir=str(run_dir), project=str(params.get("wandb", {}).get("project", "sa2crq")),
-                     job_type="train_retriever", config={"retriever": params["retriever"], "seed": params.get("seed")},
-                     reinit="finish_previous")
-    return WandbLogger(experiment=run)
-
-
 def trainer_args(rp: dict, epochs: int, logger, root: Path) -> dict:
     """L.Trainer arguments from `retriever.trainer` (accelerator, devices, strategy, precision), shared
     by training and the retrain fine-tune so both run on what the params ask for."""
@@ -148,12 +131,11 @@ def run_train_retriever(params: dict) -> dict:
                              eval_beam=int(rp["eval_beam"]), val_k=VAL_K,
                              warmup_steps=int(rp.get("warmup_steps", 0)), total_steps=None)
     run_dir = Path("runs")
-    logger = _logger(params, wandb_dir(params))
+    loggers = training_loggers(params, "train_retriever", {"retriever": rp})
     start = time.perf_counter()
-    fit = fit_best_epoch(module, trainer_args(rp, epochs, logger, run_dir / "lightning"), data,
+    fit = fit_best_epoch(module, trainer_args(rp, epochs, loggers, run_dir / "lightning"), data,
                          f"val_recall@{VAL_K}", patience)
-    if logger:
-        logger.experiment.finish()
+    finish(loggers)
     if not fit.is_global_zero:   # another rank of a `ddp` run: rank 0 writes the outputs
         return {}
     fusion, fusion_grid = tune_fusion(params, net.eval(), validation_queries(
