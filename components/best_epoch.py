@@ -93,6 +93,7 @@ def fit_best_epoch(module: L.LightningModule, trainer_kwargs: dict, data: L.Ligh
         warnings.filterwarnings("ignore", message=".*`isinstance.*treespec.*")
         warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
         warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
+        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         record_path = Path(ckpt_dir) / "fit_record.json"
         callbacks: list = []
         checkpoint = None

@@ -231,6 +231,7 @@ Trainer = section(
     "Trainer",
     accelerator=choice(*ACCELERATORS),
     devices=rule("must be auto, an integer >= 1, -1 (all) or a list of device indices", _devices),
+    num_nodes=integer(1),
     strategy=text(empty_ok=False),
     precision=choice(*PRECISIONS),
 )

@@ -84,13 +84,29 @@ class RetrieverData(L.LightningDataModule):
                           batch_size=None)
 
 
+# strategies whose DDP wrapper would stop at the first unused parameter: every batch holds one
+# query kind, so the other kind's encoder (and, on history-only data, the text path) gets no gradient
+NEEDS_UNUSED = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+
+
+def check_strategy(rp: dict) -> str:
+    """retriever.trainer.strategy, refused (ConfigError) where DDP would stop at unused parameters."""
+    strategy = rp.get("trainer", {}).get("strategy", "auto")
+    if strategy in NEEDS_UNUSED:
+        raise ConfigError("retriever.trainer.strategy",
+                          f"{strategy} stops at the encoder a batch's query kind leaves unused; "
+                          f"use {strategy}_find_unused_parameters_true")
+    return strategy
+
+
 def trainer_args(rp: dict, epochs: int, logger, root: Path) -> dict:
-    """L.Trainer arguments from `retriever.trainer` (accelerator, devices, strategy, precision), shared
-    by training and the retrain fine-tune so both run on what the params ask for."""
+    """L.Trainer arguments from `retriever.trainer` (accelerator, devices, num_nodes, strategy,
+    precision), shared by training and the retrain fine-tune so both run on what the params ask for."""
     tr = rp.get("trainer", {})
+    strategy = check_strategy(rp)
     return dict(max_epochs=epochs, accelerator=tr.get("accelerator", "cpu"), devices=tr.get("devices", 1),
-                strategy=tr.get("strategy", "auto"), precision=tr.get("precision", "32-true"), logger=logger,
-                deterministic=True, use_distributed_sampler=False, enable_model_summary=False,
+                num_nodes=int(tr.get("num_nodes", 1)), strategy=strategy, precision=tr.get("precision", "32-true"),
+                logger=logger, deterministic=True, use_distributed_sampler=False, enable_model_summary=False,
                 gradient_clip_val=float(rp.get("grad_clip", 1.0)), default_root_dir=str(root),
                 log_every_n_steps=10, check_val_every_n_epoch=1)
 
@@ -113,6 +129,7 @@ def run_train_retriever(params: dict) -> dict:
     rp = params["retriever"]
     check_text_encoder_option(rp)
     patience = patience_param(rp.get("patience", 0), "retriever.patience")   # checked before any work
+    check_strategy(rp)
     fusion_config(rp)
     seed, max_history, inputs, (examples, valid, text_vectors, counts) = prepare_training(params)
 

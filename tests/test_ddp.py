@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from components.errors import ConfigError
 from components.retriever_train import run_train_retriever
 from test_retriever import tiny_params, write_catalog
 
@@ -51,3 +52,13 @@ def test_ddp_on_two_processes_matches_single_process_training(tmp_path):
     assert reference["best_val_recall@10"] > 0.5
     assert abs(summary["best_val_recall@10"] - reference["best_val_recall@10"]) <= 0.15
     assert not any(p.name.startswith(".") and p.name != ".sa2crq.lock" for p in multi.iterdir())
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_ddp_without_unused_parameter_detection_is_refused_before_any_work(tmp_path, strategy):
+    write_catalog(tmp_path)
+    params = tiny_params(tmp_path)
+    params["retriever"]["trainer"].update(strategy=strategy, devices=2)
+    with pytest.raises(ConfigError, match=f"retriever.trainer.strategy.*{strategy}_find_unused_parameters_true"):
+        run_train_retriever(params)
+    assert not (tmp_path / "retriever").exists() and not (tmp_path / "logs").exists()
