@@ -159,8 +159,7 @@ class RQVAE(L.LightningModule):
         n = max(self._epoch_sums.pop("n", 1.0), 1.0)
         means = {k: v / n for k, v in self._epoch_sums.items()}
         self.spec.history.append({"epoch": epoch, **means, **self.epoch_notes})
-        if self.trainer.loggers:
-            self.log_dict({f"epoch_{k}": v for k, v in means.items()}, on_step=False, on_epoch=True)
+        self.log_dict({f"epoch_{k}": v for k, v in means.items()}, on_step=False, on_epoch=True)
 
     @torch.no_grad()
     def reestimate_table(self) -> None:
