@@ -10,7 +10,6 @@ from components.config import load_params
 from components.errors import ConfigError
 from components.rqvae import RQVAE, ReestimatePathTable
 from components.sid_tokenizer import load_checkpoint
-from components.tokenizer_stages import run_train_head
 from tokenizer_fixtures import ROOT, make_catalog, run_tokenizer, tiny_params
 
 
