@@ -42,9 +42,8 @@ def _params(args: argparse.Namespace) -> dict:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from components.stages import get_step
-
     from components.locks import launched_rank
+    from components.stages import get_step
 
     params = _params(args)
     summary = get_step(args.name)(params)

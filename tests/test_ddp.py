@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_retriever import tiny_params, write_catalog
 
 from components.errors import ConfigError
 from components.retriever_train import run_train_retriever
-from test_retriever import tiny_params, write_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = {"epochs": 8, "batch_size": 8, "patience": 0}

@@ -72,11 +72,12 @@ def test_retriever_trains_and_retrieves_on_cuda(tmp_path):
 def test_tokenizer_and_two_tower_train_on_cuda(tmp_path):
     """The smoke tokenizer (SA2CRQ: Stage 1 with SARQ callbacks, Stage 2) and the two-tower
     baseline on `accelerator: gpu`: every item gets a SID and the models come back on the CPU."""
-    from components.sid_tokenizer import load_checkpoint
-    from components.two_tower import train_two_tower
     from test_baselines import history_queries
     from tokenizer_fixtures import make_catalog, run_tokenizer
     from tokenizer_fixtures import tiny_params as tokenizer_params
+
+    from components.sid_tokenizer import load_checkpoint
+    from components.two_tower import train_two_tower
 
     items, x = make_catalog(tmp_path)
     params = tokenizer_params(tmp_path, "sa2crq", "profile=smoke", "tokenizer.accelerator=gpu",

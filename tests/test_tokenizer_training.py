@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from tokenizer_fixtures import ROOT, make_catalog, run_tokenizer, tiny_params
 
 from components.config import load_params
 from components.errors import ConfigError
 from components.rqvae import RQVAE, ReestimatePathTable
 from components.sid_tokenizer import load_checkpoint
-from tokenizer_fixtures import ROOT, make_catalog, run_tokenizer, tiny_params
 
 
 def test_train_head_logs_each_epoch_and_reseeds_through_callbacks(tmp_path):
