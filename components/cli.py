@@ -42,11 +42,13 @@ def _params(args: argparse.Namespace) -> dict:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
+    from components.locks import launched_rank
     from components.stages import get_step
 
     params = _params(args)
     summary = get_step(args.name)(params)
-    print(json.dumps(summary or {}, indent=2, default=str))
+    if launched_rank() == 0:   # a worker rank of a multi-process run trains beside rank 0 and reports nothing
+        print(json.dumps(summary or {}, indent=2, default=str))
     return 0
 
 

@@ -78,7 +78,10 @@ def _rows(method: str, seed: int, result: dict, hallucination: dict | None) -> l
 # existed: left out of the run key, so adding a switch does not invalidate finished runs.
 EARLIER_BEHAVIOUR = {("retriever", "item_head"): False, ("retriever", "fusion"): {"sources": "none"},
                      ("tokenizer", "head_encoder"): "head", ("tokenizer", "stage2_items"): "tail_and_cold",
-                     ("retriever", "item_head_encoder"): "shared", ("retriever", "cold_item_rows"): "learned"}
+                     ("retriever", "item_head_encoder"): "shared", ("retriever", "cold_item_rows"): "learned",
+                     ("tokenizer", "accelerator"): "auto", ("retriever", "trainer", "num_nodes"): 1}
+# the same for the baselines' keys
+BASELINE_EARLIER_BEHAVIOUR = {("eval", "two_tower", "accelerator"): "auto", ("retriever", "trainer", "num_nodes"): 1}
 # keys read only when a switch is on: key path -> (switch path, test of the switch's value for "on")
 READ_ONLY_WHEN = {("retriever", "item_head_weight"): (("retriever", "item_head"), bool),
                   ("retriever", "item_head_encoder"): (("retriever", "item_head"), bool),
@@ -93,6 +96,19 @@ def _get(tree: dict, path: tuple[str, ...]) -> object:
     for part in path:
         tree = tree.get(part) if isinstance(tree, dict) else None
     return tree
+
+
+def _drop_earlier_behaviour(kept: dict, earlier: dict[tuple[str, ...], object]) -> None:
+    """Remove from `kept` (in place) each setting at its earlier-behaviour value (a dict value:
+    when the setting holds at least those entries)."""
+    for path, value in earlier.items():
+        parent = _get(kept, path[:-1])
+        if not isinstance(parent, dict):
+            continue
+        current = parent.get(path[-1], value)
+        if current == value or (isinstance(value, dict) and isinstance(current, dict)
+                                and all(current.get(k) == v for k, v in value.items())):
+            parent.pop(path[-1], None)
 
 
 def run_key(p: dict) -> str:
@@ -111,11 +127,7 @@ def run_key(p: dict) -> str:
         (() if method == "import" else ("import_unknown",))
     kept["tokenizer"] = {k: v for k, v in p["tokenizer"].items() if k not in unread}
     kept["retriever"] = copy.deepcopy(p["retriever"])
-    for (section, key), value in EARLIER_BEHAVIOUR.items():
-        current = kept.get(section, {}).get(key, value)
-        if current == value or (isinstance(value, dict) and isinstance(current, dict)
-                                and all(current.get(k) == v for k, v in value.items())):
-            kept.get(section, {}).pop(key, None)
+    _drop_earlier_behaviour(kept, EARLIER_BEHAVIOUR)
     for path, (switch, is_on) in READ_ONLY_WHEN.items():
         parent = _get(kept, path[:-1])
         if isinstance(parent, dict) and not is_on(_get(p, switch)):
@@ -232,12 +244,13 @@ def _baseline_file(params: dict, name: str, seed: int) -> tuple[Path, str]:
     finished baseline is reused across variants and interrupted comparisons, like a variant run.
     """
     seeded = name in SEEDED_BASELINES
-    kept = {k: v for k, v in params.items() if k not in OPERATIONAL_KEYS + ("tokenizer", "seed")}
-    kept["retriever"] = {k: v for k, v in params["retriever"].items() if k not in GENERATIVE_RANKING_KEYS}
+    kept = copy.deepcopy({k: v for k, v in params.items() if k not in OPERATIONAL_KEYS + ("tokenizer", "seed")})
+    kept["retriever"] = {k: v for k, v in kept["retriever"].items() if k not in GENERATIVE_RANKING_KEYS}
     kept["embed"] = {k: v for k, v in params.get("embed", {}).items() if k not in NOT_RUN_EMBED_KEYS}
     own = BASELINE_SETTINGS.get(name, ())
-    kept["eval"] = {k: v for k, v in params["eval"].items()
+    kept["eval"] = {k: v for k, v in kept["eval"].items()
                     if k in own or k not in NOT_RUN_KEYS + ("results_dir", "group_order")}
+    _drop_earlier_behaviour(kept, BASELINE_EARLIER_BEHAVIOUR)
     kept["baseline"] = name
     if seeded:
         kept["seed"] = int(seed)

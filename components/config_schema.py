@@ -215,6 +215,7 @@ Tokenizer = section(
     import_path=text(),
     import_unknown=choice("error", "drop"),
     collision_token=FLAG,
+    accelerator=choice(*ACCELERATORS),
 )
 
 Fusion = section(
@@ -231,6 +232,7 @@ Trainer = section(
     "Trainer",
     accelerator=choice(*ACCELERATORS),
     devices=rule("must be auto, an integer >= 1, -1 (all) or a list of device indices", _devices),
+    num_nodes=integer(1),
     strategy=text(empty_ok=False),
     precision=choice(*PRECISIONS),
 )
@@ -277,6 +279,7 @@ TwoTower = section(
     batch_size=integer(1),
     lr=POSITIVE,
     temperature=POSITIVE,
+    accelerator=choice(*ACCELERATORS),
 )
 
 Sasrec = section(

@@ -279,8 +279,11 @@ class RetrieverModule(L.LightningModule):
     """Training loop; validation = constrained beam search, item-level Recall@K per epoch."""
 
     def __init__(self, net: RetrieverModel, lr: float, weight_decay: float, eval_beam: int, val_k: int = 10,
-                 warmup_steps: int = 0, total_steps: int = 0):
+                 warmup_steps: int = 0, total_steps: int | None = 0):
+        """total_steps: the cosine schedule's length; None = the trainer's estimate (epochs x this
+        rank's batches, so a multi-process run decays over its own steps); 0 = no schedule."""
         super().__init__()
+        self.save_hyperparameters(ignore=["net"])
         self.net = net
         self.lr, self.weight_decay, self.eval_beam, self.val_k = lr, weight_decay, eval_beam, val_k
         self.warmup_steps, self.total_steps = warmup_steps, total_steps
@@ -323,9 +326,10 @@ class RetrieverModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        if self.total_steps <= 0:
+        total = int(self.trainer.estimated_stepping_batches) if self.total_steps is None else self.total_steps
+        if total <= 0:
             return opt
-        warm, total = max(self.warmup_steps, 1), self.total_steps
+        warm = max(self.warmup_steps, 1)
 
         def factor(step: int) -> float:
             if step < warm:
