@@ -52,6 +52,13 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resolve_params(args: argparse.Namespace) -> int:
+    from components.resolved_params import run_resolve_params
+
+    print(json.dumps(run_resolve_params(_params(args)), indent=2))
+    return 0
+
+
 def cmd_steps(args: argparse.Namespace) -> int:
     from components.steps import STEPS
 
@@ -135,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stage", parents=[common], help="run one pipeline step (what each DVC stage calls)")
     s.add_argument("name", help="step name; `sa2crq steps` lists them")
     s.set_defaults(func=cmd_stage)
+
+    s = sub.add_parser("resolve-params", parents=[common],
+                       help="write <out_dir>/params.resolved.yaml: the params with the profile overlaid "
+                            "(the first DVC stage; later stages list the keys they read from it)")
+    s.set_defaults(func=cmd_resolve_params)
 
     s = sub.add_parser("steps", help="list the pipeline steps and the functions behind them")
     s.set_defaults(func=cmd_steps)

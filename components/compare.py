@@ -88,6 +88,8 @@ READ_ONLY_WHEN = {("retriever", "item_head_weight"): (("retriever", "item_head")
                   ("retriever", "cold_item_rows"): (("retriever", "item_head"), bool),
                   ("tokenizer", "sarq", "target_items_per_sid"): (("tokenizer", "sarq", "tau"),
                                                                    lambda tau: tau == "auto")}
+# keys split off another later, left out of the run key while they equal it (the behaviour before the split)
+SPLIT_FROM = {("retriever", "fusion", "beam"): ("retriever", "beam")}
 
 
 def _get(tree: dict, path: tuple[str, ...]) -> object:
@@ -130,6 +132,10 @@ def run_key(p: dict) -> str:
         parent = _get(kept, path[:-1])
         if isinstance(parent, dict) and not is_on(_get(p, switch)):
             parent.pop(path[-1], None)
+    for path, source in SPLIT_FROM.items():
+        parent = _get(kept, path[:-1])
+        if isinstance(parent, dict) and parent.get(path[-1]) == _get(p, source):
+            parent.pop(path[-1])
     return params_hash(kept)
 
 

@@ -225,6 +225,7 @@ Fusion = section(
                  _fusion_weights),
     depth=integer(1),
     rrf_k=integer(1),
+    beam=integer(1),
 )
 
 Trainer = section(
@@ -368,7 +369,6 @@ Schedule = section(
 
 Flows = section(
     "Flows",
-    cache=FLAG,
     retries=integer(0),
     retry_delay_s=number(0),
     task_runner=choice("threads", "dask"),

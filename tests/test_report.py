@@ -286,6 +286,18 @@ def test_run_key_ignores_tokenizer_settings_the_method_never_reads(run_params):
     assert key("rqvae", codebook_sizes=[8, 8, 8]) != key("rqvae")
 
 
+def test_run_key_keeps_runs_cached_before_the_fusion_beam_split(run_params):
+    """retriever.fusion.beam equal to retriever.beam is what runs before the key did: same run key."""
+    rp = run_params["retriever"]
+    fusion = {"sources": "auto", "weights": "auto", "depth": 100, "rrf_k": 60}
+    before = compare_mod.run_key(dict(run_params, retriever={**rp, "fusion": fusion}))
+    split = dict(run_params, retriever={**rp, "fusion": {**fusion, "beam": rp["beam"]}})
+    assert compare_mod.run_key(split) == before
+    assert split["retriever"]["fusion"]["beam"] == rp["beam"]      # the params themselves keep the key
+    split["retriever"]["fusion"]["beam"] = rp["beam"] + 1
+    assert compare_mod.run_key(split) != before
+
+
 def test_compare_brings_missing_inputs_and_titles_a_generic_catalog(tmp_path):
     """`sa2crq compare` on a user's catalog runs prepare and embed itself when their outputs are missing."""
     (tmp_path / "items.csv").write_text("item_id,text\ni1,a red lamp\ni2,a blue chair\ni3,a green desk\n")

@@ -33,7 +33,7 @@ def retrained(tmp_path_factory, smoke_embedded, prefect_server) -> dict:
 
     trained = build_trained(tmp_path_factory.getbasetemp() / "flows_trained", smoke_embedded)
     work = tmp_path_factory.mktemp("retrain") / "out"
-    shutil.copytree(trained["params"]["out_dir"], work, ignore=shutil.ignore_patterns(".prefect-cache"))
+    shutil.copytree(trained["params"]["out_dir"], work)
     params = apply_overrides({**trained["params"], "out_dir": str(work)}, RETRAIN)
     before = {"table": read_sid_table(work / "sids" / "sid_table.parquet"), "version": live_version(work),
               "model": (work / "retriever" / "model.pt").read_bytes()}

@@ -134,7 +134,7 @@ def test_item_head_orders_inside_a_sid_and_the_fusion_is_tuned_on_validation(tmp
     from components.retrieve import decode_queries, dense_side, generated_ranking, ranked_frame
 
     write_catalog(tmp_path)
-    params = tiny_params(tmp_path, epochs=3, fusion={"sources": "auto", "weights": "auto", "depth": 5, "rrf_k": 60})
+    params = tiny_params(tmp_path, epochs=3, fusion={"sources": "auto", "weights": "auto", "depth": 5, "rrf_k": 60, "beam": 10})
     summary = run_train_retriever(params)
     grid, chosen = summary["fusion_grid"], summary["fusion"]
     assert summary["item_head"] and chosen["sources"] == ["learned", "zero_shot"] and len(grid) == 66
