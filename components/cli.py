@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import subprocess
@@ -28,11 +27,6 @@ EPILOG = """examples:
 A bad param, input file or option stops with one line and exit status 2; --debug (or
 SA2CRQ_DEBUG=1) shows the traceback instead.
 """
-
-
-def _load(spec: str) -> Callable:
-    module, func = spec.split(":")
-    return getattr(importlib.import_module(module), func)
 
 
 def _params(args: argparse.Namespace) -> dict:
@@ -62,8 +56,8 @@ def cmd_resolve_params(args: argparse.Namespace) -> int:
 def cmd_steps(args: argparse.Namespace) -> int:
     from components.steps import STEPS
 
-    for name, spec in STEPS.items():
-        print(f"{name:16s} {spec}")
+    for name, step in STEPS.items():
+        print(f"{name:16s} {step.__doc__}")
     return 0
 
 
@@ -93,15 +87,59 @@ def cmd_run(args: argparse.Namespace) -> int:
     return rc
 
 
-def cmd_flow(spec: str, prefect: bool = True) -> Callable[[argparse.Namespace], int]:
-    """A command that calls spec with the checked params; a Prefect flow first checks its server answers."""
+# The commands' entry points, imported when their command runs: plain imports a reader and a
+# linter can follow, and torch or Prefect load only for the command that needs them.
+def _compare(**kw) -> dict:
+    from components.compare import run_compare
+
+    return run_compare(**kw)
+
+
+def _retrain(**kw) -> dict:
+    from flows.retrain_flow import retrain_flow
+
+    return retrain_flow(**kw)
+
+
+def _candidates(**kw) -> dict:
+    from flows.candidates_flow import candidates_flow
+
+    return candidates_flow(**kw)
+
+
+def _sweep(**kw) -> dict:
+    from flows.sweep_flow import sweep_flow
+
+    return sweep_flow(**kw)
+
+
+def _recover(**kw) -> dict:
+    from flows.versions import run_recover
+
+    return run_recover(**kw)
+
+
+def _promote(**kw) -> dict:
+    from flows.versions import run_promote
+
+    return run_promote(**kw)
+
+
+def _versions(**kw) -> dict:
+    from flows.versions import run_versions
+
+    return run_versions(**kw)
+
+
+def cmd_flow(entry: Callable[..., dict], prefect: bool = True) -> Callable[[argparse.Namespace], int]:
+    """A command that calls entry with the checked params; a Prefect flow first checks its server answers."""
     def run(args: argparse.Namespace) -> int:
         params = _params(args)
         if prefect:
             from components.prefect_api import check_prefect_api
 
             check_prefect_api()
-        result = _load(spec)(params=params, **{k: v for k, v in vars(args).items() if k.startswith("opt_")})
+        result = entry(params=params, **{k: v for k, v in vars(args).items() if k.startswith("opt_")})
         print(json.dumps(result or {}, indent=2, default=str))
         return 0
 
@@ -155,12 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the paper's Table 1: train and evaluate every tokenizer variant in eval.variants over eval.seeds")
     s.add_argument("--variants", dest="opt_variants", metavar="NAMES",
                    help="comma-separated names from eval.variants (default: all); 'none' = the baselines only")
-    s.set_defaults(func=cmd_flow("components.compare:run_compare", prefect=False))
+    s.set_defaults(func=cmd_flow(_compare, prefect=False))
 
     s = sub.add_parser("retrain", parents=[common], help="assign SIDs to new items, fine-tune with replay, check, promote")
     s.add_argument("--new-items", dest="opt_new_items", required=True, metavar="FILE",
                    help="new items in the data contract's item format (parquet / csv / jsonl)")
-    s.set_defaults(func=cmd_flow("flows.retrain_flow:retrain_flow"))
+    s.set_defaults(func=cmd_flow(_retrain))
 
     s = sub.add_parser("candidates", parents=[common], help="write per-query top-K candidates for an A/B test")
     s.add_argument("--a", dest="opt_a", required=True, help="model version A (an output folder)")
@@ -168,12 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queries", dest="opt_queries", required=True, metavar="FILE", help="queries (data contract format)")
     s.add_argument("--k", dest="opt_k", type=_positive_int, default=100, help="candidates per query (default 100)")
     s.add_argument("--out", dest="opt_out", default="outputs/ab", help="output folder (default outputs/ab)")
-    s.set_defaults(func=cmd_flow("flows.candidates_flow:candidates_flow"))
+    s.set_defaults(func=cmd_flow(_candidates))
 
     s = sub.add_parser("sweep", parents=[common], help="run a grid of params points in parallel and gather one table")
     s.add_argument("--grid", dest="opt_grid", action="append", default=[], metavar="KEY=[V1,V2]",
                    help="a swept param, e.g. --grid tokenizer.sarq.tau=[7,9] (repeatable)")
-    s.set_defaults(func=cmd_flow("flows.sweep_flow:sweep_flow"))
+    s.set_defaults(func=cmd_flow(_sweep))
 
     s = sub.add_parser("serve", parents=[common],
                        help="serve the live retriever over HTTP: POST /retrieve, /health, /ready (README 'Online service')")
@@ -183,15 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("recover", parents=[common],
                        help="finish or roll back a promotion that was killed half-way (retrain and promote also do this first)")
-    s.set_defaults(func=cmd_flow("flows.versions:run_recover", prefect=False))
+    s.set_defaults(func=cmd_flow(_recover, prefect=False))
 
     s = sub.add_parser("promote", parents=[common],
                        help="make a kept version (versions/<v>/) live and prod in the registry; an earlier one = rollback")
     s.add_argument("opt_version", metavar="VERSION", help="a version under <out_dir>/versions/ (`sa2crq versions` lists them)")
-    s.set_defaults(func=cmd_flow("flows.versions:run_promote", prefect=False))
+    s.set_defaults(func=cmd_flow(_promote, prefect=False))
 
     s = sub.add_parser("versions", parents=[common], help="the live version and the model registry (GTO versions, prod)")
-    s.set_defaults(func=cmd_flow("flows.versions:run_versions", prefect=False))
+    s.set_defaults(func=cmd_flow(_versions, prefect=False))
     return p
 
 
