@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import subprocess
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from components.runtime_env import set_offline_defaults
 
@@ -22,16 +21,13 @@ EPILOG = """examples:
   sa2crq candidates --a outputs/ab/A --b outputs --queries q.parquet
   sa2crq sweep --grid tokenizer.sarq.tau=[7,9] --grid seed=[0,1]
   sa2crq serve --port 8000               the live retriever over HTTP (README "Online service")
-  sa2crq recover                         roll back a promotion that was killed half-way
+  sa2crq recover                         finish or roll back a promotion that was killed half-way
+  sa2crq promote VERSION                 make a kept version live and prod (rollback: an earlier one)
+  sa2crq versions                        the live version and the registry (GTO: versions, prod)
 
 A bad param, input file or option stops with one line and exit status 2; --debug (or
 SA2CRQ_DEBUG=1) shows the traceback instead.
 """
-
-
-def _load(spec: str) -> Callable:
-    module, func = spec.split(":")
-    return getattr(importlib.import_module(module), func)
 
 
 def _params(args: argparse.Namespace) -> dict:
@@ -41,19 +37,28 @@ def _params(args: argparse.Namespace) -> dict:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
+    from components.locks import launched_rank
     from components.stages import get_step
 
     params = _params(args)
     summary = get_step(args.name)(params)
-    print(json.dumps(summary or {}, indent=2, default=str))
+    if launched_rank() == 0:   # a worker rank of a multi-process run trains beside rank 0 and reports nothing
+        print(json.dumps(summary or {}, indent=2, default=str))
+    return 0
+
+
+def cmd_resolve_params(args: argparse.Namespace) -> int:
+    from components.resolved_params import run_resolve_params
+
+    print(json.dumps(run_resolve_params(_params(args)), indent=2))
     return 0
 
 
 def cmd_steps(args: argparse.Namespace) -> int:
     from components.steps import STEPS
 
-    for name, spec in STEPS.items():
-        print(f"{name:16s} {spec}")
+    for name, step in STEPS.items():
+        print(f"{name:16s} {step.__doc__}")
     return 0
 
 
@@ -83,15 +88,53 @@ def cmd_run(args: argparse.Namespace) -> int:
     return rc
 
 
-def cmd_flow(spec: str, prefect: bool = True) -> Callable[[argparse.Namespace], int]:
-    """A command that calls spec with the checked params; a Prefect flow first checks its server answers."""
+# The commands' entry points, imported when their command runs: plain imports a reader and a
+# linter can follow, and torch or Prefect load only for the command that needs them.
+def _retrain(**kw) -> dict:
+    from flows.retrain_flow import retrain_flow
+
+    return retrain_flow(**kw)
+
+
+def _candidates(**kw) -> dict:
+    from flows.candidates_flow import candidates_flow
+
+    return candidates_flow(**kw)
+
+
+def _sweep(**kw) -> dict:
+    from flows.sweep_flow import sweep_flow
+
+    return sweep_flow(**kw)
+
+
+def _recover(**kw) -> dict:
+    from flows.versions import run_recover
+
+    return run_recover(**kw)
+
+
+def _promote(**kw) -> dict:
+    from flows.versions import run_promote
+
+    return run_promote(**kw)
+
+
+def _versions(**kw) -> dict:
+    from flows.versions import run_versions
+
+    return run_versions(**kw)
+
+
+def cmd_flow(entry: Callable[..., dict], prefect: bool = True) -> Callable[[argparse.Namespace], int]:
+    """A command that calls entry with the checked params; a Prefect flow first checks its server answers."""
     def run(args: argparse.Namespace) -> int:
         params = _params(args)
         if prefect:
             from components.prefect_api import check_prefect_api
 
             check_prefect_api()
-        result = _load(spec)(params=params, **{k: v for k, v in vars(args).items() if k.startswith("opt_")})
+        result = entry(params=params, **{k: v for k, v in vars(args).items() if k.startswith("opt_")})
         print(json.dumps(result or {}, indent=2, default=str))
         return 0
 
@@ -101,8 +144,9 @@ def cmd_flow(spec: str, prefect: bool = True) -> Callable[[argparse.Namespace], 
 def cmd_compare(args: argparse.Namespace) -> int:
     """The comparison through DVC (experiments/dvc.yaml): the overrides are kept in its plan, so each
     stage reads the same params."""
-    compare = _load("flows.compare_dvc:run_compare")
-    result = compare(_params(args), params_file=args.params, overrides=list(args.set),
+    from flows.compare_dvc import run_compare
+
+    result = run_compare(_params(args), params_file=args.params, overrides=list(args.set),
                      opt_variants=args.opt_variants, opt_adopt=args.opt_adopt, opt_jobs=args.opt_jobs)
     print(json.dumps(result, indent=2, default=str))
     return 0
@@ -110,8 +154,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_compare_step(args: argparse.Namespace) -> int:
     """One stage of experiments/dvc.yaml (what `dvc repro` runs for `sa2crq compare`)."""
-    step = _load("flows.compare_dvc:run_step")
-    print(json.dumps(step(args.kind, args.set_id, variant=args.variant, seed=args.seed, baseline=args.baseline),
+    from flows.compare_dvc import run_step
+
+    print(json.dumps(run_step(args.kind, args.set_id, variant=args.variant, seed=args.seed, baseline=args.baseline),
                      indent=2, default=str))
     return 0
 
@@ -151,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", help="step name; `sa2crq steps` lists them")
     s.set_defaults(func=cmd_stage)
 
+    s = sub.add_parser("resolve-params", parents=[common],
+                       help="write <out_dir>/params.resolved.yaml: the params with the profile overlaid "
+                            "(the first DVC stage; later stages list the keys they read from it)")
+    s.set_defaults(func=cmd_resolve_params)
+
     s = sub.add_parser("steps", help="list the pipeline steps and the functions behind them")
     s.set_defaults(func=cmd_steps)
 
@@ -176,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("retrain", parents=[common], help="assign SIDs to new items, fine-tune with replay, check, promote")
     s.add_argument("--new-items", dest="opt_new_items", required=True, metavar="FILE",
                    help="new items in the data contract's item format (parquet / csv / jsonl)")
-    s.set_defaults(func=cmd_flow("flows.retrain_flow:retrain_flow"))
+    s.set_defaults(func=cmd_flow(_retrain))
 
     s = sub.add_parser("candidates", parents=[common], help="write per-query top-K candidates for an A/B test")
     s.add_argument("--a", dest="opt_a", required=True, help="model version A (an output folder)")
@@ -184,12 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queries", dest="opt_queries", required=True, metavar="FILE", help="queries (data contract format)")
     s.add_argument("--k", dest="opt_k", type=_positive_int, default=100, help="candidates per query (default 100)")
     s.add_argument("--out", dest="opt_out", default="outputs/ab", help="output folder (default outputs/ab)")
-    s.set_defaults(func=cmd_flow("flows.candidates_flow:candidates_flow"))
+    s.set_defaults(func=cmd_flow(_candidates))
 
     s = sub.add_parser("sweep", parents=[common], help="run a grid of params points in parallel and gather one table")
     s.add_argument("--grid", dest="opt_grid", action="append", default=[], metavar="KEY=[V1,V2]",
                    help="a swept param, e.g. --grid tokenizer.sarq.tau=[7,9] (repeatable)")
-    s.set_defaults(func=cmd_flow("flows.sweep_flow:sweep_flow"))
+    s.set_defaults(func=cmd_flow(_sweep))
 
     s = sub.add_parser("serve", parents=[common],
                        help="serve the live retriever over HTTP: POST /retrieve, /health, /ready (README 'Online service')")
@@ -198,8 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("recover", parents=[common],
-                       help="roll back a promotion that was killed half-way (retrain and promote also do this first)")
-    s.set_defaults(func=cmd_flow("flows.versions:run_recover", prefect=False))
+                       help="finish or roll back a promotion that was killed half-way (retrain and promote also do this first)")
+    s.set_defaults(func=cmd_flow(_recover, prefect=False))
+
+    s = sub.add_parser("promote", parents=[common],
+                       help="make a kept version (versions/<v>/) live and prod in the registry; an earlier one = rollback")
+    s.add_argument("opt_version", metavar="VERSION", help="a version under <out_dir>/versions/ (`sa2crq versions` lists them)")
+    s.set_defaults(func=cmd_flow(_promote, prefect=False))
+
+    s = sub.add_parser("versions", parents=[common], help="the live version and the model registry (GTO versions, prod)")
+    s.set_defaults(func=cmd_flow(_versions, prefect=False))
     return p
 
 

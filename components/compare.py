@@ -78,12 +78,18 @@ def _rows(method: str, seed: int, result: dict, hallucination: dict | None) -> l
 # existed: left out of the run key, so adding a switch does not invalidate finished runs.
 EARLIER_BEHAVIOUR = {("retriever", "item_head"): False, ("retriever", "fusion"): {"sources": "none"},
                      ("tokenizer", "head_encoder"): "head", ("tokenizer", "stage2_items"): "tail_and_cold",
-                     ("retriever", "item_head_encoder"): "shared"}
+                     ("retriever", "item_head_encoder"): "shared", ("retriever", "cold_item_rows"): "learned",
+                     ("tokenizer", "accelerator"): "auto", ("retriever", "trainer", "num_nodes"): 1}
+# the same for the baselines' keys
+BASELINE_EARLIER_BEHAVIOUR = {("eval", "two_tower", "accelerator"): "auto", ("retriever", "trainer", "num_nodes"): 1}
 # keys read only when a switch is on: key path -> (switch path, test of the switch's value for "on")
 READ_ONLY_WHEN = {("retriever", "item_head_weight"): (("retriever", "item_head"), bool),
                   ("retriever", "item_head_encoder"): (("retriever", "item_head"), bool),
+                  ("retriever", "cold_item_rows"): (("retriever", "item_head"), bool),
                   ("tokenizer", "sarq", "target_items_per_sid"): (("tokenizer", "sarq", "tau"),
                                                                    lambda tau: tau == "auto")}
+# keys split off another later, left out of the run key while they equal it (the behaviour before the split)
+SPLIT_FROM = {("retriever", "fusion", "beam"): ("retriever", "beam")}
 
 
 def _get(tree: dict, path: tuple[str, ...]) -> object:
@@ -96,6 +102,19 @@ def _public(p: dict) -> dict:
     """The params without private bookkeeping (`_profile`, `_params_path`) and the profile blocks:
     params are resolved, so the chosen profile is already in every section it overlays."""
     return {k: v for k, v in p.items() if not k.startswith("_") and k not in ("profile", "profiles")}
+
+
+def _drop_earlier_behaviour(kept: dict, earlier: dict[tuple[str, ...], object]) -> None:
+    """Remove from `kept` (in place) each setting at its earlier-behaviour value (a dict value:
+    when the setting holds at least those entries)."""
+    for path, value in earlier.items():
+        parent = _get(kept, path[:-1])
+        if not isinstance(parent, dict):
+            continue
+        current = parent.get(path[-1], value)
+        if current == value or (isinstance(value, dict) and isinstance(current, dict)
+                                and all(current.get(k) == v for k, v in value.items())):
+            parent.pop(path[-1], None)
 
 
 def run_params_key(p: dict) -> dict:
@@ -113,16 +132,16 @@ def run_params_key(p: dict) -> dict:
         (() if method in STAGE2_METHODS else ("extension_sizes", "head_encoder", "stage2_items")) + \
         (() if method == "import" else ("import_unknown",))
     kept["tokenizer"] = {k: v for k, v in p["tokenizer"].items() if k not in unread}
-    kept["retriever"] = dict(p["retriever"])
-    for (section, key), value in EARLIER_BEHAVIOUR.items():
-        current = kept.get(section, {}).get(key, value)
-        if current == value or (isinstance(value, dict) and isinstance(current, dict)
-                                and all(current.get(k) == v for k, v in value.items())):
-            kept.get(section, {}).pop(key, None)
+    kept["retriever"] = copy.deepcopy(p["retriever"])
+    _drop_earlier_behaviour(kept, EARLIER_BEHAVIOUR)
     for path, (switch, is_on) in READ_ONLY_WHEN.items():
         parent = _get(kept, path[:-1])
         if isinstance(parent, dict) and not is_on(_get(p, switch)):
             parent.pop(path[-1], None)
+    for path, source in SPLIT_FROM.items():
+        parent = _get(kept, path[:-1])
+        if isinstance(parent, dict) and parent.get(path[-1]) == _get(p, source):
+            parent.pop(path[-1])
     return kept
 
 
@@ -214,15 +233,17 @@ def baseline_file(params: dict, name: str, seed: int) -> Path:
     return folder / (f"{name}-seed{seed}.json" if name in SEEDED_BASELINES else f"{name}.json")
 
 
+
 def baseline_keys(params: dict, name: str) -> dict:
     """The params one baseline reads (its seed aside): every param but the tokenizer's, the generative
     ranking's and the comparison's bookkeeping, so a baseline is shared by every variant."""
-    kept = {k: v for k, v in _public(params).items() if k not in OPERATIONAL_KEYS + ("tokenizer", "seed")}
-    kept["retriever"] = {k: v for k, v in params["retriever"].items() if k not in GENERATIVE_RANKING_KEYS}
+    kept = copy.deepcopy({k: v for k, v in _public(params).items() if k not in OPERATIONAL_KEYS + ("tokenizer", "seed")})
+    kept["retriever"] = {k: v for k, v in kept["retriever"].items() if k not in GENERATIVE_RANKING_KEYS}
     kept["embed"] = {k: v for k, v in params.get("embed", {}).items() if k not in NOT_RUN_EMBED_KEYS}
     own = BASELINE_SETTINGS.get(name, ())
-    kept["eval"] = {k: v for k, v in params["eval"].items()
+    kept["eval"] = {k: v for k, v in kept["eval"].items()
                     if k in own or k not in NOT_RUN_KEYS + ("results_dir", "group_order")}
+    _drop_earlier_behaviour(kept, BASELINE_EARLIER_BEHAVIOUR)
     return kept
 
 

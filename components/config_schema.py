@@ -215,6 +215,7 @@ Tokenizer = section(
     import_path=text(),
     import_unknown=choice("error", "drop"),
     collision_token=FLAG,
+    accelerator=choice(*ACCELERATORS),
 )
 
 Fusion = section(
@@ -224,12 +225,14 @@ Fusion = section(
                  _fusion_weights),
     depth=integer(1),
     rrf_k=integer(1),
+    beam=integer(1),
 )
 
 Trainer = section(
     "Trainer",
     accelerator=choice(*ACCELERATORS),
     devices=rule("must be auto, an integer >= 1, -1 (all) or a list of device indices", _devices),
+    num_nodes=integer(1),
     strategy=text(empty_ok=False),
     precision=choice(*PRECISIONS),
 )
@@ -251,6 +254,7 @@ Retriever = section(
     item_head=FLAG,
     item_head_weight=number(0),
     item_head_encoder=choice("shared", "own"),
+    cold_item_rows=choice("text", "learned"),
     fusion=Fusion,
     indexing_pairs=FLAG,
     lr=POSITIVE,
@@ -275,6 +279,7 @@ TwoTower = section(
     batch_size=integer(1),
     lr=POSITIVE,
     temperature=POSITIVE,
+    accelerator=choice(*ACCELERATORS),
 )
 
 Sasrec = section(
@@ -353,7 +358,6 @@ Retrain = section(
     max_old_recall_drop=SHARE,
     min_new_recall=SHARE,
     promote=FLAG,
-    dvc=choice("none", "commit"),
 )
 
 Schedule = section(
@@ -365,7 +369,6 @@ Schedule = section(
 
 Flows = section(
     "Flows",
-    cache=FLAG,
     retries=integer(0),
     retry_delay_s=number(0),
     task_runner=choice("threads", "dask"),

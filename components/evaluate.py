@@ -125,10 +125,16 @@ def run_baseline(name: str, params: dict, data: EvalInputs) -> pd.DataFrame | No
     if name == "popular":
         return baselines.most_popular(data.test, data.items, k)
     if name == "two_tower":
+        from components.train_loggers import finish, training_loggers
         from components.two_tower import two_tower
 
-        return two_tower(data.train, data.test, data.items, data.item_emb, data.query_emb, two_tower_config(params),
-                         int(params["seed"]), k, valid=data.valid)
+        cfg = two_tower_config(params)
+        loggers = training_loggers(params, "two_tower", {"two_tower": cfg})
+        try:
+            return two_tower(data.train, data.test, data.items, data.item_emb, data.query_emb, cfg,
+                             int(params["seed"]), k, valid=data.valid, loggers=loggers)
+        finally:
+            finish(loggers)
     if name in ("sasrec", "sasrec_text"):
         from components.sasrec import run_sasrec
 

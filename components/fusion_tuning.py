@@ -21,7 +21,7 @@ def tune_fusion(params: dict, net: RetrieverModel, valid: pd.DataFrame) -> tuple
     fu = fusion_config(params["retriever"])
     if not fu["sources"] or valid.empty:
         return None, []
-    dec = decode_queries(params, valid, model=net, beam=int(params["retriever"]["beam"]))
+    dec = decode_queries(params, valid, model=net, beam=int(params["retriever"]["fusion"]["beam"]))
     dense = {s: dense_side(dec, s, fu["depth"]) for s in fu["sources"]}
     weights, grid = choose_fusion(generated_ranking(dec), dense, dec.dataset.ex.targets, VAL_K, fu["rrf_k"],
                                   len(dec.catalog.item_ids), None if fu["weights"] == "auto" else fu["weights"])

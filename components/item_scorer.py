@@ -37,11 +37,17 @@ class ItemScorer(nn.Module):
         pooled = (enc * w).sum(1) / w.sum(1).clamp_min(1.0)
         return F.normalize(self.query(pooled), dim=-1)
 
-    def item_vectors(self, item_emb: torch.Tensor) -> torch.Tensor:
-        """item_emb (I, emb_dim) frozen text embeddings in catalog row order -> (I, d) unit vectors."""
+    def item_vectors(self, item_emb: torch.Tensor, text_only: torch.Tensor | None = None) -> torch.Tensor:
+        """item_emb (I, emb_dim) frozen text embeddings in catalog row order -> (I, d) unit vectors.
+
+        `text_only` (I,) bool: items that take the zero id row, as items added after training do.
+        Why: an item without training interactions is never a target, so its own id row only ever
+        learns to score low (a negative of every softmax) and ranks it below its text's merit."""
         vec = self.item_text(item_emb)
         if self.item_ids is not None:
             rows = torch.arange(len(item_emb), device=item_emb.device).clamp_max(self.n_item_ids)
+            if text_only is not None:
+                rows = rows.masked_fill(text_only[: len(rows)], self.n_item_ids)
             vec = vec + self.item_ids(rows)
         return F.normalize(vec, dim=-1)
 

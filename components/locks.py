@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import time
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -117,6 +117,25 @@ def lock_folder(folder: str | os.PathLike, wait: float | None = None) -> Iterato
         lock.release()
 
 
-def lock_out_dir(params: dict) -> AbstractContextManager[Path]:
-    """lock_folder on the run's out_dir."""
-    return lock_folder(out_path(params))
+RANK_ENV = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+
+
+def launched_rank() -> int:
+    """This process's rank when a multi-process launcher started it, else 0.
+
+    Lightning's `ddp` strategy re-runs the command once per extra rank with LOCAL_RANK (and
+    NODE_RANK on other nodes) set; torchrun and SLURM set RANK / GROUP_RANK / SLURM_PROCID.
+    Any non-zero one marks a worker rank: it trains beside rank 0 but neither locks nor writes."""
+    ranks = [os.environ.get(key, "").strip() for key in RANK_ENV]
+    return max((int(r) for r in ranks if r.isdigit()), default=0)
+
+
+@contextmanager
+def lock_out_dir(params: dict) -> Iterator[Path]:
+    """lock_folder on the run's out_dir; a worker rank of a multi-process run (launched_rank)
+    takes no lock, since rank 0 holds it and alone writes the outputs."""
+    if launched_rank() != 0:
+        yield out_path(params)
+        return
+    with lock_folder(out_path(params)) as folder:
+        yield folder

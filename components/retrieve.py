@@ -84,7 +84,7 @@ def load_context(params: dict, model: RetrieverModel | None = None, out_dir: str
     model.attach_catalog(inputs.catalog)
     learned = None
     if model.scorer is not None:
-        model.attach_items(inputs.item_emb)
+        model.attach_items(inputs.item_emb, inputs.catalog.popularity)
         with torch.no_grad():
             learned = model.item_vectors().cpu().numpy()
     item = inputs.item_emb

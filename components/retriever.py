@@ -51,6 +51,8 @@ def model_config(rp: dict, codebook_sizes: tuple[int, ...], emb_dim: int, max_hi
         cfg["item_head_weight"] = float(rp.get("item_head_weight", 1.0))
         if rp.get("item_head_encoder", "shared") == "own":  # only when not the default: older configs stay as they were
             cfg["item_head_encoder"] = "own"
+        if rp.get("cold_item_rows", "learned") == "text":  # absent in older checkpoints: they keep learned rows
+            cfg["cold_item_rows"] = "text"
     vocab = SidVocab(tuple(cfg["codebook_sizes"]))
     if backbone == "t5":
         from transformers import T5Config
@@ -134,12 +136,18 @@ class RetrieverModel(nn.Module):
         # item_head_encoder own: the scorer reads its own query encoder, so its loss does not reshape the SID encoder
         self.scorer_tower = QueryTower(config) if config.get("item_head_encoder") == "own" else None
         self.item_emb: torch.Tensor | None = None
+        self.text_only: torch.Tensor | None = None
         self.catalog: SidCatalog | None = None
         self.trie: SidTrie | None = None
 
-    def attach_items(self, item_emb: np.ndarray) -> None:
-        """Frozen text embeddings of the catalog in item-row order (the item scorer reads them)."""
+    def attach_items(self, item_emb: np.ndarray, popularity: np.ndarray | None = None) -> None:
+        """Frozen text embeddings of the catalog in item-row order (the item scorer reads them), and
+        the items' training interactions: with `cold_item_rows: text` the items without any score by
+        their text alone (see ItemScorer.item_vectors)."""
         self.item_emb = torch.as_tensor(np.asarray(item_emb, dtype=np.float32))
+        self.text_only = None
+        if self.config.get("cold_item_rows") == "text" and popularity is not None:
+            self.text_only = torch.as_tensor(np.asarray(popularity) == 0)
 
     def attach_catalog(self, catalog: SidCatalog) -> None:
         """Issued SIDs to decode into (rebuild after new items get SIDs; no retraining needed)."""
@@ -194,7 +202,9 @@ class RetrieverModel(nn.Module):
     def item_vectors(self) -> torch.Tensor:
         if self.scorer is None or self.item_emb is None:
             raise ValueError("the item scorer needs item_head on and attach_items(item_emb) first")
-        return self.scorer.item_vectors(self.item_emb.to(self.layer_bias.device))
+        device = self.layer_bias.device
+        text_only = None if self.text_only is None else self.text_only.to(device)
+        return self.scorer.item_vectors(self.item_emb.to(device), text_only)
 
     def on_device(self, batch: dict) -> dict:
         """The batch's tensors on the model's device (a no-op where they are already)."""
@@ -269,8 +279,11 @@ class RetrieverModule(L.LightningModule):
     """Training loop; validation = constrained beam search, item-level Recall@K per epoch."""
 
     def __init__(self, net: RetrieverModel, lr: float, weight_decay: float, eval_beam: int, val_k: int = 10,
-                 warmup_steps: int = 0, total_steps: int = 0):
+                 warmup_steps: int = 0, total_steps: int | None = 0):
+        """total_steps: the cosine schedule's length; None = the trainer's estimate (epochs x this
+        rank's batches, so a multi-process run decays over its own steps); 0 = no schedule."""
         super().__init__()
+        self.save_hyperparameters(ignore=["net"])
         self.net = net
         self.lr, self.weight_decay, self.eval_beam, self.val_k = lr, weight_decay, eval_beam, val_k
         self.warmup_steps, self.total_steps = warmup_steps, total_steps
@@ -313,9 +326,10 @@ class RetrieverModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        if self.total_steps <= 0:
+        total = int(self.trainer.estimated_stepping_batches) if self.total_steps is None else self.total_steps
+        if total <= 0:
             return opt
-        warm, total = max(self.warmup_steps, 1), self.total_steps
+        warm = max(self.warmup_steps, 1)
 
         def factor(step: int) -> float:
             if step < warm:

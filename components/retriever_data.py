@@ -218,11 +218,16 @@ class BucketBatchSampler(Sampler):
     """Yields index arrays, one per batch, each within one bucket (kind x history length).
 
     With shuffle, buckets are shuffled inside and the batches are interleaved in a random order
-    drawn from (seed, epoch): the same seed gives the same batches.
+    drawn from (seed, epoch): the same seed gives the same batches. With `replicas` > 1 (one
+    rank of a multi-process run) every rank draws the same order and takes every replicas-th
+    batch from position `rank`, the list padded from its start so every rank takes as many
+    steps (DDP needs that); replicas 1 yields every batch, as before.
     """
 
-    def __init__(self, keys: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0):
+    def __init__(self, keys: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
+                 replicas: int = 1):
         self.keys, self.batch_size, self.shuffle, self.seed = keys, int(batch_size), shuffle, seed
+        self.rank, self.replicas = int(rank), max(1, int(replicas))
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -238,11 +243,16 @@ class BucketBatchSampler(Sampler):
             out.extend(np.array_split(idx, int(np.ceil(len(idx) / self.batch_size))))
         if self.shuffle:
             out = [out[i] for i in rng.permutation(len(out))]
+        if self.replicas > 1 and out:
+            out = (out * self.replicas)[: len(self) * self.replicas][self.rank::self.replicas]
         return out
 
     def __iter__(self):
         return iter(self._batches())
 
-    def __len__(self) -> int:
+    def _all_batches(self) -> int:
         _, counts = np.unique(self.keys, return_counts=True)
         return int(np.ceil(counts / self.batch_size).sum())
+
+    def __len__(self) -> int:
+        return -(-self._all_batches() // self.replicas)

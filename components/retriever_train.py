@@ -5,7 +5,6 @@ train_loss, val_recall@10) and metrics/retriever_train.json.
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from components.atomic import atomic_path, write_json
 from components.best_epoch import fit_best_epoch, patience_param
-from components.config import out_path, wandb_dir
+from components.config import out_path
 from components.errors import ConfigError
 from components.fusion import fusion_config
 from components.fusion_tuning import tune_fusion, validation_queries
@@ -26,6 +25,7 @@ from components.retriever import RetrieverModel, RetrieverModule, model_config, 
 from components.retriever_data import (KIND_HISTORY, KIND_TEXT, BucketBatchSampler, ExampleDataset, Examples,
                                        RetrieverInputs, indexing_pairs, load_inputs, query_examples, training_pairs)
 from components.runtime_env import set_offline_defaults
+from components.train_loggers import finish, training_loggers
 
 VAL_K = 10
 
@@ -57,28 +57,56 @@ def build_examples(inputs: RetrieverInputs, rp: dict, max_history: int, seed: in
     return examples, valid, text_vectors, counts
 
 
-def _logger(params: dict, run_dir: Path):
-    """Offline W&B logger unless W&B is disabled (params or WANDB_MODE=disabled)."""
-    mode = str(params.get("wandb", {}).get("mode", "offline"))
-    if mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
-        return False
-    import wandb
-    from lightning.pytorch.loggers import WandbLogger
+class RetrieverData(L.LightningDataModule):
+    """Training batches (seeded buckets, sharded over the ranks of a multi-process run) and the
+    validation batches (every rank decodes all of them, so each logs the same recall)."""
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(mode=mode, dir=str(run_dir), project=str(params.get("wandb", {}).get("project", "sa2crq")),
-                     job_type="train_retriever", config={"retriever": params["retriever"], "seed": params.get("seed")},
-                     reinit="finish_previous")
-    return WandbLogger(experiment=run)
+    def __init__(self, train_ds: ExampleDataset, train_keys: np.ndarray, val_ds: ExampleDataset,
+                 val_keys: np.ndarray, batch_size: int, decode_batch_size: int, seed: int):
+        super().__init__()
+        self.train_ds, self.train_keys, self.val_ds, self.val_keys = train_ds, train_keys, val_ds, val_keys
+        self.batch_size, self.decode_batch_size, self.seed = batch_size, decode_batch_size, seed
+
+    @property
+    def validates(self) -> bool:
+        return len(self.val_keys) > 0
+
+    def train_dataloader(self) -> DataLoader:
+        rank, replicas = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sampler = BucketBatchSampler(self.train_keys, self.batch_size, shuffle=True, seed=self.seed, rank=rank,
+                                     replicas=replicas)
+        return DataLoader(self.train_ds, sampler=sampler, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.validates:
+            return []
+        return DataLoader(self.val_ds, sampler=BucketBatchSampler(self.val_keys, self.decode_batch_size, shuffle=False),
+                          batch_size=None)
+
+
+# strategies whose DDP wrapper would stop at the first unused parameter: every batch holds one
+# query kind, so the other kind's encoder (and, on history-only data, the text path) gets no gradient
+NEEDS_UNUSED = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+
+
+def check_strategy(rp: dict) -> str:
+    """retriever.trainer.strategy, refused (ConfigError) where DDP would stop at unused parameters."""
+    strategy = rp.get("trainer", {}).get("strategy", "auto")
+    if strategy in NEEDS_UNUSED:
+        raise ConfigError("retriever.trainer.strategy",
+                          f"{strategy} stops at the encoder a batch's query kind leaves unused; "
+                          f"use {strategy}_find_unused_parameters_true")
+    return strategy
 
 
 def trainer_args(rp: dict, epochs: int, logger, root: Path) -> dict:
-    """L.Trainer arguments from `retriever.trainer` (accelerator, devices, strategy, precision), shared
-    by training and the retrain fine-tune so both run on what the params ask for."""
+    """L.Trainer arguments from `retriever.trainer` (accelerator, devices, num_nodes, strategy,
+    precision), shared by training and the retrain fine-tune so both run on what the params ask for."""
     tr = rp.get("trainer", {})
+    strategy = check_strategy(rp)
     return dict(max_epochs=epochs, accelerator=tr.get("accelerator", "cpu"), devices=tr.get("devices", 1),
-                strategy=tr.get("strategy", "auto"), precision=tr.get("precision", "32-true"), logger=logger,
-                deterministic=True, use_distributed_sampler=False, enable_model_summary=False,
+                num_nodes=int(tr.get("num_nodes", 1)), strategy=strategy, precision=tr.get("precision", "32-true"),
+                logger=logger, deterministic=True, use_distributed_sampler=False, enable_model_summary=False,
                 gradient_clip_val=float(rp.get("grad_clip", 1.0)), default_root_dir=str(root),
                 log_every_n_steps=10, check_val_every_n_epoch=1)
 
@@ -101,6 +129,7 @@ def run_train_retriever(params: dict) -> dict:
     rp = params["retriever"]
     check_text_encoder_option(rp)
     patience = patience_param(rp.get("patience", 0), "retriever.patience")   # checked before any work
+    check_strategy(rp)
     fusion_config(rp)
     seed, max_history, inputs, (examples, valid, text_vectors, counts) = prepare_training(params)
 
@@ -109,31 +138,30 @@ def run_train_retriever(params: dict) -> dict:
     net = RetrieverModel(config, load_pretrained=True).train()
     net.attach_catalog(inputs.catalog)
     if net.scorer is not None:
-        net.attach_items(inputs.item_emb)
-    train_ds = ExampleDataset(examples, text_vectors, inputs.item_emb, net.vocab, inputs.catalog)
-    val_ds = ExampleDataset(valid, text_vectors, inputs.item_emb, net.vocab, inputs.catalog)
-    sampler = BucketBatchSampler(examples.bucket_keys(), int(rp["batch_size"]), shuffle=True, seed=seed)
-    train_dl = DataLoader(train_ds, sampler=sampler, batch_size=None)
-    val_dl = DataLoader(val_ds, sampler=BucketBatchSampler(valid.bucket_keys(), int(rp.get("decode_batch_size", 64)),
-                                                           shuffle=False), batch_size=None)
+        net.attach_items(inputs.item_emb, inputs.catalog.popularity)
+    data = RetrieverData(ExampleDataset(examples, text_vectors, inputs.item_emb, net.vocab, inputs.catalog),
+                         examples.bucket_keys(), ExampleDataset(valid, text_vectors, inputs.item_emb, net.vocab,
+                                                                inputs.catalog),
+                         valid.bucket_keys(), int(rp["batch_size"]), int(rp.get("decode_batch_size", 64)), seed)
     epochs = int(rp["epochs"])
     module = RetrieverModule(net, lr=float(rp["lr"]), weight_decay=float(rp.get("weight_decay", 0.0)),
                              eval_beam=int(rp["eval_beam"]), val_k=VAL_K,
-                             warmup_steps=int(rp.get("warmup_steps", 0)), total_steps=epochs * len(sampler))
+                             warmup_steps=int(rp.get("warmup_steps", 0)), total_steps=None)
     run_dir = Path("runs")
-    logger = _logger(params, wandb_dir(params))
+    loggers = training_loggers(params, "train_retriever", {"retriever": rp})
     start = time.perf_counter()
-    fit = fit_best_epoch(module, trainer_args(rp, epochs, logger, run_dir / "lightning"), train_dl,
-                         val_dl if len(valid) else None, f"val_recall@{VAL_K}", patience)
-    if logger:
-        logger.experiment.finish()
+    fit = fit_best_epoch(module, trainer_args(rp, epochs, loggers, run_dir / "lightning"), data,
+                         f"val_recall@{VAL_K}", patience)
+    finish(loggers)
+    if not fit.is_global_zero:   # another rank of a `ddp` run: rank 0 writes the outputs
+        return {}
     fusion, fusion_grid = tune_fusion(params, net.eval(), validation_queries(
         inputs.queries, int(rp.get("val_max_queries", 0)), seed))
     if fusion is not None:
         net.config["fusion"] = fusion
     seconds = time.perf_counter() - start
     save_retriever(net, out_path(params, "retriever", "model.pt"))
-    curve = pd.DataFrame(module.curve, columns=["epoch", "train_loss", f"val_recall@{VAL_K}"])
+    curve = pd.DataFrame(fit.curve, columns=["epoch", "train_loss", f"val_recall@{VAL_K}"])
     with atomic_path(out_path(params, "plots", "retriever_curve.csv")) as tmp:
         curve.to_csv(tmp, index=False)
     summary = {

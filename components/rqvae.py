@@ -4,6 +4,12 @@ One class serves every trained tokenizer stage: one-stage RQ-VAE / SARQ on all i
 ACRQ Stage 1 on head items and Stage 2 on tail items (encoder and decoder frozen, anchors
 frozen, only extension rows train). Losses sum only up to each item's depth L(i).
 
+Training is Lightning's: a DataModule gives seeded shuffled batches of training-item indices,
+dead-code re-seeding and SARQ path-table re-estimation are callbacks (`ReseedDeadCodes`,
+`ReestimatePathTable`) at each epoch's end, and the epoch's mean losses go to the loggers
+(CSV under out_dir, W&B unless disabled) and to `TrainSpec.history`. The accelerator is a
+param (`tokenizer.accelerator`, default auto); the item vectors follow the model's device.
+
 `fit(..., recon_x=...)` (ACRQ Stage 1 with `tokenizer.head_encoder: all`): the steps are
 those of head-only training (same head batches, same epochs), and each step adds a plain
 autoencoder loss ||x - D(E(x))||^2 over one slice of a shuffled pass over `recon_x` (all
@@ -20,6 +26,8 @@ from dataclasses import dataclass, field
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -65,6 +73,7 @@ class TrainSpec:
     reseed_every: int
     seed: int
     kmeans_iters: int = 20
+    accelerator: str = "auto"
     history: list[dict] = field(default_factory=list)
 
 
@@ -73,6 +82,7 @@ class RQVAE(L.LightningModule):
 
     def __init__(self, in_dim: int, hidden_dims: list[int], latent_dim: int, quantizer: ResidualQuantizer):
         super().__init__()
+        self.save_hyperparameters(ignore=["quantizer"])
         self.in_dim, self.hidden_dims, self.latent_dim = int(in_dim), list(hidden_dims), int(latent_dim)
         self.encoder = mlp([self.in_dim, *self.hidden_dims, self.latent_dim])
         self.decoder = mlp([self.latent_dim, *reversed(self.hidden_dims), self.in_dim])
@@ -85,15 +95,16 @@ class RQVAE(L.LightningModule):
         self._recon_gen: torch.Generator | None = None
         self._recon_slices: tuple[Tensor, ...] = ()
         self._epoch_sums: dict[str, float] = {}
+        self.epoch_notes: dict = {}   # what this epoch's callbacks did (re-seeded rows), for the history row
 
     # ---- depth -------------------------------------------------------------------------
     def depths(self, codes: Tensor) -> Tensor:
         """L(i) from the current path table; full depth without SARQ or before warm-up ends."""
-        full = torch.full((codes.shape[0],), codes.shape[1], dtype=torch.int64)
+        full = torch.full((codes.shape[0],), codes.shape[1], dtype=torch.int64, device=codes.device)
         if self.sarq is None or self.table is None:
             return full
         info = self.table.information(codes.cpu())
-        return stop_depths(info, self.sarq.tau, self.sarq.min_len, self.sarq.max_len)
+        return stop_depths(info, self.sarq.tau, self.sarq.min_len, self.sarq.max_len).to(codes.device)
 
     # ---- forward / loss ----------------------------------------------------------------
     def losses(self, x: Tensor) -> dict[str, Tensor]:
@@ -127,30 +138,28 @@ class RQVAE(L.LightningModule):
         out = self.quantizer(self.encoder(self.train_x))
         return out, depth_mask(self.depths(out.codes), self.quantizer.n_layers)
 
+    def on_fit_start(self) -> None:
+        """The item vectors go where the model is (a no-op on the CPU)."""
+        self.train_x = self.train_x.to(self.device)
+        if self.recon_x is not None:
+            self.recon_x = self.recon_x.to(self.device)
+
     def on_train_epoch_start(self) -> None:
-        self._epoch_sums = {}
+        self._epoch_sums, self.epoch_notes = {}, {}
         if self.recon_x is not None:  # this epoch's pass over all items, one slice per head step
             steps = max(1, math.ceil(len(self.train_x) / self.spec.batch_size))
-            order = torch.randperm(len(self.recon_x), generator=self._recon_gen)
+            order = torch.randperm(len(self.recon_x), generator=self._recon_gen).to(self.device)
             self._recon_slices = order.tensor_split(min(steps, len(order)))
 
     @torch.no_grad()
     def on_train_epoch_end(self) -> None:
+        """The epoch's mean losses (and what the callbacks did, which run before this hook) as
+        one history row; the losses also go to the loggers."""
         epoch = self.current_epoch + 1
         n = max(self._epoch_sums.pop("n", 1.0), 1.0)
-        row = {"epoch": epoch, **{k: v / n for k, v in self._epoch_sums.items()}}
-        last = epoch >= self.spec.epochs
-        if self.spec.reseed_every > 0 and epoch % self.spec.reseed_every == 0 and not last:
-            out, mask = self.full_pass()
-            row["reseeded"] = reseed_dead_rows(self.quantizer, out, mask)
-        if self._reestimate_due(epoch):
-            self.reestimate_table()
-        self.spec.history.append(row)
-
-    def _reestimate_due(self, epoch: int) -> bool:
-        if self.sarq is None or self.sarq.frozen_table is not None or epoch < self.sarq.warmup_epochs:
-            return False
-        return (epoch - self.sarq.warmup_epochs) % max(1, self.sarq.reestimate_every) == 0
+        means = {k: v / n for k, v in self._epoch_sums.items()}
+        self.spec.history.append({"epoch": epoch, **means, **self.epoch_notes})
+        self.log_dict({f"epoch_{k}": v for k, v in means.items()}, on_step=False, on_epoch=True)
 
     @torch.no_grad()
     def reestimate_table(self) -> None:
@@ -161,7 +170,7 @@ class RQVAE(L.LightningModule):
         self.table = PathTable.build(codes, self.quantizer.sizes, self.sarq.smoothing, self.sarq.weights)
         if self.sarq.target_items_per_sid is not None:
             if self.sarq.tau_items is not None:
-                codes = self.quantizer(self.encoder(self.sarq.tau_items.float())).codes.cpu()
+                codes = self.quantizer(self.encoder(self.sarq.tau_items.float().to(self.train_x.device))).codes.cpu()
             self.sarq.tau = choose_tau(self.table.information(codes), codes, self.sarq.target_items_per_sid,
                                        self.sarq.min_len, self.sarq.max_len)
 
@@ -181,6 +190,47 @@ class RQVAE(L.LightningModule):
         return model
 
 
+class ReseedDeadCodes(Callback):
+    """Every `every` epochs but the last, move trainable codebook rows no item used onto the
+    residuals their codes serve worst (quantizer.reseed_dead_rows); the counts per layer go
+    to the epoch's history row."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    @torch.no_grad()
+    def on_train_epoch_end(self, trainer: L.Trainer, model: RQVAE) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch % self.every == 0 and epoch < trainer.max_epochs:
+            out, mask = model.full_pass()
+            model.epoch_notes["reseeded"] = reseed_dead_rows(model.quantizer, out, mask)
+
+
+class ReestimatePathTable(Callback):
+    """SARQ: after `warmup_epochs`, every `reestimate_every` epochs, estimate the path table
+    (and, with tau: auto, tau) again from the current codes (runs after ReseedDeadCodes)."""
+
+    def __init__(self, warmup_epochs: int, every: int):
+        self.warmup_epochs, self.every = warmup_epochs, max(1, every)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, model: RQVAE) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch >= self.warmup_epochs and (epoch - self.warmup_epochs) % self.every == 0:
+            model.reestimate_table()
+
+
+class TokenizerData(L.LightningDataModule):
+    """Training-item indices in a shuffled order drawn from the seed (the model indexes its vectors)."""
+
+    def __init__(self, n_items: int, batch_size: int, seed: int):
+        super().__init__()
+        self.n_items, self.batch_size, self.seed = n_items, batch_size, seed
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.arange(self.n_items)), batch_size=self.batch_size, shuffle=True,
+                          generator=torch.Generator().manual_seed(self.seed))
+
+
 def _quiet_lightning() -> None:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -190,8 +240,9 @@ def _quiet_lightning() -> None:
 
 
 def fit(model: RQVAE, x: Tensor, spec: TrainSpec, sarq: SarqSpec | None, init_kmeans: bool,
-        progress: bool = True, recon_x: Tensor | None = None) -> dict:
-    """Train `model` on x (rows = training items); returns a summary with the loss history.
+        progress: bool = True, recon_x: Tensor | None = None, loggers: list[Logger] | None = None) -> dict:
+    """Train `model` on x (rows = training items) on `spec.accelerator`; returns a summary with
+    the loss history.
 
     k-means initialises the trainable codebook rows from an encoded sample first; with SARQ
     the path table is re-estimated on schedule (or stays the frozen one given) and is
@@ -210,16 +261,22 @@ def fit(model: RQVAE, x: Tensor, spec: TrainSpec, sarq: SarqSpec | None, init_km
                              seed=spec.seed, niter=spec.kmeans_iters)
     start = time.perf_counter()
     if spec.epochs > 0 and len(x) > 0:
-        loader = DataLoader(TensorDataset(torch.arange(len(x))), batch_size=spec.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(spec.seed))
+        callbacks: list[Callback] = []
+        if spec.reseed_every > 0:
+            callbacks.append(ReseedDeadCodes(spec.reseed_every))
+        if sarq is not None and sarq.frozen_table is None:
+            callbacks.append(ReestimatePathTable(sarq.warmup_epochs, sarq.reestimate_every))
         was_deterministic = torch.are_deterministic_algorithms_enabled()
         try:
-            trainer = L.Trainer(max_epochs=spec.epochs, accelerator="cpu", devices=1, logger=False,
-                                enable_checkpointing=False, enable_model_summary=False, deterministic=True,
-                                enable_progress_bar=progress, num_sanity_val_steps=0)
-            trainer.fit(model, loader)
+            trainer = L.Trainer(max_epochs=spec.epochs, accelerator=spec.accelerator, devices=1,
+                                logger=loggers or False, callbacks=callbacks, enable_checkpointing=False,
+                                enable_model_summary=False, deterministic=True, enable_progress_bar=progress,
+                                num_sanity_val_steps=0)
+            trainer.fit(model, datamodule=TokenizerData(len(x), spec.batch_size, spec.seed))
         finally:  # Lightning sets the flag process-wide; a later GPU step in the same process must not inherit it
             torch.use_deterministic_algorithms(was_deterministic)
+        model.cpu()
+        model.train_x = x.float()
     if sarq is not None and sarq.frozen_table is None:
         model.reestimate_table()
     model.train_x = model.recon_x = model._recon_gen = None

@@ -7,7 +7,6 @@ left the step's earlier outputs as they were).
 from __future__ import annotations
 
 import functools
-import importlib
 from typing import Callable
 
 from components.atomic import out_of_space
@@ -18,12 +17,11 @@ from components.steps import STEPS
 
 
 def get_step(name: str) -> Callable[[dict], dict]:
-    """Import the function for a step (a clear error for unknown names), wrapped to hold the
-    out_dir lock while it runs."""
+    """The function for a step (a clear error for unknown names), wrapped to hold the out_dir
+    lock while it runs."""
     if name not in STEPS:
         raise UnknownNameError(f"unknown step {name!r}; steps are: {', '.join(STEPS)}")
-    module, func = STEPS[name].split(":")
-    step = getattr(importlib.import_module(module), func)
+    step = STEPS[name]
 
     @functools.wraps(step)
     def locked(params: dict) -> dict:

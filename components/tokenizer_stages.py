@@ -43,6 +43,7 @@ from components.sid_table import (IMPORT_UNKNOWN, assert_issued_reencode, collis
                                   make_sid_table, read_import, write_sid_table)
 from components.sid_tokenizer import (STAGE2_METHODS, Tokenizer, assign_new_items, load_checkpoint,
                                       load_tokenizer, save_checkpoint)
+from components.train_loggers import finish, training_loggers
 
 METHODS = ("rqkmeans", "rqvae", "acrq", "sarq", "sa2crq", "import")
 SARQ_METHODS = ("sarq", "sa2crq")
@@ -88,6 +89,7 @@ class TokenizerConfig:
     head_encoder: str = "head"
     tau_target: float | None = None   # tau: auto: target items per SID (over the catalog for Stage 1)
     import_unknown: str = "error"
+    accelerator: str = "auto"         # Lightning accelerator of the RQ-VAE training
 
     @property
     def adaptive(self) -> bool:
@@ -178,7 +180,8 @@ def tokenizer_config(params: dict) -> TokenizerConfig:
         stage2_items=_choice(t.get("stage2_items", "tail_and_cold"), "tokenizer.stage2_items", STAGE2_ITEMS),
         head_encoder=_choice(t.get("head_encoder", "head"), "tokenizer.head_encoder", HEAD_ENCODERS),
         tau_target=tau_target,
-        import_unknown=_choice(t.get("import_unknown", "error"), "tokenizer.import_unknown", IMPORT_UNKNOWN))
+        import_unknown=_choice(t.get("import_unknown", "error"), "tokenizer.import_unknown", IMPORT_UNKNOWN),
+        accelerator=str(t.get("accelerator", "auto")))
     if cfg.method in SARQ_METHODS and cfg.smoothing <= 0:
         raise ConfigError("tokenizer.sarq.smoothing", f"must be > 0, got {cfg.smoothing}")
     for key, value in (("batch_size", cfg.batch_size), ("latent_dim", cfg.latent_dim), ("threads", cfg.threads)):
@@ -221,13 +224,19 @@ def _setup(cfg: TokenizerConfig) -> None:
     np.random.seed(cfg.seed)
 
 
+# tokenizer keys that say where training runs, not what the SIDs are: left out of the SID version
+PLACEMENT_KEYS = ("accelerator",)
+
+
 def _version(params: dict, cfg: TokenizerConfig) -> str:
-    return f"{cfg.method}-{params_hash(params, ('dataset', 'data', 'embed', 'seed', 'tokenizer'))}"
+    view = {**params, "tokenizer": {k: v for k, v in params["tokenizer"].items() if k not in PLACEMENT_KEYS}}
+    return f"{cfg.method}-{params_hash(view, ('dataset', 'data', 'embed', 'seed', 'tokenizer'))}"
 
 
 def _train_spec(cfg: TokenizerConfig, epochs: int) -> TrainSpec:
     return TrainSpec(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, beta=cfg.beta,
-                     reseed_every=cfg.reseed_every, seed=cfg.seed, kmeans_iters=cfg.kmeans_iters)
+                     reseed_every=cfg.reseed_every, seed=cfg.seed, kmeans_iters=cfg.kmeans_iters,
+                     accelerator=cfg.accelerator)
 
 
 def _sarq_spec(cfg: TokenizerConfig, popularity: np.ndarray) -> SarqSpec:
@@ -296,8 +305,10 @@ def run_train_head(params: dict) -> dict:
         spec = _train_spec(cfg, cfg.epochs_head if stage1 else cfg.epochs_full)
         # head_encoder=all: encoder and decoder also reconstruct every item; codebooks stay head-only
         recon_x = torch.from_numpy(x) if stage1 and cfg.head_encoder == "all" else None
+        loggers = training_loggers(params, "train_head", {"tokenizer": params["tokenizer"]})
         summary["train"] = fit(model, torch.from_numpy(x[train]), spec, sarq, init_kmeans=True,
-                               recon_x=recon_x)
+                               recon_x=recon_x, loggers=loggers)
+        finish(loggers)
         summary["n_train"] = int(train.sum())
         if recon_x is not None:
             summary["n_recon"] = len(recon_x)
@@ -352,7 +363,9 @@ def run_train_tail(params: dict) -> dict:
         sarq = SarqSpec(tau=stage1.tau, min_len=cfg.min_len, max_len=cfg.max_len, smoothing=cfg.smoothing,
                         frozen_table=stage1.table)
     spec = _train_spec(cfg, cfg.epochs_tail)
-    result = fit(model, torch.from_numpy(x[train]), spec, sarq, init_kmeans=True)
+    loggers = training_loggers(params, "train_tail", {"tokenizer": params["tokenizer"]})
+    result = fit(model, torch.from_numpy(x[train]), spec, sarq, init_kmeans=True, loggers=loggers)
+    finish(loggers)
     tok = _tokenizer(cfg, model, model.quantizer, head["version"], table=stage1.table,
                      anchor_sizes=model.quantizer.anchor_sizes, tau=stage1.tau)
     save_checkpoint({"format": FORMAT, "method": cfg.method, "stage2": True, "version": head["version"],

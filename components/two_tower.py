@@ -8,7 +8,9 @@ split's (query, target) pairs; a batch's other copies of the positive item are m
 popular items are not pushed away from themselves. With validation queries, each epoch is
 scored by validation Recall@10 over all items and the best epoch is kept, with early stopping
 (components/best_epoch.py): the epoch count is chosen on each dataset's own validation split,
-not carried over from another catalog. Deterministic for a given seed.
+not carried over from another catalog. Deterministic for a given seed. Lightning-native: a
+DataModule (`TwoTowerData`), the accelerator from `eval.two_tower.accelerator` (default auto),
+loggers from the caller (CSV under out_dir, W&B unless disabled).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.nn import functional as F
 
@@ -89,6 +92,7 @@ class TwoTower(L.LightningModule):
 
     def __init__(self, table: torch.Tensor, item_emb: torch.Tensor, cfg: dict):
         super().__init__()
+        self.save_hyperparameters(cfg)
         dim = int(cfg["dim"])
         self.query_tower = QueryTower(table, dim, int(cfg["max_len"]), int(cfg["n_memory"]), float(cfg["dropout"]))
         self.item_tower = ItemTower(item_emb.shape[1], dim)
@@ -108,7 +112,8 @@ class TwoTower(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         """Recall@10 of every validation query at once (the loader holds one dummy batch)."""
         q_idx, is_text, targets = self.val_queries
-        top = self.scores(q_idx, is_text).topk(min(VAL_K, len(self.item_emb)), dim=1).indices.numpy()
+        top = self.scores(q_idx.to(self.device), is_text.to(self.device)).topk(
+            min(VAL_K, len(self.item_emb)), dim=1).indices.cpu().numpy()
         recall = np.mean([np.isin(t, row).mean() for t, row in zip(targets, top)])
         self.log(f"val_recall@{VAL_K}", float(recall), prog_bar=True)
 
@@ -144,11 +149,32 @@ def _target_rows(queries: pd.DataFrame, items: pd.DataFrame) -> list[np.ndarray]
     return [np.array([rows[t] for t in targets if t in rows], dtype=np.int64) for targets in queries["targets"]]
 
 
+class TwoTowerData(L.LightningDataModule):
+    """(query rows, is_text, target item row) training batches in a seeded shuffled order; with
+    validation queries, one dummy batch that triggers the whole-catalog validation."""
+
+    def __init__(self, train: torch.utils.data.TensorDataset, batch_size: int, seed: int, validates: bool):
+        super().__init__()
+        self.train, self.batch_size, self.seed, self.validates = train, batch_size, seed, validates
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(self.train, batch_size=self.batch_size, shuffle=True,
+                                           drop_last=len(self.train) > self.batch_size,
+                                           generator=torch.Generator().manual_seed(self.seed))
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader | list:
+        if not self.validates:
+            return []
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(1)), batch_size=1)
+
+
 def train_two_tower(train: pd.DataFrame, items: pd.DataFrame, item_emb: np.ndarray, query_emb: np.ndarray | None,
-                    cfg: dict, seed: int, valid: pd.DataFrame | None = None) -> TwoTower:
+                    cfg: dict, seed: int, valid: pd.DataFrame | None = None,
+                    loggers: list[Logger] | None = None) -> TwoTower:
     """Fit the two-tower model on the training queries; with `valid`, keep the best validation epoch.
 
-    cfg: dim, max_len, n_memory, dropout, lr, temperature, batch_size, epochs (the most), patience.
+    cfg: dim, max_len, n_memory, dropout, lr, temperature, batch_size, epochs (the most), patience,
+    accelerator (default auto).
     """
     patience = patience_param(cfg.get("patience", 0), "eval.two_tower.patience")   # checked before any work
     L.seed_everything(seed, workers=True, verbose=False)
@@ -160,19 +186,15 @@ def train_two_tower(train: pd.DataFrame, items: pd.DataFrame, item_emb: np.ndarr
     model = TwoTower(table, torch.from_numpy(np.asarray(item_emb, np.float32)), cfg)
     data = torch.utils.data.TensorDataset(torch.from_numpy(q_idx[pairs[:, 0]]),
                                           torch.from_numpy(is_text[pairs[:, 0]]), torch.from_numpy(pairs[:, 1]))
-    batch = int(cfg["batch_size"])
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, drop_last=len(data) > batch,
-                                         generator=torch.Generator().manual_seed(seed))
-    kwargs = dict(max_epochs=int(cfg["epochs"]), accelerator="cpu", devices=1, deterministic=True, logger=False,
-                  enable_model_summary=False, enable_progress_bar=True)
-    val_loader = None
-    if valid is not None and len(valid):
+    kwargs = dict(max_epochs=int(cfg["epochs"]), accelerator=cfg.get("accelerator", "auto"), devices=1,
+                  deterministic=True, logger=loggers or False, enable_model_summary=False, enable_progress_bar=True)
+    validates = valid is not None and len(valid) > 0
+    if validates:
         v_idx, v_text = query_index_table(valid, items, int(cfg["max_len"]))
         model.val_queries = (torch.from_numpy(v_idx), torch.from_numpy(v_text), _target_rows(valid, items))
-        val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(1)), batch_size=1)
-    model.fit_result = fit_best_epoch(model, kwargs, loader, val_loader, f"val_recall@{VAL_K}",
-                                      patience)
-    return model.eval()
+    model.fit_result = fit_best_epoch(model, kwargs, TwoTowerData(data, int(cfg["batch_size"]), seed, validates),
+                                      f"val_recall@{VAL_K}", patience)
+    return model.cpu().eval()
 
 
 @torch.no_grad()
@@ -191,9 +213,9 @@ def two_tower_search(model: TwoTower, queries: pd.DataFrame, items: pd.DataFrame
 
 def two_tower(train: pd.DataFrame, test: pd.DataFrame, items: pd.DataFrame, item_emb: np.ndarray,
               query_emb: np.ndarray | None, cfg: dict, seed: int, k: int,
-              valid: pd.DataFrame | None = None) -> pd.DataFrame:
+              valid: pd.DataFrame | None = None, loggers: list[Logger] | None = None) -> pd.DataFrame:
     """Train on `train` (epochs chosen on `valid` when given), then return the top-k ranked results for `test`."""
-    model = train_two_tower(train, items, item_emb, query_emb, cfg, seed, valid)
+    model = train_two_tower(train, items, item_emb, query_emb, cfg, seed, valid, loggers)
     frame = two_tower_search(model, test, items, k)
     fit = model.fit_result
     frame.attrs["two_tower"] = {"best_epoch": fit.best_epoch, "best_val_recall@10": fit.best_score,

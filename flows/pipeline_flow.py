@@ -4,11 +4,11 @@ from __future__ import annotations
 from prefect import flow
 
 from components.errors import Sa2crqError, UnknownNameError
-from components.locks import lock_out_dir
 from components.steps import STEPS
 from flows.evaluate_flow import evaluate_flow
 from flows.flow_params import apply_overrides, flow_run_name
-from flows.tasks import metric_files, run_steps
+from flows.step_io import metric_files
+from flows.tasks import flow_lock, run_steps
 from flows.tracking import log_flow, nested_flows
 from flows.train_head_flow import train_head_flow
 from flows.train_retriever_flow import train_retriever_flow
@@ -29,11 +29,11 @@ def select_steps(start: str, stop: str) -> list[str]:
 @flow(name="pipeline", flow_run_name=flow_run_name)
 def pipeline_flow(params: dict, overrides: list[str] | None = None,
                   start: str = "prepare", stop: str = "evaluate") -> dict:
-    """Run the selected steps; cached steps (same inputs, params, code) are skipped on rerun."""
+    """Run the selected steps: through DVC on its out_dir (what DVC finds up to date is skipped), else each step."""
     params = apply_overrides(params, overrides)
     steps = select_steps(start, stop)
     out: dict = {}
-    with lock_out_dir(params), nested_flows():   # held across the steps (each takes it again)
+    with flow_lock(params), nested_flows():   # held across the steps (each takes it again)
         out.update(run_steps(params, [s for s in steps if s in ("prepare", "embed")]))
         if "train_head" in steps:
             out.update(train_head_flow(params))

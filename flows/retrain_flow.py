@@ -15,9 +15,9 @@ that a killed run left half-done (flows/versions.py `recover`).
    than `max_old_recall_drop`; the new items' recall is reported (and gated by `min_new_recall`);
 6. promotion when the checks pass (flows/versions.py): the live folders move to
    versions/<old>/, the candidate's into place (journal first, so a kill at any point is
-   rolled back); otherwise the live version stays and the candidate is kept in
-   versions/<new>/ with the reason. `flows.retrain.dvc: commit` records the promoted
-   outputs in dvc.lock.
+   rolled back or finished), and the model registry (flows/registry.py: GTO, dvc.lock) names
+   it prod; otherwise the live version stays and the candidate is kept in versions/<new>/
+   with the reason.
 The decision goes to <out_dir>/metrics/retrain.json, versions/history.json, a Prefect
 markdown artifact and W&B.
 """
@@ -46,7 +46,7 @@ from flows.retrain_checks import decide, index_queries, recall_at, sample_rows, 
 from flows.retriever_finetune import finetune_retriever
 from flows.tasks import is_transient
 from flows.tracking import log_artifact, log_metrics, wandb_run
-from flows.versions import dvc_commit, live_version, next_version, promote, record, recover, versions_dir
+from flows.versions import live_version, next_version, promote, record, recover, show_versions, versions_dir
 
 
 def retrain_config(params: dict) -> dict:
@@ -57,8 +57,6 @@ def retrain_config(params: dict) -> dict:
     g = cfg["grow_threshold"]
     if not (g is None or g == "auto" or (isinstance(g, (int, float)) and not isinstance(g, bool) and g > 0)):
         raise ConfigError("flows.retrain.grow_threshold", f"must be auto, null or a positive number, got {g!r}")
-    if cfg["dvc"] not in ("none", "commit"):
-        raise ConfigError("flows.retrain.dvc", f"must be none or commit, got {cfg['dvc']!r}")
     for key in ("max_old_recall_drop", "min_new_recall"):
         if not 0 <= float(cfg[key]) <= 1:
             raise ConfigError(f"flows.retrain.{key}", f"must be in [0, 1], got {cfg[key]}")
@@ -171,11 +169,11 @@ def retrain_flow(params: dict, opt_new_items: str, overrides: list[str] | None =
             reason += " (flows.retrain.promote is false: kept as a candidate)"
         if promoted:
             promote(base, version)
-        dvc = dvc_commit(base) if promoted and cfg["dvc"] == "commit" else "not run"
+        registry = show_versions(base) if promoted else None
         result = {"new_items_file": str(opt_new_items), "previous": old_version, "candidate": version,
                   "live": version if promoted else old_version, "promoted": promoted, "reason": reason,
                   "recovered_interrupted_promotion": recovered, "sids": sids, "finetune": finetune,
-                  "checks": checks, "dvc": dvc, "params_hash": params_hash(params)}
+                  "checks": checks, "registry": registry, "params_hash": params_hash(params)}
         if not promoted:
             write_json(result, cand / "NOT_PROMOTED.json")
         record(base, {k: result[k] for k in ("previous", "candidate", "live", "promoted", "reason", "new_items_file")})

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from components.best_epoch import fit_best_epoch
+from components.best_epoch import Loaders, fit_best_epoch
 from components.config import out_path
 from components.errors import DataError
 from components.retriever import RetrieverModel, RetrieverModule, save_retriever
@@ -99,7 +99,7 @@ def finetune_retriever(params: dict, init_checkpoint: Path, new_item_ids: list[s
     moved = load_grown(net, blob["state_dict"], tuple(blob["config"]["codebook_sizes"]))
     net.attach_catalog(inputs.catalog)
     if net.scorer is not None:
-        net.attach_items(inputs.item_emb)   # new items: text vector + the shared zero id row
+        net.attach_items(inputs.item_emb, inputs.catalog.popularity)   # new items: text vector + the shared zero id row
 
     epochs = int(cfg["epochs"])
     sampler = BucketBatchSampler(train.bucket_keys(), int(cfg["batch_size"]), shuffle=True, seed=seed)
@@ -112,7 +112,10 @@ def finetune_retriever(params: dict, init_checkpoint: Path, new_item_ids: list[s
     module = RetrieverModule(net, lr=lr, weight_decay=float(rp.get("weight_decay", 0.0)),
                              eval_beam=int(rp["eval_beam"]), val_k=VAL_K)
     start = time.perf_counter()
-    fit = fit_best_epoch(module, trainer_args(rp, epochs, False, out_path(params, "lightning")), train_dl, val_dl,
+    # one process: a short fine-tune inside a flow (a `ddp` launcher would re-run the whole flow per rank)
+    single = {**trainer_args(rp, epochs, False, out_path(params, "lightning")), "strategy": "auto", "devices": 1,
+              "num_nodes": 1}
+    fit = fit_best_epoch(module, single, Loaders(train_dl, val_dl),
                          f"val_recall@{VAL_K}", 0)
     seconds = time.perf_counter() - start
     net.eval()

@@ -1,67 +1,31 @@
-"""What each step reads, writes and depends on, taken from dvc.yaml so flows and DVC agree.
+"""Where a flow's steps run: through DVC on the pipeline's out_dir, as plain calls elsewhere.
 
-Prefect's cache keys and the "are the outputs still there?" check both come from here:
-a step is reused only when its params sections, its code and the content of its inputs
-are what they were when it last ran, and its outputs still exist.
+dvc.yaml's stages read and write `outputs/` of the project that holds it, and dvc.lock records
+what they ran with; DVC alone decides there what is up to date. So on that out_dir a flow runs
+a step as `dvc repro <step>` (dvc.repo.Repo.reproduce: upstream stages DVC finds stale run
+first, and dvc.lock stays true). The stages load params.yaml themselves, so the flow's params
+must be what params.yaml gives: an override there is refused (one ConfigError naming the key),
+since it would not reach them (a key no stage up to the step reads is the flow's own, e.g.
+`flows.*`); `sa2crq run -s key=value` (dvc exp run) is the way to run the
+pipeline with one. On any other out_dir (tests, scratch runs, sweep points) the flow calls the
+step functions (components.stages) directly, with no cache of its own.
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
-from dataclasses import dataclass
-from functools import lru_cache
+import sys
+from functools import cache
 from pathlib import Path
 
-import yaml
-
-from components.config import out_path, params_hash
-from components.errors import ConfigError, UnknownNameError
+from components.config import load_params, out_path
+from components.errors import ConfigError, Sa2crqError
+from components.resolved_params import RESOLVED_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC_FILE = ROOT / "dvc.yaml"
 PIPELINE_OUT = "outputs"          # the out_dir that dvc.yaml's paths are written for
-ALWAYS_SECTIONS = ("seed", "dataset")
-
-
-@dataclass(frozen=True)
-class StepIO:
-    """One step's inputs (relative to out_dir, the data root, or the project), params and outputs."""
-
-    name: str
-    data_deps: tuple[str, ...]     # under params data.root
-    out_deps: tuple[str, ...]      # under out_dir
-    code_deps: tuple[str, ...]     # under the project root
-    sections: tuple[str, ...]
-    outs: tuple[str, ...]          # under out_dir
-
-
-def _paths(entries: list) -> list[str]:
-    """dvc.yaml lists hold plain strings or one-key dicts (`path: {cache: false}`)."""
-    return [next(iter(e)) if isinstance(e, dict) else str(e) for e in entries or []]
-
-
-def _under_out(path: str) -> str | None:
-    prefix = PIPELINE_OUT + "/"
-    return path[len(prefix):] if path.startswith(prefix) else None
-
-
-@lru_cache(maxsize=4)
-def _load(dvc_file: str) -> dict[str, StepIO]:
-    stages = (yaml.safe_load(Path(dvc_file).read_text()) or {}).get("stages", {})
-    steps: dict[str, StepIO] = {}
-    for name, stage in stages.items():
-        deps = _paths(stage.get("deps"))
-        outs = _paths(stage.get("outs")) + _paths(stage.get("metrics")) + _paths(stage.get("plots"))
-        params = [p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])]
-        steps[name] = StepIO(
-            name=name,
-            data_deps=tuple(d[len("data"):].lstrip("/") for d in deps if d == "data" or d.startswith("data/")),
-            out_deps=tuple(p for p in (_under_out(d) for d in deps) if p is not None),
-            code_deps=tuple(d for d in deps if _under_out(d) is None and d != "data" and not d.startswith("data/")),
-            sections=tuple(sorted(set(params) | set(ALWAYS_SECTIONS))),
-            outs=tuple(p for p in (_under_out(o) for o in outs) if p is not None),
-        )
-    return steps
+STAGE_FAILED = 2                  # exit status of `sa2crq stage` on bad input / params / a busy folder
 
 
 def require_dvc_out_dir(params: dict) -> None:
@@ -74,56 +38,96 @@ def require_dvc_out_dir(params: dict) -> None:
                                      f"or change the {PIPELINE_OUT}/ paths in dvc.yaml")
 
 
-def step_io(name: str) -> StepIO:
-    """The dvc.yaml description of one step (UnknownNameError naming the known steps otherwise)."""
-    steps = _load(str(DVC_FILE))
-    if name not in steps:
-        raise UnknownNameError(f"step {name!r} is not a stage of {DVC_FILE} (stages: {', '.join(steps)})")
-    return steps[name]
+def dvc_project(params: dict) -> Path | None:
+    """The DVC project whose dvc.yaml writes this out_dir (`<project>/outputs`), else None."""
+    out = Path(params.get("out_dir", PIPELINE_OUT)).resolve()
+    root = out.parent
+    if out.name == PIPELINE_OUT and (root / DVC_FILE.name).is_file() and (root / ".dvc").is_dir():
+        return root
+    return None
 
 
-@lru_cache(maxsize=4096)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    """Content hash, memoised on (path, size, mtime) so unchanged files are read once per process."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def stage_param_keys(root: Path, step: str) -> list[str]:
+    """The resolved-params keys `dvc repro <step>` runs on: those dvc.yaml lists for the step and
+    for every stage upstream of it (read through DVC's own parser and graph)."""
+    import networkx as nx
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        target = repo.stage.collect(f"{root / DVC_FILE.name}:{step}")[0]
+        return sorted({key for stage in nx.dfs_postorder_nodes(repo.index.graph, target) for dep in stage.deps
+                       if isinstance(dep, ParamsDependency) and Path(dep.fs_path).name == RESOLVED_FILE
+                       for key in dep.params})
 
 
-def fingerprint(path: Path) -> str:
-    """Hash of a file's or a folder's content (file names included); 'missing' if absent."""
-    if not path.exists():
-        return "missing"
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        h.update(str(f.relative_to(path) if f != path else f.name).encode())
-        h.update(_file_digest(str(f), st.st_size, st.st_mtime_ns).encode())
-    return h.hexdigest()
+def _value(params: dict, key: str) -> object:
+    for part in key.split("."):
+        params = params.get(part) if isinstance(params, dict) else None
+    return params
 
 
-def input_paths(params: dict, name: str) -> list[Path]:
-    """Every input of a step as an absolute path for this params' out_dir and data root."""
-    io = step_io(name)
-    data_root = Path(params.get("data", {}).get("root", "data"))
-    paths = [data_root / d if d else data_root for d in io.data_deps]
-    paths += [out_path(params, d) for d in io.out_deps]
-    paths += [ROOT / c for c in io.code_deps]
-    return paths
+def _difference(key: str, mine: object, theirs: object) -> tuple[str, object, object] | None:
+    """The first leaf (key, mine, theirs) where two values differ, or None."""
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        for sub in sorted(set(mine) | set(theirs)):
+            found = _difference(f"{key}.{sub}", mine.get(sub), theirs.get(sub))
+            if found:
+                return found
+        return None
+    return None if mine == theirs else (key, mine, theirs)
 
 
-def cache_key(params: dict, name: str) -> str:
-    """Key = step + hash(params sections, input contents, code); same inputs -> same key."""
-    io = step_io(name)
-    h = hashlib.sha256(f"{name}|{params_hash(params, io.sections)}".encode())
-    for path in input_paths(params, name):
-        h.update(fingerprint(path).encode())
-    return f"{name}-{h.hexdigest()[:24]}"
+def check_stage_params(params: dict, root: Path, steps: list[str]) -> None:
+    """Refuse params the DVC stages would not run with: they load root/params.yaml, not the flow's
+    params, so a key they read must have the same value in both (other keys are the flow's own)."""
+    stages = load_params(root / "params.yaml")
+    for listed in sorted({k for step in steps for k in stage_param_keys(root, step)}):
+        found = _difference(listed, _value(params, listed), _value(stages, listed))
+        if found:
+            key, mine, theirs = found
+            raise ConfigError(key, f"is {mine!r} for this flow but {theirs!r} in {root / 'params.yaml'}, which the "
+                                   f"DVC stages on {root / PIPELINE_OUT}/ read: set it there, run "
+                                   f"`sa2crq run -s {key}=...` (dvc exp run), or give the flow another out_dir")
 
 
-def outputs_present(params: dict, name: str) -> bool:
-    """True when every output dvc.yaml declares for the step exists under out_dir."""
-    return all(out_path(params, o).exists() for o in step_io(name).outs)
+def dvc_repro(root: Path, step: str) -> list[str]:
+    """`dvc repro <step>` in root; the stages DVC ran (none when all were up to date).
+
+    A stage that stops on bad input exits 2 after printing its one line: that becomes a
+    Sa2crqError (never retried); any other failure is raised as DVC reports it."""
+    from dvc.exceptions import ReproductionError
+    from dvc.lock import LockError
+    from dvc.repo import Repo
+
+    # the stages run `sa2crq`: the one installed beside this interpreter, even when no venv is active
+    run_env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    try:
+        # DVC resolves targets and stage paths against the working directory, as its CLI run in root does
+        with contextlib.chdir(root), Repo(str(root)) as repo:
+            ran = repo.reproduce(f"{DVC_FILE.name}:{step}", run_env=run_env)
+    except LockError:
+        raise Sa2crqError(f"{root}: another DVC process holds the repository lock; rerun when it has finished") from None
+    except ReproductionError as exc:
+        cause = exc.__cause__
+        if cause is not None and str(cause).endswith(f"exited with {STAGE_FAILED}"):
+            raise Sa2crqError(f"dvc repro {step}: {cause} (the stage's message is above)") from None
+        raise
+    return [stage.name for stage in ran]
+
+
+@cache
+def _stage_metrics(step: str) -> tuple[str, ...]:
+    """dvc.yaml's JSON metrics of a stage, relative to outputs/ (read through DVC's own parser)."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        stage = repo.stage.collect(f"{DVC_FILE}:{step}")[0]
+        base = ROOT / PIPELINE_OUT
+        return tuple(str(Path(o.fs_path).relative_to(base)) for o in stage.outs
+                     if o.metric and o.fs_path.endswith(".json"))
+
+
+def metric_files(params: dict, step: str) -> list[Path]:
+    """The JSON metrics files a step writes (its dvc.yaml metrics), under this params' out_dir."""
+    return [out_path(params, rel) for rel in _stage_metrics(step)]

@@ -42,7 +42,7 @@ from components.config import out_path, override_layer, params_hash, parse_value
 from components.errors import ConfigError
 from components.locks import lock_out_dir
 from flows.flow_params import apply_overrides, flow_run_name
-from flows.step_io import ROOT
+from flows.step_io import ROOT, dvc_project
 from flows.tasks import run_steps
 from flows.tracking import flatten, numeric
 
@@ -180,9 +180,17 @@ def report_markdown(table: pd.DataFrame, keys: list[str], patterns: list[str]) -
 def sweep_points_flow(params: dict, grid: list[str], overrides: list[str] | None = None) -> dict:
     """Run every grid point (in parallel, per the flow's task runner) and gather the table."""
     params = apply_overrides(params, overrides)
+    if dvc_project(params) is not None and shares_inputs(grid):
+        # DVC brings the shared prepared/ + embeddings/ up to date first; its stages lock outputs/ themselves
+        run_steps(params, ["prepare", "embed"])
     # the sweep folder and the shared prepared/ + embeddings/; each point locks its own folder
     with lock_out_dir(params):
         return run_sweep(params, grid)
+
+
+def shares_inputs(grid: list[str]) -> bool:
+    """Whether the points share the base out_dir's prepared/ + embeddings/ (no swept key changes them)."""
+    return not any(key.split(".")[0] in UPSTREAM for key, _ in parse_grid(grid))
 
 
 def run_sweep(params: dict, grid: list[str]) -> dict:
@@ -193,7 +201,7 @@ def run_sweep(params: dict, grid: list[str]) -> dict:
     sweep_cfg = params.get("flows", {}).get("sweep", {}) or {}
     sweep_id = params_hash({**params, "grid": grid})
     root = out_path(params, "sweeps", sweep_id)
-    shared = not any(k.split(".")[0] in UPSTREAM for k in keys)
+    shared = shares_inputs(grid)
     start = sweep_cfg.get("start", "train_head") if shared else "prepare"
     stop = sweep_cfg.get("stop", "evaluate")
     if shared and not all(out_path(params, part).exists() for part in SHARED):

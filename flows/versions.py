@@ -2,35 +2,35 @@
 
 A version is the set of folders a retriever needs to serve: prepared/, embeddings/,
 tokenizer/, sids/, retriever/. Retraining builds a candidate in versions/<new>/; promotion
-moves the live folders to versions/<old>/ and the candidate's into place. Each move is an
-atomic rename. Journal before move: the whole plan goes to versions/PROMOTING.json (fsynced)
-before the first rename, and the journal is deleted only after the last; while it exists the
-promotion has not happened, so a process killed at any point is rolled back from the plan by
-`recover` (the next retrain's first act, or `run_recover`). `promote(out_dir, old)` is also
-the rollback. Promotion and recovery hold the out_dir lock (components/locks.py).
-After promotion, `dvc_commit` records the new outputs in dvc.lock (so `dvc push` stores
-them and a git commit of dvc.lock names the version).
+moves the live folders to versions/<old>/ and the candidate's into place, then records it in
+the model registry (flows/registry.py: GTO tags `retriever@<v>` / `retriever#prod`, dvc.lock
+rewritten to describe the live files and committed). The registry is the record of which
+version is prod and where its bytes are; versions/<v>/ is the quick local byte store.
+
+Crash safety: each move is an atomic rename, and the whole plan goes to versions/PROMOTING.json
+(fsynced) before the first one. While the journal says `moved: false`, the promotion has not
+happened: `recover` (the next retrain's or promotion's first act, or `sa2crq recover`) puts
+every live folder back. Once every rename is done the journal says `moved: true`, and `recover`
+finishes the registry record instead (its steps are idempotent). The journal goes last.
+`promote(out_dir, old)` is also the rollback (`prod` assigned back to the earlier version).
+Promotion and recovery hold the out_dir lock (components/locks.py).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from components.atomic import fsync_dir, write_json
 from components.config import out_path
 from components.errors import Sa2crqError
 from components.locks import lock_folder
-from flows.step_io import DVC_FILE, PIPELINE_OUT, ROOT
+from flows.registry import VERSIONED, Registry, prod_version, record_live, registry_for, show
+from flows.step_io import ROOT
 
-VERSIONED = ("prepared", "embeddings", "tokenizer", "sids", "retriever")
 JOURNAL = "PROMOTING.json"
 HISTORY = "history.json"
-# the DVC stages whose outputs a retrain replaces (evaluate is left to rerun: `dvc repro evaluate`)
-RETRAIN_STAGES = ("prepare", "embed", "train_head", "train_tail", "assign_ids", "train_retriever")
 
 
 def versions_dir(out_dir: str | os.PathLike) -> Path:
@@ -74,63 +74,75 @@ def _sync(paths: set[Path]) -> None:
             fsync_dir(path)
 
 
-def recover(out_dir: str | os.PathLike) -> bool:
-    """Roll back a promotion that was cut short (its journal is still there); True when there was one."""
+def recover(out_dir: str | os.PathLike, root: Path = ROOT) -> bool:
+    """Finish or roll back a promotion that was cut short (its journal is still there); True when there was one.
+
+    Before the last rename (`moved: false`) the moves are undone; after it the registry record of
+    the new version is completed. Either way the registry then names the live version as prod."""
     vdir = versions_dir(out_dir)
     with lock_folder(out_dir):
         journal = vdir / JOURNAL
         if not journal.exists():
             return False
         plan = json.loads(journal.read_text())
-        _undo(plan["moves"])
-        _sync({Path(p).parent for move in plan["moves"] for p in move})
+        if not plan.get("moved"):
+            _undo(plan["moves"])
+            _sync({Path(p).parent for move in plan["moves"] for p in move})
+        record_live(registry_for(out_dir, root), live_version(out_dir),
+                    "recovered" if plan.get("moved") else "kept (promotion rolled back)")
         journal.unlink()
-        keep = vdir / plan["from"]
-        if keep.is_dir() and not any(keep.iterdir()):
-            keep.rmdir()
+        for left in (vdir / plan["from"], vdir / plan["to"]):
+            if left.is_dir() and not any(left.iterdir()):
+                left.rmdir()
         return True
 
 
 def run_recover(params: dict) -> dict:
-    """`sa2crq recover`: roll back an interrupted promotion in params' out_dir."""
+    """`sa2crq recover`: finish or roll back an interrupted promotion in params' out_dir."""
     out_dir = out_path(params)
     recovered = recover(out_dir)
     return {"out_dir": str(out_dir), "recovered": recovered,
             "live": live_version(out_dir) if (out_dir / "sids" / "meta.json").exists() else None}
 
 
-def promote(out_dir: str | os.PathLike, version: str) -> str:
-    """Make versions/<version> live; the current live folders go to versions/<live version>.
+def promote(out_dir: str | os.PathLike, version: str, root: Path = ROOT) -> str:
+    """Make versions/<version> live and prod; the current live folders go to versions/<live version>.
 
-    Returns the version that was live before. Every folder of the candidate must exist.
+    Returns the version that was live before. Every folder of the candidate must exist. The live
+    version is registered first (the first promotion of an out_dir registers what the pipeline
+    built), so a rollback to it is an assignment of prod like any other.
     """
     out_dir = Path(out_dir)
     vdir = versions_dir(out_dir)
     cand = vdir / version
     with lock_folder(out_dir):
-        recover(out_dir)
+        recover(out_dir, root)
         missing = [name for name in VERSIONED if not (cand / name).is_dir()]
         if missing:
             raise FileNotFoundError(f"{cand}: version is incomplete, missing {missing}")
         old = live_version(out_dir)
         if old == version:
             raise Sa2crqError(f"{out_dir}: version {version!r} is already live")
+        reg = registry_for(out_dir, root)
+        record_live(reg, old)
         keep = vdir / old
         if keep.exists():
             shutil.rmtree(keep)
         moves = [(out_dir / n, keep / n) for n in VERSIONED if (out_dir / n).exists()]
         moves += [(cand / n, out_dir / n) for n in VERSIONED]
-        plan = [[str(src), str(dst)] for src, dst in moves]
+        plan = {"from": old, "to": version, "moves": [[str(src), str(dst)] for src, dst in moves], "moved": False}
         journal = vdir / JOURNAL
-        write_json({"from": old, "to": version, "moves": plan}, journal, durable=True)
+        write_json(plan, journal, durable=True)
         try:
             for src, dst in moves:
                 _move(src, dst)
             _sync({out_dir, keep, cand})
         except BaseException:
-            _undo(plan)
+            _undo(plan["moves"])
             journal.unlink()
             raise
+        write_json({**plan, "moved": True}, journal, durable=True)
+        _register(reg, version)
         journal.unlink()
         fsync_dir(vdir)
         if cand.exists() and not any(cand.iterdir()):
@@ -138,25 +150,34 @@ def promote(out_dir: str | os.PathLike, version: str) -> str:
         return old
 
 
+def _register(reg: Registry, version: str) -> None:
+    """The registry step of a promotion (a seam for the tests that kill a promotion inside it)."""
+    record_live(reg, version, "promoted")
+
+
+def run_promote(params: dict, opt_version: str) -> dict:
+    """`sa2crq promote VERSION`: make a kept version live and prod (a rollback when it is an earlier one)."""
+    out_dir = out_path(params)
+    previous = promote(out_dir, opt_version)
+    return {"out_dir": str(out_dir), "live": live_version(out_dir), "previous": previous,
+            "registry": show_versions(out_dir)}
+
+
+def show_versions(out_dir: str | os.PathLike, root: Path = ROOT) -> dict:
+    """The registry of out_dir: where it is, the prod version, every registered version."""
+    reg = registry_for(out_dir, root)
+    return {"repo": str(reg.repo), "prod": prod_version(reg), "versions": show(reg)}
+
+
+def run_versions(params: dict) -> dict:
+    """`sa2crq versions`: the live version of params' out_dir and its registry (GTO)."""
+    out_dir = out_path(params)
+    live = live_version(out_dir) if (out_dir / "sids" / "meta.json").exists() else None
+    return {"out_dir": str(out_dir), "live": live, **show_versions(out_dir)}
+
+
 def record(out_dir: str | os.PathLike, entry: dict) -> None:
     """Append one retrain decision to versions/history.json (promoted or not, and why)."""
     path = versions_dir(out_dir) / HISTORY
     history = json.loads(path.read_text()) if path.exists() else []
     write_json(history + [entry], path)
-
-
-def dvc_commit(out_dir: str | os.PathLike, stages: tuple[str, ...] = RETRAIN_STAGES,
-               repo: Path = ROOT) -> str:
-    """`dvc commit -f` the stages a retrain touched, when out_dir is the DVC pipeline's outputs.
-
-    Returns what happened ("committed" or why it was skipped); a DVC failure raises.
-    """
-    if not (repo / ".dvc").is_dir() or not (repo / DVC_FILE.name).exists():
-        return f"skipped: {repo} is not a DVC project"
-    if Path(out_dir).resolve() != (repo / PIPELINE_OUT).resolve():
-        return f"skipped: {out_dir} is not the pipeline's {PIPELINE_OUT}/ (dvc.yaml tracks only that one)"
-    cmd = [sys.executable, "-m", "dvc", "commit", "--force", *stages]
-    res = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
-    return "committed"

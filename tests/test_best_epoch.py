@@ -5,7 +5,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import pytest
 
-from components.best_epoch import fit_best_epoch, patience_param
+from components.best_epoch import Loaders, fit_best_epoch, patience_param
 from components.errors import ConfigError
 
 
@@ -39,7 +39,7 @@ def _fit(scores, patience, max_epochs=10):
     dl = DataLoader(TensorDataset(torch.zeros(4, 1)), batch_size=2)
     kwargs = dict(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                   enable_model_summary=False)
-    return module, fit_best_epoch(module, kwargs, dl, dl, "val_recall@10", patience)
+    return module, fit_best_epoch(module, kwargs, Loaders(dl, dl), "val_recall@10", patience)
 
 
 def test_early_stopping_restores_the_best_epoch():

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT, data_root
 
 from components.cli import main
 from components.config import load_params
 from components.errors import ConfigError, Sa2crqError
-from conftest import ROOT, data_root
 from flows import compare_dvc
 
 BASE = ["profile=smoke", "out_dir=outputs-t", "eval.seeds=[0,1]", "eval.baselines=[popular,two_tower]"]

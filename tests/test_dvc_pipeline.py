@@ -1,5 +1,6 @@
 """The real DVC pipeline on the smoke profile: `dvc repro` runs every stage, a second
-`dvc repro` is a no-op, and changing a tokenizer param invalidates only what follows it."""
+`dvc repro` is a no-op, a flow on its outputs/ runs through DVC, and changing a tokenizer
+param invalidates only what follows it."""
 from __future__ import annotations
 
 import json
@@ -60,12 +61,38 @@ def test_repro_runs_every_stage_then_is_a_noop(project: Path):
     assert shown.returncode == 0 and "sid_stats.json" in shown.stdout
 
 
+def test_flow_on_outputs_runs_its_steps_through_dvc(project: Path, prefect_server):
+    """After the repro a flow on the project's outputs/ finds its step up to date; with the evaluation
+    beam changed, the retriever flow resolves the params again and trains nothing."""
+    from components.config import load_params
+    from flows.train_retriever_flow import train_retriever_flow
+
+    def flow() -> dict:
+        return train_retriever_flow(params=load_params(project / "params.yaml", [f"out_dir={project / 'outputs'}"]))
+
+    assert flow() == {"train_retriever": {"dvc_ran": []}}
+    text = (project / "params.yaml").read_text()
+    params = yaml.safe_load(text)
+    params["profiles"]["smoke"]["retriever"]["beam"] = 7
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert flow() == {"train_retriever": {"dvc_ran": ["resolve_params"]}}
+    (project / "params.yaml").write_text(text)
+    assert flow() == {"train_retriever": {"dvc_ran": ["resolve_params"]}}
+    assert _changed(project) == set()
+
+
+def _changed(project: Path) -> set[str]:
+    status = _dvc(["status", "--json"], project)
+    assert status.returncode == 0, status.stderr
+    return set(json.loads(status.stdout or "{}"))
+
+
 def test_changed_tokenizer_param_invalidates_only_downstream(project: Path):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["tokenizer"]["sarq"]["tau"] = float(params["tokenizer"]["sarq"]["tau"]) + 1.0
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    status = _dvc(["status", "--json"], project)
-    assert status.returncode == 0, status.stderr
-    changed = set(json.loads(status.stdout or "{}"))
+    assert _changed(project) == {"resolve_params"}       # the stages read the resolved params it writes
+    assert _dvc(["repro", "--single-item", "resolve_params"], project).returncode == 0
+    changed = _changed(project)
     assert {"train_head", "train_tail", "assign_ids"} <= changed
     assert not {"prepare", "embed"} & changed

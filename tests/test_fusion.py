@@ -147,3 +147,26 @@ def test_an_own_scorer_encoder_leaves_the_sid_encoder_to_the_sid_loss():
     torch.manual_seed(0)
     shared = RetrieverModel(model_config({**RP, "item_head": True}, (4, 4), 8, 5, n_items=12))
     assert "item_head_encoder" not in shared.config      # the default keeps earlier checkpoints' configs
+
+
+def test_cold_items_score_by_their_text_alone_and_their_id_rows_learn_nothing():
+    """cold_item_rows text: an item without training interactions gets the text-only vector (the zero id row
+    items added after training share) and the softmax never pushes its own id row down; learned keeps the row."""
+    item_emb, batch, _ = _shift_task()
+    popularity = np.ones(12, dtype=np.int64)
+    popularity[[3, 7]] = 0
+    for mode in ("text", "learned"):
+        torch.manual_seed(0)
+        net = RetrieverModel(model_config({**RP, "item_head": True, "cold_item_rows": mode}, (4, 4), 8, 5,
+                                          n_items=12))
+        net.attach_items(item_emb, popularity)
+        net.loss(batch).backward()
+        id_grad = net.scorer.item_ids.weight.grad
+        with torch.no_grad():
+            vec = net.item_vectors()
+            text_only = torch.nn.functional.normalize(net.scorer.item_text(torch.from_numpy(item_emb)), dim=-1)
+        cold_is_text = torch.allclose(vec[[3, 7]], text_only[[3, 7]])
+        assert cold_is_text == (mode == "text")
+        assert not torch.allclose(vec[[0, 1]], text_only[[0, 1]])           # warm items keep their id rows
+        assert (id_grad[[3, 7]].abs().sum() == 0) == (mode == "text")
+    assert "cold_item_rows" not in RetrieverModel(model_config({**RP, "item_head": True}, (4, 4), 8, 5, n_items=12)).config

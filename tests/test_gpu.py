@@ -65,3 +65,30 @@ def test_retriever_trains_and_retrieves_on_cuda(tmp_path):
     queries = pd.read_parquet(tmp_path / "prepared" / "queries.parquet")
     ranked = retrieve(params, queries, model=model, beam=10)
     assert ranked.query_id.nunique() == len(queries) and recall_at(ranked, queries, 10) > 0
+
+
+@pytest.mark.gpu
+@cuda
+def test_tokenizer_and_two_tower_train_on_cuda(tmp_path):
+    """The smoke tokenizer (SA2CRQ: Stage 1 with SARQ callbacks, Stage 2) and the two-tower
+    baseline on `accelerator: gpu`: every item gets a SID and the models come back on the CPU."""
+    from test_baselines import history_queries
+    from tokenizer_fixtures import make_catalog, run_tokenizer
+    from tokenizer_fixtures import tiny_params as tokenizer_params
+
+    from components.sid_tokenizer import load_checkpoint
+    from components.two_tower import train_two_tower
+
+    items, x = make_catalog(tmp_path)
+    params = tokenizer_params(tmp_path, "sa2crq", "profile=smoke", "tokenizer.accelerator=gpu",
+                              "tokenizer.codebook_sizes=[4,8,8]", "tokenizer.extension_sizes=[2,4,4]")
+    table = run_tokenizer(params)
+    assert len(table) == len(items) and (table["length"] >= 1).all()
+    assert load_checkpoint(tmp_path / "tokenizer" / "head.pt")["history"]
+    n = len(items)
+    train = history_queries([[items.item_id[i % n]] for i in range(200)])
+    train["targets"] = [[items.item_id[(i + 1) % n]] for i in range(200)]
+    cfg = {"dim": 16, "max_len": 4, "n_memory": 2, "dropout": 0.0, "lr": 0.03, "temperature": 0.1,
+           "batch_size": 50, "epochs": 2, "patience": 0, "accelerator": "gpu"}
+    model = train_two_tower(train, items, x, None, cfg, seed=0, valid=train.head(20))
+    assert model.fit_result.best_score is not None and next(model.parameters()).device.type == "cpu"

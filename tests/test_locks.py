@@ -16,7 +16,7 @@ import pytest
 
 from components.atomic import atomic_dir, atomic_path
 from components.errors import BusyError, ConfigError, Sa2crqError
-from components.locks import LOCK_FILE, WAIT_ENV, lock_folder, lock_wait
+from components.locks import LOCK_FILE, WAIT_ENV, launched_rank, lock_folder, lock_out_dir, lock_wait
 from conftest import ROOT, data_root
 
 HOLD = "import sys\nfrom components.locks import lock_folder\nwith lock_folder(sys.argv[1], wait=0):\n" \
@@ -54,6 +54,25 @@ def test_other_process_is_refused_and_a_killed_holder_leaves_no_stale_lock(tmp_p
     with lock_folder(tmp_path, wait=0):   # the kernel dropped the dead holder's lock: nothing stale
         assert not _can_lock_elsewhere(tmp_path)
     assert _can_lock_elsewhere(tmp_path)
+
+
+@pytest.mark.parametrize("env", [{"LOCAL_RANK": "1"}, {"NODE_RANK": "2", "LOCAL_RANK": "0"}, {"RANK": "3"}])
+def test_a_worker_rank_of_a_ddp_run_takes_no_lock_while_rank_zero_holds_it(tmp_path, monkeypatch, env):
+    proc = _holder(tmp_path)          # rank 0 of the same run
+    try:
+        for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"):
+            monkeypatch.delenv(key, raising=False)
+        with pytest.raises(BusyError):
+            with lock_out_dir({"out_dir": str(tmp_path)}):
+                pass
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert launched_rank() == max(int(v) for v in env.values())
+        with lock_out_dir({"out_dir": str(tmp_path)}) as folder:   # a worker rank: no lock, no BusyError
+            assert folder == tmp_path
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
 
 
 def test_waits_when_asked(tmp_path, monkeypatch):
@@ -145,8 +164,7 @@ def test_first_holder_removes_a_killed_runs_temporaries(tmp_path):
     _killed_inside(lambda: _die_in(atomic_dir(out / "embeddings")))
     left = [p for p in out.rglob(".*") if p.name != "prepared"]
     assert len(left) == 2, left
-    (out / ".prefect-cache").mkdir()
-    (out / ".prefect-cache" / "result").write_text("keep")
+    (out / ".gitignore").write_text("/prepared\n")   # as DVC writes beside its outputs
     nested = out / "compare" / "x" / "seed0"
     _killed_inside(lambda: _die_in(atomic_path(nested / "retriever" / "model.pt")))
     (nested / LOCK_FILE).touch()   # a nested run's domain (its temporaries may be in flight)
@@ -155,7 +173,7 @@ def test_first_holder_removes_a_killed_runs_temporaries(tmp_path):
     (out / "linked").symlink_to(elsewhere, target_is_directory=True)
     with lock_folder(out, wait=0):
         assert not any(p.exists() for p in left)
-        assert (out / ".prefect-cache" / "result").exists()
+        assert (out / ".gitignore").read_text() == "/prepared\n"
         assert len(list(nested.rglob(".model.pt.*"))) == 1 and len(list(elsewhere.rglob(".items.parquet.*"))) == 1
 
 

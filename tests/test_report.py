@@ -244,6 +244,18 @@ def test_variant_keys_leave_out_tokenizer_settings_the_method_never_reads(run_pa
     assert compare_mod.eval_keys(boot) != compare_mod.eval_keys(run_params)
 
 
+def test_variant_keys_keep_runs_cached_before_the_fusion_beam_split(run_params):
+    """retriever.fusion.beam equal to retriever.beam is what runs before the key did: same variant keys."""
+    rp = run_params["retriever"]
+    fusion = {"sources": "auto", "weights": "auto", "depth": 100, "rrf_k": 60}
+    before = compare_mod.variant_keys(dict(run_params, retriever={**rp, "fusion": fusion}))
+    split = dict(run_params, retriever={**rp, "fusion": {**fusion, "beam": rp["beam"]}})
+    assert compare_mod.variant_keys(split) == before
+    assert split["retriever"]["fusion"]["beam"] == rp["beam"]      # the params themselves keep the key
+    split["retriever"]["fusion"]["beam"] = rp["beam"] + 1
+    assert compare_mod.variant_keys(split) != before
+
+
 def test_wandb_offline_runs_land_under_the_out_dir(tmp_path, monkeypatch):
     """An experiment's W&B files stay with its outputs (not the project's runs/); WANDB_DIR overrides."""
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -19,7 +19,7 @@ from components.locks import LOCK_FILE
 from components.sid_table import changed_sids, read_sid_table
 from flows.flow_params import apply_overrides
 from flows.retrain_checks import decide, index_queries, recall_at
-from flows.versions import JOURNAL, VERSIONED, dvc_commit, live_version, promote, recover, run_recover
+from flows.versions import JOURNAL, VERSIONED, live_version, promote, recover, run_recover, show_versions
 from test_flows import build_trained
 
 # the smoke retriever is weak (old recall@10 of a few percent on 200 queries), so a drop of a
@@ -33,7 +33,7 @@ def retrained(tmp_path_factory, smoke_embedded, prefect_server) -> dict:
 
     trained = build_trained(tmp_path_factory.getbasetemp() / "flows_trained", smoke_embedded)
     work = tmp_path_factory.mktemp("retrain") / "out"
-    shutil.copytree(trained["params"]["out_dir"], work, ignore=shutil.ignore_patterns(".prefect-cache"))
+    shutil.copytree(trained["params"]["out_dir"], work)
     params = apply_overrides({**trained["params"], "out_dir": str(work)}, RETRAIN)
     before = {"table": read_sid_table(work / "sids" / "sid_table.parquet"), "version": live_version(work),
               "model": (work / "retriever" / "model.pt").read_bytes()}
@@ -61,6 +61,10 @@ def test_retrain_promotes_with_old_sids_unchanged(retrained):
     assert (work / "retriever" / "model.pt").read_bytes() != before["model"]
     history = json.loads((work / "versions" / "history.json").read_text())
     assert history[-1]["candidate"] == result["candidate"] and history[-1]["promoted"]
+    # the registry (GTO tags in work/registry, a tmp out_dir's own repository) names the candidate prod
+    registry = show_versions(work)
+    assert registry["prod"] == result["candidate"] == result["registry"]["prod"]
+    assert [v["version"] for v in registry["versions"]] == [result["candidate"], before["version"]]
     assert json.loads((work / "metrics" / "retrain.json").read_text())["candidate"] == result["candidate"]
 
 
@@ -136,8 +140,13 @@ def test_promote_swaps_and_rolls_back(tmp_path, monkeypatch):
     assert promote(out, "v1.r1") == "v1"
     assert live_version(out) == "v1.r1" and (out / "tokenizer" / "mark.txt").read_text() == "new"
     assert (out / "versions" / "v1" / "tokenizer" / "mark.txt").read_text() == "old"
+    assert show_versions(out)["prod"] == "v1.r1"
     assert promote(out, "v1") == "v1.r1"
     assert (out / "sids" / "mark.txt").read_text() == "old"
+    # the rollback is prod assigned back to the first registered version, in GTO's tags
+    registry = show_versions(out)
+    assert registry["prod"] == "v1" and [v["version"] for v in registry["versions"]] == ["v1.r1", "v1"]
+    assert [v["stages"] for v in registry["versions"]] == [[], ["prod"]]
 
 
 def test_recover_undoes_a_promotion_cut_short(tmp_path):
@@ -159,9 +168,10 @@ def _marks(root: Path) -> set[str]:
     return {(root / name / "mark.txt").read_text() for name in VERSIONED}
 
 
-def _promotion_killed(out: Path, version: str, after_moves: int) -> None:
+def _promotion_killed(out: Path, version: str, after_moves: int | None) -> None:
     """promote() in a forked process that SIGKILLs itself right after its `after_moves`-th rename
-    (0: before the first, once the journal is written; all of them: before the journal goes)."""
+    (0: before the first, once the journal is written; all of them: before the journal says
+    `moved`; None: inside the registry step, after every rename)."""
     import flows.versions
 
     pid = os.fork()
@@ -177,7 +187,11 @@ def _promotion_killed(out: Path, version: str, after_moves: int) -> None:
                 if len(done) == after_moves:
                     os.kill(os.getpid(), signal.SIGKILL)
 
+            def register(reg, name: str) -> None:
+                os.kill(os.getpid(), signal.SIGKILL)
+
             flows.versions._move = move
+            flows.versions._register = register
             promote(out, version)
         finally:
             os._exit(1)
@@ -188,8 +202,8 @@ def _promotion_killed(out: Path, version: str, after_moves: int) -> None:
 @pytest.mark.parametrize("after_moves", range(len(VERSIONED) * 2 + 1))
 def test_promotion_killed_at_any_point_is_rolled_back(tmp_path, after_moves):
     """kill -9 between any two renames of a promotion: `recover` (the next retrain's first act,
-    or `sa2crq recover`) puts every live folder back, the candidate stays whole, and it can be
-    promoted again."""
+    or `sa2crq recover`) puts every live folder back, the candidate stays whole, the registry
+    still names the old version prod, and the candidate can be promoted again."""
     out = tmp_path / "out"
     _version_tree(out, "v1", "old")
     _version_tree(out / "versions" / "v1.r1", "v1.r1", "new")
@@ -198,7 +212,23 @@ def test_promotion_killed_at_any_point_is_rolled_back(tmp_path, after_moves):
     assert run_recover({"out_dir": str(out)}) == {"out_dir": str(out), "recovered": True, "live": "v1"}
     assert _marks(out) == {"old"} and _marks(out / "versions" / "v1.r1") == {"new"}
     assert not (out / "versions" / JOURNAL).exists() and not (out / "versions" / "v1").exists()
+    assert show_versions(out)["prod"] == "v1"
     assert promote(out, "v1.r1") == "v1" and _marks(out) == {"new"} and _marks(out / "versions" / "v1") == {"old"}
+    assert show_versions(out)["prod"] == "v1.r1"
+
+
+def test_promotion_killed_after_the_renames_is_finished(tmp_path):
+    """kill -9 once every folder moved, while the registry records it: `recover` rolls forward
+    (the new version live and prod, the old one kept), as an uninterrupted promotion would."""
+    out = tmp_path / "out"
+    _version_tree(out, "v1", "old")
+    _version_tree(out / "versions" / "v1.r1", "v1.r1", "new")
+    _promotion_killed(out, "v1.r1", None)
+    assert json.loads((out / "versions" / JOURNAL).read_text())["moved"] is True
+    assert run_recover({"out_dir": str(out)}) == {"out_dir": str(out), "recovered": True, "live": "v1.r1"}
+    assert _marks(out) == {"new"} and _marks(out / "versions" / "v1") == {"old"}
+    assert not (out / "versions" / JOURNAL).exists() and not (out / "versions" / "v1.r1").exists()
+    assert show_versions(out)["prod"] == "v1.r1"
 
 
 def test_promotion_journal_holds_the_whole_plan_before_the_first_move(tmp_path, monkeypatch):
@@ -303,19 +333,3 @@ def test_grown_vocabulary_keeps_learned_tokens():
     cols = torch.from_numpy(mapping)
     finite = torch.isfinite(a)
     assert torch.allclose(a[finite], b[:, :, cols][finite], atol=1e-5)
-
-
-def test_dvc_commit_records_promoted_outputs(tmp_path):
-    """In a DVC project whose pipeline writes outputs/, the promoted folders land in dvc.lock."""
-    repo = tmp_path / "repo"
-    (repo / "outputs" / "sids").mkdir(parents=True)
-    (repo / "outputs" / "sids" / "sid_table.txt").write_text("v1")
-    (repo / "dvc.yaml").write_text("stages:\n  assign_ids:\n    cmd: 'true'\n    outs:\n      - outputs/sids\n")
-    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=repo, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=repo, check=True)
-    assert dvc_commit(tmp_path / "elsewhere", ("assign_ids",), repo=repo).startswith("skipped")
-    assert dvc_commit(repo / "outputs", ("assign_ids",), repo=repo) == "committed"
-    first = (repo / "dvc.lock").read_text()
-    (repo / "outputs" / "sids" / "sid_table.txt").write_text("v2")
-    dvc_commit(repo / "outputs", ("assign_ids",), repo=repo)
-    assert "outputs/sids" in first and (repo / "dvc.lock").read_text() != first

@@ -21,7 +21,7 @@ DIM = 24
 
 
 def write_catalog(out: Path, n_items: int = 30, text: bool = False, seed: int = 0, train: bool = True,
-                  dim: int = DIM) -> pd.DataFrame:
+                  dim: int = DIM, users: int = 12) -> pd.DataFrame:
     """Items, queries, embeddings and a variable-length SID table in the pipeline's formats.
 
     SIDs include collisions and SIDs that are prefixes of others; train=False makes every
@@ -40,7 +40,7 @@ def write_catalog(out: Path, n_items: int = 30, text: bool = False, seed: int = 
     codes = [[j % 4, (j // 4) % 4, (j // 16) % 3][: 2 if j % 5 == 0 else 3] for j in range(n_items)]
     codes[5] = list(codes[4])                      # a collision
     rows = []
-    for u in range(12):
+    for u in range(users):
         start = int(rng.integers(0, n_items - 2))
         seq = [(start + 3 * k) % (n_items - 2) for k in range(5)]  # a learnable "next item" rule
         for pos in range(1, 5):
@@ -134,7 +134,7 @@ def test_item_head_orders_inside_a_sid_and_the_fusion_is_tuned_on_validation(tmp
     from components.retrieve import decode_queries, dense_side, generated_ranking, ranked_frame
 
     write_catalog(tmp_path)
-    params = tiny_params(tmp_path, epochs=3, fusion={"sources": "auto", "weights": "auto", "depth": 5, "rrf_k": 60})
+    params = tiny_params(tmp_path, epochs=3, fusion={"sources": "auto", "weights": "auto", "depth": 5, "rrf_k": 60, "beam": 10})
     summary = run_train_retriever(params)
     grid, chosen = summary["fusion_grid"], summary["fusion"]
     assert summary["item_head"] and chosen["sources"] == ["learned", "zero_shot"] and len(grid) == 66
@@ -230,6 +230,15 @@ def test_bucket_batches_are_homogeneous_complete_and_seeded():
     assert first == [b.tolist() for b in BucketBatchSampler(keys, 8, True, seed=3)]
     sampler.set_epoch(1)
     assert [b.tolist() for b in sampler] != first
+
+
+def test_bucket_batches_are_sharded_over_ranks():
+    keys = np.repeat([1, 2, 5], [7, 30, 9])
+    whole = [b.tolist() for b in BucketBatchSampler(keys, 4, True, seed=3)]
+    shards = [[b.tolist() for b in BucketBatchSampler(keys, 4, True, seed=3, rank=r, replicas=3)] for r in range(3)]
+    assert [len(s) for s in shards] == [len(BucketBatchSampler(keys, 4, True, seed=3, rank=1, replicas=3))] * 3
+    assert len(shards[0]) == -(-len(whole) // 3)                  # every rank takes as many steps (DDP)
+    assert [b for step in zip(*shards) for b in step][: len(whole)] == whole   # round-robin, same order
 
 
 def test_query_examples_explode_targets_and_name_unknown_items():

@@ -75,6 +75,7 @@ def smoke_data(smoke_embedded):
     return smoke_embedded, evaluate_mod.load_eval_inputs(smoke_embedded)
 
 
+@pytest.mark.slow
 def test_rows_rank_the_same_test_queries_and_groups_as_bm25(smoke_data):
     params, data = smoke_data
     results, _ = evaluate_mod.evaluate_all(params, data, ["bm25", "sasrec", "sasrec_text"], generative=False)
@@ -95,6 +96,7 @@ def test_rows_rank_the_same_test_queries_and_groups_as_bm25(smoke_data):
     assert info["val"][metric] == max(c[metric] for c in curve)
 
 
+@pytest.mark.slow
 def test_same_seed_same_ranking(smoke_data):
     params, data = smoke_data
     a = evaluate_mod.run_baseline("sasrec", params, data)
@@ -104,6 +106,7 @@ def test_same_seed_same_ranking(smoke_data):
     assert not np.allclose(a["score"].to_numpy(), other["score"].to_numpy())
 
 
+@pytest.mark.slow
 def test_validation_restores_the_best_epoch_not_the_last(smoke_data):
     """Through cornac's real loop: scores 0.5, 0.9, 0.1 must leave epoch 2's weights in the model."""
     params, data = smoke_data

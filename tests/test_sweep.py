@@ -17,7 +17,7 @@ from test_flows import build_trained
 
 GRID = ["tokenizer.sarq.tau=[3,6]", "seed=[0,1]"]
 # tokenizer-only points with few epochs: the retriever would not fit the test budget
-QUICK = ["flows.cache=false", "flows.sweep.stop=assign_ids", "tokenizer.epochs_head=2", "tokenizer.epochs_tail=1"]
+QUICK = ["flows.sweep.stop=assign_ids", "tokenizer.epochs_head=2", "tokenizer.epochs_tail=1"]
 TIMING = ("seconds", "wall_s", "per_second")
 
 
