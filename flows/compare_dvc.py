@@ -182,9 +182,18 @@ def _stage_keys(sid: str) -> list[str]:
     return [f"{kind}_{sid}" for kind in ("prepare", "embed", "aggregate")]
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """No anchors / aliases: a value two entries share is written out in both (the file reads and
+    diffs the same whatever objects the params happened to share)."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
+
+
 def _dump(path: Path, data: dict, flow: bool | None) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(HEADER + yaml.safe_dump(data, sort_keys=False, default_flow_style=flow, width=120))
+        tmp.write_text(HEADER + yaml.dump(data, Dumper=_PlainDumper, sort_keys=False, default_flow_style=flow,
+                                          width=120))
 
 
 def _replace(old: dict, mine, new: dict) -> dict:

@@ -85,6 +85,7 @@ def _edit_params(root: Path, edit) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+@pytest.mark.slow   # real dvc commands (about 10-25 s)
 def test_dvc_reruns_only_the_runs_whose_params_they_read_changed(project: Path):
     sid, plan = _plan(BASE)
     assert sid == "outputs_t"
