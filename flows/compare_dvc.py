@@ -380,10 +380,10 @@ def repro_parallel(sid: str, plan: dict, jobs: int) -> int:
     return ran + repro(sid, plan)
 
 
-def stage_outs(repo) -> dict[str, list[str]]:
-    """The outputs of every comparison stage, by DVC target (one parse of each file: collecting
-    stage by stage re-parses it each time)."""
-    return {stage.addressing: [out.fs_path for out in stage.outs]
+def stage_outs(repo, kind: str = "outs") -> dict[str, list[str]]:
+    """The outputs (or `kind="deps"`: dependencies) of every comparison stage, by DVC target (one
+    parse of each file: collecting stage by stage re-parses it each time)."""
+    return {stage.addressing: [item.fs_path for item in getattr(stage, kind)]
             for path in (DVC_FILE, SETS_FILE) for stage in repo.stage.collect(str(path))}
 
 
@@ -406,15 +406,16 @@ def unrecorded_runs(sid: str, plan: dict) -> list[str]:
 
 
 def adopt(sid: str, plan: dict) -> dict:
-    """Record the set's finished runs as they are (`dvc commit`): stages whose outputs all exist
-    enter experiments/dvc.lock and the DVC cache without running; the others will run."""
+    """Record the set's finished runs as they are (`dvc commit`): stages whose outputs and inputs
+    all exist enter experiments/dvc.lock and the DVC cache without running; the others will run
+    (an aggregate over a variant that has not run yet, too)."""
     from dvc.repo import Repo
 
     done, missing = [], []
     with Repo() as repo:
-        outs = stage_outs(repo)
+        outs, deps = stage_outs(repo), stage_outs(repo, "deps")
         for name in stage_names(sid, plan):
-            (done if all(Path(out).exists() for out in outs[name]) else missing).append(name)
+            (done if all(Path(path).exists() for path in outs[name] + deps[name]) else missing).append(name)
     if done:
         rc = subprocess.call(_dvc(["commit", "--force", *done]), env=_dvc_env())
         if rc != 0:

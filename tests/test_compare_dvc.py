@@ -97,6 +97,12 @@ def test_dvc_reruns_only_the_runs_whose_params_they_read_changed(project: Path):
     adopted = compare_dvc.run_compare(params, "params.yaml", BASE, opt_adopt=True)
     runs = [f"{v}-s{s}" for v in ("rq_kmeans", "sa2crq_tau_6") for s in (0, 1)]
     assert adopted["adopted"] == 2 + 2 * len(runs) + 3 + 1 and adopted["to_run"] == []
+    # a run not on disk yet is left to run, and so is the aggregate that reads it
+    shutil.rmtree(project / "outputs-t/compare/sa2crq_tau_6/seed1/eval")
+    partial = compare_dvc.adopt(sid, plan)
+    assert partial["to_run"] == ["experiments/dvc.yaml:compare_evaluate@outputs_t-sa2crq_tau_6-s1",
+                                 "experiments/sets/dvc.yaml:aggregate_outputs_t"]
+    _stand_in_outputs(sid, plan)
     assert _stale(project) == set()                                      # adopted: nothing to run
     model = project / "outputs-t/compare/rq_kmeans/seed1/retriever/part.bin"
     model.write_text("trained outside DVC")
