@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from components.runtime_env import set_offline_defaults
 
@@ -16,6 +16,7 @@ EPILOG = """examples:
   sa2crq stage prepare                   one step, as DVC runs it
   sa2crq stage train_head -s tokenizer.sarq.tau=9   one step with a param override
   sa2crq compare                         every variant of eval.variants x eval.seeds, mean and std in one table
+  sa2crq compare --variants TIGER,SA2CRQ -s dataset=climate-fever -s out_dir=outputs-cf
   sa2crq retrain --new-items new.jsonl   give new items SIDs, fine-tune, check, promote
   sa2crq candidates --a outputs/ab/A --b outputs --queries q.parquet
   sa2crq sweep --grid tokenizer.sarq.tau=[7,9] --grid seed=[0,1]
@@ -89,12 +90,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # The commands' entry points, imported when their command runs: plain imports a reader and a
 # linter can follow, and torch or Prefect load only for the command that needs them.
-def _compare(**kw) -> dict:
-    from components.compare import run_compare
-
-    return run_compare(**kw)
-
-
 def _retrain(**kw) -> dict:
     from flows.retrain_flow import retrain_flow
 
@@ -146,6 +141,26 @@ def cmd_flow(entry: Callable[..., dict], prefect: bool = True) -> Callable[[argp
     return run
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """The comparison through DVC (experiments/dvc.yaml): the overrides are kept in its plan, so each
+    stage reads the same params."""
+    from flows.compare_dvc import run_compare
+
+    result = run_compare(_params(args), params_file=args.params, overrides=list(args.set),
+                     opt_variants=args.opt_variants, opt_adopt=args.opt_adopt, opt_jobs=args.opt_jobs)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_compare_step(args: argparse.Namespace) -> int:
+    """One stage of experiments/dvc.yaml (what `dvc repro` runs for `sa2crq compare`)."""
+    from flows.compare_dvc import run_step
+
+    print(json.dumps(run_step(args.kind, args.set_id, variant=args.variant, seed=args.seed, baseline=args.baseline),
+                     indent=2, default=str))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from components.serving.server import serve
 
@@ -193,7 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the paper's Table 1: train and evaluate every tokenizer variant in eval.variants over eval.seeds")
     s.add_argument("--variants", dest="opt_variants", metavar="NAMES",
                    help="comma-separated names from eval.variants (default: all); 'none' = the baselines only")
-    s.set_defaults(func=cmd_flow(_compare, prefect=False))
+    s.add_argument("--jobs", "-j", dest="opt_jobs", type=_positive_int, default=1, metavar="N",
+                   help="train / evaluate N runs at a time (default 1; dvc repro itself runs one stage at a time)")
+    s.add_argument("--adopt", dest="opt_adopt", action="store_true",
+                   help="record the runs already on disk as done (dvc commit) instead of running anything")
+    s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("compare-step", help="one stage of the comparison (experiments/dvc.yaml runs it)")
+    s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    s.add_argument("kind", choices=["prepare", "embed", "train", "evaluate", "baseline", "aggregate"])
+    s.add_argument("--set", dest="set_id", required=True, help="the comparison: the out_dir's key in compare.yaml")
+    s.add_argument("--variant", help="train / evaluate: the variant's key")
+    s.add_argument("--seed", type=int, help="train / evaluate / baseline: the seed")
+    s.add_argument("--baseline", help="baseline: its eval.baselines name")
+    s.set_defaults(func=cmd_compare_step)
 
     s = sub.add_parser("retrain", parents=[common], help="assign SIDs to new items, fine-tune with replay, check, promote")
     s.add_argument("--new-items", dest="opt_new_items", required=True, metavar="FILE",

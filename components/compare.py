@@ -1,25 +1,25 @@
-"""Tokenizer variants side by side (the paper's Tables 1 and 2), over several seeds.
+"""Tokenizer variants side by side (the paper's Tables 1 and 2), over several seeds: the work of one run.
 
-Each (variant, seed) runs train_head, train_tail, assign_ids and train_retriever in its own
+Each (variant, seed) trains (train_head, train_tail, assign_ids, train_retriever) in its own
 scratch out_dir (<out_dir>/<eval.compare_dir>/<variant>/seed<k>, with prepared/ and embeddings/
-linked from the main run), then the generative retriever is evaluated constrained (recall,
-Ret-Per) and unconstrained (hallucination). Baselines are evaluated once (per seed for the
-trained ones, two-tower and SASRec); one that does not apply (SASRec on a search dataset) has
-no row. A finished variant run or baseline whose params are unchanged is reused, so an
-interrupted comparison resumes where it stopped.
+linked from the set's out_dir), then its generative retriever is evaluated constrained (recall,
+Ret-Per) and unconstrained (hallucination) into eval/compare_run.json. Baselines are evaluated
+once (per seed for the trained ones, two-tower and SASRec) into <compare_dir>/baselines/; one that
+does not apply (SASRec on a search dataset) stores a null result and has no row. `aggregate`
+reads what the runs stored and writes the tables. Which run is stale is DVC's call
+(experiments/dvc.yaml, components/compare_dvc.py): the *_keys functions below say which params
+each run reads, and those are its DVC params.
 """
 from __future__ import annotations
 
 import copy
-
 import json
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
 from components.atomic import atomic_path, write_json
-from components.config import deep_merge, out_path, params_hash
+from components.config import deep_merge, out_path
 from components.errors import ConfigError
 from components.evaluate import (
     baseline_label,
@@ -32,7 +32,7 @@ from components.evaluate import (
 from components.locks import lock_out_dir
 from components.metrics import GROUPS
 from components.report import metric_label, sid_stats_row
-from components.results_file import input_digests, invoked_command, write_results_file
+from components.results_file import input_digests, write_results_file
 from components.runtime_env import set_offline_defaults
 from components.sid_tokenizer import STAGE2_METHODS
 from components.tokenizer_stages import SARQ_METHODS
@@ -98,6 +98,12 @@ def _get(tree: dict, path: tuple[str, ...]) -> object:
     return tree
 
 
+def _public(p: dict) -> dict:
+    """The params without private bookkeeping (`_profile`, `_params_path`) and the profile blocks:
+    params are resolved, so the chosen profile is already in every section it overlays."""
+    return {k: v for k, v in p.items() if not k.startswith("_") and k not in ("profile", "profiles")}
+
+
 def _drop_earlier_behaviour(kept: dict, earlier: dict[tuple[str, ...], object]) -> None:
     """Remove from `kept` (in place) each setting at its earlier-behaviour value (a dict value:
     when the setting holds at least those entries)."""
@@ -111,14 +117,14 @@ def _drop_earlier_behaviour(kept: dict, earlier: dict[tuple[str, ...], object]) 
             parent.pop(path[-1], None)
 
 
-def run_key(p: dict) -> str:
-    """Hash of the params one variant run depends on, so adding or dropping variants keeps finished runs.
+def run_params_key(p: dict) -> dict:
+    """The params one variant run depends on (seed included), so adding or dropping variants keeps finished runs.
 
     Tokenizer settings the variant's method never reads (the SARQ block for fixed-length methods,
     extension rows and Stage-2 options for one-stage methods), settings behind a switch that is
     off, and new switches at the value that reproduces earlier runs are left out: tuning SA2CRQ does
     not retrain TIGER."""
-    kept = copy.deepcopy({k: v for k, v in p.items() if k not in OPERATIONAL_KEYS})
+    kept = copy.deepcopy({k: v for k, v in _public(p).items() if k not in OPERATIONAL_KEYS})
     kept["eval"] = {k: v for k, v in p["eval"].items() if k not in NOT_RUN_KEYS}
     kept["embed"] = {k: v for k, v in p.get("embed", {}).items() if k not in NOT_RUN_EMBED_KEYS}
     method = p["tokenizer"].get("method")
@@ -136,7 +142,17 @@ def run_key(p: dict) -> str:
         parent = _get(kept, path[:-1])
         if isinstance(parent, dict) and parent.get(path[-1]) == _get(p, source):
             parent.pop(path[-1])
-    return params_hash(kept)
+    return kept
+
+
+def variant_keys(p: dict) -> dict:
+    """What a variant's training reads, for every seed (the seed is the run's own, in its stage name)."""
+    return {k: v for k, v in run_params_key(p).items() if k not in ("seed", "eval")}
+
+
+def eval_keys(p: dict) -> dict:
+    """The eval settings a variant run's evaluation reads (the same for every variant of a comparison)."""
+    return run_params_key(p)["eval"]
 
 
 def variant_params(params: dict, variant: dict, seed: int) -> dict:
@@ -150,7 +166,7 @@ def variant_params(params: dict, variant: dict, seed: int) -> dict:
 
 
 def _link_inputs(params: dict, scratch: Path) -> None:
-    """Point the scratch run at the main run's prepared data and embeddings."""
+    """Point the scratch run at the set's prepared data and embeddings."""
     scratch.mkdir(parents=True, exist_ok=True)
     for name in LINKED:
         src, dst = out_path(params, name).resolve(), scratch / name
@@ -163,59 +179,34 @@ def _link_inputs(params: dict, scratch: Path) -> None:
         dst.symlink_to(src, target_is_directory=True)
 
 
-def missing_metrics(run: dict, params: dict) -> list[str]:
-    """Comparison columns (table_metrics) that a stored variant run does not report, e.g. because
-    it was evaluated before the metric existed."""
-    have = {m for part in ("constrained", "unconstrained")
-            for m in ((run.get(part) or {}).get("overall") or {}).get("metrics", {})}
-    return [m for m in table_metrics(params) if m not in have]
-
-
-def _trained(scratch: Path) -> bool:
-    """The scratch run holds what evaluation reads from the train steps."""
-    return all((scratch / rel).exists() for rel in ("sids/sid_table.parquet", "sids/meta.json", "retriever/model.pt"))
-
-
-def run_variant(params: dict, variant: dict, seed: int) -> dict:
-    """Train and evaluate one variant for one seed; reuse a finished run with the same params.
-
-    A finished run whose stored result lacks a metric the comparison now reports (one made
-    before that metric existed) is evaluated again from its trained model, without retraining.
-    """
-    p = variant_params(params, variant, seed)
-    scratch = Path(p["out_dir"])
-    done = scratch / "eval" / "compare_run.json"
-    key = run_key(p)
-    if done.exists():
-        cached = json.loads(done.read_text())
-        if cached.get("params_hash") == key:
-            if not missing_metrics(cached, p):
-                return cached
-            if _trained(scratch):
-                _link_inputs(params, scratch)
-                return _evaluate_variant(p, variant, seed, key)
-    _link_inputs(params, scratch)
+def train_variant(params: dict, variant: dict, seed: int) -> None:
+    """Train one variant for one seed in its scratch folder (the compare_train stage)."""
     from components.stages import get_step
 
+    p = variant_params(params, variant, seed)
+    _link_inputs(params, Path(p["out_dir"]))
     for step in TRAIN_STEPS:
         get_step(step)(p)
-    return _evaluate_variant(p, variant, seed, key)
 
 
-def _evaluate_variant(p: dict, variant: dict, seed: int, key: str) -> dict:
-    """Evaluate a trained variant run (constrained and unconstrained) and store eval/compare_run.json."""
+def evaluate_variant(params: dict, variant: dict, seed: int) -> dict:
+    """Evaluate a trained variant run (constrained and unconstrained) into eval/compare_run.json
+    (the compare_evaluate stage)."""
     from components.sid_stats import sid_statistics
     from components.sid_table import read_sid_table
 
+    p = variant_params(params, variant, seed)
     scratch = Path(p["out_dir"])
-    data = load_eval_inputs(p)
-    results, _ = evaluate_all(p, data, [])
-    names = list(results)
-    meta = json.loads((scratch / "sids" / "meta.json").read_text())
-    stats = sid_statistics(read_sid_table(scratch / "sids" / "sid_table.parquet"), data.items, meta)
-    out = {"params_hash": key, "name": variant["name"], "seed": int(seed),
-           "constrained": results[names[0]], "unconstrained": results[names[1]], "sid_stats": stats}
-    write_json(out, scratch / "eval" / "compare_run.json")
+    _link_inputs(params, scratch)
+    with lock_out_dir(p):
+        data = load_eval_inputs(p)
+        results, _ = evaluate_all(p, data, [])
+        names = list(results)
+        meta = json.loads((scratch / "sids" / "meta.json").read_text())
+        stats = sid_statistics(read_sid_table(scratch / "sids" / "sid_table.parquet"), data.items, meta)
+        out = {"name": variant["name"], "seed": int(seed),
+               "constrained": results[names[0]], "unconstrained": results[names[1]], "sid_stats": stats}
+        write_json(out, scratch / "eval" / "compare_run.json")
     return out
 
 
@@ -229,7 +220,6 @@ def _aggregate(long: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     return table[[c for m in cols for c in (m, f"{m} std")] + ["seeds"]]
 
 
-MISSING = object()
 # retriever settings of the generative ranking alone: no baseline reads them (two-tower reads the query-encoder shape)
 GENERATIVE_RANKING_KEYS = ("item_head", "item_head_weight", "item_head_encoder", "fusion")
 # the eval settings each baseline reads besides the shared ones (ks, bootstrap, exclude_history, ...)
@@ -237,61 +227,55 @@ BASELINE_SETTINGS = {"bm25": ("bm25_history",), "dense": ("dense_history",), "tw
                      "sasrec": ("sasrec",), "sasrec_text": ("sasrec",)}
 
 
-def _baseline_file(params: dict, name: str, seed: int) -> tuple[Path, str]:
-    """Cache file and key of one baseline result: seeded baselines per seed, the others once.
+def baseline_file(params: dict, name: str, seed: int) -> Path:
+    """Where one baseline result lives: seeded baselines per seed, the others once."""
+    folder = out_path(params, params["eval"]["compare_dir"], "baselines")
+    return folder / (f"{name}-seed{seed}.json" if name in SEEDED_BASELINES else f"{name}.json")
 
-    The key holds every param but the tokenizer's and the comparison's bookkeeping, so a
-    finished baseline is reused across variants and interrupted comparisons, like a variant run.
-    """
-    seeded = name in SEEDED_BASELINES
-    kept = copy.deepcopy({k: v for k, v in params.items() if k not in OPERATIONAL_KEYS + ("tokenizer", "seed")})
+
+
+def baseline_keys(params: dict, name: str) -> dict:
+    """The params one baseline reads (its seed aside): every param but the tokenizer's, the generative
+    ranking's and the comparison's bookkeeping, so a baseline is shared by every variant."""
+    kept = copy.deepcopy({k: v for k, v in _public(params).items() if k not in OPERATIONAL_KEYS + ("tokenizer", "seed")})
     kept["retriever"] = {k: v for k, v in kept["retriever"].items() if k not in GENERATIVE_RANKING_KEYS}
     kept["embed"] = {k: v for k, v in params.get("embed", {}).items() if k not in NOT_RUN_EMBED_KEYS}
     own = BASELINE_SETTINGS.get(name, ())
     kept["eval"] = {k: v for k, v in kept["eval"].items()
                     if k in own or k not in NOT_RUN_KEYS + ("results_dir", "group_order")}
     _drop_earlier_behaviour(kept, BASELINE_EARLIER_BEHAVIOUR)
-    kept["baseline"] = name
-    if seeded:
-        kept["seed"] = int(seed)
-    folder = out_path(params, params["eval"]["compare_dir"], "baselines")
-    return folder / (f"{name}-seed{seed}.json" if seeded else f"{name}.json"), params_hash(kept)
+    return kept
 
 
-def cached_baseline(params: dict, name: str, seed: int) -> dict | None | object:
-    """The stored result of a finished baseline (None = not applicable), or MISSING."""
-    path, key = _baseline_file(params, name, seed)
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if cached.get("params_hash") == key:
-            return cached["result"]
-    return MISSING
+def run_baseline(params: dict, name: str, seed: int) -> dict | None:
+    """Evaluate one baseline for one seed and store it (the compare_baseline stage); None = not
+    applicable to the dataset (SASRec without histories), stored as such."""
+    p = deep_merge(params, {"seed": int(seed)})
+    # no out_dir lock: baselines of one comparison run side by side (`sa2crq compare --jobs`), each its own file
+    result = evaluate_all(p, load_eval_inputs(params), [name], generative=False)[0].get(baseline_label(name))
+    write_json({"name": baseline_label(name), "result": result}, baseline_file(params, name, seed))
+    return result
 
 
-def store_baseline(params: dict, name: str, seed: int, result: dict | None) -> None:
-    path, key = _baseline_file(params, name, seed)
-    write_json({"params_hash": key, "name": baseline_label(name), "result": result}, path)
+def _stored(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing (`sa2crq compare` runs the comparison's stages)")
+    return json.loads(path.read_text())
 
 
 def collect_runs(params: dict, variants: list[dict], seeds: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Long results (one row per method, group and seed) for variants and baselines, and SID statistics rows."""
+    """Long results (one row per method, group and seed) from the stored variant runs and baselines,
+    and SID statistics rows. Unseeded baselines were evaluated once, with the first seed."""
     rows: list[dict] = []
     sid_rows: list[dict] = []
-    for variant in tqdm(variants, desc="variants"):
+    for variant in variants:
         for seed in seeds:
-            run = run_variant(params, variant, seed)
+            run = _stored(Path(variant_params(params, variant, seed)["out_dir"]) / "eval" / "compare_run.json")
             rows += _rows(variant["name"], seed, run["constrained"], run["unconstrained"])
             sid_rows.append({"config": variant["name"], "seed": seed, **sid_stats_row(run["sid_stats"])})
-    baselines = list(params["eval"]["baselines"])
-    data = None
     for seed in seeds:
-        for name in baselines:
-            result = cached_baseline(params, name, seed)
-            if result is MISSING:
-                data = data if data is not None else load_eval_inputs(params)
-                p = deep_merge(params, {"seed": int(seed)})
-                result = evaluate_all(p, data, [name], generative=False)[0].get(baseline_label(name))
-                store_baseline(params, name, seed, result)
+        for name in params["eval"]["baselines"]:
+            result = _stored(baseline_file(params, name, seed if name in SEEDED_BASELINES else seeds[0]))["result"]
             if result is not None:  # None: not applicable to the dataset (SASRec without histories)
                 rows += _rows(baseline_label(name), seed, result, None)
     return pd.DataFrame(rows), pd.DataFrame(sid_rows)
@@ -342,8 +326,9 @@ def results_markdown(table: pd.DataFrame, sid_table: pd.DataFrame, params: dict)
     return "\n".join(lines)
 
 
-def compare_variants(params: dict, variants: list[dict], seeds: list[int]) -> pd.DataFrame:
-    """Mean and std over seeds per (method, group) for every variant and baseline.
+def aggregate(params: dict, variants: list[dict], seeds: list[int], command: str) -> pd.DataFrame:
+    """Mean and std over seeds per (method, group) for every stored variant run and baseline (the
+    compare_aggregate stage); `command` is the one the results file names.
 
     Writes <out_dir>/<eval.compare_dir>/: results.md (Tables 1 and 2), summary.csv, summary.json
     (overall rows), results_long.csv (every seed), sid_stats.csv, curves.csv / curves.png (validation
@@ -353,22 +338,24 @@ def compare_variants(params: dict, variants: list[dict], seeds: list[int]) -> pd
     check_eval_params(params)
     if not variants and not params["eval"]["baselines"]:
         raise ConfigError("eval.variants", "no variants and no baselines to compare")
-    long, sid_frame = collect_runs(params, variants, [int(s) for s in seeds])
+    seeds = [int(s) for s in seeds]
+    long, sid_frame = collect_runs(params, variants, seeds)
     table = _aggregate(long, table_metrics(params))
     root = out_path(params, params["eval"]["compare_dir"])
-    with atomic_path(root / "results.md") as tmp:
-        tmp.write_text(results_markdown(table, sid_frame, params))
-    for name, frame in (("results_long", long), ("summary", table.reset_index()), ("sid_stats", sid_frame)):
-        with atomic_path(root / f"{name}.csv") as tmp:
-            frame.to_csv(tmp, index=False)
-    overall = {m: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
-               for m, row in table.xs("overall", level="group").iterrows()}
-    write_json(overall, root / "summary.json")
-    results = write_results_file(table, params, [int(s) for s in seeds], invoked_command(), input_digests(params))
-    curves = write_curves(gather_curves([(v["name"], int(s), Path(variant_params(params, v, int(s))["out_dir"]))
-                                         for v in variants for s in seeds]), root)
-    with atomic_path(results.with_name(f"{params['dataset']}-curves.png")) as tmp:  # beside the results file
-        tmp.write_bytes(curves["png"].read_bytes())
+    with lock_out_dir(params):
+        with atomic_path(root / "results.md") as tmp:
+            tmp.write_text(results_markdown(table, sid_frame, params))
+        for name, frame in (("results_long", long), ("summary", table.reset_index()), ("sid_stats", sid_frame)):
+            with atomic_path(root / f"{name}.csv") as tmp:
+                frame.to_csv(tmp, index=False)
+        overall = {m: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
+                   for m, row in table.xs("overall", level="group").iterrows()}
+        write_json(overall, root / "summary.json")
+        results = write_results_file(table, params, seeds, command, input_digests(params))
+        curves = write_curves(gather_curves([(v["name"], s, Path(variant_params(params, v, s)["out_dir"]))
+                                             for v in variants for s in seeds]), root)
+        with atomic_path(results.with_name(f"{params['dataset']}-curves.png")) as tmp:  # beside the results file
+            tmp.write_bytes(curves["png"].read_bytes())
     log_to_wandb(params, {m: {k: v for k, v in row.items() if v is not None} for m, row in overall.items()},
                  {"comparison": table.reset_index(), "sid_stats": sid_frame}, {}, job="compare")
     return table
@@ -392,32 +379,3 @@ def dataset_title(params: dict) -> str:
         return params["dataset"]
     files = params["data"]["generic"]
     return f"generic ({Path(files['items']).name}, {Path(files['queries']).name})"
-
-
-def prepare_inputs(params: dict) -> list[str]:
-    """Run prepare and embed, with these params, when their outputs (what every variant run links)
-    are missing: `sa2crq compare -s dataset=generic -s data.generic.items=...` then needs no
-    separate step commands with the same flags. Present outputs are kept (DVC owns their staleness)."""
-    from components.stages import get_step
-
-    ran = []
-    for step, folder in zip(("prepare", "embed"), LINKED):
-        if not out_path(params, folder).exists():
-            get_step(step)(params)
-            ran.append(step)
-    return ran
-
-
-def run_compare(params: dict, opt_variants: str | None = None) -> dict:
-    """`sa2crq compare`: eval.variants (or the --variants subset) x eval.seeds, then the tables under
-    <out_dir>/<eval.compare_dir>/ and <eval.results_dir>/<dataset>.json."""
-    ev = params["eval"]
-    variants = pick_variants(list(ev.get("variants") or []), opt_variants)
-    # each variant run's steps lock its own scratch folder under this one: a domain of its own, no deadlock
-    with lock_out_dir(params):
-        prepare_inputs(params)
-        table = compare_variants(params, variants, list(ev["seeds"]))
-    root = out_path(params, ev["compare_dir"])
-    return {"runs": len(variants) * len(ev["seeds"]),
-            "methods": list(dict.fromkeys(table.index.get_level_values(0))),
-            "markdown": str(root / "results.md"), "summary": str(root / "summary.csv")}

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import shlex
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -55,12 +53,6 @@ def result_rows(table: pd.DataFrame, k: int) -> list[dict]:
         row["seeds"] = seeds
         rows.append(row)
     return rows
-
-
-def invoked_command() -> str:
-    """The command line as the user typed it (`sa2crq compare ...`), for the results file."""
-    args = sys.argv[1:] if Path(sys.argv[0]).name == "sa2crq" else ["compare"]
-    return " ".join(["sa2crq", *map(shlex.quote, args)])
 
 
 def input_digests(params: dict) -> dict[str, str]:

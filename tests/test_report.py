@@ -126,6 +126,18 @@ def _fake_steps(calls: list[tuple[str, str]]):
     return fake_step
 
 
+def _compare(params: dict, variants: list[dict], seeds: list[int]) -> pd.DataFrame:
+    """What the comparison's DVC stages run, in one process: every run and baseline, then the aggregate."""
+    for variant in variants:
+        for seed in seeds:
+            compare_mod.train_variant(params, variant, seed)
+            compare_mod.evaluate_variant(params, variant, seed)
+    for name in params["eval"]["baselines"]:
+        for seed in seeds if name in compare_mod.SEEDED_BASELINES else seeds[:1]:
+            compare_mod.run_baseline(params, name, seed)
+    return compare_mod.aggregate(params, variants, seeds, "sa2crq compare")
+
+
 def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypatch):
     calls: list[tuple[str, str]] = []
     fake_step = _fake_steps(calls)
@@ -135,7 +147,7 @@ def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypa
     monkeypatch.setattr(components.stages, "get_step", fake_step)
     params = dict(run_params, eval={**run_params["eval"], "baselines": ["popular"]})
     variants = [{"name": "A one", "params": {"tokenizer": {"method": "rqkmeans"}}}, {"name": "B", "params": {}}]
-    table = compare_mod.compare_variants(params, variants, [0, 1])
+    table = _compare(params, variants, [0, 1])
     assert len(calls) == 2 * 2 * len(compare_mod.TRAIN_STEPS)
     assert {Path(d).parent.name for _, d in calls} == {"a_one", "b"}
     row = table.loc[("A one", "overall")]
@@ -156,7 +168,7 @@ def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypa
     assert "## Headline: Recall@5 by target group" in md
     # results/<dataset>.json: the headline rows with mean and std over seeds, named as the issue asks
     doc = json.loads((Path(params["eval"]["results_dir"]) / f"{params['dataset']}.json").read_text())
-    assert doc["dataset"] == params["dataset"] and doc["seeds"] == [0, 1] and doc["command"].startswith("sa2crq")
+    assert doc["dataset"] == params["dataset"] and doc["seeds"] == [0, 1] and doc["command"] == "sa2crq compare"
     rows = {r["name"]: r for r in doc["rows"]}
     assert list(rows) == ["A one", "B", "most popular"]
     assert rows["A one"]["hallucination"]["mean"] == pytest.approx(0.25)
@@ -171,73 +183,15 @@ def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypa
     assert len(curves) == 12 and set(curves["variant"]) == {"A one", "B"} and set(curves["seed"]) == {0, 1}
     assert (Path(params["out_dir"]) / "compare" / "curves.png").stat().st_size > 1000
     assert (Path(params["eval"]["results_dir"]) / f"{params['dataset']}-curves.png").exists()
-    # baselines are cached too: a second comparison evaluates nothing again
-    evaluated: list = []
-    real = compare_mod.evaluate_all
-    monkeypatch.setattr(compare_mod, "evaluate_all", lambda *a, **k: evaluated.append(a[2]) or real(*a, **k))
-    again = compare_mod.compare_variants(params, variants, [0, 1])
-    assert evaluated == [] and again.loc[("popular", "overall"), "recall@5"] == table.loc[("popular", "overall"), "recall@5"]
-    seeded = dict(params, eval={**params["eval"], "baselines": ["popular", "two_tower"],
-                                "two_tower": {**params["eval"]["two_tower"], "epochs": 1}})
-    compare_mod.compare_variants(seeded, variants, [0, 1])
-    assert evaluated == [["two_tower"], ["two_tower"]]       # popular reused; the seeded baseline once per seed
-    calls.clear()
-    # a finished run is reused, also when the list of variants to compare (or the baselines) changes
-    fewer = dict(params, eval={**params["eval"], "variants": variants[:1], "baselines": []})
-    compare_mod.compare_variants(fewer, variants[:1], [0])
-    assert calls == []
-    # but a param the run depends on retrains it
-    longer = dict(fewer, retriever={**fewer["retriever"], "epochs": fewer["retriever"]["epochs"] + 1})
-    compare_mod.compare_variants(longer, variants[:1], [0])
-    assert [name for name, _ in calls] == list(compare_mod.TRAIN_STEPS)
-
-
-def test_cached_run_without_new_metrics_is_evaluated_again_not_retrained(run_params, monkeypatch):
-    """A compare_run.json made before hallucination@k / hallucination_norm existed: `compare` fills them
-    by evaluating the trained model again; the train steps are not called."""
-    import components.stages
-
-    calls: list[tuple[str, str]] = []
-    monkeypatch.setattr(components.stages, "get_step", _fake_steps(calls))
-    params = dict(run_params, eval={**run_params["eval"], "baselines": []})
-    variants = [{"name": "A", "params": {}}]
-    compare_mod.compare_variants(params, variants, [0])
-    assert len(calls) == len(compare_mod.TRAIN_STEPS)
-    done = Path(compare_mod.variant_params(params, variants[0], 0)["out_dir"]) / "eval" / "compare_run.json"
-    old = json.loads(done.read_text())
-    key = old["params_hash"]
-    for part in ("constrained", "unconstrained"):                   # as written before this change
-        for group in old[part].values():
-            for name in ("hallucination@5", "hallucination_norm"):
-                group["metrics"].pop(name, None)
-    write_json(old, done)
-    assert compare_mod.missing_metrics(old, compare_mod.variant_params(params, variants[0], 0)) == \
-        ["hallucination@5", "hallucination_norm"]
-
-    def no_training(name: str):
-        raise AssertionError(f"{name} must not run: the model is trained")
-
-    monkeypatch.setattr(components.stages, "get_step", no_training)
-    evaluated: list[str] = []
-    monkeypatch.setattr(evaluate_mod, "run_generative", lambda p, t: evaluated.append(p["out_dir"]) or
-                        _fake_generative(p, t))
-    table = compare_mod.compare_variants(params, variants, [0])
-    assert len(evaluated) == 1                                            # evaluation only
-    assert table.loc[("A", "overall"), "hallucination_norm"] == pytest.approx(0.5)
-    assert table.loc[("A", "overall"), "hallucination@5"] == pytest.approx(0.1)
-    fresh = json.loads(done.read_text())
-    assert fresh["params_hash"] == key and "hallucination_norm" in fresh["unconstrained"]["overall"]["metrics"]
-    doc = json.loads((Path(params["eval"]["results_dir"]) / f"{params['dataset']}.json").read_text())
-    assert doc["rows"][0]["hallucination_norm"]["mean"] == pytest.approx(0.5)
-    compare_mod.compare_variants(params, variants, [0])                   # now complete: reused as it is
-    assert len(evaluated) == 1
-    # without the trained model there is nothing to evaluate: the run is trained again
-    write_json(old, done)
-    (done.parent.parent / "retriever" / "model.pt").unlink()
-    calls.clear()
-    monkeypatch.setattr(components.stages, "get_step", _fake_steps(calls))
-    compare_mod.compare_variants(params, variants, [0])
-    assert [name for name, _ in calls] == list(compare_mod.TRAIN_STEPS) and len(evaluated) == 2
+    # the aggregate reads what the runs stored, nothing else: again over the same files, the same file
+    before = (Path(params["eval"]["results_dir"]) / f"{params['dataset']}.json").read_bytes()
+    monkeypatch.setattr(compare_mod, "evaluate_all", lambda *a, **k: pytest.fail("the aggregate evaluated"))
+    compare_mod.aggregate(params, variants, [0, 1], "sa2crq compare")
+    assert (Path(params["eval"]["results_dir"]) / f"{params['dataset']}.json").read_bytes() == before
+    # a run that is not there is named, not skipped
+    (Path(compare_mod.variant_params(params, variants[1], 1)["out_dir"]) / "eval" / "compare_run.json").unlink()
+    with pytest.raises(FileNotFoundError, match="b/seed1/eval/compare_run.json: missing"):
+        compare_mod.aggregate(params, variants, [0, 1], "sa2crq compare")
 
 
 def test_run_generative_reports_hallucination_three_ways(run_params, monkeypatch):
@@ -269,10 +223,10 @@ def test_compare_picks_variants_by_name():
         compare_mod.pick_variants(variants, "TIGER,NOPE")
 
 
-def test_run_key_ignores_tokenizer_settings_the_method_never_reads(run_params):
-    def key(method: str, **tok) -> str:
+def test_variant_keys_leave_out_tokenizer_settings_the_method_never_reads(run_params):
+    def key(method: str, **tok) -> dict:
         p = dict(run_params, tokenizer={**run_params["tokenizer"], "method": method, **tok})
-        return compare_mod.run_key(p)
+        return compare_mod.variant_keys(p)
 
     tau = {"sarq": {**run_params["tokenizer"]["sarq"], "tau": 11.0}}
     assert key("rqvae", **tau) == key("rqvae")                      # TIGER does not read the SARQ block
@@ -284,33 +238,22 @@ def test_run_key_ignores_tokenizer_settings_the_method_never_reads(run_params):
     assert target(8.0, 3.0) == target(8.0, 1.5)                     # read only with tau: auto
     assert target("auto", 3.0) != target("auto", 1.5)
     assert key("rqvae", codebook_sizes=[8, 8, 8]) != key("rqvae")
+    # what the evaluation alone reads is not the training's: bootstrap re-evaluates, never retrains
+    boot = dict(run_params, eval={**run_params["eval"], "bootstrap": 7})
+    assert compare_mod.variant_keys(boot) == compare_mod.variant_keys(run_params)
+    assert compare_mod.eval_keys(boot) != compare_mod.eval_keys(run_params)
 
 
-def test_run_key_keeps_runs_cached_before_the_fusion_beam_split(run_params):
-    """retriever.fusion.beam equal to retriever.beam is what runs before the key did: same run key."""
+def test_variant_keys_keep_runs_cached_before_the_fusion_beam_split(run_params):
+    """retriever.fusion.beam equal to retriever.beam is what runs before the key did: same variant keys."""
     rp = run_params["retriever"]
     fusion = {"sources": "auto", "weights": "auto", "depth": 100, "rrf_k": 60}
-    before = compare_mod.run_key(dict(run_params, retriever={**rp, "fusion": fusion}))
+    before = compare_mod.variant_keys(dict(run_params, retriever={**rp, "fusion": fusion}))
     split = dict(run_params, retriever={**rp, "fusion": {**fusion, "beam": rp["beam"]}})
-    assert compare_mod.run_key(split) == before
+    assert compare_mod.variant_keys(split) == before
     assert split["retriever"]["fusion"]["beam"] == rp["beam"]      # the params themselves keep the key
     split["retriever"]["fusion"]["beam"] = rp["beam"] + 1
-    assert compare_mod.run_key(split) != before
-
-
-def test_compare_brings_missing_inputs_and_titles_a_generic_catalog(tmp_path):
-    """`sa2crq compare` on a user's catalog runs prepare and embed itself when their outputs are missing."""
-    (tmp_path / "items.csv").write_text("item_id,text\ni1,a red lamp\ni2,a blue chair\ni3,a green desk\n")
-    (tmp_path / "queries.csv").write_text("query_id,split,history,target\nq1,train,i1,i2\nq2,valid,i1 i2,i3\n"
-                                          "q3,test,i2 i3,i1\n")
-    params = load_params(ROOT / "params.yaml", [
-        "dataset=generic", f"out_dir={tmp_path / 'out'}", f"data.generic.items={tmp_path / 'items.csv'}",
-        f"data.generic.queries={tmp_path / 'queries.csv'}"])
-    assert compare_mod.prepare_inputs(params) == ["prepare", "embed"]
-    assert (tmp_path / "out" / "prepared" / "items.parquet").exists()
-    assert (tmp_path / "out" / "embeddings" / "items.npy").exists()
-    assert compare_mod.prepare_inputs(params) == []                  # present: kept as they are
-    assert compare_mod.dataset_title(params) == "generic (items.csv, queries.csv)"
+    assert compare_mod.variant_keys(split) != before
 
 
 def test_wandb_offline_runs_land_under_the_out_dir(tmp_path, monkeypatch):

@@ -149,5 +149,8 @@ def test_text_only_dataset_skips_the_rows_with_a_note(smoke_params, tmp_path, ca
     assert "SASRec row skipped: no training sequences" in caplog.text and "climate-fever" in caplog.text
     results, _ = evaluate_mod.evaluate_all(params, data, params["eval"]["baselines"], generative=False)
     assert list(results) == ["popular"]
+    for seed in (0, 1):
+        for name in params["eval"]["baselines"]:
+            compare_mod.run_baseline(params, name, seed)
     long, _ = compare_mod.collect_runs(params, [], [0, 1])
     assert set(long["method"]) == {"popular"} and set(long["seed"]) == {0, 1}

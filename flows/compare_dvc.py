@@ -1,0 +1,459 @@
+"""`sa2crq compare` on DVC: the comparison's runs are stages of experiments/dvc.yaml.
+
+DVC decides what is stale; this module only writes what DVC reads. A comparison ("set") is
+one out_dir: `outputs` (params.yaml's dataset; prepared/ and embeddings/ come from dvc.yaml's
+prepare and embed), `outputs-cf` (`-s dataset=climate-fever -s out_dir=outputs-cf`), or any
+out_dir a user compares a catalog in (the set then has prepare and embed stages of its own).
+`sa2crq compare` writes the set into experiments/compare.yaml: its command and overrides, one
+entry per (variant, seed) run and per baseline, and for each the params it reads
+(components.compare.variant_keys / eval_keys / baseline_keys), which are the stages' DVC params.
+Then it runs `dvc repro` on the set's aggregate stage, which brings up to date every run, baseline
+and input it reads, and shows the progress. Each stage re-reads params.yaml with the set's
+overrides and stops if compare.yaml no longer matches them (edited params.yaml, then a bare
+`dvc repro`): a run never trains on params other than the ones DVC recorded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from components.atomic import atomic_path
+from components.compare import (
+    SEEDED_BASELINES,
+    aggregate,
+    baseline_file,
+    baseline_keys,
+    dataset_title,
+    eval_keys,
+    evaluate_variant,
+    pick_variants,
+    run_baseline,
+    train_variant,
+    variant_keys,
+    variant_params,
+)
+from components.config import load_params, out_path
+from components.errors import ConfigError, Sa2crqError, UnknownNameError
+from flows.step_io import PIPELINE_OUT
+
+DVC_FILE = Path("experiments/dvc.yaml")
+PLAN = DVC_FILE.with_name("compare.yaml")
+SETS_FILE = DVC_FILE.parent / "sets" / "dvc.yaml"   # per set: aggregate_<set> (+ prepare_<set>, embed_<set>)
+# plan sections keyed by stage item; the *_keys sections are the stages' params
+SECTIONS = ("sets", "runs", "baselines", "input_keys", "variant_keys", "eval_keys", "baseline_keys",
+            "aggregate_keys")
+EMBED_CODE = ("components/embed.py", "components/embed_cache.py")
+PREPARE_CODE = ("components/prepare.py", "components/adapters.py", "components/contract.py", "components/readers.py",
+                "components/values.py")
+AGGREGATE_CODE = ("components/compare.py", "components/results_file.py", "components/report.py",
+                  "components/training_curves.py")
+TABLES = ("results.md", "results_long.csv", "summary.csv", "summary.json", "sid_stats.csv", "curves.csv", "curves.png")
+HEADER = ("# Written by `sa2crq compare` (flows/compare_dvc.py); read by experiments/dvc.yaml. Do not edit:\n"
+          "# change params.yaml or the command's -s flags and run `sa2crq compare` again.\n")
+
+
+def key(text: str) -> str:
+    """A stage-name-safe key: 'SA2CRQ (own scorer)' -> 'sa2crq_own_scorer', 'outputs-cf' -> 'outputs_cf'."""
+    return re.sub(r"[^a-z0-9]+", "_", str(text).lower()).strip("_")
+
+
+def _inside(path: str, name: str) -> str:
+    """`path` relative to the project root: DVC tracks outputs inside the project only."""
+    out = Path(path)
+    rel = Path(os.path.relpath(out.resolve(), Path.cwd().resolve())) if out.is_absolute() else out
+    if rel.parts[:1] == ("..",) or not rel.parts:
+        raise ConfigError(name, f"{out}: `sa2crq compare` keeps its outputs in DVC, so this must be a folder "
+                                "inside the project (e.g. -s out_dir=outputs-mine)")
+    return rel.as_posix()
+
+
+def input_keys(params: dict) -> dict:
+    """What prepare and embed read: a set whose inputs differ from dvc.yaml's needs an out_dir of its own."""
+    from components.compare import NOT_RUN_EMBED_KEYS
+
+    return {"dataset": params["dataset"], "data": params["data"],
+            "embed": {k: v for k, v in params["embed"].items() if k not in NOT_RUN_EMBED_KEYS}}
+
+
+def _input_deps(params: dict) -> list[str]:
+    if params["dataset"] == "generic":
+        files = [params["data"]["generic"][k] for k in ("items", "queries")]
+        missing = [f for f in files if not f or not Path(f).is_file()]
+        if missing:
+            raise ConfigError("data.generic", f"dataset generic reads data.generic.items and .queries; "
+                                              f"no such file: {missing}")
+    else:
+        files = [params["data"]["root"]]
+    return [*files, *PREPARE_CODE]
+
+
+def plan_set(params: dict, params_file: str, overrides: list[str], variants: list[dict], command: str
+             ) -> tuple[str, dict]:
+    """The set of these params: its id and its entry in every plan section."""
+    out_dir = _inside(params["out_dir"], "out_dir")
+    sid = key(out_dir)
+    ev = params["eval"]
+    seeds = [int(s) for s in ev["seeds"]]
+    plan: dict = {name: {} for name in SECTIONS}
+    stages: dict = {}   # the set's stages in SETS_FILE
+    if os.path.normpath(out_dir) == PIPELINE_OUT:
+        main = load_params(params_file)
+        if input_keys(main) != input_keys(params):
+            raise ConfigError("out_dir", f"{out_dir}/ holds dvc.yaml's prepared data for {params_file} as it is; "
+                                         "a comparison on other data or embeddings needs an out_dir of its own "
+                                         "(e.g. -s out_dir=outputs-mine)")
+    else:
+        plan["input_keys"][sid] = input_keys(params)
+        keys = [{PLAN.as_posix(): [f"input_keys.{sid}"]}]
+        stages[f"prepare_{sid}"] = {"cmd": f"sa2crq compare-step prepare --set {sid}", "wdir": "../..",
+                                    "deps": _input_deps(params), "params": keys, "outs": [f"{out_dir}/prepared"]}
+        stages[f"embed_{sid}"] = {"cmd": f"sa2crq compare-step embed --set {sid}", "wdir": "../..",
+                                  "deps": [f"{out_dir}/prepared", *EMBED_CODE], "params": keys,
+                                  "outs": [f"{out_dir}/embeddings"]}
+    rel = dict(params, out_dir=out_dir)
+    deps = [f"{out_dir}/prepared", f"{out_dir}/embeddings"]
+    for variant in variants:
+        vkey = key(variant["name"])
+        p = variant_params(rel, variant, seeds[0])
+        plan["variant_keys"][f"{sid}-{vkey}"] = variant_keys(p)
+        plan["eval_keys"][f"{sid}-{vkey}"] = eval_keys(p)
+        for seed in seeds:
+            run_dir = Path(variant_params(rel, variant, seed)["out_dir"]).as_posix()
+            plan["runs"][f"{sid}-{vkey}-s{seed}"] = {"set": sid, "variant": vkey, "seed": seed, "out_dir": out_dir,
+                                                     "dir": run_dir}
+            deps += [f"{run_dir}/eval", f"{run_dir}/plots"]
+    for name in ev["baselines"]:
+        plan["baseline_keys"][f"{sid}-{name}"] = baseline_keys(rel, name)
+        for seed in (seeds if name in SEEDED_BASELINES else seeds[:1]):
+            bid = f"{sid}-{name}" + (f"-s{seed}" if name in SEEDED_BASELINES else "")
+            file = baseline_file(rel, name, seed).as_posix()
+            plan["baselines"][bid] = {"set": sid, "name": name, "seed": seed, "out_dir": out_dir, "file": file}
+            deps.append(file)
+    results_dir = _inside(str(ev["results_dir"] or "results"), "eval.results_dir")
+    results = f"{results_dir}/{params['dataset']}.json"
+    tables = [f"{out_dir}/{ev['compare_dir']}/{name}" for name in TABLES]
+    plan["sets"][sid] = {
+        "out_dir": out_dir, "params_file": params_file, "overrides": list(overrides), "command": command,
+        "variants": [v["name"] for v in variants], "results": results}
+    stages[f"aggregate_{sid}"] = {
+        "cmd": f"sa2crq compare-step aggregate --set {sid}", "wdir": "../..",
+        "deps": deps + list(AGGREGATE_CODE), "params": [{PLAN.as_posix(): [f"aggregate_keys.{sid}"]}],
+        "outs": tables + [{f"{results_dir}/{params['dataset']}-curves.png": {"cache": False}}],
+        "metrics": [{results: {"cache": False}}]}
+    plan["stages"] = stages
+    plan["aggregate_keys"][sid] = {
+        "dataset": params["dataset"], "title": dataset_title(params), "command": command, "seeds": seeds,
+        "variants": [v["name"] for v in variants], "baselines": list(ev["baselines"]),
+        "eval": {k: ev[k] for k in ("ks", "deep_ks", "headline_k", "compare_dir", "results_dir")},
+        "retriever_beam": params["retriever"]["beam"]}
+    return sid, plan
+
+
+def read_plan() -> dict:
+    if not PLAN.exists():
+        return {name: {} for name in SECTIONS}
+    plan = yaml.safe_load(PLAN.read_text()) or {}
+    return {name: dict(plan.get(name) or {}) for name in SECTIONS}
+
+
+def _set_entries(plan: dict, sid: str) -> dict:
+    """One set's entries of every section (keys are the set id or start with '<set id>-')."""
+    return {name: {k: v for k, v in plan[name].items() if k == sid or k.startswith(f"{sid}-")} for name in SECTIONS}
+
+
+def _set_stages(sid: str | None) -> dict:
+    """One set's stages in SETS_FILE (None: all of them)."""
+    stages = dict((yaml.safe_load(SETS_FILE.read_text()) or {}).get("stages") or {}) if SETS_FILE.exists() else {}
+    if sid is None:
+        return stages
+    return {name: stages[name] for name in _stage_keys(sid) if name in stages}
+
+
+def _stage_keys(sid: str) -> list[str]:
+    return [f"{kind}_{sid}" for kind in ("prepare", "embed", "aggregate")]
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """No anchors / aliases: a value two entries share is written out in both (the file reads and
+    diffs the same whatever objects the params happened to share)."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
+
+
+def _dump(path: Path, data: dict, flow: bool | None) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(HEADER + yaml.dump(data, Dumper=_PlainDumper, sort_keys=False, default_flow_style=flow,
+                                          width=120))
+
+
+def _replace(old: dict, mine, new: dict) -> dict:
+    """`old` with the entries `mine` picks replaced by `new`, where the first of them was: rewriting
+    a set leaves the files' order (and their diff) alone."""
+    out: dict = {}
+    placed = False
+    for k, v in old.items():
+        if not mine(k):
+            out[k] = v
+        elif not placed:
+            out.update(new)
+            placed = True
+    if not placed:
+        out.update(new)
+    return out
+
+
+def write_plan(sid: str, entries: dict) -> None:
+    """Replace one set's entries in experiments/compare.yaml and its stages in SETS_FILE, keeping the other sets'."""
+    plan = read_plan()
+    for name in SECTIONS:
+        plan[name] = _replace(plan[name], lambda k: k == sid or k.startswith(f"{sid}-"), entries[name])
+    _dump(PLAN, plan, None)
+    stages = _replace(_set_stages(None), lambda k: k in _stage_keys(sid), entries["stages"])
+    _dump(SETS_FILE, {"stages": stages}, False)
+
+
+def load_set(sid: str) -> tuple[dict, list[dict], dict]:
+    """A stage's view of its set: params.yaml with the set's overrides, its variants and its plan entry.
+
+    Stops when the plan was written for other params than the params file now gives."""
+    plan = read_plan()
+    entry = plan["sets"].get(sid)
+    if entry is None:
+        raise UnknownNameError(f"{PLAN}: no comparison {sid!r} (sets: {', '.join(plan['sets']) or 'none'}); "
+                               "run `sa2crq compare`")
+    params = load_params(entry["params_file"], entry["overrides"])
+    by_name = {v["name"]: v for v in params["eval"]["variants"] or []}
+    chosen = [by_name[n] for n in entry["variants"] if n in by_name]
+    _, fresh = plan_set(params, entry["params_file"], entry["overrides"], chosen, entry["command"])
+    stored = {**_set_entries(plan, sid), "stages": _set_stages(sid)}
+    if stored != fresh:
+        section = next(name for name in fresh if stored[name] != fresh[name])
+        raise Sa2crqError(f"{PLAN}: section {section!r} of comparison {sid!r} no longer matches "
+                          f"{entry['params_file']}; run `sa2crq compare` (it rewrites the plan, then DVC reruns "
+                          "what changed)")
+    return params, chosen, entry
+
+
+def run_step(kind: str, sid: str, variant: str | None = None, seed: int | None = None,
+             baseline: str | None = None) -> dict:
+    """`sa2crq compare-step KIND --set S ...`: what one stage of experiments/dvc.yaml runs."""
+    from components.stages import get_step
+
+    params, variants, entry = load_set(sid)
+    if kind in ("prepare", "embed"):
+        get_step(kind)(params)
+        return {"step": kind, "set": sid}
+    if kind == "aggregate":
+        table = aggregate(params, variants, params["eval"]["seeds"], entry["command"])
+        return {"set": sid, "methods": list(dict.fromkeys(table.index.get_level_values(0))),
+                "results": entry["results"]}
+    if seed is None:
+        raise UnknownNameError(f"compare-step {kind}: --seed is required")
+    if kind == "baseline":
+        run_baseline(params, str(baseline), int(seed))
+        return {"baseline": baseline, "seed": seed}
+    chosen = [v for v in variants if key(v["name"]) == variant]
+    if not chosen:
+        raise UnknownNameError(f"comparison {sid!r} has no variant {variant!r}; "
+                               f"variants: {', '.join(key(v['name']) for v in variants)}")
+    if kind == "train":
+        train_variant(params, chosen[0], int(seed))
+    elif kind == "evaluate":
+        evaluate_variant(params, chosen[0], int(seed))
+    else:
+        raise UnknownNameError(f"compare-step {kind!r}: one of prepare, embed, train, evaluate, baseline, aggregate")
+    return {kind: chosen[0]["name"], "seed": seed}
+
+
+def stage_names(sid: str, plan: dict) -> list[str]:
+    """Every stage of one set (DVC targets), upstream first."""
+    runs = [r for r, item in plan["runs"].items() if item["set"] == sid]
+    names = [f"compare_train@{r}" for r in runs] + [f"compare_evaluate@{r}" for r in runs]
+    names += [f"compare_baseline@{b}" for b, item in plan["baselines"].items() if item["set"] == sid]
+    own = [f"{SETS_FILE}:{kind}_{sid}" for kind in ("prepare", "embed") if sid in plan["input_keys"]]
+    return own + [f"{DVC_FILE}:{name}" for name in names] + [f"{SETS_FILE}:aggregate_{sid}"]
+
+
+def _dvc(args: list[str]) -> list[str]:
+    """dvc from this interpreter's environment (the stages' `sa2crq` lives beside it)."""
+    exe = Path(sys.executable).with_name("dvc")
+    return [str(exe) if exe.exists() else "dvc", *args]
+
+
+def _dvc_env() -> dict:
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def repro(sid: str, plan: dict, targets: list[str] | None = None) -> int:
+    """`dvc repro` of the set's aggregate stage (and so of everything it reads), or of `targets`,
+    with a progress bar: one tick per stage DVC checks, named while it runs; the stages' own output
+    passes through. Returns how many stages ran."""
+    names = stage_names(sid, plan)
+    total = len(names) + (0 if sid in plan["input_keys"] else 2)   # dvc.yaml's prepare and embed
+    cmd = _dvc(["repro", *(targets or [f"{SETS_FILE}:aggregate_{sid}"])])
+    print(f"+ dvc {' '.join(cmd[1:])}", flush=True)
+    stage_line = re.compile(r"^(?:Running stage|Stage) '([^']+)'")
+    ran = 0
+    with tqdm(total=total if targets is None else None, desc=f"compare {sid}", unit="stage", file=sys.stderr) as bar, \
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_dvc_env()) as proc:
+        for line in proc.stdout:
+            match = stage_line.match(line)
+            if match:
+                bar.update(1)
+                bar.set_postfix_str(match.group(1).split(":")[-1])
+                ran += line.startswith("Running stage")
+            if not line.startswith("Stage '"):           # "didn't change, skipping": the bar says it
+                tqdm.write(line.rstrip("\n"), file=sys.stdout)
+        rc = proc.wait()
+    if rc != 0:
+        raise Sa2crqError(f"{DVC_FILE}: `dvc repro` of comparison {sid!r} stopped (its error is above); "
+                          "`sa2crq compare` with the same flags resumes, finished stages are kept")
+    return ran
+
+
+def _status(targets: list[str]) -> dict:
+    """`dvc status --json` of these targets: the changed ones, with what changed."""
+    if not targets:
+        return {}
+    proc = subprocess.run(_dvc(["status", "--json", *targets]), capture_output=True, text=True, env=_dvc_env())
+    if proc.returncode != 0:
+        raise Sa2crqError(f"{DVC_FILE}: `dvc status` failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(proc.stdout or "{}")
+
+
+def _stale(targets: list[str]) -> list[str]:
+    """The targets `dvc status` reports changed (deps, params, outs or command)."""
+    changed = _status(targets)
+    return [t for t in targets if t in changed]
+
+
+def repro_parallel(sid: str, plan: dict, jobs: int) -> int:
+    """The set's stale runs, `jobs` at a time (`dvc repro` runs one stage at a time): first the
+    inputs, then wave by wave (every stale train stage, then evaluate, then baseline) each stage's
+    own command in a process of its own, recorded with `dvc commit` as `dvc repro` records it; then
+    `dvc repro` of the aggregate, which finds the runs up to date."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dvc.repo import Repo
+
+    names = stage_names(sid, plan)
+    inputs = [n for n in names if n.startswith(f"{SETS_FILE}:")][:-1] or ["prepare", "embed"]
+    ran = repro(sid, plan, inputs)
+    with Repo() as repo:
+        stages = {stage.addressing: stage for path in (DVC_FILE, SETS_FILE) for stage in repo.stage.collect(str(path))}
+    for kind in ("train", "evaluate", "baseline"):
+        stale = _stale([n for n in names if f":compare_{kind}@" in n])
+        if not stale:
+            continue
+
+        def run(name: str) -> int:
+            stage = stages[name]
+            for out in stage.outs:                        # as dvc repro does: no leftovers of the last run
+                path = Path(out.fs_path)
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            return subprocess.call(stage.cmd, shell=True, cwd=stage.wdir, env=_dvc_env())
+
+        with tqdm(total=len(stale), desc=f"compare {sid} {kind}", unit="stage", file=sys.stderr) as bar, \
+                ThreadPoolExecutor(max_workers=jobs) as pool:
+            codes = []
+            for code in pool.map(run, stale):
+                bar.update(1)
+                codes.append(code)
+        done = [n for n, code in zip(stale, codes) if code == 0]
+        failed = [n.split(":")[-1] for n, code in zip(stale, codes) if code != 0]
+        if done and subprocess.call(_dvc(["commit", "--force", "--quiet", *done]), env=_dvc_env()) != 0:
+            raise Sa2crqError(f"{DVC_FILE}: `dvc commit` of comparison {sid!r} failed (its error is above)")
+        if failed:
+            raise Sa2crqError(f"{DVC_FILE}: comparison {sid!r}: {', '.join(failed)} failed (errors above); the "
+                              "others are recorded, `sa2crq compare` with the same flags resumes")
+        ran += len(stale)
+    return ran + repro(sid, plan)
+
+
+def stage_outs(repo, kind: str = "outs") -> dict[str, list[str]]:
+    """The outputs (or `kind="deps"`: dependencies) of every comparison stage, by DVC target (one
+    parse of each file: collecting stage by stage re-parses it each time)."""
+    return {stage.addressing: [item.fs_path for item in getattr(stage, kind)]
+            for path in (DVC_FILE, SETS_FILE) for stage in repo.stage.collect(str(path))}
+
+
+def unrecorded_runs(sid: str, plan: dict) -> list[str]:
+    """Trained runs on disk that DVC would train again: missing from experiments/dvc.lock (finished
+    before the comparison ran on DVC) or with outputs that differ from it (trained outside DVC)."""
+    from dvc.repo import Repo
+
+    lock_file = DVC_FILE.with_name("dvc.lock")
+    locked = (yaml.safe_load(lock_file.read_text()) or {}).get("stages", {}) if lock_file.exists() else {}
+    with Repo() as repo:
+        outs = stage_outs(repo)
+    trains = [n for n in stage_names(sid, plan) if ":compare_train@" in n]
+    on_disk = [n for n in trains if all(Path(out).exists() for out in outs[n])]
+    unlocked = [n for n in on_disk if n.split(":", 1)[1] not in locked]
+    modified = [n for n, changes in _status([n for n in on_disk if n not in unlocked]).items()
+                if any("modified" in change.get("changed outs", {}).values() for change in changes
+                       if isinstance(change, dict))]
+    return unlocked + modified
+
+
+def adopt(sid: str, plan: dict) -> dict:
+    """Record the set's finished runs as they are (`dvc commit`): stages whose outputs and inputs
+    all exist enter experiments/dvc.lock and the DVC cache without running; the others will run
+    (an aggregate over a variant that has not run yet, too)."""
+    from dvc.repo import Repo
+
+    done, missing = [], []
+    with Repo() as repo:
+        outs, deps = stage_outs(repo), stage_outs(repo, "deps")
+        for name in stage_names(sid, plan):
+            (done if all(Path(path).exists() for path in outs[name] + deps[name]) else missing).append(name)
+    if done:
+        rc = subprocess.call(_dvc(["commit", "--force", *done]), env=_dvc_env())
+        if rc != 0:
+            raise Sa2crqError(f"{DVC_FILE}: `dvc commit` of comparison {sid!r} failed (its error is above)")
+    return {"adopted": len(done), "to_run": missing}
+
+
+def compare_command(params_file: str, overrides: list[str], names: str | None) -> str:
+    """The command the results file names: what decides the results (params file, variants,
+    overrides), however it was typed (`--jobs`, `--adopt` or `python -m` aside)."""
+    args = ["sa2crq", "compare"] + (["--params", params_file] if params_file != "params.yaml" else [])
+    args += ["--variants", names] if names is not None else []
+    args += [x for o in overrides for x in ("-s", o)]
+    return " ".join(map(shlex.quote, args))
+
+
+def run_compare(params: dict, params_file: str, overrides: list[str], opt_variants: str | None = None,
+                opt_adopt: bool = False, opt_jobs: int = 1) -> dict:
+    """`sa2crq compare`: write the set's plan, then `dvc repro` it, `opt_jobs` runs at a time (or,
+    with --adopt, record the runs already on disk without running anything)."""
+    if not DVC_FILE.exists():
+        raise FileNotFoundError(f"{DVC_FILE}: missing (run `sa2crq compare` from the project root)")
+    variants = pick_variants(list(params["eval"].get("variants") or []), opt_variants)
+    if not variants and not params["eval"]["baselines"]:
+        raise ConfigError("eval.variants", "no variants and no baselines to compare")
+    sid, entries = plan_set(params, params_file, overrides, variants,
+                            compare_command(params_file, overrides, opt_variants))
+    write_plan(sid, entries)
+    plan = read_plan()
+    if opt_adopt:
+        return {"set": sid, "plan": str(PLAN), **adopt(sid, plan)}
+    unrecorded = unrecorded_runs(sid, plan)
+    if unrecorded:   # DVC would retrain them: hours of finished work
+        names = ", ".join(n.split("@")[-1] for n in unrecorded[:3]) + (" ..." if len(unrecorded) > 3 else "")
+        raise Sa2crqError(f"comparison {sid!r}: {len(unrecorded)} trained run(s) on disk that {DVC_FILE.parent}/dvc.lock "
+                          f"does not record ({names}); `sa2crq compare --adopt` with the same flags records them "
+                          "as they are, or delete a run's folder to train it again")
+    ran = repro(sid, plan) if opt_jobs <= 1 else repro_parallel(sid, plan, opt_jobs)
+    root = out_path(params, params["eval"]["compare_dir"])
+    return {"set": sid, "stages_run": ran, "runs": len(variants) * len(params["eval"]["seeds"]),
+            "markdown": str(root / "results.md"), "results": plan["sets"][sid]["results"]}

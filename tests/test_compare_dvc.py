@@ -1,0 +1,188 @@
+"""`sa2crq compare` on DVC (experiments/dvc.yaml, flows/compare_dvc.py): what each run's stage
+depends on, adopting finished runs, and a stale plan. The runs' outputs are stand-in files here
+(`dvc commit` records them as `--adopt` does); test_compare_runs_through_dvc trains for real."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, data_root
+
+from components.cli import main
+from components.config import load_params
+from components.errors import ConfigError, Sa2crqError
+from flows import compare_dvc
+
+BASE = ["profile=smoke", "out_dir=outputs-t", "eval.seeds=[0,1]", "eval.baselines=[popular,two_tower]"]
+
+
+def _dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return subprocess.run(["dvc", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _project(root: Path, data: bool = False) -> Path:
+    """The files the comparison's stages name (code, params, experiments/dvc.yaml) in a git + DVC repo."""
+    for name in ("components", "flows"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("params.yaml", "experiments/dvc.yaml", ".dvc/config"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, root / name)
+    if data:
+        shutil.copytree(data_root(), root / "data", ignore=shutil.ignore_patterns("*.md"))
+    else:
+        (root / "data").mkdir()
+        (root / "data" / "stand-in.txt").write_text("data")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    return root
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    root = _project(tmp_path / "project")
+    monkeypatch.chdir(root)
+    return root
+
+
+def _plan(overrides: list[str], variants: str | None = None) -> tuple[str, dict]:
+    params = load_params("params.yaml", overrides)
+    chosen = compare_dvc.pick_variants(list(params["eval"]["variants"]), variants)
+    sid, entries = compare_dvc.plan_set(params, "params.yaml", overrides, chosen, "sa2crq compare")
+    compare_dvc.write_plan(sid, entries)
+    return sid, compare_dvc.read_plan()
+
+
+def _stand_in_outputs(sid: str, plan: dict) -> None:
+    """A file in every output of the set's stages (a folder where the out names one)."""
+    from dvc.repo import Repo
+
+    with Repo() as repo:
+        outs = compare_dvc.stage_outs(repo)
+        for name in compare_dvc.stage_names(sid, plan):
+            for out in outs[name]:
+                path = Path(out)
+                target = path if path.suffix else path / "part.bin"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(f"stand-in for {name}")
+
+
+def _stale(root: Path) -> set[str]:
+    status = _dvc(["status", "--json", "experiments/dvc.yaml", "experiments/sets/dvc.yaml"], root)
+    assert status.returncode == 0, status.stderr
+    return {name.split(":")[-1] for name in json.loads(status.stdout or "{}")}
+
+
+def _edit_params(root: Path, edit) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    edit(params)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.mark.slow   # real dvc commands (about 10-25 s)
+def test_dvc_reruns_only_the_runs_whose_params_they_read_changed(project: Path):
+    sid, plan = _plan(BASE)
+    assert sid == "outputs_t"
+    _stand_in_outputs(sid, plan)
+    params = load_params("params.yaml", BASE)
+    # finished runs DVC has not recorded are not retrained behind the user's back
+    with pytest.raises(Sa2crqError, match="4 trained run.* does not record .*sa2crq compare --adopt"):
+        compare_dvc.run_compare(params, "params.yaml", BASE)
+    adopted = compare_dvc.run_compare(params, "params.yaml", BASE, opt_adopt=True)
+    runs = [f"{v}-s{s}" for v in ("rq_kmeans", "sa2crq_tau_6") for s in (0, 1)]
+    assert adopted["adopted"] == 2 + 2 * len(runs) + 3 + 1 and adopted["to_run"] == []
+    # a run not on disk yet is left to run, and so is the aggregate that reads it
+    shutil.rmtree(project / "outputs-t/compare/sa2crq_tau_6/seed1/eval")
+    partial = compare_dvc.adopt(sid, plan)
+    assert partial["to_run"] == ["experiments/dvc.yaml:compare_evaluate@outputs_t-sa2crq_tau_6-s1",
+                                 "experiments/sets/dvc.yaml:aggregate_outputs_t"]
+    _stand_in_outputs(sid, plan)
+    assert _stale(project) == set()                                      # adopted: nothing to run
+    model = project / "outputs-t/compare/rq_kmeans/seed1/retriever/part.bin"
+    model.write_text("trained outside DVC")
+    assert compare_dvc.unrecorded_runs(sid, plan) == ["experiments/dvc.yaml:compare_train@outputs_t-rq_kmeans-s1"]
+    model.write_text("stand-in for experiments/dvc.yaml:compare_train@outputs_t-rq_kmeans-s1")
+
+    # keys no run reads: the baselines list, a baseline's own settings, W&B, flows, serving
+    _plan(BASE[:-1] + ["eval.baselines=[popular]", "eval.two_tower.epochs=9", "wandb.mode=disabled",
+                       "flows.max_workers=7", "serve.port=9000"])
+    assert _stale(project) == {"aggregate_outputs_t"}
+
+    # the evaluation's settings re-evaluate every run and retrain none
+    _plan(BASE + ["eval.bootstrap=20"])
+    stale = _stale(project)
+    assert {f"compare_evaluate@outputs_t-{r}" for r in runs} <= stale
+    assert not {name for name in stale if name.startswith("compare_train@")}
+
+    # one variant's params retrain that variant alone
+    def tau(params: dict) -> None:
+        params["profiles"]["smoke"]["eval"]["variants"][1]["params"]["tokenizer"]["sarq"]["tau"] = 5.0
+
+    _edit_params(project, tau)
+    _plan(BASE)
+    stale = _stale(project)
+    assert {"compare_train@outputs_t-sa2crq_tau_6-s0", "compare_train@outputs_t-sa2crq_tau_6-s1"} <= stale
+    assert not {name for name in stale if "rq_kmeans" in name or name.startswith("compare_baseline@")}
+
+
+def test_a_stage_refuses_a_plan_params_yaml_no_longer_matches(project: Path, capsys):
+    sid, _ = _plan(BASE)
+    _edit_params(project, lambda p: p["retriever"].update(lr=p["retriever"]["lr"] * 2))   # not in the smoke profile
+    with pytest.raises(Sa2crqError, match="compare.yaml: section 'variant_keys' .* run `sa2crq compare`"):
+        compare_dvc.run_step("train", sid, variant="rq_kmeans", seed=0)
+    assert main(["compare-step", "train", "--set", sid, "--variant", "rq_kmeans", "--seed", "0"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "compare.yaml" in err
+
+
+def test_a_users_catalog_gets_its_own_inputs_and_title(project: Path, tmp_path):
+    (project / "mine").mkdir()
+    (project / "mine" / "items.csv").write_text("item_id,text\ni1,a red lamp\ni2,a blue chair\n")
+    (project / "mine" / "queries.csv").write_text("query_id,split,history,target\nq1,train,i1,i2\n")
+    generic = ["dataset=generic", "data.generic.items=mine/items.csv", "data.generic.queries=mine/queries.csv"]
+    with pytest.raises(ConfigError, match="'out_dir'.*an out_dir of its own"):
+        _plan(generic)                                         # outputs/ is dvc.yaml's, on params.yaml's data
+    with pytest.raises(ConfigError, match="'out_dir'.*inside the project"):
+        _plan(generic + [f"out_dir={tmp_path / 'elsewhere'}"])
+    sid, plan = _plan(generic + ["out_dir=outputs-mine"])
+    stages = yaml.safe_load((project / "experiments/sets/dvc.yaml").read_text())["stages"]
+    assert stages[f"prepare_{sid}"]["deps"][:2] == ["mine/items.csv", "mine/queries.csv"]
+    assert stages[f"embed_{sid}"]["outs"] == ["outputs-mine/embeddings"]
+    assert plan["aggregate_keys"][sid]["title"] == "generic (items.csv, queries.csv)"
+    assert compare_dvc.stage_names(sid, plan)[:2] == [f"experiments/sets/dvc.yaml:prepare_{sid}",
+                                                      f"experiments/sets/dvc.yaml:embed_{sid}"]
+    _plan(BASE)                                                # a second set keeps the first one's stages
+    assert f"aggregate_{sid}" in yaml.safe_load((project / "experiments/sets/dvc.yaml").read_text())["stages"]
+
+
+def _summary(stdout: str) -> dict:
+    """The command's own JSON summary: the last object printed (the stages print theirs before it)."""
+    return json.loads(stdout[stdout.rindex("\n{\n") + 1:])
+
+
+@pytest.mark.slow
+def test_compare_runs_through_dvc(tmp_path):
+    """The real thing on the smoke slice: `sa2crq compare --jobs 2` reproduces its inputs, one run
+    and a baseline (each stage's command beside DVC, then `dvc commit`), then the aggregate; then
+    DVC finds every stage up to date."""
+    root = _project(tmp_path / "project", data=True)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=str(root))
+    cmd = [sys.executable, "-m", "components.cli", "compare", "--variants", "RQ-KMeans", "-s", "profile=smoke",
+           "-s", "out_dir=outputs-t", "-s", "eval.baselines=[popular]", "-s", "data.max_users=150",
+           "-s", "tokenizer.epochs_head=2", "-s", "tokenizer.epochs_tail=1", "-s", "retriever.epochs=1"]
+    first = subprocess.run(cmd + ["--jobs", "2"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert _summary(first.stdout)["stages_run"] == 6          # prepare, embed, train, evaluate, popular, aggregate
+    doc = json.loads((root / "results" / "amazon-scientific.json").read_text())
+    assert [r["name"] for r in doc["rows"]] == ["RQ-KMeans", "most popular"]
+    assert doc["command"] == "sa2crq " + shlex.join(cmd[3:])          # as typed, --jobs aside
+    assert "compare outputs_t" in first.stderr                           # the progress bar
+    status = _dvc(["status", "--json", "experiments/dvc.yaml", "experiments/sets/dvc.yaml"], root)
+    assert status.returncode == 0 and json.loads(status.stdout) == {}      # what --jobs ran, DVC records as done
