@@ -29,9 +29,18 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
-from common import (TRAIN_SEED_OFFSET, cached_tokenizer, clustered_embeddings, data_file, measure_peak, print_table,
-                    run_json_subprocess, set_threads, stats, write_result)
+from common import (
+    TRAIN_SEED_OFFSET,
+    cached_tokenizer,
+    clustered_embeddings,
+    data_file,
+    measure_peak,
+    print_table,
+    run_json_subprocess,
+    set_threads,
+    stats,
+    write_result,
+)
 
 NBITS = (6, 7, 8)   # 64 / 128 / 256 rows per layer
 METHODS = ("sarq", "acrq", "sa2crq", "sa2crq-new", "faiss-384", "faiss-latent64")
@@ -56,7 +65,7 @@ def prepare(workdir: Path, seed: int, epochs: int) -> dict[str, str]:
     """Train (once) our tokenizers and the two faiss quantizers; return their files."""
     import faiss
 
-    from components.sid_tokenizer import load_tokenizer
+    from components.tokenizers.sid_tokenizer import load_tokenizer
 
     files = {}
     sample = clustered_embeddings(20_000, seed=seed + TRAIN_SEED_OFFSET)
@@ -78,7 +87,7 @@ def worker(method: str, data: str, files: dict[str, str], threads: int) -> dict:
     set_threads(threads)
     import faiss
 
-    from components.sid_tokenizer import assign_new_items, load_tokenizer
+    from components.tokenizers.sid_tokenizer import assign_new_items, load_tokenizer
 
     x = np.load(data)
     n = len(x)

@@ -1,10 +1,10 @@
 """Trie-constrained beam search: ours against two peers on the same model weights.
 
-Model: components.retriever.RetrieverModel with backbone `t5` (a T5ForConditionalGeneration
+Model: components.retrieval.retriever.RetrieverModel with backbone `t5` (a T5ForConditionalGeneration
 built from a T5Config, random init, sizes from params.yaml `retriever`), text queries
 (synthetic 384-d query vectors -> the model's own query projection). Random weights do not
 change the work a beam search does: every step scores all live beams and masks by the trie.
-  ours      components.retriever.decode -> constrained_decoding.beam_search (vectorised trie
+  ours      components.retrieval.retriever.decode -> constrained_decoding.beam_search (vectorised trie
             tables; with T5 the model recomputes the 1-3 token SID prefix each step);
   hf        the same T5 weights through transformers `generate(num_beams=B,
             prefix_allowed_tokens_fn=...)` with a precomputed prefix -> allowed-tokens dict
@@ -40,12 +40,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-
-from common import (ROOT, clustered_embeddings, load_real_sid_table, print_table, set_threads, stats, synthetic_sid_table,
-                    write_result)
+from common import (
+    ROOT,
+    clustered_embeddings,
+    load_real_sid_table,
+    print_table,
+    set_threads,
+    stats,
+    synthetic_sid_table,
+    write_result,
+)
 
 if TYPE_CHECKING:
-    from components.sid_vocab import SidVocab
+    from components.tokenizers.sid_vocab import SidVocab
 
 SIZES = (64, 128, 256)
 PEERS = ("hf", "dicttrie")
@@ -53,9 +60,9 @@ PEERS = ("hf", "dicttrie")
 
 def build_model(backbone: str, sids: list[tuple[int, ...]], sizes: tuple[int, ...], seed: int) -> torch.nn.Module:
     """A RetrieverModel over `sids` with params.yaml's retriever sizes and the given backbone."""
-    from components.config import load_params
-    from components.retriever import RetrieverModel, model_config
-    from components.sid_vocab import SidCatalog
+    from components.retrieval.retriever import RetrieverModel, model_config
+    from components.runtime.config import load_params
+    from components.tokenizers.sid_vocab import SidCatalog
 
     rp = dict(load_params(ROOT / "params.yaml")["retriever"], backbone=backbone)
     torch.manual_seed(seed)
@@ -74,8 +81,8 @@ def trained_small() -> tuple[torch.nn.Module, np.ndarray] | None:
 
     import pandas as pd
 
-    from components.retriever import load_retriever
-    from components.sid_vocab import SidCatalog
+    from components.retrieval.retriever import load_retriever
+    from components.tokenizers.sid_vocab import SidCatalog
 
     out = ROOT / "outputs"
     files = [out / "retriever" / "model.pt", out / "sids" / "sid_table.parquet", out / "sids" / "meta.json",
@@ -115,7 +122,7 @@ def text_batch(x: np.ndarray) -> dict:
 # ---- peer (a): Hugging Face generate + prefix_allowed_tokens_fn ---------------------------------
 def allowed_tokens_dict(sids: list[tuple[int, ...]], vocab: SidVocab) -> dict[tuple[int, ...], list[int]]:
     """Decoder token prefix (BOS first) -> allowed next token ids (END where an issued SID ends)."""
-    from components.sid_vocab import BOS, END
+    from components.tokenizers.sid_vocab import BOS, END
 
     nxt: dict[tuple[int, ...], set[int]] = {}
     for sid in set(sids):
@@ -128,7 +135,7 @@ def allowed_tokens_dict(sids: list[tuple[int, ...]], vocab: SidVocab) -> dict[tu
 
 
 def hf_generate(model: torch.nn.Module, batch: dict, beam: int, allowed: dict[tuple[int, ...], list[int]]) -> list[list[tuple[int, ...]]]:
-    from components.sid_vocab import BOS, END, PAD
+    from components.tokenizers.sid_vocab import BOS, END, PAD
 
     fallback = [END]
 
@@ -166,7 +173,7 @@ def dict_trie(sids: list[tuple[int, ...]]) -> tuple[dict[tuple[int, ...], list[i
 def dict_trie_beam_search(model: torch.nn.Module, batch: dict, beam: int, trie: tuple[dict, set]) -> list[list[tuple[int, ...]]]:
     """Beam search with Python lists and a dict trie; finished SIDs compete with live beams
     (same rule as ours), scores = log-softmax over the depth's layer columns (same as ours)."""
-    from components.sid_vocab import BOS
+    from components.tokenizers.sid_vocab import BOS
 
     children, issued = trie
     vocab = model.vocab
@@ -210,7 +217,7 @@ def dict_trie_beam_search(model: torch.nn.Module, batch: dict, beam: int, trie: 
 
 
 def ours(model: torch.nn.Module, batch: dict, beam: int) -> list[list[tuple[int, ...]]]:
-    from components.retriever import decode
+    from components.retrieval.retriever import decode
 
     return decode(model, batch, beam).to_lists()[0]
 

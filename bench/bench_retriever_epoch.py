@@ -1,7 +1,7 @@
 """Where one training epoch of the generative retriever goes, on a finished pipeline run.
 
 Reads a run folder (`--run-dir`, with prepared/, embeddings/, sids/), builds the training and
-validation examples exactly as the train_retriever step does (components.retriever_train.
+validation examples exactly as the train_retriever step does (components.retrieval.retriever_train.
 prepare_training) and the model as it does (RetrieverModel, small backbone), then times, batch by
 batch in a bare PyTorch loop (time.perf_counter; torch CPU ops are synchronous):
 
@@ -37,7 +37,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-
 from common import ROOT, print_table, set_threads, write_result
 
 PARTS = ("batch", "query_enc", "encoder", "decoder+head", "loss", "backward", "optim")
@@ -46,9 +45,9 @@ DEFAULT_OVERRIDES = ("retriever.item_id_embeddings=true", "retriever.dropout=0.1
 
 def load_run(run_dir: Path, overrides: list[str]):
     """Params, inputs, examples and a fresh model, built as run_train_retriever builds them."""
-    from components.config import load_params
-    from components.retriever import RetrieverModel, model_config
-    from components.retriever_train import prepare_training
+    from components.retrieval.retriever import RetrieverModel, model_config
+    from components.retrieval.retriever_train import prepare_training
+    from components.runtime.config import load_params
 
     params = load_params(ROOT / "params.yaml", [f"out_dir={run_dir}", *DEFAULT_OVERRIDES, *overrides])
     seed, max_history, inputs, (examples, valid, text_vectors, counts) = prepare_training(params)
@@ -61,8 +60,8 @@ def load_run(run_dir: Path, overrides: list[str]):
 
 
 def make_module(net, rp: dict, n_batches: int):
-    from components.retriever import RetrieverModule
-    from components.retriever_train import VAL_K
+    from components.retrieval.retriever import RetrieverModule
+    from components.retrieval.retriever_train import VAL_K
 
     return RetrieverModule(net, lr=float(rp["lr"]), weight_decay=float(rp.get("weight_decay", 0.0)),
                            eval_beam=int(rp["eval_beam"]), val_k=VAL_K, warmup_steps=int(rp.get("warmup_steps", 0)),
@@ -71,7 +70,7 @@ def make_module(net, rp: dict, n_batches: int):
 
 def token_stats(examples, batches: list[np.ndarray], queries, dec_len: int, n_memory: int) -> dict:
     """Encoder / decoder token counts over all training batches, and the causal-encoder estimate."""
-    from components.retriever_data import KIND_HISTORY
+    from components.retrieval.retriever_data import KIND_HISTORY
 
     hist = examples.kind == KIND_HISTORY
     enc_tokens_ex = np.where(hist, examples.hist_len, n_memory)              # what the encoder reads per example
@@ -125,7 +124,7 @@ def split_loss(net, batch: dict, t: dict[str, float]):
     """net.loss(batch), part by part (SmallSeq2Seq.forward + RetrieverModel.forward/loss inlined)."""
     import torch.nn.functional as F
 
-    from components.sid_vocab import PAD
+    from components.tokenizers.sid_vocab import PAD
 
     bb = net.backbone
     t0 = time.perf_counter()
@@ -186,7 +185,7 @@ def lightning_epoch(net, train_dl, rp: dict, n_batches: int, n_total_batches: in
     seconds between the epoch hooks (trainer start-up not counted)."""
     import lightning as L
 
-    from components.retriever import RetrieverModule
+    from components.retrieval.retriever import RetrieverModule
 
     marks: list[float] = []
 
@@ -221,7 +220,7 @@ def validation_pass(net, val_dl, eval_beam: int, val_k: int = 10) -> tuple[float
     """One validation pass as RetrieverModule.validation_step runs it: seconds, queries, recall@K."""
     import torch
 
-    from components.constrained_decoding import beam_search
+    from components.retrieval.constrained_decoding import beam_search
 
     net.eval()
     hits, n = [], 0
@@ -266,8 +265,8 @@ def main() -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from components.retriever_data import BucketBatchSampler, ExampleDataset
-    from components.seq2seq_backbones import SmallSeq2Seq
+    from components.retrieval.retriever_data import BucketBatchSampler, ExampleDataset
+    from components.retrieval.seq2seq_backbones import SmallSeq2Seq
 
     t_load = time.perf_counter()
     run_dir = Path(args.run_dir)

@@ -16,6 +16,7 @@ trie. The growth exponent is the least-squares slope of log(cost) on log(n).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -24,21 +25,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from common import (cached_tokenizer, data_file, loglog_slope, measure_peak, print_table, run_json_subprocess,
-                    set_threads, stats, synthetic_sid_table, write_result)
+from common import (
+    cached_tokenizer,
+    data_file,
+    loglog_slope,
+    measure_peak,
+    print_table,
+    run_json_subprocess,
+    set_threads,
+    stats,
+    synthetic_sid_table,
+    write_result,
+)
 
 BEAM = 100
 
 
 def catalog_trie_decode(codes: list[list[int]], sizes: list[int], n_queries: tuple[int, int], seed: int) -> dict:
     """Build the catalog and the trie from code lists, then time constrained decoding on them."""
-    from components.config import load_params
-    from components.constrained_decoding import SidTrie
-    from components.retriever import RetrieverModel, decode, model_config
-    from components.sid_vocab import SidCatalog
-
     from common import ROOT, clustered_embeddings
+
+    from components.retrieval.constrained_decoding import SidTrie
+    from components.retrieval.retriever import RetrieverModel, decode, model_config
+    from components.runtime.config import load_params
+    from components.tokenizers.sid_vocab import SidCatalog
 
     n = len(codes)
     ids = np.array([f"i{i}" for i in range(n)], dtype=object)
@@ -75,12 +85,12 @@ def catalog_trie_decode(codes: list[list[int]], sizes: list[int], n_queries: tup
 def worker(data: str, tok_file: str, threads: int, seed: int, n_queries: tuple[int, int]) -> dict:
     """All measurements for one catalog size, in this fresh process."""
     set_threads(threads)
-    from components.sid_tokenizer import load_tokenizer
+    from components.tokenizers.sid_tokenizer import load_tokenizer
 
     tok = load_tokenizer({}, tok_file)
     x = np.load(data)
     tok.assign(x[:1000])
-    (codes, lengths), assign_s, assign_mb = measure_peak(lambda: tok.assign(x))
+    (codes, lengths), assign_s, assign_mb = measure_peak(functools.partial(tok.assign, x))
     n = len(x)
     del x
     code_lists = [c[:k] for c, k in zip(codes.tolist(), lengths.tolist())]

@@ -28,8 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from common import ROOT, set_threads, write_result
 
@@ -65,8 +65,8 @@ def reissue(params: dict, out_dir: Path) -> str:
     import numpy as np
     import pandas as pd
 
-    from components.retriever import load_retriever, save_retriever
-    from components.sid_tokenizer import load_tokenizer
+    from components.retrieval.retriever import load_retriever, save_retriever
+    from components.tokenizers.sid_tokenizer import load_tokenizer
     from flows.catalog_update import write_candidate
     from flows.versions import live_version, next_version, versions_dir
 
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--p99-target-ms", type=float, default=50.0)
     args = ap.parse_args(argv)
     set_threads(args.threads)
-    from components.config import load_params
+    from components.runtime.config import load_params
     from flows.versions import live_version
 
     load_start = os.getloadavg()

@@ -1,9 +1,9 @@
-"""RQ-VAE epoch time: our components.rqvae against vector-quantize-pytorch's ResidualVQ.
+"""RQ-VAE epoch time: our components.tokenizers.rqvae against vector-quantize-pytorch's ResidualVQ.
 
 Same sizes on both sides: 384 -> MLP [256, 128] -> 64-dim latent, codebooks (64, 128, 256),
 batch 256, Adam lr 1e-3, beta 0.25, on synthetic clustered embeddings (bench.common).
 Rows:
-  ours/lightning  components.rqvae.fit: the tokenizer as the pipeline trains it (Lightning,
+  ours/lightning  components.tokenizers.rqvae.fit: the tokenizer as the pipeline trains it (Lightning,
                   dead-code re-seeding, epoch-end bookkeeping);
   ours/plain      the same RQVAE.losses in a bare PyTorch loop (isolates Lightning overhead);
   vqtorch         the same MLPs around vector_quantize_pytorch.ResidualVQ (its default EMA
@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
-from torch import nn
-
 from common import clustered_embeddings, print_table, set_threads, stats, write_result
+from torch import nn
 
 SIZES = (64, 128, 256)
 HIDDEN = [256, 128]
@@ -39,8 +38,8 @@ def _batches(n: int, seed: int) -> list[torch.Tensor]:
 
 def ours_model(x: torch.Tensor, seed: int, cls: type | None = None) -> nn.Module:
     """Our RQVAE (or a subclass), k-means initialised from the encoded data as the pipeline does."""
-    from components.quantizer import ResidualQuantizer, init_rows_kmeans
-    from components.rqvae import RQVAE, TrainSpec
+    from components.tokenizers.quantizer import ResidualQuantizer, init_rows_kmeans
+    from components.tokenizers.rqvae import RQVAE, TrainSpec
 
     torch.manual_seed(seed)
     model = (cls or RQVAE)(x.shape[1], HIDDEN, LATENT, ResidualQuantizer(list(SIZES), LATENT))
@@ -51,9 +50,9 @@ def ours_model(x: torch.Tensor, seed: int, cls: type | None = None) -> nn.Module
 
 
 def epochs_ours_lightning(x: torch.Tensor, seed: int) -> Iterator[float]:
-    """Per-epoch wall times of components.rqvae.fit (one fit call per epoch, timed by the
+    """Per-epoch wall times of components.tokenizers.rqvae.fit (one fit call per epoch, timed by the
     epoch hooks, so the trainer's start-up is not counted)."""
-    from components.rqvae import RQVAE, TrainSpec, fit
+    from components.tokenizers.rqvae import RQVAE, TrainSpec, fit
 
     marks: list[float] = []
 
@@ -102,8 +101,9 @@ class VQTorchRQVAE(nn.Module):
 
     def __init__(self, in_dim: int):
         super().__init__()
-        from components.rqvae import mlp
         from vector_quantize_pytorch import ResidualVQ
+
+        from components.tokenizers.rqvae import mlp
 
         self.encoder = mlp([in_dim, *HIDDEN, LATENT])
         self.decoder = mlp([LATENT, *reversed(HIDDEN), in_dim])

@@ -11,9 +11,10 @@ import platform
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -205,11 +206,11 @@ def environment() -> dict[str, Any]:
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     """Write bench/results/<name>.json atomically with a timestamp, the command and the environment."""
-    from components.atomic import write_json
+    from components.runtime.atomic import write_json
 
     doc = {
         "benchmark": name,
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "environment": environment(),
         **payload,
@@ -252,11 +253,11 @@ def train_tokenizer(method: str, x: np.ndarray, workdir: Path, seed: int = 0, ep
     Sizes and the SARQ settings come from params.yaml; only the epochs are cut for benchmarking."""
     import pandas as pd
 
-    from components.atomic import write_npy, write_parquet
-    from components.config import load_params
-    from components.prepare import label_groups
-    from components.sid_tokenizer import load_tokenizer, save_tokenizer
-    from components.stages import get_step
+    from components.data.prepare import label_groups
+    from components.runtime.atomic import write_npy, write_parquet
+    from components.runtime.config import load_params
+    from components.runtime.stages import get_step
+    from components.tokenizers.sid_tokenizer import load_tokenizer, save_tokenizer
 
     params = load_params(ROOT / "params.yaml", [
         f"out_dir={workdir}", f"seed={seed}", f"tokenizer.method={method}", f"tokenizer.epochs_head={epochs}",

@@ -22,14 +22,14 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from components.atomic import write_json, write_parquet
-from components.config import out_path
-from components.contract import check_texts, id_column, list_column, require_columns
-from components.errors import DataError
-from components.locks import lock_folder
-from components.readers import read_table
-from components.retrieve import CANDIDATE_COLUMNS, retrieve
-from components.values import is_null
+from components.data.contract import check_texts, id_column, list_column, require_columns
+from components.data.readers import read_table
+from components.data.values import is_null
+from components.retrieval.retrieve import CANDIDATE_COLUMNS, retrieve
+from components.runtime.atomic import write_json, write_parquet
+from components.runtime.config import out_path
+from components.runtime.errors import DataError
+from components.runtime.locks import lock_folder
 from flows.flow_params import apply_overrides, flow_run_name
 from flows.tracking import log_metrics, wandb_run
 

@@ -4,7 +4,7 @@ The candidate folder (versions/<new>/) gets the full set a retriever serves from
 prepared/ (old items, then the new ones as cold items; queries unchanged), embeddings/
 (old rows, then the new rows), tokenizer/ (with any grown extension rows), sids/ (old rows
 byte-for-byte the same SIDs, new rows with stage `new`). The written table is read back
-and its old rows checked unchanged (components.sid_table.assert_stable) before the folder
+and its old rows checked unchanged (components.tokenizers.sid_table.assert_stable) before the folder
 is moved into place. With TIGER's collision
 token (meta `collision_token`) new SIDs get the next free collision code of their prefix.
 """
@@ -17,12 +17,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.atomic import atomic_dir
-from components.contract import ITEM_COLUMNS, check_writable, read_items
-from components.errors import DataError
-from components.sid_table import (assert_stable, collision_layer_size, make_sid_table, next_collision_codes,
-                                  read_sid_table, write_sid_table)
-from components.sid_tokenizer import Tokenizer, load_checkpoint, save_checkpoint
+from components.data.contract import ITEM_COLUMNS, check_writable, read_items
+from components.runtime.atomic import atomic_dir
+from components.runtime.errors import DataError
+from components.tokenizers.sid_table import (
+    assert_stable,
+    collision_layer_size,
+    make_sid_table,
+    next_collision_codes,
+    read_sid_table,
+    write_sid_table,
+)
+from components.tokenizers.sid_tokenizer import Tokenizer, load_checkpoint, save_checkpoint
 
 
 def read_new_items(path: str | Path, catalog: pd.DataFrame) -> pd.DataFrame:

@@ -6,7 +6,7 @@ prepare and embed), `outputs-cf` (`-s dataset=climate-fever -s out_dir=outputs-c
 out_dir a user compares a catalog in (the set then has prepare and embed stages of its own).
 `sa2crq compare` writes the set into experiments/compare.yaml: its command and overrides, one
 entry per (variant, seed) run and per baseline, and for each the params it reads
-(components.compare.variant_keys / eval_keys / baseline_keys), which are the stages' DVC params.
+(flows.compare.variant_keys / eval_keys / baseline_keys), which are the stages' DVC params.
 Then it runs `dvc repro` on the set's aggregate stage, which brings up to date every run, baseline
 and input it reads, and shows the progress. Each stage re-reads params.yaml with the set's
 overrides and stops if compare.yaml no longer matches them (edited params.yaml, then a bare
@@ -26,8 +26,10 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from components.atomic import atomic_path
-from components.compare import (
+from components.runtime.atomic import atomic_path
+from components.runtime.config import load_params, out_path
+from components.runtime.errors import ConfigError, Sa2crqError, UnknownNameError
+from flows.compare import (
     SEEDED_BASELINES,
     aggregate,
     baseline_file,
@@ -41,8 +43,6 @@ from components.compare import (
     variant_keys,
     variant_params,
 )
-from components.config import load_params, out_path
-from components.errors import ConfigError, Sa2crqError, UnknownNameError
 from flows.step_io import PIPELINE_OUT
 
 DVC_FILE = Path("experiments/dvc.yaml")
@@ -51,11 +51,11 @@ SETS_FILE = DVC_FILE.parent / "sets" / "dvc.yaml"   # per set: aggregate_<set> (
 # plan sections keyed by stage item; the *_keys sections are the stages' params
 SECTIONS = ("sets", "runs", "baselines", "input_keys", "variant_keys", "eval_keys", "baseline_keys",
             "aggregate_keys")
-EMBED_CODE = ("components/embed.py", "components/embed_cache.py")
-PREPARE_CODE = ("components/prepare.py", "components/adapters.py", "components/contract.py", "components/readers.py",
-                "components/values.py")
-AGGREGATE_CODE = ("components/compare.py", "components/results_file.py", "components/report.py",
-                  "components/training_curves.py")
+EMBED_CODE = ("components/data/embed.py", "components/data/embed_cache.py")
+PREPARE_CODE = ("components/data/prepare.py", "components/data/adapters.py", "components/data/contract.py", "components/data/readers.py",
+                "components/data/values.py")
+AGGREGATE_CODE = ("flows/compare.py", "components/evaluation/results_file.py", "components/evaluation/report.py",
+                  "components/evaluation/training_curves.py")
 TABLES = ("results.md", "results_long.csv", "summary.csv", "summary.json", "sid_stats.csv", "curves.csv", "curves.png")
 HEADER = ("# Written by `sa2crq compare` (flows/compare_dvc.py); read by experiments/dvc.yaml. Do not edit:\n"
           "# change params.yaml or the command's -s flags and run `sa2crq compare` again.\n")
@@ -78,7 +78,7 @@ def _inside(path: str, name: str) -> str:
 
 def input_keys(params: dict) -> dict:
     """What prepare and embed read: a set whose inputs differ from dvc.yaml's needs an out_dir of its own."""
-    from components.compare import NOT_RUN_EMBED_KEYS
+    from flows.compare import NOT_RUN_EMBED_KEYS
 
     return {"dataset": params["dataset"], "data": params["data"],
             "embed": {k: v for k, v in params["embed"].items() if k not in NOT_RUN_EMBED_KEYS}}
@@ -247,7 +247,7 @@ def load_set(sid: str) -> tuple[dict, list[dict], dict]:
 def run_step(kind: str, sid: str, variant: str | None = None, seed: int | None = None,
              baseline: str | None = None) -> dict:
     """`sa2crq compare-step KIND --set S ...`: what one stage of experiments/dvc.yaml runs."""
-    from components.stages import get_step
+    from components.runtime.stages import get_step
 
     params, variants, entry = load_set(sid)
     if kind in ("prepare", "embed"):

@@ -6,7 +6,7 @@ import json
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from components.config import out_path, params_hash
+from components.runtime.config import out_path, params_hash
 from flows.flow_params import apply_overrides, flow_run_name
 from flows.tasks import run_and_log
 from flows.tracking import flatten, numeric

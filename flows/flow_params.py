@@ -1,13 +1,13 @@
 """Params as flows receive them: the loaded params.yaml plus optional `key=value` overrides."""
 from __future__ import annotations
 
-from components.config import params_hash, resolve_params
-from components.errors import Sa2crqError
+from components.runtime.config import params_hash, resolve_params
+from components.runtime.errors import Sa2crqError
 
 
 def apply_overrides(params: dict, overrides: list[str | dict] | None) -> dict:
     """params with `a.b=value` overrides applied and every key checked, by the path load_params takes
-    (components.config.resolve_params): `profile=smoke` overlays profiles.smoke here too, and a
+    (components.runtime.config.resolve_params): `profile=smoke` overlays profiles.smoke here too, and a
     bad value raises ConfigError naming its key at the start of the flow."""
     return resolve_params(params, overrides)
 

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import yaml
 
-from components.atomic import write_json
-from components.errors import Sa2crqError
+from components.runtime.atomic import write_json
+from components.runtime.errors import Sa2crqError
 from flows.step_io import DVC_FILE, PIPELINE_OUT, ROOT
 
 ARTIFACT = "retriever"

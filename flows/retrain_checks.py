@@ -5,7 +5,7 @@ Query sets (seeded samples, sizes from params flows.retrain):
 - old items' indexing queries: the item as its own query (a one-item history, or its text for
   text datasets), target = the item; the same kind of pair the retriever is trained on;
 - new items' indexing queries (there are no queries that target them yet).
-Recall@K is item-level (components.metrics) over ranked results of components.retrieve.
+Recall@K is item-level (components.evaluation.metrics) over ranked results of components.retrieval.retrieve.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.metrics import per_query_metrics, target_pairs, target_ranks
-from components.retrieve import retrieve
+from components.evaluation.metrics import per_query_metrics, target_pairs, target_ranks
+from components.retrieval.retrieve import retrieve
 
 
 def index_queries(items: pd.DataFrame, item_ids: list[str], history_kind: bool) -> pd.DataFrame:

@@ -1,12 +1,12 @@
 """Flow: new items arrive -> SIDs with the frozen tokenizer -> fine-tune with replay -> check -> promote.
 
 `sa2crq retrain --new-items FILE` calls `retrain_flow(params=..., opt_new_items=FILE)`.
-The whole flow holds the out_dir lock (components/locks.py) and first rolls back a promotion
+The whole flow holds the out_dir lock (components/runtime/locks.py) and first rolls back a promotion
 that a killed run left half-done (flows/versions.py `recover`).
 1. read the file (data contract item format) and check it; ids already in the catalog are refused;
-2. embed the new items with the project's encoder (components.embed.encode_cached: texts already
+2. embed the new items with the project's encoder (components.data.embed.encode_cached: texts already
    in <out_dir>/embed_cache are not encoded again);
-3. SIDs from the frozen tokenizer (components.sid_tokenizer.assign_new_items); extension rows
+3. SIDs from the frozen tokenizer (components.tokenizers.sid_tokenizer.assign_new_items); extension rows
    grow only where a new item is farther than `grow_threshold` from every row of a layer;
 4. a candidate version in <out_dir>/versions/<new>/ (catalog, embeddings, tokenizer, SIDs;
    old SIDs checked unchanged), and the retriever fine-tuned there on the new items'
@@ -32,14 +32,14 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from components.atomic import write_json
-from components.config import out_path, params_hash
-from components.embed import encode_cached, encode_settings, text_cache
-from components.errors import ConfigError
-from components.locks import lock_folder
-from components.retriever import load_retriever
-from components.sid_table import changed_sids, read_sid_table
-from components.sid_tokenizer import assign_new_items, load_tokenizer
+from components.data.embed import encode_cached, encode_settings, text_cache
+from components.retrieval.retriever import load_retriever
+from components.runtime.atomic import write_json
+from components.runtime.config import out_path, params_hash
+from components.runtime.errors import ConfigError
+from components.runtime.locks import lock_folder
+from components.tokenizers.sid_table import changed_sids, read_sid_table
+from components.tokenizers.sid_tokenizer import assign_new_items, load_tokenizer
 from flows.catalog_update import read_new_items, write_candidate
 from flows.flow_params import apply_overrides, flow_run_name
 from flows.retrain_checks import decide, index_queries, recall_at, sample_rows, uses_history

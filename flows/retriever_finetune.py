@@ -7,7 +7,7 @@ indexing pairs repeated `new_repeats` times (a few new items need many gradient 
 a seeded sample of old pairs (training and indexing pairs), `replay_ratio` old pairs per
 new pair, so old items are not forgotten. Validation = old validation queries
 plus the new items' indexing queries; the best epoch is kept. The examples, model and
-training loop are the retriever's own (components.retriever_train / retriever).
+training loop are the retriever's own (components.retrieval.retriever_train / retriever).
 """
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from components.best_epoch import Loaders, fit_best_epoch
-from components.config import out_path
-from components.errors import DataError
-from components.retriever import RetrieverModel, RetrieverModule, save_retriever
-from components.retriever_data import BucketBatchSampler, ExampleDataset, Examples
-from components.retriever_train import VAL_K, prepare_training, trainer_args
-from components.sid_vocab import N_SPECIAL, SidVocab
-from components.torch_files import load_weights
+from components.retrieval.best_epoch import Loaders, fit_best_epoch
+from components.retrieval.retriever import RetrieverModel, RetrieverModule, save_retriever
+from components.retrieval.retriever_data import BucketBatchSampler, ExampleDataset, Examples
+from components.retrieval.retriever_train import VAL_K, prepare_training, trainer_args
+from components.runtime.config import out_path
+from components.runtime.errors import DataError
+from components.runtime.torch_files import load_weights
+from components.tokenizers.sid_vocab import N_SPECIAL, SidVocab
 
 
 def token_map(old: SidVocab, new: SidVocab) -> np.ndarray:

@@ -18,8 +18,8 @@ import sys
 from prefect import flow, serve
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
-from components.config import load_params
-from components.errors import ConfigError
+from components.runtime.config import load_params
+from components.runtime.errors import ConfigError
 from flows.retrain_flow import retrain_flow
 
 DEPLOYMENT = "retrain"
@@ -54,9 +54,9 @@ def build_deployment(params: dict, params_file: str = "params.yaml", overrides: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from components.cli import guarded
-    from components.prefect_api import check_prefect_api
-    from components.runtime_env import set_offline_defaults
+    from components.runtime.prefect_api import check_prefect_api
+    from components.runtime.runtime_env import set_offline_defaults
+    from sa2crq.cli import guarded
 
     set_offline_defaults()
     ap = argparse.ArgumentParser(description="Serve the retrain flow (event trigger and / or cron).")

@@ -8,7 +8,7 @@ must be what params.yaml gives: an override there is refused (one ConfigError na
 since it would not reach them (a key no stage up to the step reads is the flow's own, e.g.
 `flows.*`); `sa2crq run -s key=value` (dvc exp run) is the way to run the
 pipeline with one. On any other out_dir (tests, scratch runs, sweep points) the flow calls the
-step functions (components.stages) directly, with no cache of its own.
+step functions (components.runtime.stages) directly, with no cache of its own.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import sys
 from functools import cache
 from pathlib import Path
 
-from components.config import load_params, out_path
-from components.errors import ConfigError, Sa2crqError
-from components.resolved_params import RESOLVED_FILE
+from components.runtime.config import load_params, out_path
+from components.runtime.errors import ConfigError, Sa2crqError
+from components.runtime.resolved_params import RESOLVED_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC_FILE = ROOT / "dvc.yaml"

@@ -37,10 +37,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from components.atomic import atomic_path, write_parquet
-from components.config import out_path, override_layer, params_hash, parse_value
-from components.errors import ConfigError
-from components.locks import lock_out_dir
+from components.runtime.atomic import atomic_path, write_parquet
+from components.runtime.config import out_path, override_layer, params_hash, parse_value
+from components.runtime.errors import ConfigError
+from components.runtime.locks import lock_out_dir
 from flows.flow_params import apply_overrides, flow_run_name
 from flows.step_io import ROOT, dvc_project
 from flows.tasks import run_steps
@@ -127,7 +127,7 @@ def _init_point_process(env: dict[str, str]) -> None:
     os.environ.update(env)
     from prefect.context import refresh_global_settings_context
 
-    from components.runtime_env import set_offline_defaults
+    from components.runtime.runtime_env import set_offline_defaults
 
     set_offline_defaults(ROOT)
     refresh_global_settings_context()

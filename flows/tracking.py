@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextvars
 import json
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from components.config import out_path, params_hash, wandb_dir
+from components.runtime.config import out_path, params_hash, wandb_dir
 
 _NESTED: contextvars.ContextVar[bool] = contextvars.ContextVar("sa2crq_wandb_nested", default=False)
 

@@ -13,7 +13,7 @@ happened: `recover` (the next retrain's or promotion's first act, or `sa2crq rec
 every live folder back. Once every rename is done the journal says `moved: true`, and `recover`
 finishes the registry record instead (its steps are idempotent). The journal goes last.
 `promote(out_dir, old)` is also the rollback (`prod` assigned back to the earlier version).
-Promotion and recovery hold the out_dir lock (components/locks.py).
+Promotion and recovery hold the out_dir lock (components/runtime/locks.py).
 """
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ import os
 import shutil
 from pathlib import Path
 
-from components.atomic import fsync_dir, write_json
-from components.config import out_path
-from components.errors import Sa2crqError
-from components.locks import lock_folder
+from components.runtime.atomic import fsync_dir, write_json
+from components.runtime.config import out_path
+from components.runtime.errors import Sa2crqError
+from components.runtime.locks import lock_folder
 from flows.registry import VERSIONED, Registry, prod_version, record_live, registry_for, show
 from flows.step_io import ROOT
 

@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from components.runtime_env import set_offline_defaults  # noqa: E402
+from components.runtime.runtime_env import set_offline_defaults  # noqa: E402
 
 set_offline_defaults(ROOT)
 
@@ -23,7 +23,7 @@ def data_root() -> Path:
 @pytest.fixture(scope="session")
 def smoke_params(tmp_path_factory) -> dict:
     """params.yaml with the smoke profile, writing into a fresh temp out_dir."""
-    from components.config import load_params
+    from components.runtime.config import load_params
 
     out = tmp_path_factory.mktemp("smoke_out")
     return load_params(ROOT / "params.yaml", ["profile=smoke", f"out_dir={out}", f"data.root={data_root()}",
@@ -33,7 +33,7 @@ def smoke_params(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def smoke_embedded(smoke_params) -> dict:
     """Smoke params after the real prepare and embed steps ran once for the session."""
-    from components.stages import get_step
+    from components.runtime.stages import get_step
 
     get_step("prepare")(smoke_params)
     get_step("embed")(smoke_params)

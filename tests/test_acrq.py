@@ -6,12 +6,12 @@ import pytest
 import torch
 from tokenizer_fixtures import make_catalog, run_tokenizer, tiny_params
 
-from components.acrq import anchored_model
-from components.errors import ConfigError
-from components.quantizer import ResidualQuantizer, init_rows_kmeans
-from components.rqvae import RQVAE, TrainSpec, fit
-from components.sid_tokenizer import Tokenizer, assign_new_items, load_checkpoint, load_tokenizer
-from components.tokenizer_stages import tokenizer_config
+from components.runtime.errors import ConfigError
+from components.tokenizers.acrq import anchored_model
+from components.tokenizers.quantizer import ResidualQuantizer, init_rows_kmeans
+from components.tokenizers.rqvae import RQVAE, TrainSpec, fit
+from components.tokenizers.sid_tokenizer import Tokenizer, assign_new_items, load_checkpoint, load_tokenizer
+from components.tokenizers.tokenizer_stages import tokenizer_config
 
 
 @pytest.mark.parametrize("method", ["acrq", "sa2crq"])

@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
-from components.adapters import load_amazon_scientific, load_climate_fever, load_dataset, load_generic
-from components.config import load_params
-from components.errors import ConfigError
-from components.prepare import label_groups, popularity_stats, run_prepare
 from conftest import ROOT, data_root
+
+from components.data.adapters import load_amazon_scientific, load_climate_fever, load_dataset, load_generic
+from components.data.prepare import label_groups, popularity_stats, run_prepare
+from components.runtime.config import load_params
+from components.runtime.errors import ConfigError
 
 
 def _params(*overrides: str) -> dict:

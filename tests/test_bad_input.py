@@ -10,15 +10,15 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
-from components.cli import main
-from components.config import load_params
-from components.readers import read_json, read_table
-from components.errors import ConfigError, DataError
-from components.prepare import run_prepare
-from components.retriever import load_retriever
-from components.sid_tokenizer import load_checkpoint
 from conftest import ROOT
+
+from components.data.prepare import run_prepare
+from components.data.readers import read_json, read_table
+from components.retrieval.retriever import load_retriever
+from components.runtime.config import load_params
+from components.runtime.errors import ConfigError, DataError
+from components.tokenizers.sid_tokenizer import load_checkpoint
+from sa2crq.cli import main
 
 GOOD_ITEMS = "item_id,text\ni1,a red lamp\ni2,a blue chair\ni3,a green desk\n"
 GOOD_QUERIES = "query_id,split,history,target\nq1,train,i1,i2\nq2,valid,i1 i2,i3\nq3,test,i2 i3,i1\n"

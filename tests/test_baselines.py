@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.baselines import bm25, bm25_query_texts, dense_zero_shot, most_popular, query_vectors
-from components.errors import DataError
-from components.metrics import check_ranked
+from components.baselines.classic import bm25, bm25_query_texts, dense_zero_shot, most_popular, query_vectors
+from components.evaluation.metrics import check_ranked
+from components.runtime.errors import DataError
 
 WORDS = ["microscope", "pipette", "beaker", "centrifuge", "thermometer", "glove", "goggles", "flask", "burette",
          "magnet", "scale", "tweezers"]
@@ -92,7 +92,7 @@ def test_most_popular_order_breaks_ties_by_id(items):
 
 
 def test_two_tower_learns_next_item_and_is_deterministic(items, item_emb):
-    from components.two_tower import two_tower
+    from components.baselines.two_tower import two_tower
 
     rng = np.random.default_rng(0)
     n = len(items)
@@ -113,7 +113,7 @@ def test_two_tower_learns_next_item_and_is_deterministic(items, item_emb):
 
 
 def test_top_k_matches_a_stable_sort_with_ties():
-    from components.baselines import top_k
+    from components.baselines.classic import top_k
 
     rng = np.random.default_rng(0)
     for _ in range(50):
@@ -126,7 +126,7 @@ def test_top_k_matches_a_stable_sort_with_ties():
 
 
 def test_two_tower_keeps_the_best_validation_epoch(items, item_emb):
-    from components.two_tower import train_two_tower
+    from components.baselines.two_tower import train_two_tower
 
     n = len(items)
     train = history_queries([[f"it{i % n}"] for i in range(300)])

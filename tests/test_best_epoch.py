@@ -1,12 +1,11 @@
-"""Early stopping and best-epoch selection through Lightning's callbacks (components/best_epoch.py)."""
+"""Early stopping and best-epoch selection through Lightning's callbacks (components/retrieval/best_epoch.py)."""
 import lightning as L
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-import pytest
-
-from components.best_epoch import Loaders, fit_best_epoch, patience_param
-from components.errors import ConfigError
+from components.retrieval.best_epoch import Loaders, fit_best_epoch, patience_param
+from components.runtime.errors import ConfigError
 
 
 class Scripted(L.LightningModule):

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
-from components.errors import DataError
-from flows.candidates_flow import CANDIDATE_COLUMNS, read_queries
 from test_flows import build_trained
+
+from components.runtime.errors import DataError
+from flows.candidates_flow import CANDIDATE_COLUMNS, read_queries
 
 K = 10
 

@@ -16,13 +16,18 @@ from test_retriever import tiny_params as retriever_params
 from test_retriever import write_catalog
 from tokenizer_fixtures import make_catalog, run_tokenizer, tiny_params
 
-from components.errors import ConfigError
-from components.retriever import decode, load_retriever
-from components.retriever_data import load_inputs
-from components.retriever_train import run_train_retriever
-from components.sid_table import (collision_codes, collision_layer_size, make_sid_table, next_collision_codes,
-                                  read_sid_table)
-from components.tokenizer_stages import tokenizer_config
+from components.retrieval.retriever import decode, load_retriever
+from components.retrieval.retriever_data import load_inputs
+from components.retrieval.retriever_train import run_train_retriever
+from components.runtime.errors import ConfigError
+from components.tokenizers.sid_table import (
+    collision_codes,
+    collision_layer_size,
+    make_sid_table,
+    next_collision_codes,
+    read_sid_table,
+)
+from components.tokenizers.tokenizer_stages import tokenizer_config
 
 
 def _groups(prefixes, codes) -> dict[tuple, list[int]]:
@@ -152,7 +157,7 @@ def test_retriever_trains_and_decodes_on_collision_sids(tmp_path):
 
 def test_candidate_catalog_gives_new_items_free_collision_codes(tables, tmp_path):
     """flows.catalog_update with the frozen tokenizer: old SIDs unchanged, new ones unique."""
-    from components.sid_tokenizer import assign_new_items, load_tokenizer
+    from components.tokenizers.sid_tokenizer import assign_new_items, load_tokenizer
     from flows.catalog_update import write_candidate
 
     base = tmp_path / "base"

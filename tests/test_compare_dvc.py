@@ -15,10 +15,10 @@ import pytest
 import yaml
 from conftest import ROOT, data_root
 
-from components.cli import main
-from components.config import load_params
-from components.errors import ConfigError, Sa2crqError
+from components.runtime.config import load_params
+from components.runtime.errors import ConfigError, Sa2crqError
 from flows import compare_dvc
+from sa2crq.cli import main
 
 BASE = ["profile=smoke", "out_dir=outputs-t", "eval.seeds=[0,1]", "eval.baselines=[popular,two_tower]"]
 
@@ -174,7 +174,7 @@ def test_compare_runs_through_dvc(tmp_path):
     root = _project(tmp_path / "project", data=True)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                PYTHONPATH=str(root))
-    cmd = [sys.executable, "-m", "components.cli", "compare", "--variants", "RQ-KMeans", "-s", "profile=smoke",
+    cmd = [sys.executable, "-m", "sa2crq.cli", "compare", "--variants", "RQ-KMeans", "-s", "profile=smoke",
            "-s", "out_dir=outputs-t", "-s", "eval.baselines=[popular]", "-s", "data.max_users=150",
            "-s", "tokenizer.epochs_head=2", "-s", "tokenizer.epochs_tail=1", "-s", "retriever.epochs=1"]
     first = subprocess.run(cmd + ["--jobs", "2"], cwd=root, env=env, capture_output=True, text=True, timeout=900)

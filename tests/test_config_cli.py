@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from components.cli import build_parser, main
-from components.config import load_params, params_hash, parse_override
-from components.errors import ConfigError
+from components.runtime.config import load_params, params_hash, parse_override
+from components.runtime.errors import ConfigError
+from sa2crq.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,12 +16,12 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from components import config_schema as schema
-from components.cli import main
-from components.config import deep_merge, load_params, resolve_params
-from components.errors import ConfigError, Sa2crqError
-from components.prefect_api import check_prefect_api
+from components.runtime import config_schema as schema
+from components.runtime.config import deep_merge, load_params, resolve_params
+from components.runtime.errors import ConfigError, Sa2crqError
+from components.runtime.prefect_api import check_prefect_api
 from flows.flow_params import apply_overrides
+from sa2crq.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = str(ROOT / "params.yaml")
@@ -38,7 +38,7 @@ def no_step(monkeypatch):
     def refuse(name):
         raise AssertionError(f"step {name} ran: the params check let a bad value through")
 
-    monkeypatch.setattr("components.stages.get_step", refuse)
+    monkeypatch.setattr("components.runtime.stages.get_step", refuse)
 
 
 # ---- params.yaml as committed ----------------------------------------------------------------
@@ -59,13 +59,13 @@ def test_committed_params_and_every_overlay_validate(base):
 def test_schema_choices_match_the_code():
     from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 
-    from components.adapters import ADAPTERS
-    from components.evaluate import BASELINES
-    from components.fusion import SOURCES
-    from components.retrieve import GROUP_ORDERS
-    from components.retriever import BACKBONES
-    from components.sasrec import LOSSES
-    from components.tokenizer_stages import METHODS
+    from components.baselines.sasrec import LOSSES
+    from components.data.adapters import ADAPTERS
+    from components.evaluation.evaluate import BASELINES
+    from components.retrieval.fusion import SOURCES
+    from components.retrieval.retrieve import GROUP_ORDERS
+    from components.retrieval.retriever import BACKBONES
+    from components.tokenizers.tokenizer_stages import METHODS
 
     assert schema.DATASETS == tuple(ADAPTERS)
     assert (schema.METHODS, schema.BACKBONES, schema.SOURCES) == (METHODS, BACKBONES, SOURCES)
@@ -129,7 +129,7 @@ def test_bad_value_exits_2_with_one_line_naming_the_key(override, key, part, no_
 def test_bad_value_in_a_real_subprocess_is_one_line():
     """What a DVC stage runs: `sa2crq stage prepare`, here with a bad override."""
     exe = shutil.which("sa2crq")
-    cmd = [exe] if exe else [sys.executable, "-m", "components.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "sa2crq.cli"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("SA2CRQ_DEBUG", None)
     run = subprocess.run(cmd + ["stage", "prepare", "-s", "retriever.beam=ten"], cwd=ROOT, env=env,
@@ -160,7 +160,7 @@ def test_usage_errors_exit_2_and_bugs_keep_their_traceback(monkeypatch):
     def buggy(params):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("components.stages.get_step", lambda name: buggy)
+    monkeypatch.setattr("components.runtime.stages.get_step", lambda name: buggy)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["stage", "prepare", "--params", PARAMS])
 

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from test_retriever import tiny_params, write_catalog
 
-from components.errors import ConfigError
-from components.retriever_train import run_train_retriever
+from components.retrieval.retriever_train import run_train_retriever
+from components.runtime.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = {"epochs": 8, "batch_size": 8, "patience": 0}
@@ -36,7 +36,7 @@ def test_ddp_on_two_processes_matches_single_process_training(tmp_path):
     reference = run_train_retriever(tiny_params(single, **TRAIN))
 
     params = tiny_params(multi, **TRAIN)
-    cmd = [sys.executable, "-m", "components.cli", "stage", "train_retriever", *_overrides(params),
+    cmd = [sys.executable, "-m", "sa2crq.cli", "stage", "train_retriever", *_overrides(params),
            "-s", f"retriever.trainer.strategy={DDP}", "-s", "retriever.trainer.devices=2",
            "-s", "retriever.trainer.accelerator=cpu"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -10,10 +10,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from components.constrained_decoding import SidTrie, beam_search
-from components.retrieve import ranked_from_beams
-from components.retriever import RetrieverModel, decode, model_config
-from components.sid_vocab import END, SidCatalog, SidVocab, pad_codes
+from components.retrieval.constrained_decoding import SidTrie, beam_search
+from components.retrieval.retrieve import ranked_from_beams
+from components.retrieval.retriever import RetrieverModel, decode, model_config
+from components.tokenizers.sid_vocab import END, SidCatalog, SidVocab, pad_codes
 
 
 class HashDecoder:
@@ -144,7 +144,7 @@ def _tiny_model(sizes=(4, 5, 3), seed=0, backbone: str = "small") -> RetrieverMo
 
 def _catalog(n_items: int, sizes, seed: int) -> SidCatalog:
     rng = np.random.default_rng(seed)
-    codes = [list(rng.integers(0, sizes[: (n := int(rng.integers(1, len(sizes) + 1)))])) for _ in range(n_items)]
+    codes = [list(rng.integers(0, sizes[: int(rng.integers(1, len(sizes) + 1))])) for _ in range(n_items)]
     return SidCatalog.build(np.array([f"i{j}" for j in range(n_items)]), rng.integers(0, 5, n_items), codes, len(sizes))
 
 

@@ -18,8 +18,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from components.config import load_params
-from components.resolved_params import RESOLVED_FILE, resolved_view
+from components.runtime.config import load_params
+from components.runtime.resolved_params import RESOLVED_FILE, resolved_view
 
 # resolved keys that are not inputs of any stage: where outputs go, the flows', serving and
 # logging settings, the comparison's own choices (compare runs the steps itself), and how

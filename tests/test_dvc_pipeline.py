@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, data_root
 
 pytestmark = pytest.mark.slow
@@ -64,7 +63,7 @@ def test_repro_runs_every_stage_then_is_a_noop(project: Path):
 def test_flow_on_outputs_runs_its_steps_through_dvc(project: Path, prefect_server):
     """After the repro a flow on the project's outputs/ finds its step up to date; with the evaluation
     beam changed, the retriever flow resolves the params again and trains nothing."""
-    from components.config import load_params
+    from components.runtime.config import load_params
     from flows.train_retriever_flow import train_retriever_flow
 
     def flow() -> dict:

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
-import components.embed
-from components.config import load_params
-from components.embed import EMBED_DIM, encode_texts, load_encoder, one_shot_order, run_embed, text_cache
-from components.prepare import run_prepare
 from conftest import ROOT
+
+import components.data.embed
+from components.data.embed import EMBED_DIM, encode_texts, load_encoder, one_shot_order, run_embed, text_cache
+from components.data.prepare import run_prepare
+from components.runtime.config import load_params
 
 TEXTS = ["a cordless drill with two batteries", "nitrile lab gloves, size M", "a digital caliper, 150 mm",
          "heavy duty staples for a staple gun"]
@@ -105,16 +105,16 @@ def test_killed_embed_resumes_and_matches_an_uninterrupted_run(encoder, tmp_path
     order = [texts[i] for i in one_shot_order(texts)]         # longest first, as one encode call batches them
     queries = [["a lamp", "a chair"][i] for i in one_shot_order(["a lamp", "a chair"])]
     killed = _Counting(fail_after=2)                           # dies in the second chunk (2 batches of 2)
-    monkeypatch.setattr(components.embed, "encode_texts", killed)
+    monkeypatch.setattr(components.data.embed, "encode_texts", killed)
     with pytest.raises(RuntimeError, match="killed"):
         run_embed(params)
     assert killed.texts == order[:4] and not (tmp_path / "a" / "out" / "embeddings").exists()
     resumed = _Counting()
-    monkeypatch.setattr(components.embed, "encode_texts", resumed)
+    monkeypatch.setattr(components.data.embed, "encode_texts", resumed)
     stats = run_embed(params)
     assert resumed.texts == order[4:] + queries and stats["n_encoded"] == 10
     fresh = _Counting()
-    monkeypatch.setattr(components.embed, "encode_texts", fresh)
+    monkeypatch.setattr(components.data.embed, "encode_texts", fresh)
     run_embed(_catalog_params(tmp_path / "b", CATALOG))
     assert fresh.texts == order + queries
     for name in ("items.npy", "queries.npy"):
@@ -134,7 +134,7 @@ def test_grown_catalog_and_retrain_encode_only_new_texts(encoder, tmp_path, monk
     new = ["copper kettle", "oak shelf"]
     params = _catalog_params(tmp_path, CATALOG + new)
     counting = _Counting()
-    monkeypatch.setattr(components.embed, "encode_texts", counting)
+    monkeypatch.setattr(components.data.embed, "encode_texts", counting)
     stats = run_embed(params)
     assert counting.texts == new and stats["n_cached"] == len(CATALOG) + 2
     after = np.load(tmp_path / "out" / "embeddings" / "items.npy")
@@ -156,7 +156,7 @@ def test_cache_off_or_damaged_shard_falls_back_to_encoding(encoder, tmp_path, mo
     for shard in shards:  # e.g. a disk error: the shard is skipped and its texts encoded again
         shard.write_bytes(shard.read_bytes()[:50])
     counting = _Counting()
-    monkeypatch.setattr(components.embed, "encode_texts", counting)
+    monkeypatch.setattr(components.data.embed, "encode_texts", counting)
     with pytest.warns(UserWarning, match="unreadable embedding cache shard"):
         stats = run_embed(params)
     assert stats["n_encoded"] == 5 and sorted(counting.texts) == sorted(CATALOG[:3] + ["a lamp", "a chair"])

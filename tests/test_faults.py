@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from components.atomic import is_temp_name
-from components.locks import LOCK_FILE
 from conftest import ROOT, data_root
+
+from components.runtime.atomic import is_temp_name
+from components.runtime.locks import LOCK_FILE
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from components.config import load_params
-from components.errors import ConfigError, Sa2crqError
+from components.runtime.config import load_params
+from components.runtime.errors import ConfigError, Sa2crqError
 
 STAGE = """import pathlib, sys
 name = sys.argv[1]

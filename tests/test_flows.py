@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.config import params_hash
-from components.errors import DataError
+from components.runtime.config import params_hash
+from components.runtime.errors import DataError
 from flows.flow_params import apply_overrides
 
 HOLDOUT_FRAC = 0.05
@@ -121,8 +121,9 @@ def test_rerun_outside_dvc_runs_the_steps_again(trained, monkeypatch):
 
 def test_bad_input_fails_fast_and_io_errors_retry(tmp_path, prefect_server, monkeypatch):
     """DataError is not retried; a transient OSError is, up to flows.retries times."""
-    import flows.tasks
     from prefect import flow
+
+    import flows.tasks
 
     attempts: list[str] = []
 
@@ -177,7 +178,7 @@ def test_serve_registers_event_trigger_and_schedule(prefect_server, smoke_params
     """The retrain deployment reacts to the new-items event (file from its payload) and to the cron."""
     from prefect.client.orchestration import get_client
 
-    from components.errors import ConfigError
+    from components.runtime.errors import ConfigError
     from flows.serve import build_deployment
 
     params = apply_overrides(smoke_params, ["flows.schedule.cron=0 3 * * *", "flows.schedule.new_items=/in/new.jsonl"])

@@ -1,13 +1,21 @@
-"""The hybrid ranking (components/fusion.py) and the retriever's item scorer (components/item_scorer.py)."""
+"""The hybrid ranking (components/retrieval/fusion.py) and the retriever's item scorer (components/retrieval/item_scorer.py)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from components.errors import ConfigError
-from components.fusion import Ranked, choose_fusion, dense_ranking, fuse, fusion_config, recall_at, weight_grid
-from components.retriever import RetrieverModel, model_config
+from components.retrieval.fusion import (
+    Ranked,
+    choose_fusion,
+    dense_ranking,
+    fuse,
+    fusion_config,
+    recall_at,
+    weight_grid,
+)
+from components.retrieval.retriever import RetrieverModel, model_config
+from components.runtime.errors import ConfigError
 
 RP = {"backbone": "small", "d_model": 32, "n_heads": 2, "n_layers": 1, "decoder_layers": 1, "ff_dim": 64,
       "dropout": 0.0, "n_memory": 2, "history_sid_tokens": True, "item_id_embeddings": True}

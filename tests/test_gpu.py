@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from components.constrained_decoding import SidTrie
-from components.retrieve import retrieve
-from components.retriever import RetrieverModel, decode, load_retriever, model_config
-from components.retriever_train import run_train_retriever
-from components.sid_vocab import SidCatalog
 from test_retriever import recall_at, tiny_params, write_catalog
+
+from components.retrieval.constrained_decoding import SidTrie
+from components.retrieval.retrieve import retrieve
+from components.retrieval.retriever import RetrieverModel, decode, load_retriever, model_config
+from components.retrieval.retriever_train import run_train_retriever
+from components.tokenizers.sid_vocab import SidCatalog
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -76,8 +76,8 @@ def test_tokenizer_and_two_tower_train_on_cuda(tmp_path):
     from tokenizer_fixtures import make_catalog, run_tokenizer
     from tokenizer_fixtures import tiny_params as tokenizer_params
 
-    from components.sid_tokenizer import load_checkpoint
-    from components.two_tower import train_two_tower
+    from components.baselines.two_tower import train_two_tower
+    from components.tokenizers.sid_tokenizer import load_checkpoint
 
     items, x = make_catalog(tmp_path)
     params = tokenizer_params(tmp_path, "sa2crq", "profile=smoke", "tokenizer.accelerator=gpu",

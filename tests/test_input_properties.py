@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import ROOT
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from components.adapters import load_generic
-from components.config import load_params
-from components.contract import read_items
-from components.errors import DataError
-from components.sid_table import read_import
-from components.values import EXACT_FLOAT, INT64_MAX, INT64_MIN
-from conftest import ROOT
+from components.data.adapters import load_generic
+from components.data.contract import read_items
+from components.data.values import EXACT_FLOAT, INT64_MAX, INT64_MIN
+from components.runtime.config import load_params
+from components.runtime.errors import DataError
+from components.tokenizers.sid_table import read_import
 
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FORMATS = ("csv", "jsonl", "parquet")

@@ -25,14 +25,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizer_fixtures import make_catalog, run_tokenizer, tiny_params
 
-import components.tokenizer_stages as stages
-from components.acrq import anchored_model
-from components.errors import DataError
-from components.quantizer import ResidualQuantizer, init_rows_kmeans
-from components.rqvae import RQVAE, SarqSpec, TrainSpec, fit
-from components.sarq import PathTable, popularity_weights, stop_depths, unique_floor
-from components.sid_table import anchor_tokenizer, issued_table, reencoded_issued, read_sid_table
-from components.sid_tokenizer import Tokenizer, load_checkpoint, load_tokenizer, save_checkpoint
+import components.tokenizers.tokenizer_stages as stages
+from components.runtime.errors import DataError
+from components.tokenizers.acrq import anchored_model
+from components.tokenizers.quantizer import ResidualQuantizer, init_rows_kmeans
+from components.tokenizers.rqvae import RQVAE, SarqSpec, TrainSpec, fit
+from components.tokenizers.sarq import PathTable, popularity_weights, stop_depths, unique_floor
+from components.tokenizers.sid_table import anchor_tokenizer, issued_table, read_sid_table, reencoded_issued
+from components.tokenizers.sid_tokenizer import Tokenizer, load_checkpoint, load_tokenizer, save_checkpoint
 
 
 def sid_tuples(codes) -> list[tuple[int, ...]]:

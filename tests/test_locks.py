@@ -13,15 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
-
-from components.atomic import atomic_dir, atomic_path
-from components.errors import BusyError, ConfigError, Sa2crqError
-from components.locks import LOCK_FILE, WAIT_ENV, launched_rank, lock_folder, lock_out_dir, lock_wait
 from conftest import ROOT, data_root
 
-HOLD = "import sys\nfrom components.locks import lock_folder\nwith lock_folder(sys.argv[1], wait=0):\n" \
+from components.runtime.atomic import atomic_dir, atomic_path
+from components.runtime.errors import BusyError, ConfigError, Sa2crqError
+from components.runtime.locks import LOCK_FILE, WAIT_ENV, launched_rank, lock_folder, lock_out_dir, lock_wait
+
+HOLD = "import sys\nfrom components.runtime.locks import lock_folder\nwith lock_folder(sys.argv[1], wait=0):\n" \
        "    print('held', flush=True)\n    sys.stdin.read()\n"
-TRY = "import sys\nfrom components.locks import lock_folder\nwith lock_folder(sys.argv[1], wait=0):\n    pass\n"
+TRY = "import sys\nfrom components.runtime.locks import lock_folder\nwith lock_folder(sys.argv[1], wait=0):\n    pass\n"
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -8,8 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.errors import DataError
-from components.metrics import (
+from components.evaluation.metrics import (
     bootstrap_ci,
     chance_by_length,
     chance_hallucination,
@@ -24,7 +23,8 @@ from components.metrics import (
     target_pairs,
     target_ranks,
 )
-from components.sid_vocab import END, SidVocab
+from components.runtime.errors import DataError
+from components.tokenizers.sid_vocab import END, SidVocab
 
 
 def ranked_from_lists(lists: dict[str, list[str]], sids: dict[str, str] | None = None) -> pd.DataFrame:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from components.quantizer import ResidualQuantizer, depth_mask, init_rows_kmeans, reseed_dead_rows, rq_losses
-from components.rq_kmeans import fit_rq_kmeans
-from components.rqvae import RQVAE
+from components.tokenizers.quantizer import ResidualQuantizer, depth_mask, init_rows_kmeans, reseed_dead_rows, rq_losses
+from components.tokenizers.rq_kmeans import fit_rq_kmeans
+from components.tokenizers.rqvae import RQVAE
 
 
 def _clusters(n_per: int = 30, k: int = 4, dim: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -15,13 +15,13 @@ from flows.versions import live_version, promote, show_versions
 
 # one stage builds every versioned folder (the real pipeline splits it over six stages), and
 # evaluate reads the retriever, as the real evaluate does
-BUILD = """import json, sys
+BUILD = f"""import json, sys
 from pathlib import Path
-for name in {names}:
+for name in {list(VERSIONED)}:
     Path("outputs", name).mkdir(parents=True, exist_ok=True)
     Path("outputs", name, "mark.txt").write_text("trained")
 Path("outputs/sids/meta.json").write_text(json.dumps({{"version": "v1"}}))
-""".format(names=list(VERSIONED))
+"""
 DVC_YAML = f"""stages:
   build:
     cmd: {sys.executable} build.py
@@ -125,7 +125,7 @@ def _tree(root: Path, version: str, mark: str) -> None:
 def test_cli_promote_rollback_and_versions_outside_the_project(tmp_path, capsys):
     """An out_dir that is not the project's outputs/ keeps its registry in <out_dir>/registry;
     `sa2crq promote` promotes and rolls back, `sa2crq versions` shows prod, a bad name exits 2."""
-    from components.cli import main
+    from sa2crq.cli import main
 
     out = tmp_path / "out"
     _tree(out, "v1", "old")

@@ -8,13 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components import compare as compare_mod
-from components import evaluate as evaluate_mod
-from components.atomic import write_json, write_npy, write_parquet
-from components.config import load_params
-from components.errors import ConfigError
-from components.report import results_frame, write_report
-from components.sid_table import make_sid_table, write_sid_table
+from components.evaluation import evaluate as evaluate_mod
+from components.evaluation.report import results_frame, write_report
+from components.runtime.atomic import write_json, write_npy, write_parquet
+from components.runtime.config import load_params
+from components.runtime.errors import ConfigError
+from components.tokenizers.sid_table import make_sid_table, write_sid_table
+from flows import compare as compare_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 N_ITEMS = 30
@@ -142,9 +142,9 @@ def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypa
     calls: list[tuple[str, str]] = []
     fake_step = _fake_steps(calls)
 
-    import components.stages
+    import components.runtime.stages
 
-    monkeypatch.setattr(components.stages, "get_step", fake_step)
+    monkeypatch.setattr(components.runtime.stages, "get_step", fake_step)
     params = dict(run_params, eval={**run_params["eval"], "baselines": ["popular"]})
     variants = [{"name": "A one", "params": {"tokenizer": {"method": "rqkmeans"}}}, {"name": "B", "params": {}}]
     table = _compare(params, variants, [0, 1])
@@ -197,15 +197,15 @@ def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypa
 def test_run_generative_reports_hallucination_three_ways(run_params, monkeypatch):
     """The real run_generative on the fake run's sids (codebooks 4 x 3; four length-1 SIDs issued, six of
     the twelve length-2 ones): chance is 0 at length 1 and 0.5 at length 2."""
-    import components.retrieve
+    import components.retrieval.retrieve
 
     test = pd.DataFrame({"query_id": ["a", "b"], "targets": [["i00"], ["i01"]]})
     generated = pd.DataFrame({"query_id": ["a"] * 6 + ["b"] * 2, "beam_rank": [0, 1, 2, 3, 4, 5, 0, 1],
                               "sid": ["0-0", "3-2", "1", "0-2", "2", "3-1", "0", "1-1"],
                               "sid_index": [0, -1, 6, -1, 7, -1, 8, 1], "score": 0.0})
     ranked = pd.DataFrame(columns=["query_id", "rank", "item_id", "score", "sid"])
-    monkeypatch.setattr(components.retrieve, "retrieve", lambda *a, **k: ranked)
-    monkeypatch.setattr(components.retrieve, "retrieve_and_generate", lambda *a, **k: (ranked, generated))
+    monkeypatch.setattr(components.retrieval.retrieve, "retrieve", lambda *a, **k: ranked)
+    monkeypatch.setattr(components.retrieval.retrieve, "retrieve_and_generate", lambda *a, **k: (ranked, generated))
     frames, halluc = REAL_RUN_GENERATIVE(run_params, test)            # eval.headline_k = 5
     assert set(frames) == {"sa2crq", "sa2crq (unconstrained)"}
     assert halluc.loc["a", "hallucination"] == pytest.approx(3 / 6)

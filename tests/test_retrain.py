@@ -13,14 +13,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_flows import build_trained
 
-from components.errors import BusyError, DataError
-from components.locks import LOCK_FILE
-from components.sid_table import changed_sids, read_sid_table
+from components.runtime.errors import BusyError, DataError
+from components.runtime.locks import LOCK_FILE
+from components.tokenizers.sid_table import changed_sids, read_sid_table
 from flows.flow_params import apply_overrides
 from flows.retrain_checks import decide, index_queries, recall_at
 from flows.versions import JOURNAL, VERSIONED, live_version, promote, recover, run_recover, show_versions
-from test_flows import build_trained
 
 # the smoke retriever is weak (old recall@10 of a few percent on 200 queries), so a drop of a
 # few queries is noise: the test allows 0.05 and checks the promotion path end to end
@@ -297,7 +297,7 @@ def test_retrain_of_a_busy_out_dir_is_refused(smoke_params, prefect_server, tmp_
     new = tmp_path / "new.jsonl"
     new.write_text('{"item_id": "d", "text": "new"}\n')
     before = _snapshot(out)
-    hold = "import sys\nfrom components.locks import lock_folder\nwith lock_folder(sys.argv[1]):\n" \
+    hold = "import sys\nfrom components.runtime.locks import lock_folder\nwith lock_folder(sys.argv[1]):\n" \
            "    print('held', flush=True)\n    sys.stdin.read()\n"
     holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
@@ -313,8 +313,8 @@ def test_retrain_of_a_busy_out_dir_is_refused(smoke_params, prefect_server, tmp_
 
 def test_grown_vocabulary_keeps_learned_tokens():
     """After extension rows grow, old SIDs score exactly as before: learned rows move with their token."""
-    from components.query_encoders import HISTORY
-    from components.retriever import RetrieverModel, model_config
+    from components.retrieval.query_encoders import HISTORY
+    from components.retrieval.retriever import RetrieverModel, model_config
     from flows.retriever_finetune import load_grown, token_map
 
     rp = {"backbone": "small", "d_model": 16, "n_heads": 2, "n_layers": 1, "ff_dim": 32, "dropout": 0.0, "n_memory": 1}

@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from components.config import load_params
-from components.errors import ConfigError, DataError
-from components.retrieve import generate, hallucination_rate, retrieve
-from components.retriever import decode, generate_sids, load_retriever
-from components.retriever_data import BucketBatchSampler, load_inputs, query_examples, training_pairs
-from components.retriever_train import run_train_retriever
+from components.retrieval.retrieve import generate, hallucination_rate, retrieve
+from components.retrieval.retriever import decode, generate_sids, load_retriever
+from components.retrieval.retriever_data import BucketBatchSampler, load_inputs, query_examples, training_pairs
+from components.retrieval.retriever_train import run_train_retriever
+from components.runtime.config import load_params
+from components.runtime.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 24
@@ -130,8 +130,8 @@ def test_ranked_frame_contract_and_hallucination(tmp_path):
 def test_item_head_orders_inside_a_sid_and_the_fusion_is_tuned_on_validation(tmp_path):
     """Default retriever: the item scorer orders items of one SID, the checkpoint carries the fusion
     chosen on validation, and `retrieve` ranks exactly as that fusion of the two lists says."""
-    from components.fusion import fuse
-    from components.retrieve import decode_queries, dense_side, generated_ranking, ranked_frame
+    from components.retrieval.fusion import fuse
+    from components.retrieval.retrieve import decode_queries, dense_side, generated_ranking, ranked_frame
 
     write_catalog(tmp_path)
     params = tiny_params(tmp_path, epochs=3, fusion={"sources": "auto", "weights": "auto", "depth": 5, "rrf_k": 60, "beam": 10})
@@ -172,7 +172,7 @@ def test_checkpoint_round_trip_and_determinism(tmp_path):
 
 
 def test_text_queries_index_items_through_the_text_path(tmp_path):
-    items = write_catalog(tmp_path, text=True)
+    write_catalog(tmp_path, text=True)
     params = tiny_params(tmp_path, epochs=30)
     summary = run_train_retriever(params)
     assert summary["index_kind"] == "text" and summary["n_train_pairs"] == 36

@@ -5,15 +5,15 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 from tokenizer_fixtures import make_catalog, run_tokenizer, tiny_params
 
-from components.errors import ConfigError
-from components.sarq import PathTable, choose_tau, items_per_sid, parse_tau, popularity_weights, stop_depths
-from components.sid_tokenizer import Tokenizer, load_checkpoint
-from components.tokenizer_stages import load_catalog, run_train_head, tokenizer_config
+from components.runtime.errors import ConfigError
+from components.tokenizers.sarq import PathTable, choose_tau, items_per_sid, parse_tau, popularity_weights, stop_depths
+from components.tokenizers.sid_tokenizer import Tokenizer, load_checkpoint
+from components.tokenizers.tokenizer_stages import load_catalog, run_train_head, tokenizer_config
 
 # hand-made catalog over 2 x 3 x 2 codes: 6 items under (0,), 2 under (1,)
 CODES = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 0, 0], [0, 1, 0], [0, 1, 1], [0, 2, 0], [1, 0, 0], [1, 0, 1]])
@@ -98,7 +98,7 @@ def test_finite_tau_gives_adaptive_length_within_bounds(tmp_path):
 
 
 def test_unique_floor_splits_shared_sids_with_their_own_next_codes():
-    from components.sarq import unique_floor
+    from components.tokenizers.sarq import unique_floor
 
     codes = np.array([[0, 1, 5], [0, 1, 6], [0, 2, 7], [3, 4, 8], [3, 4, 8]])
     lengths = np.array([2, 2, 2, 1, 1])
@@ -112,7 +112,7 @@ def test_unique_floor_splits_shared_sids_with_their_own_next_codes():
 @given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(0, 20)), min_size=1, max_size=40),
        st.integers(1, 3))
 def test_unique_floor_only_raises_and_leaves_no_avoidable_duplicate(rows, start):
-    from components.sarq import unique_floor
+    from components.tokenizers.sarq import unique_floor
 
     codes = np.array(rows)
     lengths = np.full(len(codes), start)

@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-from components import compare as compare_mod
-from components import evaluate as evaluate_mod
-from components import sasrec as sasrec_mod
-from components.atomic import write_npy, write_parquet
-from components.config import deep_merge
-from components.errors import ConfigError
-from components.metrics import GROUPS
+from components.baselines import sasrec as sasrec_mod
+from components.evaluation import evaluate as evaluate_mod
+from components.evaluation.metrics import GROUPS
+from components.runtime.atomic import write_npy, write_parquet
+from components.runtime.config import deep_merge
+from components.runtime.errors import ConfigError
+from flows import compare as compare_mod
 
 
 def _amazon_like(seqs: dict[str, list[str]], max_hist: int) -> pd.DataFrame:

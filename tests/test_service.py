@@ -17,10 +17,11 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
+from test_retriever import tiny_params, write_catalog
 
-from components.errors import ConfigError
-from components.retrieve import CANDIDATE_COLUMNS, retrieve
-from components.retriever_train import run_train_retriever
+from components.retrieval.retrieve import CANDIDATE_COLUMNS, retrieve
+from components.retrieval.retriever_train import run_train_retriever
+from components.runtime.errors import ConfigError
 from components.serving.engine import queries_frame
 from components.serving.request_log import read_request_log
 from components.serving.schema import Job
@@ -29,8 +30,6 @@ from components.serving.settings import serve_settings
 from components.serving.traffic import variant_for
 from components.serving.versions import VersionChanged, load_version
 from flows.versions import VERSIONED, promote
-from test_retriever import tiny_params, write_catalog
-
 
 
 def _version(out: Path, name: str, epochs: int) -> dict:

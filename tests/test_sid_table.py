@@ -10,10 +10,16 @@ import pytest
 import torch
 from tokenizer_fixtures import make_catalog, run_tokenizer, tiny_params
 
-from components.errors import ConfigError, DataError
-from components.sid_stats import sid_statistics
-from components.sid_table import (assert_issued_reencode, assert_stable, changed_sids, issued_table,
-                                  make_sid_table, read_import)
+from components.runtime.errors import ConfigError, DataError
+from components.tokenizers.sid_stats import sid_statistics
+from components.tokenizers.sid_table import (
+    assert_issued_reencode,
+    assert_stable,
+    changed_sids,
+    issued_table,
+    make_sid_table,
+    read_import,
+)
 
 IDS = ["a", "b", "c"]
 

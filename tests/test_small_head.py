@@ -11,11 +11,16 @@ import pytest
 import torch
 from tokenizer_fixtures import make_catalog, make_small_head_catalog, run_tokenizer, tiny_params
 
-from components.errors import ConfigError
-from components.sid_table import read_sid_table
-from components.sid_tokenizer import load_checkpoint, load_tokenizer
-from components.tokenizer_stages import (run_assign_ids, run_train_head, run_train_tail, small_head_warning,
-                                         tokenizer_config)
+from components.runtime.errors import ConfigError
+from components.tokenizers.sid_table import read_sid_table
+from components.tokenizers.sid_tokenizer import load_checkpoint, load_tokenizer
+from components.tokenizers.tokenizer_stages import (
+    run_assign_ids,
+    run_train_head,
+    run_train_tail,
+    small_head_warning,
+    tokenizer_config,
+)
 
 # 40 head items (3 of 12 topics) against 16/32/64 rows; enough steps that Stage 1 fits its head
 SMALL = ["tokenizer.codebook_sizes=[16,32,64]", "tokenizer.extension_sizes=[4,8,16]", "tokenizer.epochs_head=15",

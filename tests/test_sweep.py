@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+from test_flows import build_trained
 
-from components.config import params_hash
-from components.errors import ConfigError
+from components.runtime.config import params_hash
+from components.runtime.errors import ConfigError
 from flows.flow_params import apply_overrides
 from flows.sweep_flow import grid_points, parse_grid, point_name, task_runner
-from test_flows import build_trained
 
 GRID = ["tokenizer.sarq.tau=[3,6]", "seed=[0,1]"]
 # tokenizer-only points with few epochs: the retriever would not fit the test budget

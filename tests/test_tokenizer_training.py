@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 from tokenizer_fixtures import ROOT, make_catalog, run_tokenizer, tiny_params
 
-from components.config import load_params
-from components.errors import ConfigError
-from components.rqvae import RQVAE, ReestimatePathTable
-from components.sid_tokenizer import load_checkpoint
+from components.runtime.config import load_params
+from components.runtime.errors import ConfigError
+from components.tokenizers.rqvae import RQVAE, ReestimatePathTable
+from components.tokenizers.sid_tokenizer import load_checkpoint
 
 
 def test_train_head_logs_each_epoch_and_reseeds_through_callbacks(tmp_path):
@@ -32,7 +32,7 @@ def test_train_head_logs_each_epoch_and_reseeds_through_callbacks(tmp_path):
 
 
 def test_rqvae_saves_its_hyperparameters_and_callbacks_follow_the_schedule():
-    from components.quantizer import ResidualQuantizer
+    from components.tokenizers.quantizer import ResidualQuantizer
 
     model = RQVAE(8, [16], 4, ResidualQuantizer([4, 4], 4))
     assert dict(model.hparams) == {"in_dim": 8, "hidden_dims": [16], "latent_dim": 4}

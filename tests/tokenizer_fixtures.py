@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.config import load_params
-from components.sid_table import read_sid_table
-from components.tokenizer_stages import run_assign_ids, run_train_head, run_train_tail
+from components.runtime.config import load_params
+from components.tokenizers.sid_table import read_sid_table
+from components.tokenizers.tokenizer_stages import run_assign_ids, run_train_head, run_train_tail
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,11 +14,10 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import ThreadpoolController
 
-from components.retrieve import decode_with, group_order, ranked_items
+from components.retrieval.retrieve import decode_with, group_order, ranked_items
 from components.serving.request_log import RequestLog
 from components.serving.schema import Job, RequestError
 from components.serving.versions import LoadedVersion, ModelSlot
-
 
 ITEM_FIELDS = ("rank", "item_id", "sid", "score")
 

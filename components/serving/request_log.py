@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from components.retrieve import CANDIDATE_COLUMNS
+from components.retrieval.retrieve import CANDIDATE_COLUMNS
 
 if TYPE_CHECKING:
     from components.serving.engine import Answer
@@ -28,7 +28,7 @@ class RequestLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
 
-    def write(self, answers: list["Answer"]) -> None:
+    def write(self, answers: list[Answer]) -> None:
         if not answers:
             return
         ts = time.time()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from components.embed import load_encoder
-from components.retrieve import DecodeContext, load_context
+from components.data.embed import load_encoder
+from components.retrieval.retrieve import DecodeContext, load_context
 from flows.versions import live_version
 
 

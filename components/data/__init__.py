@@ -1,0 +1,1 @@
+"""Data in: adapters per source, the data contract, readers, prepare and embed."""

@@ -1,0 +1,1 @@
+"""Metrics, the evaluate step, reports and the results files."""

@@ -1,0 +1,80 @@
+"""results/<dataset>.json: the comparison's headline rows, the file quality is judged from.
+
+One row per method with each metric as {"mean", "std"} over seeds (std null for one seed;
+the hallucination metrics null for non-generative rows: `hallucination` over all beams,
+`hallucination@k` over the top k, `hallucination_norm` over the chance rate of random SIDs of
+the same lengths, see components.evaluation.metrics.hallucination_table), plus the command that produced
+it, so the file stays true to the command it names.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from components.evaluation.metrics import GROUPS
+from components.runtime.atomic import write_json
+
+# baseline keys of eval.baselines -> their row names in the results file
+ROW_NAMES = {"bm25": "BM25", "dense": "dense", "two_tower": "two-tower", "popular": "most popular"}
+
+
+def _stat(mean: object, std: object) -> dict | None:
+    m = None if mean is None or pd.isna(mean) else float(mean)
+    if m is None:
+        return None
+    s = None if std is None or pd.isna(std) or math.isnan(float(std)) else float(std)
+    return {"mean": round(m, 6), "std": None if s is None else round(s, 6)}
+
+
+def result_rows(table: pd.DataFrame, k: int) -> list[dict]:
+    """Rows in table order: R@k overall and by group, NDCG@k, MRR@k, hallucination (all beams, top k,
+    over chance), recall@all, Ret-Per."""
+    rows = []
+    methods = list(dict.fromkeys(table.index.get_level_values(0)))
+    for method in methods:
+        row: dict = {"name": ROW_NAMES.get(method, method)}
+        part = table.loc[method]
+        overall = part.loc["overall"]
+        seeds = int(overall["seeds"])
+        cell = lambda frame, key: _stat(frame.get(key), frame.get(f"{key} std"))  # noqa: E731
+        row[f"R@{k}"] = cell(overall, f"recall@{k}")
+        for group in GROUPS:
+            row[f"R@{k}_{group}"] = cell(part.loc[group], f"recall@{k}") if group in part.index else None
+        row[f"NDCG@{k}"] = cell(overall, f"ndcg@{k}")
+        row[f"MRR@{k}"] = cell(overall, f"mrr@{k}")
+        row["hallucination"] = cell(overall, "hallucination")
+        row[f"hallucination@{k}"] = cell(overall, f"hallucination@{k}")
+        row["hallucination_norm"] = cell(overall, "hallucination_norm")
+        row["R@all"] = cell(overall, "recall@all")
+        row["ret_per"] = cell(overall, "ret_per")
+        row["seeds"] = seeds
+        rows.append(row)
+    return rows
+
+
+def input_digests(params: dict) -> dict[str, str]:
+    """md5 of the prepared tables and embeddings the comparison read (what the rows were computed on)."""
+    from components.runtime.config import out_path
+
+    out = {}
+    for rel in ("prepared/items.parquet", "prepared/queries.parquet", "embeddings/items.npy"):
+        path = out_path(params, *rel.split("/"))
+        if path.exists():
+            out[rel] = hashlib.md5(path.read_bytes()).hexdigest()
+    return out
+
+
+def write_results_file(table: pd.DataFrame, params: dict, seeds: list[int], command: str, inputs: dict[str, str]
+                       ) -> Path:
+    """Write <eval.results_dir>/<dataset>.json atomically; returns its path."""
+    ev = params["eval"]
+    k = int(ev["headline_k"])
+    doc = {"dataset": params["dataset"], "command": command, "seeds": [int(s) for s in seeds],
+           "split": "test", "k": k, "retriever_beam": int(params["retriever"]["beam"]), "inputs": inputs,
+           "rows": result_rows(table, k)}
+    path = Path(str(ev.get("results_dir") or "results")) / f"{params['dataset']}.json"
+    write_json(doc, path)
+    return path

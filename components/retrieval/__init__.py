@@ -1,0 +1,1 @@
+"""The generative retriever: query encoders, seq2seq backbones, training, constrained decoding, fusion."""

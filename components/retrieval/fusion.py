@@ -1,0 +1,161 @@
+"""Hybrid ranking: the generated candidates fused with a dense ranking (LIGER's idea).
+
+Why: a generative retriever only returns items inside the SIDs it decodes, so tail and cold
+items the decoder never learned to emit cannot surface; a dense ranking reaches every item.
+Weighted reciprocal-rank fusion needs no score calibration between a beam log-probability and a
+cosine: score = sum over lists of w_list / (k + rank in the list), 1-based ranks, a list an item
+is missing from adds nothing. The weights sum to 1; w_generated = 1 keeps the generative order.
+The dense side is the retriever's learned item scorer (`learned`, components/retrieval/item_scorer.py)
+or the frozen text embeddings (`zero_shot`, the dense baseline's vectors); the source and w
+are chosen on the validation split when the retriever is trained (`choose_fusion`, a 0.1 grid
+over weights summing to 1, with both dense sources at once), so the same rule carries over to
+any catalog: a search catalog with strong text matching picks a low w, a recommendation log
+with a sharp decoder a high one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from components.runtime.errors import ConfigError
+
+SOURCES = ("learned", "zero_shot")
+STEP = 0.1  # weight grid step of the validation choice
+TIE_DECIMALS = 9  # dense similarities equal to this many decimals are ties (float64 sums agree far beyond)
+
+
+@dataclass
+class Ranked:
+    """Flat ranked lists: per query (in query order) its item rows best first, with scores."""
+
+    items: np.ndarray      # (total,) item rows
+    scores: np.ndarray     # (total,)
+    per_query: np.ndarray  # (N,) list lengths
+
+    @property
+    def query(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.per_query)), self.per_query)
+
+    @property
+    def rank(self) -> np.ndarray:
+        """0-based rank of each row inside its query's list."""
+        return np.arange(len(self.items)) - np.repeat(np.cumsum(self.per_query) - self.per_query, self.per_query)
+
+    def top(self, k: int) -> np.ndarray:
+        """(N, k) item rows, -1 padded."""
+        out = np.full((len(self.per_query), k), -1, dtype=np.int64)
+        keep = self.rank < k
+        out[self.query[keep], self.rank[keep]] = self.items[keep]
+        return out
+
+
+def fusion_config(rp: dict) -> dict:
+    """`retriever.fusion` checked: sources auto | none | a list of SOURCES; weights auto | one number per list."""
+    fu = dict(rp.get("fusion") or {"sources": "none"})
+    sources, weights = fu.get("sources", "none"), fu.get("weights", "auto")
+    if sources == "auto":
+        sources = [s for s in SOURCES if s != "learned" or rp.get("item_head", False)]
+    elif sources == "none":
+        sources = []
+    elif not isinstance(sources, list) or not sources or any(s not in SOURCES for s in sources) \
+            or len(set(sources)) < len(sources):
+        raise ConfigError("retriever.fusion.sources", f"must be auto, none or a list from {list(SOURCES)}, got {sources!r}")
+    if "learned" in sources and not rp.get("item_head", False):
+        raise ConfigError("retriever.fusion.sources", "learned needs retriever.item_head: true")
+    if weights != "auto":
+        ok = isinstance(weights, list) and len(weights) == len(sources) + 1 and all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights) and sum(weights) > 0
+        if not ok:
+            raise ConfigError("retriever.fusion.weights", "must be auto or a list of non-negative numbers, one for the "
+                              f"generated list and one per source {sources}, got {weights!r}")
+        weights = [float(w) / sum(weights) for w in weights]
+    depth, k = fu.get("depth", 100), fu.get("rrf_k", 60)
+    for key, value in (("depth", depth), ("rrf_k", k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"retriever.fusion.{key}", f"must be an integer >= 1, got {value!r}")
+    return {"sources": list(sources), "weights": weights, "depth": int(depth), "rrf_k": int(k)}
+
+
+def weight_grid(n_lists: int, step: float = STEP) -> list[tuple[float, ...]]:
+    """Every weight vector over n_lists lists on a `step` grid, summing to 1 (the generated list first)."""
+    units = round(1 / step)
+
+    def split(n: int, total: int):
+        if n == 1:
+            yield (total,)
+            return
+        for first in range(total, -1, -1):
+            for rest in split(n - 1, total - first):
+                yield (first,) + rest
+
+    return [tuple(round(u * step, 4) for u in combo) for combo in split(n_lists, units)]
+
+
+def dense_ranking(query_vecs: np.ndarray, item_vecs: np.ndarray, depth: int, chunk: int = 2048) -> Ranked:
+    """Top-`depth` items per query by dot product (vectors are unit length: cosine), in query chunks.
+
+    Similarities are computed in float64 and rounded to TIE_DECIMALS, so items whose scores are equal
+    (a two-item history's mean is exactly as close to either item) rank by item row whatever the
+    query's batch: float32 rounding depends on the batch's shape and would break such ties either way."""
+    n, depth = len(query_vecs), min(depth, len(item_vecs))
+    rows = np.empty((n, depth), dtype=np.int64)
+    scores = np.empty((n, depth), dtype=np.float32)
+    items_t = item_vecs.astype(np.float64).T
+    for s in range(0, n, chunk):
+        sim = np.round(query_vecs[s: s + chunk].astype(np.float64) @ items_t, TIE_DECIMALS)
+        part = np.argpartition(-sim, depth - 1, axis=1)[:, :depth] if depth < sim.shape[1] else \
+            np.tile(np.arange(sim.shape[1]), (len(sim), 1))
+        psim = np.take_along_axis(sim, part, 1)
+        order = np.lexsort((part, -psim), axis=1)   # score desc, then item row: deterministic ties
+        rows[s: s + chunk] = np.take_along_axis(part, order, 1)
+        scores[s: s + chunk] = np.take_along_axis(psim, order, 1)
+    return Ranked(rows.reshape(-1), scores.reshape(-1), np.full(n, depth, dtype=np.int64))
+
+
+def fuse(lists: list[Ranked], weights: list[float] | tuple[float, ...], rrf_k: int, n_items: int) -> Ranked:
+    """Weighted reciprocal-rank fusion of ranked lists per query; ties follow the first list's rank, then item row.
+
+    The first list is the generated one: an item it misses gets no share of its weight."""
+    q = np.concatenate([r.query for r in lists])
+    items = np.concatenate([r.items for r in lists])
+    contrib = np.concatenate([w / (rrf_k + 1.0 + r.rank) for r, w in zip(lists, weights)])
+    never = np.iinfo(np.int64).max // 2
+    first_rank = np.concatenate([lists[0].rank] + [np.full(len(r.items), never) for r in lists[1:]])
+    key = q.astype(np.int64) * n_items + items
+    uniq, inv = np.unique(key, return_inverse=True)
+    score = np.bincount(inv, weights=contrib, minlength=len(uniq))
+    first = np.full(len(uniq), never, dtype=np.int64)
+    np.minimum.at(first, inv, first_rank)
+    uq, ui = uniq // n_items, uniq % n_items
+    order = np.lexsort((ui, first, -score, uq))
+    per_query = np.bincount(uq, minlength=len(lists[0].per_query))
+    return Ranked(ui[order], score[order].astype(np.float32), per_query)
+
+
+def recall_at(ranked: Ranked, targets: np.ndarray, k: int) -> float:
+    """Mean over queries with targets of the share of targets in the top k (targets (N, T), -1 padded)."""
+    top = ranked.top(k)
+    valid = targets >= 0
+    hit = (targets[:, :, None] == top[:, None, :]).any(2) & valid
+    has = valid.any(1)
+    return float((hit.sum(1)[has] / valid.sum(1)[has]).mean()) if has.any() else float("nan")
+
+
+def choose_fusion(generated: Ranked, dense: dict[str, Ranked], targets: np.ndarray, k: int, rrf_k: int,
+                  n_items: int, weights: list | None = None) -> tuple[list[float], list[dict]]:
+    """Best weights (generated list first, then each dense source) by validation Recall@k.
+
+    `weights` None = the whole grid (`weight_grid`); ties go to the larger generated weight, so
+    without a gain the generated list stays alone. Returns the choice and every point tried."""
+    names = list(dense)
+    grid = weight_grid(len(names) + 1) if weights is None else [tuple(weights)]
+    tried = []
+    for w in grid:
+        if w[0] == 1.0:
+            ranked = generated
+        else:
+            ranked = fuse([generated] + [dense[n] for n in names], w, rrf_k, n_items)
+        tried.append({"weights": dict(zip(["generated"] + names, w)), f"recall@{k}": recall_at(ranked, targets, k)})
+    best = max(tried, key=lambda t: (round(t[f"recall@{k}"], 12), t["weights"]["generated"]))
+    return [best["weights"][n] for n in ["generated"] + names], tried

@@ -1,0 +1,36 @@
+"""Choose the fusion (dense source and weight) on the validation split, once, after training.
+
+The choice is stored in the checkpoint's config, so `retrieve`, the evaluation, the candidates
+flow and serving all rank the same way without re-tuning; the grid tried is written to
+metrics/retriever_train.json so the choice can be read back.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from components.retrieval.fusion import choose_fusion, fusion_config
+from components.retrieval.retrieve import decode_queries, dense_side, generated_ranking
+from components.retrieval.retriever import RetrieverModel
+
+VAL_K = 10
+
+
+def tune_fusion(params: dict, net: RetrieverModel, valid: pd.DataFrame) -> tuple[dict | None, list[dict]]:
+    """The fusion for `net` by validation Recall@10 (None: no fusion asked for), and the grid tried."""
+    fu = fusion_config(params["retriever"])
+    if not fu["sources"] or valid.empty:
+        return None, []
+    dec = decode_queries(params, valid, model=net, beam=int(params["retriever"]["fusion"]["beam"]))
+    dense = {s: dense_side(dec, s, fu["depth"]) for s in fu["sources"]}
+    weights, grid = choose_fusion(generated_ranking(dec), dense, dec.dataset.ex.targets, VAL_K, fu["rrf_k"],
+                                  len(dec.catalog.item_ids), None if fu["weights"] == "auto" else fu["weights"])
+    return {"sources": fu["sources"], "weights": weights, "depth": fu["depth"], "rrf_k": fu["rrf_k"]}, grid
+
+
+def validation_queries(queries: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:
+    """The validation queries the train step decodes (the same seeded subset as its per-epoch check)."""
+    valid = queries[queries["split"] == "valid"]
+    if cap and len(valid) > cap:
+        valid = valid.iloc[np.sort(np.random.default_rng(seed).choice(len(valid), cap, replace=False))]
+    return valid

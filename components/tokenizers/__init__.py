@@ -1,0 +1,1 @@
+"""Semantic-ID tokenizers: the residual quantizer, RQ-KMeans, RQ-VAE, SARQ, ACRQ, SID tables."""

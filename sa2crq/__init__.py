@@ -1,0 +1,1 @@
+"""The `sa2crq` command: above flows and components, calling both with plain imports."""
