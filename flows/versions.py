@@ -26,6 +26,7 @@ from components.runtime.atomic import fsync_dir, write_json
 from components.runtime.config import out_path
 from components.runtime.errors import Sa2crqError
 from components.runtime.locks import lock_folder
+from components.tokenizers.sid_table import live_version
 from flows.registry import VERSIONED, Registry, prod_version, record_live, registry_for, show
 from flows.step_io import ROOT
 
@@ -35,14 +36,6 @@ HISTORY = "history.json"
 
 def versions_dir(out_dir: str | os.PathLike) -> Path:
     return Path(out_dir) / "versions"
-
-
-def live_version(out_dir: str | os.PathLike) -> str:
-    """The version of the SIDs in place (sids/meta.json `version`)."""
-    meta = Path(out_dir) / "sids" / "meta.json"
-    if not meta.exists():
-        raise FileNotFoundError(f"{meta}: no live SID table (run the pipeline first)")
-    return str(json.loads(meta.read_text())["version"])
 
 
 def next_version(current: str) -> str:

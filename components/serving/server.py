@@ -12,7 +12,7 @@ import uvicorn
 from components.serving.app import create_app
 from components.serving.service import Service
 from components.serving.settings import ServeSettings, serve_settings
-from flows.versions import live_version
+from components.tokenizers.sid_table import live_version
 
 
 def build(params: dict, host: str | None = None, port: int | None = None) -> tuple[ServeSettings, Service]:

@@ -18,7 +18,7 @@ import numpy as np
 
 from components.data.embed import load_encoder
 from components.retrieval.retrieve import DecodeContext, load_context
-from flows.versions import live_version
+from components.tokenizers.sid_table import live_version
 
 
 class VersionChanged(RuntimeError):

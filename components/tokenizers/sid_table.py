@@ -286,3 +286,11 @@ def collision_layer_size(codes: Sequence[int], multiple: int = COLLISION_MULTIPL
     retriever's vocabulary has to grow."""
     need = int(max(codes, default=-1)) + 1
     return max(1, -(-need // multiple) * multiple)
+
+
+def live_version(out_dir: str | os.PathLike) -> str:
+    """The version of the SIDs in place (sids/meta.json `version`)."""
+    meta = Path(out_dir) / "sids" / "meta.json"
+    if not meta.exists():
+        raise FileNotFoundError(f"{meta}: no live SID table (run the pipeline first)")
+    return str(json.loads(meta.read_text())["version"])
