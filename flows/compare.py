@@ -7,7 +7,7 @@ Ret-Per) and unconstrained (hallucination) into eval/compare_run.json. Baselines
 once (per seed for the trained ones, two-tower and SASRec) into <compare_dir>/baselines/; one that
 does not apply (SASRec on a search dataset) stores a null result and has no row. `aggregate`
 reads what the runs stored and writes the tables. Which run is stale is DVC's call
-(experiments/dvc.yaml, components/compare_dvc.py): the *_keys functions below say which params
+(experiments/dvc.yaml, flows/compare_dvc.py): the *_keys functions below say which params
 each run reads, and those are its DVC params.
 """
 from __future__ import annotations
