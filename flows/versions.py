@@ -110,6 +110,9 @@ def promote(out_dir: str | os.PathLike, version: str, root: Path = ROOT) -> str:
     cand = vdir / version
     with lock_folder(out_dir):
         recover(out_dir, root)
+        if not cand.is_dir():
+            kept = sorted(p.name for p in vdir.iterdir() if p.is_dir()) if vdir.is_dir() else []
+            raise FileNotFoundError(f"{cand}: no such version; kept versions: {kept or 'none'} (`sa2crq versions`)")
         missing = [name for name in VERSIONED if not (cand / name).is_dir()]
         if missing:
             raise FileNotFoundError(f"{cand}: version is incomplete, missing {missing}")
