@@ -54,15 +54,26 @@ def test_recall_and_the_validation_choice():
     gen, dense = _ranked([[0, 1, 2], [5, 6], [9]]), _ranked([[3, 0], [6], [8]])
     assert recall_at(gen, targets, 1) == pytest.approx(1 / 3)
     assert recall_at(gen, targets, 2) == pytest.approx(2 / 3)
-    weights, grid = choose_fusion(gen, {"zero_shot": dense}, targets, 1, 60, 10)
+    weights, rrf_k, grid = choose_fusion(gen, {"zero_shot": dense}, targets, 1, 60, 10)
     best = max(t["recall@1"] for t in grid)
     assert best == pytest.approx(2 / 3) and weights[0] < 1.0       # the generated list alone: 1 / 3
     # ties go to the largest generated weight
     assert weights[0] == max(t["weights"]["generated"] for t in grid if t["recall@1"] == best)
-    assert len(grid) == 11
+    assert len(grid) == 11 and rrf_k == 60
     # when the generative list is better at every weight, it stays alone
-    weights, _ = choose_fusion(_ranked([[3], [6], [9]]), {"zero_shot": _ranked([[0], [1], [2]])}, targets, 1, 60, 10)
-    assert weights == [1.0, 0.0]
+    weights, rrf_k, _ = choose_fusion(_ranked([[3], [6], [9]]), {"zero_shot": _ranked([[0], [1], [2]])}, targets,
+                                      1, [20, 60], 10)
+    assert weights == [1.0, 0.0] and rrf_k == 20                # a tie between constants: the one listed first
+
+
+def test_the_reciprocal_rank_constant_is_chosen_on_validation():
+    """Target 7 is first in the dense list only; item 1 is first generated and second dense. 7 leads
+    when w_dense / (k + 2) > w_generated: at w = (0.2, 0.8) only with k = 1, at (0, 1) with any k."""
+    gen, dense, targets = _ranked([[1, 2, 3]]), _ranked([[7, 1]]), np.array([[7]])
+    weights, rrf_k, grid = choose_fusion(gen, {"zero_shot": dense}, targets, 1, [100, 1], 10)
+    assert len(grid) == 22 and {t["rrf_k"] for t in grid} == {1, 100}
+    assert [t["weights"]["generated"] for t in grid if t["recall@1"] == 1.0 and t["rrf_k"] == 100] == [0.0]
+    assert weights == [0.2, 0.8] and rrf_k == 1      # the larger generated weight wins over the order listed
 
 
 def test_dense_ranking_is_the_exact_top_k():
@@ -85,17 +96,23 @@ def test_dense_ranking_ties_rank_by_item_row_in_any_batch():
 
 
 def test_fusion_config_fills_and_refuses():
-    assert fusion_config({"item_head": True, "fusion": {"sources": "auto"}})["sources"] == ["learned", "zero_shot"]
-    assert fusion_config({"item_head": False, "fusion": {"sources": "auto"}})["sources"] == ["zero_shot"]
+    assert fusion_config({"item_head": True, "fusion": {"sources": "auto"}})["sources"] == \
+        ["learned", "zero_shot", "bm25"]
+    assert fusion_config({"item_head": False, "fusion": {"sources": "auto"}})["sources"] == ["zero_shot", "bm25"]
     assert fusion_config({"fusion": {"sources": ["zero_shot"], "weights": [3, 1]}})["weights"] == [0.75, 0.25]
     with pytest.raises(ConfigError, match="retriever.fusion.sources"):
-        fusion_config({"fusion": {"sources": ["bm25"]}})
+        fusion_config({"fusion": {"sources": ["bm3"]}})
+    with pytest.raises(ConfigError, match="retriever.fusion.bm25_history"):
+        fusion_config({"fusion": {"sources": ["bm25"], "bm25_history": 0}})
     with pytest.raises(ConfigError, match="item_head"):
         fusion_config({"item_head": False, "fusion": {"sources": ["learned"]}})
     with pytest.raises(ConfigError, match="retriever.fusion.weights"):
         fusion_config({"fusion": {"sources": ["zero_shot"], "weights": [1.0]}})
     with pytest.raises(ConfigError, match="retriever.fusion.depth"):
         fusion_config({"fusion": {"sources": "none", "depth": 0}})
+    assert fusion_config({"fusion": {"sources": "none", "rrf_k": [20, 60]}})["rrf_k"] == [20, 60]
+    with pytest.raises(ConfigError, match="retriever.fusion.rrf_k"):
+        fusion_config({"fusion": {"sources": "none", "rrf_k": [20, 20]}})
 
 
 def test_without_the_item_head_the_retriever_is_built_as_before():

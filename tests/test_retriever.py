@@ -129,7 +129,9 @@ def test_ranked_frame_contract_and_hallucination(tmp_path):
 
 def test_item_head_orders_inside_a_sid_and_the_fusion_is_tuned_on_validation(tmp_path):
     """Default retriever: the item scorer orders items of one SID, the checkpoint carries the fusion
-    chosen on validation, and `retrieve` ranks exactly as that fusion of the two lists says."""
+    chosen on validation, and `retrieve` ranks exactly as that fusion of the four lists says; the
+    bm25 list is the BM25 baseline's ranking."""
+    from components.baselines.classic import bm25
     from components.retrieval.fusion import fuse
     from components.retrieval.retrieve import decode_queries, dense_side, generated_ranking, ranked_frame
 
@@ -137,7 +139,8 @@ def test_item_head_orders_inside_a_sid_and_the_fusion_is_tuned_on_validation(tmp
     params = tiny_params(tmp_path, epochs=3, fusion={"sources": "auto", "weights": "auto", "depth": 5, "rrf_k": 60, "beam": 10})
     summary = run_train_retriever(params)
     grid, chosen = summary["fusion_grid"], summary["fusion"]
-    assert summary["item_head"] and chosen["sources"] == ["learned", "zero_shot"] and len(grid) == 66
+    assert summary["item_head"] and chosen["sources"] == ["learned", "zero_shot", "bm25"] and len(grid) == 286
+    assert chosen["bm25_history"] == params["retriever"]["fusion"].get("bm25_history", 3)
     best = max(t["recall@10"] for t in grid)
     assert [t for t in grid if list(t["weights"].values()) == chosen["weights"]][0]["recall@10"] == best
     model = load_retriever(tmp_path / "retriever" / "model.pt")
@@ -150,7 +153,10 @@ def test_item_head_orders_inside_a_sid_and_the_fusion_is_tuned_on_validation(tmp
     same = (gen.query[1:] == gen.query[:-1]) & (sid[1:] == sid[:-1])
     assert same.any() and (sims[1:][same] <= sims[:-1][same] + 1e-6).all()   # learned order inside one SID
     ranked = retrieve(params, queries, model=model, beam=5)
-    dense = [dense_side(dec, source, 5) for source in chosen["sources"]]
+    dense = [dense_side(dec, source, 5, chosen["bm25_history"]) for source in chosen["sources"]]
+    items = pd.read_parquet(tmp_path / "prepared" / "items.parquet")
+    baseline = bm25(queries, items, 5, last_n=chosen["bm25_history"])
+    assert (dec.catalog.item_ids[dense[2].items] == baseline["item_id"].to_numpy()).all()
     expect = gen if chosen["weights"][0] == 1.0 else fuse([gen] + dense, chosen["weights"], 60, len(dec.catalog.item_ids))
     pd.testing.assert_frame_equal(ranked, ranked_frame(dec.query_ids, expect, dec.catalog))
 

@@ -139,25 +139,38 @@ def bm25_query_texts(queries: pd.DataFrame, items: pd.DataFrame, last_n: int = 3
     return out
 
 
-def bm25(queries: pd.DataFrame, items: pd.DataFrame, k: int, last_n: int = 3, chunk: int = 1024) -> pd.DataFrame:
-    """BM25 (bm25s, Lucene variant, English stopwords) over item text."""
-    import bm25s
+class Bm25Index:
+    """BM25 (bm25s, Lucene variant, English stopwords) over item text, indexed once.
 
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(items["text"].astype(str).tolist(), stopwords="en", show_progress=False),
-                    show_progress=False)
-    tokens = bm25s.tokenize(bm25_query_texts(queries, items, last_n), stopwords="en", return_ids=False,
-                            show_progress=False)
-    qids = queries["query_id"].tolist()
-    item_ids = items["item_id"].to_numpy()
-    n_items = len(items)
-    parts = []
-    for start in tqdm(range(0, len(qids), chunk), desc="bm25", leave=False, disable=len(qids) <= chunk):
-        block = tokens[start:start + chunk]
-        scores = np.stack([retriever.get_scores(t) if t else np.zeros(n_items, np.float32) for t in block])
-        idx, vals = top_k(scores, k)
-        parts.append(ranked_frame(qids[start:start + chunk], idx, vals, item_ids))
-    return _concat(parts, item_ids)
+    Why a class: the BM25 baseline and the retriever's lexical fusion list (components/retrieval/fusion.py)
+    rank with the same index and the same query texts; a service builds it once per version."""
+
+    def __init__(self, texts: Iterable[str]) -> None:
+        import bm25s
+
+        self._bm25s = bm25s
+        texts = [str(t) for t in texts]
+        self.n_items = len(texts)
+        self.retriever = bm25s.BM25()
+        self.retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+
+    def top(self, texts: list[str], k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """(N, k) item rows and scores per query text, best first (ties: lower row); "" scores 0 everywhere."""
+        tokens = self._bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
+        k = min(k, self.n_items)
+        idx, vals = np.zeros((len(texts), k), np.int64), np.zeros((len(texts), k), np.float32)
+        for start in tqdm(range(0, len(texts), chunk), desc="bm25", leave=False, disable=len(texts) <= chunk):
+            block = tokens[start:start + chunk]
+            scores = np.stack([self.retriever.get_scores(t) if t else np.zeros(self.n_items, np.float32)
+                               for t in block])
+            idx[start:start + len(block)], vals[start:start + len(block)] = top_k(scores, k)
+        return idx, vals
+
+
+def bm25(queries: pd.DataFrame, items: pd.DataFrame, k: int, last_n: int = 3) -> pd.DataFrame:
+    """The BM25 baseline: `Bm25Index` over item text, queried with `bm25_query_texts`."""
+    idx, vals = Bm25Index(items["text"]).top(bm25_query_texts(queries, items, last_n), k)
+    return ranked_frame(queries["query_id"].tolist(), idx, vals, items["item_id"].to_numpy())
 
 
 def most_popular(queries: pd.DataFrame, items: pd.DataFrame, k: int) -> pd.DataFrame:

@@ -5,12 +5,13 @@ items the decoder never learned to emit cannot surface; a dense ranking reaches 
 Weighted reciprocal-rank fusion needs no score calibration between a beam log-probability and a
 cosine: score = sum over lists of w_list / (k + rank in the list), 1-based ranks, a list an item
 is missing from adds nothing. The weights sum to 1; w_generated = 1 keeps the generative order.
-The dense side is the retriever's learned item scorer (`learned`, components/retrieval/item_scorer.py)
-or the frozen text embeddings (`zero_shot`, the dense baseline's vectors); the source and w
-are chosen on the validation split when the retriever is trained (`choose_fusion`, a 0.1 grid
-over weights summing to 1, with both dense sources at once), so the same rule carries over to
-any catalog: a search catalog with strong text matching picks a low w, a recommendation log
-with a sharp decoder a high one.
+The other lists are the retriever's learned item scorer (`learned`, components/retrieval/item_scorer.py),
+the frozen text embeddings (`zero_shot`, the dense baseline's vectors) and BM25 over item text
+(`bm25`, the BM25 baseline's index and query texts): lexical matches reach tail and cold items
+that neither embedding ranks high. The weights are chosen on the validation split when the
+retriever is trained (`choose_fusion`, a 0.1 grid over weights summing to 1, all sources at
+once, for each reciprocal-rank constant listed), so the same rule carries over to any catalog: a search catalog with strong text matching
+picks a low generated weight, a recommendation log with a sharp decoder a high one.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from components.runtime.errors import ConfigError
 
-SOURCES = ("learned", "zero_shot")
+SOURCES = ("learned", "zero_shot", "bm25")
 STEP = 0.1  # weight grid step of the validation choice
 TIE_DECIMALS = 9  # dense similarities equal to this many decimals are ties (float64 sums agree far beyond)
 
@@ -70,11 +71,15 @@ def fusion_config(rp: dict) -> dict:
             raise ConfigError("retriever.fusion.weights", "must be auto or a list of non-negative numbers, one for the "
                               f"generated list and one per source {sources}, got {weights!r}")
         weights = [float(w) / sum(weights) for w in weights]
-    depth, k = fu.get("depth", 100), fu.get("rrf_k", 60)
-    for key, value in (("depth", depth), ("rrf_k", k)):
+    depth, ks, last_n = fu.get("depth", 100), fu.get("rrf_k", 60), fu.get("bm25_history", 3)
+    ks = ks if isinstance(ks, list) else [ks]
+    for key, value in [("depth", depth), ("bm25_history", last_n)] + [("rrf_k", k) for k in ks]:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"retriever.fusion.{key}", f"must be an integer >= 1, got {value!r}")
-    return {"sources": list(sources), "weights": weights, "depth": int(depth), "rrf_k": int(k)}
+    if not ks or len(set(ks)) < len(ks):
+        raise ConfigError("retriever.fusion.rrf_k", f"must be an integer or a list of distinct ones, got {ks!r}")
+    return {"sources": list(sources), "weights": weights, "depth": int(depth), "rrf_k": [int(k) for k in ks],
+            "bm25_history": int(last_n)}
 
 
 def weight_grid(n_lists: int, step: float = STEP) -> list[tuple[float, ...]]:
@@ -142,20 +147,27 @@ def recall_at(ranked: Ranked, targets: np.ndarray, k: int) -> float:
     return float((hit.sum(1)[has] / valid.sum(1)[has]).mean()) if has.any() else float("nan")
 
 
-def choose_fusion(generated: Ranked, dense: dict[str, Ranked], targets: np.ndarray, k: int, rrf_k: int,
-                  n_items: int, weights: list | None = None) -> tuple[list[float], list[dict]]:
-    """Best weights (generated list first, then each dense source) by validation Recall@k.
+def choose_fusion(generated: Ranked, dense: dict[str, Ranked], targets: np.ndarray, k: int,
+                  rrf_k: int | list[int], n_items: int, weights: list | None = None
+                  ) -> tuple[list[float], int, list[dict]]:
+    """Best weights (generated list first, then each other source) and reciprocal-rank constant by
+    validation Recall@k.
 
-    `weights` None = the whole grid (`weight_grid`); ties go to the larger generated weight, so
-    without a gain the generated list stays alone. Returns the choice and every point tried."""
+    `weights` None = the whole grid (`weight_grid`), tried with every constant in `rrf_k`; ties go
+    to the larger generated weight (without a gain the generated list stays alone), then to the
+    constant listed first. Returns the weights, the constant and every point tried."""
     names = list(dense)
     grid = weight_grid(len(names) + 1) if weights is None else [tuple(weights)]
+    ks = rrf_k if isinstance(rrf_k, list) else [rrf_k]
+    alone = recall_at(generated, targets, k)
     tried = []
-    for w in grid:
-        if w[0] == 1.0:
-            ranked = generated
-        else:
-            ranked = fuse([generated] + [dense[n] for n in names], w, rrf_k, n_items)
-        tried.append({"weights": dict(zip(["generated"] + names, w)), f"recall@{k}": recall_at(ranked, targets, k)})
-    best = max(tried, key=lambda t: (round(t[f"recall@{k}"], 12), t["weights"]["generated"]))
-    return [best["weights"][n] for n in ["generated"] + names], tried
+    for order, c in enumerate(ks):
+        for w in grid:
+            score = alone if w[0] == 1.0 else recall_at(
+                fuse([generated] + [dense[n] for n in names], w, c, n_items), targets, k)
+            tried.append({"weights": dict(zip(["generated"] + names, w)), "rrf_k": c, f"recall@{k}": score,
+                          "_order": order})
+    best = max(tried, key=lambda t: (round(t[f"recall@{k}"], 12), t["weights"]["generated"], -t["_order"]))
+    for t in tried:
+        del t["_order"]
+    return [best["weights"][n] for n in ["generated"] + names], best["rrf_k"], tried

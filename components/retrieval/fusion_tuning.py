@@ -1,4 +1,4 @@
-"""Choose the fusion (dense source and weight) on the validation split, once, after training.
+"""Choose the fusion (sources' weights and the reciprocal-rank constant) on the validation split, once, after training.
 
 The choice is stored in the checkpoint's config, so `retrieve`, the evaluation, the candidates
 flow and serving all rank the same way without re-tuning; the grid tried is written to
@@ -22,10 +22,13 @@ def tune_fusion(params: dict, net: RetrieverModel, valid: pd.DataFrame) -> tuple
     if not fu["sources"] or valid.empty:
         return None, []
     dec = decode_queries(params, valid, model=net, beam=int(params["retriever"]["fusion"]["beam"]))
-    dense = {s: dense_side(dec, s, fu["depth"]) for s in fu["sources"]}
-    weights, grid = choose_fusion(generated_ranking(dec), dense, dec.dataset.ex.targets, VAL_K, fu["rrf_k"],
-                                  len(dec.catalog.item_ids), None if fu["weights"] == "auto" else fu["weights"])
-    return {"sources": fu["sources"], "weights": weights, "depth": fu["depth"], "rrf_k": fu["rrf_k"]}, grid
+    dense = {s: dense_side(dec, s, fu["depth"], fu["bm25_history"]) for s in fu["sources"]}
+    weights, rrf_k, grid = choose_fusion(generated_ranking(dec), dense, dec.dataset.ex.targets, VAL_K, fu["rrf_k"],
+                                         len(dec.catalog.item_ids), None if fu["weights"] == "auto" else fu["weights"])
+    chosen = {"sources": fu["sources"], "weights": weights, "depth": fu["depth"], "rrf_k": rrf_k}
+    if "bm25" in fu["sources"]:
+        chosen["bm25_history"] = fu["bm25_history"]
+    return chosen, grid
 
 
 def validation_queries(queries: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from components.baselines.classic import Bm25Index, bm25_query_texts
 from components.retrieval.fusion import Ranked, dense_ranking, fuse
 from components.retrieval.retriever import RetrieverModel, decode, load_retriever
 from components.retrieval.retriever_data import (
@@ -71,6 +72,12 @@ class DecodeContext:
     inputs: RetrieverInputs
     learned_items: np.ndarray | None   # the item scorer's item vectors (None without the scorer)
     unit_items: np.ndarray             # unit-length frozen item embeddings (the zero_shot dense side)
+    bm25: Bm25Index | None = None      # BM25 over item text (the bm25 side), built on first use
+
+    def lexical(self) -> Bm25Index:
+        if self.bm25 is None:
+            self.bm25 = Bm25Index(self.inputs.items["text"])
+        return self.bm25
 
 
 def load_context(params: dict, model: RetrieverModel | None = None, out_dir: str | Path | None = None
@@ -95,7 +102,10 @@ def load_context(params: dict, model: RetrieverModel | None = None, out_dir: str
             learned = model.item_vectors().cpu().numpy()
     item = inputs.item_emb
     unit = (item / np.maximum(np.linalg.norm(item, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-    return DecodeContext(model, inputs, learned, unit)
+    ctx = DecodeContext(model, inputs, learned, unit)
+    if "bm25" in (model.config.get("fusion") or {}).get("sources", []):
+        ctx.lexical()  # a service answers its first request without indexing the catalog
+    return ctx
 
 
 def _decode_all(params: dict, model: RetrieverModel, dataset: ExampleDataset, beam: int, constrained: bool
@@ -145,6 +155,8 @@ class Decoded:
     learned_query: np.ndarray | None = None
     learned_items: np.ndarray | None = None
     fusion: dict | None = None
+    queries: pd.DataFrame | None = None     # the decoded queries (the bm25 side reads their text / history)
+    context: DecodeContext | None = None
 
 
 def group_order(params: dict) -> str:
@@ -173,7 +185,7 @@ def decode_with(params: dict, ctx: DecodeContext, queries: pd.DataFrame, *, beam
         found = catalog.find(codes.reshape(-1, codes.shape[2]), lengths.reshape(-1)).reshape(sid_index.shape)
         sid_index = np.where(np.isfinite(scores), found, -1)
     return Decoded(queries["query_id"].astype(str).to_numpy(), sid_index, scores, codes, lengths, dataset, catalog,
-                   ctx.unit_items, qvecs, ctx.learned_items, model.config.get("fusion"))
+                   ctx.unit_items, qvecs, ctx.learned_items, model.config.get("fusion"), queries, ctx)
 
 
 def generated_sids(dec: Decoded) -> pd.DataFrame:
@@ -197,7 +209,8 @@ def ranked_items(dec: Decoded, order: str = "popularity") -> pd.DataFrame:
     fusion = dec.fusion or {"sources": []}
     if not fusion["sources"] or fusion["weights"][0] == 1.0:
         return ranked_frame(dec.query_ids, generated, dec.catalog)
-    dense = [dense_side(dec, source, int(fusion["depth"])) for source in fusion["sources"]]
+    dense = [dense_side(dec, source, int(fusion["depth"]), int(fusion.get("bm25_history", 3)))
+             for source in fusion["sources"]]
     fused = fuse([generated] + dense, fusion["weights"], int(fusion["rrf_k"]), len(dec.catalog.item_ids))
     return ranked_frame(dec.query_ids, fused, dec.catalog)
 
@@ -211,8 +224,16 @@ def generated_ranking(dec: Decoded, order: str = "popularity") -> Ranked:
     return beam_items(dec.sid_index, dec.scores, dec.catalog, *vecs)
 
 
-def dense_side(dec: Decoded, source: str, depth: int) -> Ranked:
-    """Dense ranking for the fusion: the learned item scorer, or the frozen text embeddings."""
+def dense_side(dec: Decoded, source: str, depth: int, bm25_history: int = 3) -> Ranked:
+    """A ranking beside the generated one for the fusion: the learned item scorer, the frozen text
+    embeddings, or BM25 over item text (history queries: their last `bm25_history` items' text, as
+    the BM25 baseline)."""
+    if source == "bm25":
+        if dec.context is None or dec.queries is None:
+            raise ConfigError("retriever.fusion.sources", "bm25 needs the decoded queries and their catalog")
+        texts = bm25_query_texts(dec.queries, dec.context.inputs.items, bm25_history)
+        rows, scores = dec.context.lexical().top(texts, depth)
+        return Ranked(rows.reshape(-1), scores.reshape(-1), np.full(len(rows), rows.shape[1], dtype=np.int64))
     if source == "learned":
         if dec.learned_query is None:
             raise ConfigError("retriever.fusion.sources", "learned needs a retriever trained with item_head: true")

@@ -106,6 +106,11 @@ def _fusion_weights(v: Any) -> bool:
     return v == "auto" or (isinstance(v, list) and bool(v) and all(_is_number(w) and w >= 0 for w in v) and sum(v) > 0)
 
 
+def _rrf_ks(v: Any) -> bool:
+    values = v if isinstance(v, list) else [v]
+    return bool(values) and all(_is_int(k) and k >= 1 for k in values) and len(set(values)) == len(values)
+
+
 def _dropouts(v: Any) -> bool:
     values = v if isinstance(v, list) else [v]
     return bool(values) and all(_is_number(d) and 0 <= d < 1 for d in values)
@@ -120,7 +125,7 @@ def _devices(v: Any) -> bool:
 DATASETS = ("amazon-scientific", "climate-fever", "generic")
 METHODS = ("rqkmeans", "rqvae", "acrq", "sarq", "sa2crq", "import")
 BACKBONES = ("small", "t5", "pretrained")
-SOURCES = ("learned", "zero_shot")
+SOURCES = ("learned", "zero_shot", "bm25")
 BASELINES = ("bm25", "dense", "popular", "two_tower", "sasrec", "sasrec_text")
 GROUP_ORDERS = ("popularity", "similarity")
 SASREC_LOSSES = ("ce", "bce", "bpr", "bpr-max", "top1")
@@ -225,7 +230,8 @@ Fusion = section(
     weights=rule("must be auto or a list of numbers >= 0 (generated list first) with a positive sum",
                  _fusion_weights),
     depth=integer(1),
-    rrf_k=integer(1),
+    rrf_k=rule("must be an integer >= 1 or a list of distinct ones (each tried on validation)", _rrf_ks),
+    bm25_history=integer(1),
     beam=integer(1),
 )
 
