@@ -4,8 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from components.retrieval.fusion import (
+    FusionCandidates,
     Ranked,
     choose_fusion,
     dense_ranking,
@@ -195,3 +198,20 @@ def test_cold_items_score_by_their_text_alone_and_their_id_rows_learn_nothing():
         assert not torch.allclose(vec[[0, 1]], text_only[[0, 1]])           # warm items keep their id rows
         assert (id_grad[[3, 7]].abs().sum() == 0) == (mode == "text")
     assert "cold_item_rows" not in RetrieverModel(model_config({**RP, "item_head": True}, (4, 4), 8, 5, n_items=12)).config
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_the_grid_s_top_k_is_the_full_fusion_s_top_k(data):
+    """`FusionCandidates.top` (the validation grid's shortcut) equals sorting the whole fusion, ties included:
+    small item pools make equal scores common."""
+    n_q, n_items = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 12))
+    lists = []
+    for _ in range(data.draw(st.integers(2, 4))):
+        lists.append(_ranked([data.draw(st.lists(st.integers(0, n_items - 1), max_size=n_items, unique=True))
+                              for _ in range(n_q)]))
+    weights = data.draw(st.lists(st.sampled_from([0.0, 0.1, 0.2, 0.5, 1.0]), min_size=len(lists),
+                                 max_size=len(lists)))
+    rrf_k, k = data.draw(st.sampled_from([1, 20, 60])), data.draw(st.integers(1, 5))
+    candidates = FusionCandidates(lists, n_items)
+    np.testing.assert_array_equal(candidates.top(weights, rrf_k, k), fuse(lists, weights, rrf_k, n_items).top(k))

@@ -118,33 +118,78 @@ def dense_ranking(query_vecs: np.ndarray, item_vecs: np.ndarray, depth: int, chu
     return Ranked(rows.reshape(-1), scores.reshape(-1), np.full(n, depth, dtype=np.int64))
 
 
+class FusionCandidates:
+    """The union of several ranked lists' (query, item) pairs, built once, scored under any weights.
+
+    Why: choosing the fusion tries hundreds of (weights, rrf_k) points on the same lists; the union,
+    each pair's best generated rank and its slot per query do not depend on them, so only the scores
+    and the order are recomputed per point, and `top` orders only the pairs that can reach the top k."""
+
+    def __init__(self, lists: list[Ranked], n_items: int) -> None:
+        never = np.iinfo(np.int64).max // 2
+        q = np.concatenate([r.query for r in lists])
+        key = q.astype(np.int64) * n_items + np.concatenate([r.items for r in lists])
+        uniq, self.inv = np.unique(key, return_inverse=True)
+        first_rank = np.concatenate([lists[0].rank] + [np.full(len(r.items), never) for r in lists[1:]])
+        self.first = np.full(len(uniq), never, dtype=np.int64)
+        np.minimum.at(self.first, self.inv, first_rank)
+        self.uq, self.ui = uniq // n_items, uniq % n_items
+        self.ranks = [r.rank for r in lists]
+        self.n_queries = len(lists[0].per_query)
+        self.per_query = np.bincount(self.uq, minlength=self.n_queries)
+        self.slot = np.arange(len(uniq)) - (np.cumsum(self.per_query) - self.per_query)[self.uq]
+
+    def scores(self, weights: list[float] | tuple[float, ...], rrf_k: int) -> np.ndarray:
+        """Fused score of every pair: sum over lists of w / (rrf_k + 1-based rank)."""
+        contrib = np.concatenate([w / (rrf_k + 1.0 + rank) for rank, w in zip(self.ranks, weights)])
+        return np.bincount(self.inv, weights=contrib, minlength=len(self.uq))
+
+    def _ordered(self, score: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """Pairs `idx` by query, then score desc, then the generated rank, then item row."""
+        return idx[np.lexsort((self.ui[idx], self.first[idx], -score[idx], self.uq[idx]))]
+
+    def fused(self, weights: list[float] | tuple[float, ...], rrf_k: int) -> Ranked:
+        score = self.scores(weights, rrf_k)
+        order = self._ordered(score, np.arange(len(score)))
+        return Ranked(self.ui[order], score[order].astype(np.float32), self.per_query)
+
+    def top(self, weights: list[float] | tuple[float, ...], rrf_k: int, k: int) -> np.ndarray:
+        """(N, k) item rows, -1 padded: `fused(...).top(k)` without sorting the pairs below each query's k-th score."""
+        score = self.scores(weights, rrf_k)
+        width = int(self.per_query.max(initial=0))
+        out = np.full((self.n_queries, k), -1, dtype=np.int64)
+        if width == 0:
+            return out
+        table = np.full((self.n_queries, width), -np.inf)
+        table[self.uq, self.slot] = score
+        kth = -np.partition(-table, min(k, width) - 1, axis=1)[:, min(k, width) - 1]
+        order = self._ordered(score, np.flatnonzero(score >= kth[self.uq]))
+        q = self.uq[order]
+        counts = np.bincount(q, minlength=self.n_queries)
+        pos = np.arange(len(order)) - (np.cumsum(counts) - counts)[q]
+        keep = pos < k
+        out[q[keep], pos[keep]] = self.ui[order[keep]]
+        return out
+
+
 def fuse(lists: list[Ranked], weights: list[float] | tuple[float, ...], rrf_k: int, n_items: int) -> Ranked:
     """Weighted reciprocal-rank fusion of ranked lists per query; ties follow the first list's rank, then item row.
 
     The first list is the generated one: an item it misses gets no share of its weight."""
-    q = np.concatenate([r.query for r in lists])
-    items = np.concatenate([r.items for r in lists])
-    contrib = np.concatenate([w / (rrf_k + 1.0 + r.rank) for r, w in zip(lists, weights)])
-    never = np.iinfo(np.int64).max // 2
-    first_rank = np.concatenate([lists[0].rank] + [np.full(len(r.items), never) for r in lists[1:]])
-    key = q.astype(np.int64) * n_items + items
-    uniq, inv = np.unique(key, return_inverse=True)
-    score = np.bincount(inv, weights=contrib, minlength=len(uniq))
-    first = np.full(len(uniq), never, dtype=np.int64)
-    np.minimum.at(first, inv, first_rank)
-    uq, ui = uniq // n_items, uniq % n_items
-    order = np.lexsort((ui, first, -score, uq))
-    per_query = np.bincount(uq, minlength=len(lists[0].per_query))
-    return Ranked(ui[order], score[order].astype(np.float32), per_query)
+    return FusionCandidates(lists, n_items).fused(weights, rrf_k)
 
 
-def recall_at(ranked: Ranked, targets: np.ndarray, k: int) -> float:
-    """Mean over queries with targets of the share of targets in the top k (targets (N, T), -1 padded)."""
-    top = ranked.top(k)
+def recall_of_top(top: np.ndarray, targets: np.ndarray) -> float:
+    """Mean over queries with targets of the share of targets in `top` ((N, k) item rows; targets (N, T), -1 padded)."""
     valid = targets >= 0
     hit = (targets[:, :, None] == top[:, None, :]).any(2) & valid
     has = valid.any(1)
     return float((hit.sum(1)[has] / valid.sum(1)[has]).mean()) if has.any() else float("nan")
+
+
+def recall_at(ranked: Ranked, targets: np.ndarray, k: int) -> float:
+    """Mean over queries with targets of the share of targets in the top k (targets (N, T), -1 padded)."""
+    return recall_of_top(ranked.top(k), targets)
 
 
 def choose_fusion(generated: Ranked, dense: dict[str, Ranked], targets: np.ndarray, k: int,
@@ -160,11 +205,11 @@ def choose_fusion(generated: Ranked, dense: dict[str, Ranked], targets: np.ndarr
     grid = weight_grid(len(names) + 1) if weights is None else [tuple(weights)]
     ks = rrf_k if isinstance(rrf_k, list) else [rrf_k]
     alone = recall_at(generated, targets, k)
+    candidates = FusionCandidates([generated] + [dense[n] for n in names], n_items)
     tried = []
     for order, c in enumerate(ks):
         for w in grid:
-            score = alone if w[0] == 1.0 else recall_at(
-                fuse([generated] + [dense[n] for n in names], w, c, n_items), targets, k)
+            score = alone if w[0] == 1.0 else recall_of_top(candidates.top(w, c, k), targets)
             tried.append({"weights": dict(zip(["generated"] + names, w)), "rrf_k": c, f"recall@{k}": score,
                           "_order": order})
     best = max(tried, key=lambda t: (round(t[f"recall@{k}"], 12), t["weights"]["generated"], -t["_order"]))

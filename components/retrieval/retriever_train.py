@@ -166,7 +166,7 @@ def run_train_retriever(params: dict) -> dict:
     if not fit.is_global_zero:   # another rank of a `ddp` run: rank 0 writes the outputs
         return {}
     fusion, fusion_grid = tune_fusion(params, net.eval(), validation_queries(
-        inputs.queries, int(rp.get("val_max_queries", 0)), seed))
+        inputs.queries, int((rp.get("fusion") or {}).get("val_max_queries", 0)), seed))
     if fusion is not None:
         net.config["fusion"] = fusion
     seconds = time.perf_counter() - start

@@ -233,6 +233,7 @@ Fusion = section(
     rrf_k=rule("must be an integer >= 1 or a list of distinct ones (each tried on validation)", _rrf_ks),
     bm25_history=integer(1),
     beam=integer(1),
+    val_max_queries=integer(0, "0 = all"),
 )
 
 Trainer = section(
