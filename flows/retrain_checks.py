@@ -5,7 +5,9 @@ Query sets (seeded samples, sizes from params flows.retrain):
 - old items' indexing queries: the item as its own query (a one-item history, or its text for
   text datasets), target = the item; the same kind of pair the retriever is trained on;
 - new items' indexing queries (there are no queries that target them yet).
-Recall@K is item-level (components.evaluation.metrics) over ranked results of components.retrieval.retrieve.
+Recall@K is item-level (components.evaluation.metrics) over the retriever's generated ranking alone
+(components.retrieval.retrieve.generated_ranking, no fusion): the fusion's text lists (zero-shot, BM25) find an
+item from its own text whatever the retriever learned, so they would hide what fine-tuning changed.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from components.evaluation.metrics import per_query_metrics, target_pairs, target_ranks
-from components.retrieval.retrieve import retrieve
+from components.retrieval.retrieve import decode_queries, generated_ranking, group_order, ranked_frame
 
 
 def index_queries(items: pd.DataFrame, item_ids: list[str], history_kind: bool) -> pd.DataFrame:
@@ -48,10 +50,11 @@ def sample_rows(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 
 def recall_at(params: dict, queries: pd.DataFrame, items: pd.DataFrame, k: int, out_dir: Path,
               model=None) -> float:
-    """Mean item-level recall@k of the retriever in out_dir (or `model`) over `queries`."""
+    """Mean item-level recall@k of the generated ranking of the retriever in out_dir (or `model`) over `queries`."""
     if queries.empty:
         return float("nan")
-    ranked = retrieve(params, queries, model=model, beam=int(params["retriever"]["eval_beam"]), out_dir=out_dir)
+    dec = decode_queries(params, queries, model=model, beam=int(params["retriever"]["eval_beam"]), out_dir=out_dir)
+    ranked = ranked_frame(dec.query_ids, generated_ranking(dec, group_order(params)), dec.catalog)
     ranks = target_ranks(ranked, target_pairs(queries, items))
     return float(per_query_metrics(ranks, [k])[f"recall@{k}"].mean())
 
