@@ -10,13 +10,22 @@ each taking the lock again, as Prefect tasks in worker threads): it guards again
 processes, not against the process's own steps. Folders nested in an out_dir (compare's
 `compare/<variant>/seed<k>`, sweep points, `candidates --out outputs/ab`) are lock domains of
 their own, so a run inside another run's folder never waits for the outer lock.
+`sa2crq run` holds out_dir's lock across `dvc exp run` / `dvc repro` (lock_for_children): the
+stages DVC starts (`sa2crq stage`, other processes) re-enter it, since HELD_ENV names the folder
+and the holder's pid, which the lock file's stamp confirms while the lock is taken.
 
 The first holder of a folder owns it, so the temporary files a killed run left behind
 (components.runtime.atomic names) are removed then; nested domains and links are left alone. A run
 that created the folder and wrote nothing into it (bad input) removes it again.
+
+A folder the OS will not let the run create or lock (a file in the way, a read-only or full
+disk, no permission, a pseudo-filesystem such as /proc) is a PathError naming the path and the
+errno's meaning; only a lock another process holds is a BusyError.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -27,12 +36,13 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from components.runtime.atomic import is_temp_name
+from components.runtime.atomic import PathError, is_temp_name, refused_as_path_error
 from components.runtime.config import out_path
 from components.runtime.errors import BusyError, Sa2crqError
 
 LOCK_FILE = ".sa2crq.lock"
 WAIT_ENV = "SA2CRQ_LOCK_WAIT"   # seconds a run waits for a busy folder (default 0: refuse at once)
+HELD_ENV = "SA2CRQ_LOCK_HELD"   # "<pid> <folder>": that process holds the folder's lock for its child processes
 
 log = logging.getLogger(__name__)
 
@@ -92,29 +102,65 @@ def lock_folder(folder: str | os.PathLike, wait: float | None = None) -> Iterato
     folder = Path(folder)
     wait = lock_wait() if wait is None else float(wait)
     path = folder / LOCK_FILE
+    if _held_for_this_process(folder):   # a stage of `sa2crq run`: the run holds the lock for it
+        yield folder
+        return
     # one instance per path in this process (is_singleton), shared by its threads: re-entrant
     lock = FileLock(path, thread_local=False, is_singleton=True, on_acquired=_stamp)
     while True:
         created = not folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
+        with refused_as_path_error(folder, "create the output folder"):
+            folder.mkdir(parents=True, exist_ok=True)
         try:
+            if not _lock_file_ready(folder, path):
+                continue   # the holder wrote nothing and removed the folder it had made
             lock.acquire(timeout=wait, blocking=wait > 0)
             break
-        except FileNotFoundError:   # the holder wrote nothing and removed the folder it had made
+        except FileNotFoundError:   # the holder removed its empty folder between the two calls
             continue
         except Timeout:
             waited = f" after waiting {wait:g} s" if wait > 0 else ""
             raise BusyError(f"{folder}/: another sa2crq run holds the lock ({holder(path)}){waited}; "
                             f"wait for it, or pass --wait SECONDS (or set {WAIT_ENV})") from None
+        except (OSError, PathError) as exc:   # refused by the OS, or the lock not stamped (e.g. a full disk)
+            if lock.is_locked:
+                lock.release(force=True)
+            if created:
+                _remove_empty(folder)
+            if isinstance(exc, OSError) and exc.errno is not None:
+                raise PathError(path, exc, "take the lock") from exc
+            raise
     try:
         if lock.lock_counter == 1:
-            remove_stale_temps(folder)
+            with refused_as_path_error(folder, "clean the output folder"):
+                remove_stale_temps(folder)
         yield folder
     finally:
         if created and lock.lock_counter == 1 and os.listdir(folder) == [LOCK_FILE]:
             path.unlink()   # a run that wrote nothing (bad input) leaves no folder behind
             folder.rmdir()
         lock.release()
+
+
+def _remove_empty(folder: Path) -> None:
+    """Remove a folder this run created and could not lock: the lock file it made, then the folder."""
+    with contextlib.suppress(OSError):
+        if os.listdir(folder) in ([], [LOCK_FILE]):
+            (folder / LOCK_FILE).unlink(missing_ok=True)
+            folder.rmdir()
+
+
+def _lock_file_ready(folder: Path, path: Path) -> bool:
+    """Create (or open) the lock file for writing, as the lock will, so that the OS refusing it
+    (read-only, no permission, a folder that holds no files such as /proc/self) is a PathError,
+    where the lock would keep failing and report a busy folder. False: the folder vanished."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) and not folder.is_dir():
+            return False
+        raise PathError(path, exc, "create the lock file") from exc
+    return True
 
 
 RANK_ENV = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
@@ -139,3 +185,40 @@ def lock_out_dir(params: dict) -> Iterator[Path]:
         return
     with lock_folder(out_path(params)) as folder:
         yield folder
+
+
+@contextmanager
+def lock_for_children(params: dict) -> Iterator[Path]:
+    """lock_out_dir, held also for the processes this one starts meanwhile (HELD_ENV): `sa2crq run`
+    takes it before `dvc exp run` writes params.yaml, and the stages DVC runs re-enter it."""
+    with lock_out_dir(params) as folder:
+        before = os.environ.get(HELD_ENV)
+        os.environ[HELD_ENV] = f"{os.getpid()} {folder.resolve()}"
+        try:
+            yield folder
+        finally:
+            if before is None:
+                os.environ.pop(HELD_ENV, None)
+            else:
+                os.environ[HELD_ENV] = before
+
+
+def _held_for_this_process(folder: Path) -> bool:
+    """Whether an ancestor holds folder's lock for this process: HELD_ENV names another pid and this
+    folder, the lock is taken (a non-blocking flock fails) and its stamp names that pid."""
+    pid, _, held = os.environ.get(HELD_ENV, "").partition(" ")
+    if not held or pid == str(os.getpid()) or Path(held) != folder.resolve():
+        return False
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return holder(folder / LOCK_FILE).startswith(f"pid {pid},")
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
