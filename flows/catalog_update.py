@@ -20,6 +20,7 @@ import pandas as pd
 from components.data.contract import ITEM_COLUMNS, check_writable, read_items
 from components.runtime.atomic import atomic_dir
 from components.runtime.errors import DataError
+from components.runtime.safe_load import load_matrix
 from components.tokenizers.sid_table import (
     assert_stable,
     collision_layer_size,
@@ -99,7 +100,7 @@ def write_candidate(base: Path, cand: Path, new_items: pd.DataFrame, new_emb: np
         items.to_parquet(tmp / "items.parquet", index=False)
         shutil.copy2(base / "prepared" / "queries.parquet", tmp / "queries.parquet")
     with atomic_dir(cand / "embeddings") as tmp:
-        np.save(tmp / "items.npy", np.concatenate([np.load(base / "embeddings" / "items.npy"), new_emb]).astype(np.float32))
+        np.save(tmp / "items.npy", np.concatenate([load_matrix(base / "embeddings" / "items.npy"), new_emb]).astype(np.float32))
         if (base / "embeddings" / "queries.npy").exists():
             shutil.copy2(base / "embeddings" / "queries.npy", tmp / "queries.npy")
     _save_tokenizer(base / "tokenizer", cand / "tokenizer", tokenizer)

@@ -38,6 +38,7 @@ from components.runtime.atomic import write_json
 from components.runtime.config import out_path, params_hash
 from components.runtime.errors import ConfigError
 from components.runtime.locks import lock_folder
+from components.runtime.safe_load import load_matrix
 from components.tokenizers.sid_table import changed_sids, read_sid_table
 from components.tokenizers.sid_tokenizer import assign_new_items, load_tokenizer
 from flows.catalog_update import read_new_items, write_candidate
@@ -89,7 +90,7 @@ def candidate_task(params: dict, cfg: dict, base: Path, cand: Path, new_items: p
                    new_emb: np.ndarray, version: str) -> dict:
     """SIDs for the new items and the candidate's catalog, embeddings, tokenizer and SID table."""
     tok = load_tokenizer(params)
-    threshold = grow_threshold(cfg, tok, np.load(base / "embeddings" / "items.npy"))
+    threshold = grow_threshold(cfg, tok, load_matrix(base / "embeddings" / "items.npy"))
     codes, _, grown = assign_new_items(tok, new_emb, threshold)
     summary = write_candidate(base, cand, new_items, new_emb, codes, tok, version)
     return {**summary, "grow_threshold": threshold, "rows_added": grown["rows_added"]}

@@ -28,6 +28,7 @@ from components.runtime.atomic import write_json
 from components.runtime.config import out_path, params_hash, wandb_dir
 from components.runtime.errors import ConfigError, DataError
 from components.runtime.runtime_env import set_offline_defaults
+from components.runtime.safe_load import load_matrix
 
 BASELINES = ("bm25", "dense", "popular", "two_tower", "sasrec", "sasrec_text")
 # row names of baselines whose key is not their name (components/baselines/sasrec.py); the others keep their key
@@ -63,9 +64,9 @@ def load_eval_inputs(params: dict) -> EvalInputs:
     root = out_path(params)
     items = pd.read_parquet(root / "prepared" / "items.parquet")
     queries = pd.read_parquet(root / "prepared" / "queries.parquet")
-    item_emb = np.load(root / "embeddings" / "items.npy").astype(np.float32, copy=False)
+    item_emb = load_matrix(root / "embeddings" / "items.npy")
     q_path = root / "embeddings" / "queries.npy"
-    query_emb = np.load(q_path).astype(np.float32, copy=False) if q_path.exists() else None
+    query_emb = load_matrix(q_path) if q_path.exists() else None
     if len(item_emb) != len(items):
         raise DataError(root / "embeddings" / "items.npy",
                         f"{len(item_emb)} rows but prepared/items.parquet has {len(items)}")

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, Sampler
 from components.retrieval.query_encoders import HISTORY, TEXT
 from components.runtime.config import out_path
 from components.runtime.errors import DataError
+from components.runtime.safe_load import load_matrix
 from components.tokenizers.sid_vocab import PAD, SidCatalog, SidVocab, load_sid_table
 
 KIND_TEXT, KIND_HISTORY = 0, 1
@@ -52,10 +53,10 @@ def load_inputs(params: dict, out_dir: str | Path | None = None, with_queries: b
         if col not in items.columns:
             raise DataError(items_file, "required column missing", column=col)
     queries = pd.read_parquet(queries_file) if with_queries else pd.DataFrame()
-    item_emb = np.load(root / "embeddings" / "items.npy")
+    item_emb = load_matrix(root / "embeddings" / "items.npy")
     query_path = root / "embeddings" / "queries.npy"
-    query_emb = np.load(query_path) if query_path.exists() else np.zeros((0, item_emb.shape[1]), np.float32)
-    if item_emb.ndim != 2 or len(item_emb) != len(items):
+    query_emb = load_matrix(query_path) if query_path.exists() else np.zeros((0, item_emb.shape[1]), np.float32)
+    if len(item_emb) != len(items):
         raise DataError(root / "embeddings" / "items.npy",
                         f"shape {item_emb.shape} does not match the {len(items)} rows of items.parquet")
     table, meta = load_sid_table(root / "sids", items)

@@ -33,6 +33,7 @@ import torch
 from components.runtime.atomic import write_json
 from components.runtime.config import out_path, params_hash
 from components.runtime.errors import ConfigError, DataError
+from components.runtime.safe_load import load_matrix
 from components.runtime.train_loggers import finish, training_loggers
 from components.tokenizers.acrq import anchored_model, check_curriculum, check_extensions
 from components.tokenizers.quantizer import ResidualQuantizer
@@ -220,12 +221,12 @@ def load_catalog(params: dict) -> tuple[pd.DataFrame, np.ndarray]:
     bad = ~items["group"].isin(("head", "tail", "cold"))
     if bad.any():
         raise DataError(str(items_path), "group must be head, tail or cold", column="group", rows=np.flatnonzero(bad))
-    x = np.load(emb_path)
-    if x.ndim != 2 or len(x) != len(items):
+    x = load_matrix(emb_path)
+    if len(x) != len(items):
         raise DataError(str(emb_path), f"shape {x.shape} does not match {len(items)} items in {items_path}")
     if not np.isfinite(x).all():
         raise DataError(str(emb_path), "non-finite values", rows=np.flatnonzero(~np.isfinite(x).all(1)))
-    return items.reset_index(drop=True), x.astype(np.float32)
+    return items.reset_index(drop=True), x
 
 
 def _setup(cfg: TokenizerConfig) -> None:
