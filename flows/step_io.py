@@ -18,6 +18,7 @@ import sys
 from functools import cache
 from pathlib import Path
 
+from components.runtime.atomic import path_error
 from components.runtime.config import load_params, out_path
 from components.runtime.errors import ConfigError, Sa2crqError
 from components.runtime.resolved_params import RESOLVED_FILE
@@ -95,7 +96,8 @@ def dvc_repro(root: Path, step: str) -> list[str]:
     """`dvc repro <step>` in root; the stages DVC ran (none when all were up to date).
 
     A stage that stops on bad input exits 2 after printing its one line: that becomes a
-    Sa2crqError (never retried); any other failure is raised as DVC reports it."""
+    Sa2crqError (never retried), as does the OS refusing DVC a path of the stage (an out that
+    a file blocks, a read-only or full disk: PathError); any other failure is raised as DVC reports it."""
     from dvc.exceptions import ReproductionError
     from dvc.lock import LockError
     from dvc.repo import Repo
@@ -112,6 +114,8 @@ def dvc_repro(root: Path, step: str) -> list[str]:
         cause = exc.__cause__
         if cause is not None and str(cause).endswith(f"exited with {STAGE_FAILED}"):
             raise Sa2crqError(f"dvc repro {step}: {cause} (the stage's message is above)") from None
+        if isinstance(cause, OSError) and cause.errno is not None:
+            raise path_error(root / PIPELINE_OUT, cause, f"run dvc repro {step}") from exc
         raise
     return [stage.name for stage in ran]
 

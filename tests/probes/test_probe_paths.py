@@ -154,6 +154,37 @@ def test_a_missing_input_read_inside_a_write_is_not_a_path_error(tmp_path):
             (tmp_path / "missing.json").read_text()
 
 
+def test_dvc_refused_a_path_of_a_stage_is_one_line(tmp_path, monkeypatch):
+    """A flow on the pipeline's out_dir runs `dvc repro`; DVC meeting an OS error on an out (a file
+    in the way of outputs/prepared) was re-raised as DVC's ReproductionError, a traceback."""
+    import dvc.repo
+    from dvc.exceptions import ReproductionError
+
+    from flows.step_io import dvc_repro
+
+    blocked = tmp_path / "outputs" / "prepared"
+
+    class Repo:   # dvc.repo.Repo as `dvc repro` meets the blocked out
+        def __init__(self, root: str):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            return None
+
+        def reproduce(self, target: str, run_env: dict) -> list:
+            try:
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(blocked))
+            except OSError as exc:
+                raise ReproductionError(f"failed to reproduce '{target}'") from exc
+
+    monkeypatch.setattr(dvc.repo, "Repo", Repo)
+    with pytest.raises(PathError, match=rf"^{blocked}: cannot run dvc repro prepare: Not a directory"):
+        dvc_repro(tmp_path, "prepare")
+
+
 # ---- finding 14: damaged .npy files ----------------------------------------------------------
 
 class _Evil:
