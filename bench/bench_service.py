@@ -139,7 +139,7 @@ def bench_config(params: dict, name: str, args: argparse.Namespace, bodies: Path
 
     params = copy.deepcopy(params)
     params["serve"].update({"reload_every_s": args.reload_every_s, "request_log": str(work / f"{name}.jsonl"),
-                            **CONFIGS[name]})
+                            "request_log_outside_out_dir": True, **CONFIGS[name]})   # the log goes to a temp folder
     out_dir = Path(params["out_dir"])
     requests = json.loads(bodies.read_text())
     points = [(users, False) for users in args.users] + ([(args.promote_users, True)] if promote_to else [])

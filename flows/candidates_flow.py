@@ -1,7 +1,10 @@
 """Flow: per-query top-K candidates from two model versions A and B, for an A/B test.
 
-`sa2crq candidates --a DIR --b DIR --queries FILE [--k 100] [--out outputs/ab]` calls
-`candidates_flow(params=..., opt_a=..., opt_b=..., opt_queries=..., opt_k=..., opt_out=...)`.
+`sa2crq candidates --a DIR --b DIR --queries FILE [--k 100] [--out outputs/ab] [--[no-]exclude-history]`
+calls `candidates_flow(params=..., opt_a=..., opt_b=..., opt_queries=..., opt_k=..., opt_out=...,
+opt_exclude_history=...)`. With exclude_history (default serve.exclude_history, as the service
+answers), a history query's own items are left out of its candidates, still k of them
+(components/serving/history.py).
 A version is an out_dir (prepared/, embeddings/, sids/, retriever/), for instance `outputs`
 or `outputs/versions/<v>`; a folder that holds only some of them (a SID-table-only version)
 takes the rest from params' out_dir. Writes, atomically:
@@ -30,6 +33,7 @@ from components.runtime.atomic import write_json, write_parquet
 from components.runtime.config import out_path
 from components.runtime.errors import DataError
 from components.runtime.locks import lock_folder
+from components.serving.history import exclude_history
 from flows.flow_params import apply_overrides, flow_run_name
 from flows.tracking import log_metrics, wandb_run
 
@@ -82,13 +86,17 @@ def _known_history(queries: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
 
 
 @task(name="candidates", cache_policy=NO_CACHE)
-def variant_task(params: dict, name: str, version: str, queries: pd.DataFrame, k: int) -> tuple[pd.DataFrame, dict]:
-    """Top-k items per query for one version, and its group shares and coverage."""
+def variant_task(params: dict, name: str, version: str, queries: pd.DataFrame, k: int, exclude: bool = False
+                 ) -> tuple[pd.DataFrame, dict]:
+    """Top-k items per query for one version (without each query's history items when `exclude`),
+    and its group shares and coverage."""
     with tempfile.TemporaryDirectory(prefix=f"view-{name}-") as tmp:
         view = version_view(Path(version), out_path(params), Path(tmp) / "v")
         items = pd.read_parquet(view / "prepared" / "items.parquet")
         q = _known_history(queries, items)
         ranked = retrieve(params, q, beam=k, out_dir=view) if len(q) else pd.DataFrame(columns=CANDIDATE_COLUMNS)
+        if exclude and len(q):
+            ranked = exclude_history(ranked, q, k, k, lambda sub, width: retrieve(params, sub, beam=width, out_dir=view))
         meta = json.loads((view / "sids" / "meta.json").read_text())
     ranked = ranked[ranked["rank"] < k].copy()
     ranked.insert(1, "variant", name)
@@ -115,22 +123,24 @@ def jaccard_per_query(cands: pd.DataFrame, query_ids: list[str]) -> pd.Series:
 
 @flow(name="candidates", flow_run_name=flow_run_name)
 def candidates_flow(params: dict, opt_a: str, opt_b: str, opt_queries: str, opt_k: int = 100,
-                    opt_out: str = "outputs/ab", overrides: list[str] | None = None) -> dict:
+                    opt_out: str = "outputs/ab", overrides: list[str] | None = None,
+                    opt_exclude_history: bool | None = None) -> dict:
     """Write candidates.parquet and stats.json for versions A and B; returns the stats."""
     params = apply_overrides(params, overrides)
+    exclude = bool(params["serve"]["exclude_history"] if opt_exclude_history is None else opt_exclude_history)
     k = int(opt_k)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     queries = read_queries(opt_queries)
     parts, variants = [], {}
     for name, version in (("A", opt_a), ("B", opt_b)):
-        ranked, variants[name] = variant_task(params, name, str(version), queries, k)
+        ranked, variants[name] = variant_task(params, name, str(version), queries, k, exclude)
         parts.append(ranked)
     cands = pd.concat(parts, ignore_index=True)
     cands = cands.astype({"query_id": str, "variant": str, "rank": "int64", "item_id": str, "score": "float64",
                           "sid": str})
     jac = jaccard_per_query(cands, queries["query_id"].tolist())
-    stats = {"k": k, "n_queries": int(len(queries)), "queries_file": str(opt_queries),
+    stats = {"k": k, "exclude_history": exclude, "n_queries": int(len(queries)), "queries_file": str(opt_queries),
              f"jaccard@{k}": float(jac.mean()), f"jaccard@{k}_median": float(jac.median()),
              "identical_query_share": float((jac == 1.0).mean()), "variants": variants}
     out = Path(opt_out)

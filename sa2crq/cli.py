@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queries", dest="opt_queries", required=True, metavar="FILE", help="queries (data contract format)")
     s.add_argument("--k", dest="opt_k", type=_positive_int, default=100, help="candidates per query (default 100)")
     s.add_argument("--out", dest="opt_out", default="outputs/ab", help="output folder (default outputs/ab)")
+    s.add_argument("--exclude-history", dest="opt_exclude_history", action=argparse.BooleanOptionalAction,
+                   help="leave each history query's own items out of its candidates (default serve.exclude_history)")
     s.set_defaults(func=cmd_flow(_candidates))
 
     s = sub.add_parser("sweep", parents=[common], help="run a grid of params points in parallel and gather one table")

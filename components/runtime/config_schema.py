@@ -407,7 +407,10 @@ Serve = section(
     max_text_chars=integer(1),
     max_body_bytes=integer(1),
     reload_every_s=number(0, note="0 = only POST /admin/reload"),
+    exclude_history=FLAG,
+    item_text_chars=integer(1),
     request_log=text(),
+    request_log_outside_out_dir=FLAG,
     ab=ServeAB,
 )
 

@@ -2,13 +2,18 @@
 
 The body of /retrieve is read and parsed here rather than by FastAPI's automatic validation, so
 that every refusal has one shape, {"detail": message, "field": name}, and an oversized body is
-refused while it streams in.
+refused while it streams in. What the JSON parser itself would choke on is refused first, as a
+4xx: nesting deeper than MAX_DEPTH (json recurses per level: 20k nested arrays fit in 64 KB and
+raise RecursionError), integers longer than MAX_INT_DIGITS (Python refuses to convert more than
+4300 digits), NaN / Infinity (not JSON); lone surrogates are refused per field (schema.py).
 """
 from __future__ import annotations
 
 import json
+import re
 from contextlib import asynccontextmanager
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -16,6 +21,11 @@ from pydantic import ValidationError
 from components.serving.schema import RequestError, RetrieveRequest, check_request
 from components.serving.service import Service
 from components.serving.versions import VersionChanged
+
+MAX_DEPTH = 8            # a request is an object of lists of strings (depth 2)
+MAX_INT_DIGITS = 20      # k and beam are small; a longer number is refused before it is converted
+_ESCAPE = re.compile(r"\\.", re.DOTALL)          # \" and \\ inside strings: neither ends a string
+_NOT_STRUCTURE = re.compile(r'[^"\[\]{}]')
 
 
 def refusal(err: RequestError) -> JSONResponse:
@@ -34,6 +44,44 @@ def validation_error(exc: ValidationError) -> RequestError:
     return RequestError(field, first["msg"])
 
 
+def nesting_depth(text: str) -> int:
+    """How deep arrays and objects nest in JSON text (brackets inside strings do not count). Linear
+    time, no recursion and no backtracking, so it runs before the parser on any body that fits
+    max_body_bytes: escapes go first, then quotes toggle in / out of a string."""
+    marks = np.frombuffer(_NOT_STRUCTURE.sub("", _ESCAPE.sub("", text)).encode("ascii"), np.uint8)
+    quote = marks == ord('"')
+    outside = (np.cumsum(quote) % 2 == 0) & ~quote
+    step = np.where((marks == ord("[")) | (marks == ord("{")), 1, np.where(quote, 0, -1)) * outside
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise RequestError("body", f"a number with {len(digits.lstrip('-'))} digits (at most {MAX_INT_DIGITS})")
+    return int(digits)
+
+
+def _constant(name: str) -> float:
+    raise RequestError("body", f"malformed JSON ({name} is not a JSON value)", 400)
+
+
+def parse_json(body: bytes) -> object:
+    """The body's JSON value; RequestError (4xx) for anything the parser would fail on or choke on."""
+    try:
+        text = body.decode(json.detect_encoding(body))   # json.loads' own choice of UTF-8 / 16 / 32
+    except UnicodeDecodeError as exc:
+        raise RequestError("body", f"malformed JSON ({exc})", 400) from None
+    depth = nesting_depth(text)
+    if depth > MAX_DEPTH:
+        raise RequestError("body", f"JSON nested {depth} levels deep (at most {MAX_DEPTH})", 400)
+    try:
+        return json.loads(text, parse_int=_int, parse_constant=_constant)
+    except json.JSONDecodeError as exc:
+        raise RequestError("body", f"malformed JSON ({exc})", 400) from None
+    except RecursionError:   # not reached while MAX_DEPTH holds; never a 500 if it is raised
+        raise RequestError("body", "JSON nested too deeply", 400) from None
+
+
 async def read_body(request: Request, limit: int) -> RetrieveRequest:
     """The request body as a RetrieveRequest; too large, malformed JSON or wrong fields raise RequestError."""
     body = bytearray()
@@ -42,11 +90,7 @@ async def read_body(request: Request, limit: int) -> RetrieveRequest:
         if len(body) > limit:
             raise RequestError("body", f"larger than {limit} bytes", 413)
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError("body", f"malformed JSON ({exc})", 400) from None
-    try:
-        return RetrieveRequest.model_validate(data)
+        return RetrieveRequest.model_validate(parse_json(bytes(body)))
     except ValidationError as exc:
         raise validation_error(exc) from None
 

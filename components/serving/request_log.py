@@ -1,9 +1,9 @@
 """JSONL log of answered requests, and its reading as A/B candidates.
 
 One line per request: ts, query_id (the request id), user_id, variant (A | B), version, k, beam,
-items [{rank, item_id, sid, score}]. `read_request_log` turns it into the frame
-`flows/candidates_flow.py` writes to candidates.parquet (query_id, variant, rank, item_id,
-score, sid), plus version, so live traffic is analysed like offline candidates.
+exclude_history, items [{rank, item_id, sid, score}, plus "text" when the request asked for it].
+`read_request_log` turns it into the frame `flows/candidates_flow.py` writes to candidates.parquet
+(query_id, variant, rank, item_id, score, sid), plus version, so live traffic is analysed like offline candidates.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ class RequestLog:
             return
         ts = time.time()
         lines = "".join(json.dumps({"ts": ts, "query_id": a.request_id, "user_id": a.user_id, "variant": a.variant,
-                                    "version": a.version, "k": a.k, "beam": a.beam, "items": a.items}) + "\n"
+                                    "version": a.version, "k": a.k, "beam": a.beam,
+                                    "exclude_history": a.exclude_history, "items": a.items}) + "\n"
                         for a in answers)
         with self._lock, self.path.open("a", encoding="utf-8") as fh:
             fh.write(lines)

@@ -3,11 +3,28 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
+from pydantic_core import PydanticCustomError
 
 from components.serving.settings import ServeSettings
 from components.serving.traffic import variant_for
+
+ITEM_EXTRA_FIELDS = ("text",)      # what "fields" may ask to add to each answered item
+
+
+def _unicode(value: str) -> str:
+    """JSON's \\ud800 escape gives a lone surrogate, which no UTF-8 answer, log line or encoder can hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError("unicode", "must be valid Unicode text (a lone surrogate such as \\ud800 at "
+                                             "character {position})", {"position": exc.start}) from None
+    return value
+
+
+Text = Annotated[StrictStr, AfterValidator(_unicode)]
 
 
 class RetrieveRequest(BaseModel):
@@ -15,12 +32,14 @@ class RetrieveRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    text: StrictStr | None = None
-    history: list[StrictStr] | None = None
+    text: Text | None = None
+    history: list[Text] | None = None
     k: StrictInt | None = None
     beam: StrictInt | None = None
-    user_id: StrictStr | None = None       # A/B assignment key (stable per user); request_id when absent
-    request_id: StrictStr | None = None    # echoed, logged as query_id; generated when absent
+    user_id: Text | None = None            # A/B assignment key (stable per user); request_id when absent
+    request_id: Text | None = None         # echoed, logged as query_id; generated when absent
+    exclude_history: StrictBool | None = None   # drop the history's own items (serve.exclude_history when absent)
+    fields: list[Literal[ITEM_EXTRA_FIELDS]] | None = None   # extra per-item fields: "text"
 
 
 class RequestError(ValueError):
@@ -42,12 +61,14 @@ class Job:
     history: tuple[str, ...]
     k: int
     beam: int
+    exclude_history: bool = False
+    fields: tuple[str, ...] = ()        # ITEM_EXTRA_FIELDS asked for, in the request's order
 
 
 def _bounded(value: int | None, default: int, high: int, field: str) -> int:
     if value is None:
         return default
-    if not 1 <= value <= high:
+    if not 1 <= value <= high:   # value has at most MAX_INT_DIGITS digits (app.read_body): short enough to show
         raise RequestError(field, f"must be between 1 and {high}, got {value}")
     return value
 
@@ -74,4 +95,6 @@ def check_request(req: RetrieveRequest, settings: ServeSettings) -> Job:
     beam = _bounded(req.beam, settings.beam_default, settings.beam_max, "beam")
     request_id = req.request_id or uuid.uuid4().hex
     variant = variant_for(req.user_id or request_id, settings.ab_share) if settings.ab_out_dir else "A"
-    return Job(request_id, req.user_id, variant, text, history, k, beam)
+    exclude = settings.exclude_history if req.exclude_history is None else req.exclude_history
+    fields = tuple(dict.fromkeys(req.fields or ()))
+    return Job(request_id, req.user_id, variant, text, history, k, beam, exclude, fields)

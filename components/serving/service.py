@@ -27,7 +27,7 @@ class Service:
         if settings.ab_out_dir is not None:
             self.slots["B"] = ModelSlot(params, settings.ab_out_dir)
         request_log = RequestLog(settings.request_log) if settings.request_log else None
-        self.engine = Engine(params, self.slots, request_log)
+        self.engine = Engine(params, self.slots, request_log, settings.item_text_chars)
         self.batcher: DynamicBatcher[Job, Answer] = DynamicBatcher(self.engine.run, settings.max_batch,
                                                                     settings.max_wait_ms)
         self._watcher: asyncio.Task | None = None

@@ -8,7 +8,8 @@ from components.runtime.config import out_path
 from components.runtime.errors import ConfigError
 
 KEYS = ("host", "port", "max_batch", "max_wait_ms", "k_default", "k_max", "beam_default", "beam_max",
-        "max_history_items", "max_text_chars", "max_body_bytes", "reload_every_s", "request_log", "ab")
+        "max_history_items", "max_text_chars", "max_body_bytes", "reload_every_s", "exclude_history",
+        "item_text_chars", "request_log", "request_log_outside_out_dir", "ab")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class ServeSettings:
     max_text_chars: int
     max_body_bytes: int
     reload_every_s: float
+    exclude_history: bool        # a request that does not say: drop its own history items from the answer
+    item_text_chars: int         # "fields": ["text"] adds each item's text, cut to this many characters
     request_log: Path | None     # None = no log
     out_dir: Path                # version A: the live version of params' out_dir
     ab_out_dir: Path | None      # version B: the live version of this out_dir (None = no split)
@@ -39,6 +42,25 @@ def _bounded(cfg: dict, key: str, low: float, high: float | None = None, integer
         bound = f"between {low} and {high}" if high is not None else f">= {low}"
         raise ConfigError(f"serve.{key}", f"must be {'an integer' if integer else 'a number'} {bound}, got {value!r}")
     return value
+
+
+def _flag(cfg: dict, key: str) -> bool:
+    if not isinstance(cfg[key], bool):
+        raise ConfigError(f"serve.{key}", f"must be true or false, got {cfg[key]!r}")
+    return cfg[key]
+
+
+def request_log_path(params: dict, log: str, outside_ok: bool) -> Path:
+    """serve.request_log under out_dir (a relative path is taken from there); a path that resolves
+    outside it (absolute, `..`, a link) only with serve.request_log_outside_out_dir, so a params
+    value cannot make the service append to files elsewhere on the machine."""
+    out = out_path(params)
+    path = out / log
+    if not outside_ok and not path.resolve().is_relative_to(out.resolve()):
+        raise ConfigError("serve.request_log", f"{log} resolves to {path.resolve()}, outside out_dir "
+                                               f"{out.resolve()}; give a path under out_dir, or set "
+                                               "serve.request_log_outside_out_dir: true to allow it")
+    return path
 
 
 def serve_settings(params: dict, host: str | None = None, port: int | None = None) -> ServeSettings:
@@ -67,5 +89,7 @@ def serve_settings(params: dict, host: str | None = None, port: int | None = Non
         max_history_items=_bounded(cfg, "max_history_items", 1), max_text_chars=_bounded(cfg, "max_text_chars", 1),
         max_body_bytes=_bounded(cfg, "max_body_bytes", 1024),
         reload_every_s=float(_bounded(cfg, "reload_every_s", 0, integer=False)),
-        request_log=out_path(params, log) if log else None, out_dir=out_path(params),
+        exclude_history=_flag(cfg, "exclude_history"), item_text_chars=_bounded(cfg, "item_text_chars", 1),
+        request_log=request_log_path(params, log, _flag(cfg, "request_log_outside_out_dir")) if log else None,
+        out_dir=out_path(params),
         ab_out_dir=Path(ab_dir) if ab_dir and share > 0 else None, ab_share=share)
