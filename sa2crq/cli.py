@@ -63,27 +63,40 @@ def cmd_steps(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run the DVC pipeline; --dataset / --profile / -s are passed as dvc exp params (checked first)."""
+    """Run the DVC pipeline; --dataset / --profile / -s are passed as dvc exp params (checked first).
+
+    The out_dir lock is taken before DVC writes params.yaml and held across the run (its stages
+    re-enter it, locks.lock_for_children): a second `sa2crq run` is refused and changes nothing."""
     sets = list(args.set)
     if args.dataset:
         sets.append(f"dataset={args.dataset}")
     if args.profile:
         sets.append(f"profile={args.profile}")
-    from components.runtime.config import load_params
+    from pathlib import Path
+
+    from components.runtime.config import DEFAULT_PARAMS, dvc_set_params, load_params
+    from components.runtime.errors import Sa2crqError
+    from components.runtime.locks import lock_for_children
     from flows.step_io import require_dvc_out_dir
 
-    require_dvc_out_dir(load_params(args.params, sets))  # a bad value stops here, not inside the first DVC stage
-    if sets:
-        cmd = ["dvc", "exp", "run"] + [x for s in sets for x in ("-S", s)]
+    if Path(args.params).resolve() != DEFAULT_PARAMS.resolve():
+        raise Sa2crqError(f"{args.params}: `sa2crq run` runs dvc.yaml, whose stages read {DEFAULT_PARAMS} "
+                          f"of this folder; copy the file there, or use `sa2crq stage <name> --params {args.params}`")
+    params = load_params(args.params, sets)   # a bad value stops here, not inside the first DVC stage
+    require_dvc_out_dir(params)
+    dvc_sets = dvc_set_params(args.params, sets)   # -s beats the active profile in the stages too
+    if dvc_sets:
+        cmd = ["dvc", "exp", "run"] + [x for s in dvc_sets for x in ("-S", s)]
     else:
         cmd = ["dvc", "repro"]
-    print("+", " ".join(cmd), flush=True)
-    rc = subprocess.call(cmd)
+    with lock_for_children(params):
+        print("+", " ".join(cmd), flush=True)
+        rc = subprocess.call(cmd)
     if rc == 0:
         print("\nreport: outputs/report/report.md (and report.html); metrics: `dvc metrics show`")
-    if sets:
+    if dvc_sets:
         # `dvc exp run -S` writes the overrides into params.yaml; a later plain run would reuse them.
-        print("note: params.yaml now holds " + ", ".join(sets)
+        print("note: params.yaml now holds " + ", ".join(dvc_sets)
               + " (dvc exp run applies them); `git checkout params.yaml` returns to the defaults", flush=True)
     return rc
 

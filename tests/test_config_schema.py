@@ -209,11 +209,14 @@ def test_yaml_numbers_follow_omegaconf(base):
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(min_value=-10**6, max_value=10**6))
-def test_beam_takes_exactly_the_integers_from_1(base, beam):
-    if beam >= 1:
+def test_beam_takes_exactly_the_integers_from_1_to_10000(base, beam):
+    if 1 <= beam <= 10000:
         assert resolve_params(base, [f"retriever.beam={beam}"])["retriever"]["beam"] == beam
-    else:
+    elif beam < 1:
         with pytest.raises(ConfigError, match=rf"'retriever.beam': must be an integer >= 1, got {beam}$"):
+            resolve_params(base, [f"retriever.beam={beam}"])
+    else:   # issue 25 finding 12: a beam no machine can hold stops here
+        with pytest.raises(ConfigError, match=rf"'retriever.beam': must be at most 10000 .*, got {beam}$"):
             resolve_params(base, [f"retriever.beam={beam}"])
 
 

@@ -5,7 +5,14 @@ message says what the key takes, so a bad value stops up front with one line suc
 `params.yaml 'retriever.beam': must be an integer >= 1, got 'ten'` instead of failing (or
 being used silently) deep inside a step. Adding a key = one keyword in its `section` here
 plus its line in params.yaml. Rules check one value each; checks across keys (headline_k in
-ks, sizes per layer) stay with the code that reads them.
+ks, sizes per layer) stay with the code that reads them, except attention heads, which must
+divide the width (check_across: a model that cannot be built fails here, not after the data steps).
+
+Bounds: floats are finite (`.inf`, `nan` and overflowing values such as `1e308` for a learning
+rate make a run diverge or crash). Sizes that allocate memory have a generous upper bound, far
+above anything useful on one machine, so an absurd value fails here with a line saying why,
+not as an allocation error deep in a step (the bounds below, each with its reason). Seeds fit
+numpy's and torch's 32-bit seeds.
 """
 import difflib
 import math
@@ -21,11 +28,14 @@ from components.runtime.steps import STEPS
 # ---- rules: one value each; the message is what the key accepts --------------------------
 
 
-def rule(message: str, ok: Callable[[Any], bool]) -> Any:
-    """A field type that keeps the value as it is when ok(value), else fails with message."""
+def rule(message: str, ok: Callable[[Any], bool], limit: tuple[Callable[[Any], bool], str] | None = None) -> Any:
+    """A field type that keeps the value as it is when ok(value), else fails with message; limit =
+    (within, message): a value ok accepts but not within fails with that message (a bound, with why)."""
     def check(value: Any) -> Any:
         if not ok(value):
             raise PydanticCustomError("sa2crq", message)  # no context: the message is used as written
+        if limit is not None and not limit[0](value):
+            raise PydanticCustomError("sa2crq", limit[1])
         return value
 
     return Annotated[Any, PlainValidator(check)]
@@ -39,21 +49,32 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
 
+def _is_finite(v: Any) -> bool:
+    return _is_number(v) and math.isfinite(v)
+
+
 def _note(note: str) -> str:
     return f" ({note})" if note else ""
 
 
-def integer(ge: int, note: str = "") -> Any:
-    return rule(f"must be an integer >= {ge}{_note(note)}", lambda v: _is_int(v) and v >= ge)
+def _at_most(le: int | float | None, why: str) -> tuple[Callable[[Any], bool], str] | None:
+    """A rule's upper bound (see the module's Bounds), or None for no bound."""
+    return None if le is None else (lambda v: v <= le, f"must be at most {le if isinstance(le, int) else f'{le:g}'} ({why})")
+
+
+def integer(ge: int, note: str = "", le: int | None = None, why: str = "") -> Any:
+    """An integer >= ge; with le, also <= le (why: what a larger value would do)."""
+    return rule(f"must be an integer >= {ge}{_note(note)}", lambda v: _is_int(v) and v >= ge, _at_most(le, why))
 
 
 def number(lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False,
            note: str = "") -> Any:
-    """A real number in a range; open ends exclude the bound (tau > 0, dropout in [0, 1))."""
+    """A finite real number in a range; open ends exclude the bound (tau > 0, dropout in [0, 1))."""
     def ok(v: Any) -> bool:
         return _is_number(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
 
-    return rule(f"must be a number {_range_text(lo, hi, lo_open, hi_open)}{_note(note)}", ok)
+    return rule(f"must be a number {_range_text(lo, hi, lo_open, hi_open)}{_note(note)}", ok,
+                (math.isfinite, f"must be a finite number{_note(note)}"))
 
 
 def _range_text(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:
@@ -62,9 +83,12 @@ def _range_text(lo: float, hi: float, lo_open: bool, hi_open: bool) -> str:
     return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
 
 
-def int_list(ge: int, empty_ok: bool = False) -> Any:
+def int_list(ge: int, empty_ok: bool = False, le: int | None = None, why: str = "") -> Any:
+    """A list of integers >= ge; with le, each also <= le."""
+    bound = _at_most(le, why)
     return rule(f"must be a {'' if empty_ok else 'non-empty '}list of integers >= {ge}",
-                lambda v: isinstance(v, list) and (empty_ok or bool(v)) and all(_is_int(x) and x >= ge for x in v))
+                lambda v: isinstance(v, list) and (empty_ok or bool(v)) and all(_is_int(x) and x >= ge for x in v),
+                bound and (lambda v: all(bound[0](x) for x in v), f"each {bound[1]}"))
 
 
 def choice(*options: Any) -> Any:
@@ -89,11 +113,31 @@ FLAG = rule("must be true or false", lambda v: isinstance(v, bool))
 POSITIVE = number(0, lo_open=True)
 SHARE = number(0, 1)
 PATIENCE = integer(0, "0 = no early stopping")
-THREADS = integer(1)
+
+# Bounds (module docstring): generous limits on what one machine can hold, each with its reason.
+SEED_MAX = 2**32 - 1   # numpy.random.default_rng / torch.manual_seed take 32-bit seeds in practice
+THREADS = integer(1, le=1024, why="threads of one process")
+SEED = integer(0, le=SEED_MAX, why="numpy and torch seeds are 32-bit")
+SEEDS = int_list(0, le=SEED_MAX, why="numpy and torch seeds are 32-bit")
+WIDTH = integer(1, le=8192, why="model width: embedding and attention matrices grow with its square")
+LAYERS = integer(1, le=256, why="transformer layers; each holds its own weights")
+FF_DIM = integer(1, le=65536, why="feed-forward width of each layer")
+BATCH = integer(1, le=65536, why="examples held in memory at once, with their activations")
+BEAM = integer(1, le=10000, why="beam search keeps this many prefixes per query and scores each against the "
+                                "whole code vocabulary")
+TOP_K = integer(1, le=100000, why="items ranked and held per query")
+TOP_KS = int_list(1, le=100000, why="items ranked and held per query")
+CODES = int_list(1, le=65536, why="codes per layer; each is an embedding row and a k-means centroid")
+EXTENSION_CODES = int_list(0, empty_ok=True, le=65536, why="codes per layer; each is an embedding row")
+HIDDEN = int_list(1, empty_ok=True, le=65536, why="width of a hidden layer")
+HISTORY = integer(1, le=10000, why="history items per query; each is held as input tokens")
+LR = number(0, 1, lo_open=True, note="a step size above 1 makes training diverge")
+LOSS_WEIGHT = number(0, 1e6, note="a loss weight; a larger one overflows float32 losses")
+SECONDS = number(0, 86400, note="a day at most; time.sleep overflows on absurd values")
 
 
 def _tau(v: Any) -> bool:
-    return v is None or v == "auto" or (_is_number(v) and v > 0)
+    return v is None or v == "auto" or v == math.inf or (_is_number(v) and math.isfinite(v) and v > 0)
 
 
 def _fusion_sources(v: Any) -> bool:
@@ -103,7 +147,8 @@ def _fusion_sources(v: Any) -> bool:
 
 
 def _fusion_weights(v: Any) -> bool:
-    return v == "auto" or (isinstance(v, list) and bool(v) and all(_is_number(w) and w >= 0 for w in v) and sum(v) > 0)
+    return v == "auto" or (isinstance(v, list) and bool(v) and all(_is_finite(w) and w >= 0 for w in v)
+                           and 0 < sum(v) < math.inf)
 
 
 def _rrf_ks(v: Any) -> bool:
@@ -113,7 +158,7 @@ def _rrf_ks(v: Any) -> bool:
 
 def _dropouts(v: Any) -> bool:
     values = v if isinstance(v, list) else [v]
-    return bool(values) and all(_is_number(d) and 0 <= d < 1 for d in values)
+    return bool(values) and all(_is_finite(d) and 0 <= d < 1 for d in values)
 
 
 def _devices(v: Any) -> bool:
@@ -168,17 +213,17 @@ Generic = section(
 Data = section(
     "Data",
     root=text(empty_ok=False),
-    max_history=integer(1),
+    max_history=HISTORY,
     head_share=number(0, 1, lo_open=True),
     max_users=integer(0, "0 = all"),
-    split_seed=integer(0),
+    split_seed=SEED,
     climate_fever=ClimateFever,
     generic=Generic,
 )
 
 Embed = section(
     "Embed",
-    batch_size=integer(1),
+    batch_size=BATCH,
     max_chars=integer(1),
     normalize=FLAG,
     num_threads=THREADS,
@@ -192,7 +237,7 @@ Sarq = section(
     target_items_per_sid=number(1),  # tau: auto aims at this many items per SID
     min_len=integer(1),
     max_len=integer(1),
-    smoothing=POSITIVE,
+    smoothing=number(0, 1e6, lo_open=True, note="additive counts per child"),
     popularity_weighted=FLAG,
     unique_head=FLAG,
     warmup_epochs=integer(0),
@@ -202,13 +247,13 @@ Sarq = section(
 Tokenizer = section(
     "Tokenizer",
     method=choice(*METHODS),
-    codebook_sizes=int_list(1),
-    extension_sizes=int_list(0, empty_ok=True),
-    latent_dim=integer(1),
-    hidden_dims=int_list(1, empty_ok=True),
-    beta=number(0),
-    lr=POSITIVE,
-    batch_size=integer(1),
+    codebook_sizes=CODES,
+    extension_sizes=EXTENSION_CODES,
+    latent_dim=WIDTH,
+    hidden_dims=HIDDEN,
+    beta=LOSS_WEIGHT,
+    lr=LR,
+    batch_size=BATCH,
     epochs_head=integer(1),
     epochs_tail=integer(1),
     stage2_items=choice("tail_and_cold", "tail"),
@@ -227,12 +272,12 @@ Tokenizer = section(
 Fusion = section(
     "Fusion",
     sources=rule(f"must be auto, none or a list of distinct {' | '.join(SOURCES)}", _fusion_sources),
-    weights=rule("must be auto or a list of numbers >= 0 (generated list first) with a positive sum",
+    weights=rule("must be auto or a list of numbers >= 0 (generated list first) with a positive, finite sum",
                  _fusion_weights),
-    depth=integer(1),
+    depth=TOP_K,
     rrf_k=rule("must be an integer >= 1 or a list of distinct ones (each tried on validation)", _rrf_ks),
     bm25_history=integer(1),
-    beam=integer(1),
+    beam=BEAM,
     val_max_queries=integer(0, "0 = all"),
 )
 
@@ -249,33 +294,33 @@ Retriever = section(
     "Retriever",
     backbone=choice(*BACKBONES),
     pretrained_path=text(),
-    d_model=integer(1),
-    n_heads=integer(1),
-    n_layers=integer(1),
-    decoder_layers=integer(1),
-    ff_dim=integer(1),
+    d_model=WIDTH,
+    n_heads=integer(1, "must divide d_model"),
+    n_layers=LAYERS,
+    decoder_layers=LAYERS,
+    ff_dim=FF_DIM,
     dropout=number(0, 1, hi_open=True),
-    n_memory=integer(1),
+    n_memory=integer(1, le=1024, why="memory vectors per text query, each an input token"),
     history_sid_tokens=FLAG,
     item_id_embeddings=FLAG,
     finetune_text_encoder=FLAG,
     item_head=FLAG,
-    item_head_weight=number(0),
+    item_head_weight=LOSS_WEIGHT,
     item_head_encoder=choice("shared", "own"),
     cold_item_rows=choice("text", "learned"),
     fusion=Fusion,
     indexing_pairs=FLAG,
-    lr=POSITIVE,
-    weight_decay=number(0),
+    lr=LR,
+    weight_decay=number(0, 10, note="each step shrinks weights by lr x weight_decay"),
     warmup_steps=integer(0),
     grad_clip=number(0, note="0 = no clipping"),
-    batch_size=integer(1),
+    batch_size=BATCH,
     epochs=integer(1),
     patience=PATIENCE,
-    beam=integer(1),
-    eval_beam=integer(1),
+    beam=BEAM,
+    eval_beam=BEAM,
     val_max_queries=integer(0, "0 = all"),
-    decode_batch_size=integer(1),
+    decode_batch_size=BATCH,
     num_threads=THREADS,
     trainer=Trainer,
 )
@@ -284,23 +329,23 @@ TwoTower = section(
     "TwoTower",
     epochs=integer(1),
     patience=PATIENCE,
-    batch_size=integer(1),
-    lr=POSITIVE,
+    batch_size=BATCH,
+    lr=LR,
     temperature=POSITIVE,
     accelerator=choice(*ACCELERATORS),
 )
 
 Sasrec = section(
     "Sasrec",
-    dim=integer(1),
-    blocks=integer(1),
-    heads=integer(1),
-    max_len=integer(1),
+    dim=WIDTH,
+    blocks=LAYERS,
+    heads=integer(1, "must divide dim"),
+    max_len=HISTORY,
     loss=choice(*SASREC_LOSSES),
-    num_neg=integer(1),
-    neg_alpha=number(0),
-    lr=POSITIVE,
-    batch_size=integer(1),
+    num_neg=integer(1, le=1000000, why="shared negatives scored per batch"),
+    neg_alpha=number(0, 10, note="sampling by popularity ** neg_alpha"),
+    lr=LR,
+    batch_size=BATCH,
     dropout=rule("must be a number in [0, 1) or a non-empty list of them", _dropouts),
     epochs=integer(1),
     eval_every=integer(1),
@@ -318,11 +363,11 @@ Variant = section(
 
 Eval = section(
     "Eval",
-    ks=int_list(1),
-    deep_ks=int_list(1, empty_ok=True),
-    headline_k=integer(1),
-    bootstrap=integer(0, "0 = no intervals"),
-    seeds=int_list(0),
+    ks=TOP_KS,
+    deep_ks=int_list(1, empty_ok=True, le=100000, why="items ranked and held per query"),
+    headline_k=TOP_K,
+    bootstrap=integer(0, "0 = no intervals", le=100000, why="resamples x queries are drawn at once"),
+    seeds=SEEDS,
     group_order=choice(*GROUP_ORDERS),
     threads=THREADS,
     exclude_history=FLAG,
@@ -353,14 +398,15 @@ Sweep = section(
 Retrain = section(
     "Retrain",
     grow_threshold=rule("must be auto, null (never grow) or a number > 0",
-                        lambda v: v is None or v == "auto" or (_is_number(v) and v > 0)),
+                        lambda v: v is None or v == "auto" or (_is_finite(v) and v > 0)),
     grow_quantile=number(0, 1, lo_open=True),
     epochs=integer(1),
-    batch_size=integer(1),
-    new_repeats=integer(1),
-    replay_ratio=number(0),
-    lr=rule("must be null (= retriever.lr) or a number > 0", lambda v: v is None or (_is_number(v) and v > 0)),
-    recall_k=integer(1),
+    batch_size=BATCH,
+    new_repeats=integer(1, le=10000, why="copies of each new item's pair per epoch"),
+    replay_ratio=number(0, 1000, note="old pairs replayed per new pair"),
+    lr=rule("must be null (= retriever.lr) or a number in (0, 1] (a step size above 1 makes training diverge)",
+            lambda v: v is None or (_is_finite(v) and 0 < v <= 1)),
+    recall_k=TOP_K,
     eval_queries=integer(1),
     eval_items=integer(1),
     max_old_recall_drop=SHARE,
@@ -378,9 +424,9 @@ Schedule = section(
 Flows = section(
     "Flows",
     retries=integer(0),
-    retry_delay_s=number(0),
+    retry_delay_s=SECONDS,
     task_runner=choice("threads", "dask"),
-    max_workers=integer(1),
+    max_workers=integer(1, le=1024, why="parallel sweep points, each a process or thread"),
     dask_address=text(),
     sweep=Sweep,
     retrain=Retrain,
@@ -398,15 +444,15 @@ Serve = section(
     host=text(empty_ok=False),
     port=rule("must be an integer port 1-65535", lambda v: _is_int(v) and 1 <= v <= 65535),
     max_batch=integer(1),
-    max_wait_ms=number(0),
-    k_default=integer(1),
-    k_max=integer(1),
-    beam_default=integer(1),
-    beam_max=integer(1),
+    max_wait_ms=number(0, 60000, note="a minute at most"),
+    k_default=TOP_K,
+    k_max=TOP_K,
+    beam_default=BEAM,
+    beam_max=BEAM,
     max_history_items=integer(1),
     max_text_chars=integer(1),
     max_body_bytes=integer(1),
-    reload_every_s=number(0, note="0 = only POST /admin/reload"),
+    reload_every_s=number(0, 86400, note="0 = only POST /admin/reload; a day at most"),
     exclude_history=FLAG,
     item_text_chars=integer(1),
     request_log=text(),
@@ -418,7 +464,7 @@ Params = section(
     "Params",
     dataset=choice(*DATASETS),
     profile=text(empty_ok=False),
-    seed=integer(0),
+    seed=SEED,
     out_dir=text(empty_ok=False),
     data=Data,
     embed=Embed,
@@ -454,6 +500,24 @@ def check_params(params: dict, where: str = "") -> None:
     for i, name in enumerate(names):
         if name in names[:i]:
             raise ConfigError(f"{where}eval.variants[{i}].name", f"{name!r} names an earlier variant too")
+    check_across(tree, where)
+
+
+# (width, heads) pairs: attention splits the width into equal heads, so a model whose heads do not
+# divide it cannot be built (it would fail in train_retriever / the SASRec rows, after the data steps)
+HEAD_PAIRS = (("retriever", "d_model", "n_heads"), ("eval.sasrec", "dim", "heads"))
+
+
+def check_across(tree: dict, where: str = "") -> None:
+    """ConfigError for keys that are valid alone but cannot work together (valid single values assumed)."""
+    for block, width_key, heads_key in HEAD_PAIRS:
+        section_values = tree
+        for part in block.split("."):
+            section_values = section_values[part]
+        width, heads = section_values[width_key], section_values[heads_key]
+        if width % heads:
+            raise ConfigError(f"{where}{block}.{heads_key}",
+                              f"must divide {block}.{width_key} ({width}) into equal attention heads, got {heads}")
 
 
 def _dotted(loc: tuple) -> str:

@@ -77,6 +77,10 @@ def sid_strings(df: pd.DataFrame) -> pd.Series:
 # ---- import of an external SID table -------------------------------------------------------
 
 IMPORT_UNKNOWN = ("error", "drop")
+# The largest imported code: each code is a row of the retriever's vocabulary (a layer holds max code + 1
+# rows), so a code of 1e12 would ask train_retriever for terabytes. The same bound as
+# tokenizer.codebook_sizes in components/runtime/config_schema.py (65536 codes per layer).
+MAX_IMPORT_CODE = 65535
 
 
 def _read_import_file(path: Path) -> pd.DataFrame:
@@ -148,6 +152,11 @@ def read_import(path: str | os.PathLike, catalog_ids: Sequence[str], unknown: st
     if bad.any():
         raise DataError(file, "codes must be non-empty lists of non-negative integers (int64)",
                         column="codes", rows=np.flatnonzero(bad))
+    too_big = df["codes"].map(lambda c: max(c) > MAX_IMPORT_CODE).to_numpy(dtype=bool) & ~outside
+    if too_big.any():
+        raise DataError(file, f"codes must be at most {MAX_IMPORT_CODE} (each is a row of the retriever's "
+                              "vocabulary; renumber them per layer from 0)", column="codes",
+                        rows=np.flatnonzero(too_big))
     by_id = dict(zip(ids[~outside], df["codes"][~outside]))
     missing = [i for i in map(str, catalog_ids) if i not in by_id]
     if missing:

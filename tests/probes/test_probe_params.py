@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -410,3 +411,72 @@ def test_run_refuses_params_dvc_would_not_read(project, tmp_path, monkeypatch, c
     assert main(["run", "--params", str(other)]) == 2
     assert "`sa2crq run` runs dvc.yaml, whose stages read params.yaml" in one_line(capsys.readouterr().err)
 
+
+
+# ---- the same through real DVC: a one-stage project ------------------------------------------
+
+DVC_YAML = """stages:
+  resolve_params:
+    cmd: sa2crq resolve-params && sleep {sleep}
+    params:
+      - params.yaml:
+    outs:
+      - outputs/params.resolved.yaml
+"""
+
+
+def _dvc_project(root: Path, sleep: float) -> dict[str, str]:
+    """A git + DVC project holding params.yaml and dvc.yaml's first stage (which takes the out_dir
+    lock, as every stage does); the environment to run `sa2crq` in it."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}
+    env.pop(HELD_ENV, None)
+    shutil.copy(PARAMS, root / "params.yaml")
+    (root / "dvc.yaml").write_text(DVC_YAML.format(sleep=sleep))
+    (root / ".gitignore").write_text("/outputs\n")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
+    return env
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+@pytest.mark.slow   # git, dvc init and three `dvc exp run`s: 20-60 s
+def test_real_dvc_run_set_beats_profile_and_second_run_is_refused(tmp_path):
+    """Findings 4 and 5 through DVC itself: the stage (another process) re-enters the run's lock;
+    `-s retriever.beam=5` after `--profile smoke` reaches params.resolved.yaml; a second run while
+    the first holds the lock exits 2 with our line and leaves params.yaml as it was."""
+    env = _dvc_project(tmp_path, sleep=0)
+    sa2crq = [str(Path(sys.executable).parent / "sa2crq")]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(sa2crq + ["run", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    for args in (["--profile", "smoke"], ["-s", "retriever.beam=5"]):
+        res = run(*args)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    resolved = yaml.safe_load((tmp_path / "outputs" / "params.resolved.yaml").read_text())
+    assert (resolved["profile"], resolved["retriever"]["beam"], resolved["retriever"]["epochs"]) == ("smoke", 5, 2)
+
+    (tmp_path / "dvc.yaml").write_text(DVC_YAML.format(sleep=20))
+    first = subprocess.Popen(sa2crq + ["run", "-s", "retriever.beam=6"], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    resolved_file = tmp_path / "outputs" / "params.resolved.yaml"
+    try:
+        deadline = time.monotonic() + 120   # its stage has run (and sleeps) once the file says beam 6
+        while first.poll() is None and time.monotonic() < deadline and "beam: 6" not in _text(resolved_file):
+            time.sleep(0.1)
+        assert first.poll() is None and "beam: 6" in _text(resolved_file)
+        before = (tmp_path / "params.yaml").read_bytes()
+        second = run("-s", "retriever.beam=7")
+        assert second.returncode == 2
+        line = one_line(second.stderr)
+        assert f"outputs/: another sa2crq run holds the lock (pid {first.pid}," in line
+        assert (tmp_path / "params.yaml").read_bytes() == before
+    finally:
+        out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, out[-2000:] + err[-2000:]
