@@ -31,13 +31,16 @@ from components.data.values import is_null
 from components.retrieval.retrieve import CANDIDATE_COLUMNS, retrieve
 from components.runtime.atomic import write_json, write_parquet
 from components.runtime.config import out_path
-from components.runtime.errors import DataError
+from components.runtime.errors import DataError, Sa2crqError
 from components.runtime.locks import lock_folder
 from components.serving.history import exclude_history
 from flows.flow_params import apply_overrides, flow_run_name
 from flows.tracking import log_metrics, wandb_run
 
 PARTS = ("prepared", "embeddings", "sids", "retriever")
+# what each part of a version must hold to be read (components.retrieval.retriever_data.load_inputs)
+PART_FILES = {"prepared": ("items.parquet",), "embeddings": ("items.npy",), "sids": ("sid_table.parquet", "meta.json"),
+              "retriever": ("model.pt",)}
 
 
 def read_queries(path: str | Path) -> pd.DataFrame:
@@ -64,6 +67,26 @@ def read_queries(path: str | Path) -> pd.DataFrame:
         raise DataError(file, "query has neither text nor history", column="text", rows=np.flatnonzero(empty))
     return pd.DataFrame({"query_id": ids.to_numpy(), "history": list(history), "text": text,
                          "targets": [[] for _ in range(len(raw))], "emb_row": np.full(len(raw), -1, np.int64)})
+
+
+def check_version(option: str, path: str | Path) -> None:
+    """Sa2crqError unless `path` is a model version: a folder holding at least one of PARTS, each
+    with its files. Without this a typo in --a or --b gave a folder with no parts, which took them
+    all from params' out_dir and compared the live version with itself (jaccard 1.0, exit 0)."""
+    folder = Path(path)
+    where = f"candidates {option} {folder}"
+    if not folder.exists():
+        raise Sa2crqError(f"{where}: no such folder")
+    if not folder.is_dir():
+        raise Sa2crqError(f"{where}: not a folder (a version is an out_dir such as outputs or outputs/versions/<v>)")
+    present = [part for part in PARTS if (folder / part).exists()]
+    if not present:
+        raise Sa2crqError(f"{where}: not a model version, it has none of {', '.join(p + '/' for p in PARTS)} "
+                          "(a version is an out_dir such as outputs or outputs/versions/<v>)")
+    for part in present:
+        missing = [f for f in PART_FILES[part] if not (folder / part / f).is_file()]
+        if missing:
+            raise Sa2crqError(f"{where}: not a model version, {part}/ lacks {', '.join(missing)}")
 
 
 def version_view(version: Path, base: Path, into: Path) -> Path:
@@ -131,6 +154,8 @@ def candidates_flow(params: dict, opt_a: str, opt_b: str, opt_queries: str, opt_
     k = int(opt_k)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    check_version("--a", opt_a)
+    check_version("--b", opt_b)
     queries = read_queries(opt_queries)
     parts, variants = [], {}
     for name, version in (("A", opt_a), ("B", opt_b)):

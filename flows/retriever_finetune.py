@@ -115,8 +115,8 @@ def finetune_retriever(params: dict, init_checkpoint: Path, new_item_ids: list[s
     # one process: a short fine-tune inside a flow (a `ddp` launcher would re-run the whole flow per rank)
     single = {**trainer_args(rp, epochs, False, out_path(params, "lightning")), "strategy": "auto", "devices": 1,
               "num_nodes": 1}
-    fit = fit_best_epoch(module, single, Loaders(train_dl, val_dl),
-                         f"val_recall@{VAL_K}", 0)
+    fit = fit_best_epoch(module, single, Loaders(train_dl, val_dl), f"val_recall@{VAL_K}", 0,
+                         job="retrain fine-tune", keys="flows.retrain.lr (null = retriever.lr)")
     seconds = time.perf_counter() - start
     net.eval()
     save_retriever(net, out_path(params, "retriever", "model.pt"))

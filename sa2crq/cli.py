@@ -140,14 +140,20 @@ def _versions(**kw) -> dict:
 
 
 def cmd_flow(entry: Callable[..., dict], prefect: bool = True) -> Callable[[argparse.Namespace], int]:
-    """A command that calls entry with the checked params; a Prefect flow first checks its server answers."""
+    """A command that calls entry with the checked params; a Prefect flow first checks its server answers,
+    and its expected errors print one line, without Prefect's run tracebacks (prefect_api.flow_logging)."""
     def run(args: argparse.Namespace) -> int:
+        from contextlib import nullcontext
+
         params = _params(args)
+        quiet = nullcontext()
         if prefect:
-            from components.runtime.prefect_api import check_prefect_api
+            from components.runtime.prefect_api import check_prefect_api, flow_logging
 
             check_prefect_api()
-        result = entry(params=params, **{k: v for k, v in vars(args).items() if k.startswith("opt_")})
+            quiet = flow_logging(params.get("out_dir", "outputs"), getattr(args, "debug", False))
+        with quiet:
+            result = entry(params=params, **{k: v for k, v in vars(args).items() if k.startswith("opt_")})
         print(json.dumps(result or {}, indent=2, default=str))
         return 0
 

@@ -206,6 +206,7 @@ def test_run_generative_reports_hallucination_three_ways(run_params, monkeypatch
     ranked = pd.DataFrame(columns=["query_id", "rank", "item_id", "score", "sid"])
     monkeypatch.setattr(components.retrieval.retrieve, "retrieve", lambda *a, **k: ranked)
     monkeypatch.setattr(components.retrieval.retrieve, "retrieve_and_generate", lambda *a, **k: (ranked, generated))
+    monkeypatch.setattr(evaluate_mod, "check_sid_version", lambda params: None)   # the fake run has no retriever
     frames, halluc = REAL_RUN_GENERATIVE(run_params, test)            # eval.headline_k = 5
     assert set(frames) == {"sa2crq", "sa2crq (unconstrained)"}
     assert halluc.loc["a", "hallucination"] == pytest.approx(3 / 6)

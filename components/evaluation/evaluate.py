@@ -143,6 +143,25 @@ def run_baseline(name: str, params: dict, data: EvalInputs) -> pd.DataFrame | No
     raise ConfigError("eval.baselines", f"unknown baseline {name!r}; choose from {list(BASELINES)}")
 
 
+def check_sid_version(params: dict) -> None:
+    """DataError unless retriever/model.pt was trained on the SID table in place (its config's
+    `sid_version` against sids/meta.json `version`). SIDs assigned again (a tail tokenizer trained
+    again, another method) under a retriever that learned the old ones would decode to other items
+    and still give a number."""
+    from components.runtime.torch_files import load_weights
+    from components.tokenizers.sid_table import live_version
+
+    root = out_path(params)
+    model_file = root / "retriever" / "model.pt"
+    if not model_file.exists():
+        raise FileNotFoundError(f"{model_file}: no retriever checkpoint (run the train_retriever step first)")
+    config = load_weights(model_file, keys=("state_dict", "config"), rerun="the train_retriever step")["config"]
+    trained_on, live = config.get("sid_version"), live_version(root)
+    if trained_on != live:
+        raise DataError(model_file, f"trained on SID version {trained_on!r}, but {root / 'sids'} holds version "
+                                    f"{live!r}: run train_retriever again (or restore the SIDs it was trained on)")
+
+
 def run_generative(params: dict, test: pd.DataFrame) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     """Constrained and unconstrained ranked results of the trained retriever, and per-query hallucination.
 
@@ -153,6 +172,7 @@ def run_generative(params: dict, test: pd.DataFrame) -> tuple[dict[str, pd.DataF
     """
     from components.retrieval.retrieve import retrieve, retrieve_and_generate
 
+    check_sid_version(params)
     method = params["tokenizer"]["method"]
     beam = int(params["retriever"]["beam"])
     constrained = retrieve(params, test, beam=beam, constrained=True)

@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from components.runtime.divergence import StopOnDivergence
 from components.runtime.errors import ConfigError
 
 
@@ -82,11 +83,14 @@ class FitRecord(Callback):
 
 
 def fit_best_epoch(module: L.LightningModule, trainer_kwargs: dict, data: L.LightningDataModule, monitor: str,
-                   patience: int) -> FitResult:
+                   patience: int, job: str = "training", keys: str = "the learning rate") -> FitResult:
     """Train on `data` (a DataModule whose `validates` says whether it has validation batches);
     load the best epoch's weights into `module` (ties keep the earlier epoch).
 
-    patience <= 0 turns early stopping off (all epochs run, the best one is still kept).
+    patience <= 0 turns early stopping off (all epochs run, the best one is still kept). A step
+    with a non-finite loss (or an epoch ending with non-finite weights) raises TrainingDiverged
+    naming `job` and the params `keys` to lower, even when an earlier epoch was good: a run that
+    diverged is not a result (components/runtime/divergence.py).
     """
     with tempfile.TemporaryDirectory(prefix="sa2crq-ckpt-") as ckpt_dir, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -95,7 +99,7 @@ def fit_best_epoch(module: L.LightningModule, trainer_kwargs: dict, data: L.Ligh
         warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         record_path = Path(ckpt_dir) / "fit_record.json"
-        callbacks: list = []
+        callbacks: list = [StopOnDivergence(job, keys)]
         checkpoint = None
         if data.validates:
             checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{epoch}", monitor=monitor, mode="max",

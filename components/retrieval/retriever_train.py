@@ -160,9 +160,12 @@ def run_train_retriever(params: dict) -> dict:
     run_dir = Path("runs")
     loggers = training_loggers(params, "train_retriever", {"retriever": rp})
     start = time.perf_counter()
-    fit = fit_best_epoch(module, trainer_args(rp, epochs, loggers, run_dir / "lightning"), data,
-                         f"val_recall@{VAL_K}", patience)
-    finish(loggers)
+    try:   # a run that diverged (TrainingDiverged) still closes its W&B run, and writes nothing below
+        fit = fit_best_epoch(module, trainer_args(rp, epochs, loggers, run_dir / "lightning"), data,
+                             f"val_recall@{VAL_K}", patience, job="train_retriever",
+                             keys="retriever.lr or retriever.grad_clip")
+    finally:
+        finish(loggers)
     if not fit.is_global_zero:   # another rank of a `ddp` run: rank 0 writes the outputs
         return {}
     fusion, fusion_grid = tune_fusion(params, net.eval(), validation_queries(

@@ -1,15 +1,30 @@
-"""Fail fast when PREFECT_API_URL names a Prefect server that does not answer.
+"""Prefect around a flow command: fail fast on a server that does not answer, and keep the
+tracebacks of expected errors out of the terminal.
 
-Without this check a flow command waits while Prefect's client retries (over two minutes)
+Without the server check a flow command waits while Prefect's client retries (over two minutes)
 and ends in three chained tracebacks; it should stop in seconds, naming the URL.
+
+Prefect logs every failed task and flow run with its traceback (a bad new-items file gave 2-4 of
+them, 62-112 lines, before the CLI's one line). `flow_logging` drops those console records when
+the error is an expected one (what `sa2crq.cli.guarded` prints as one line); the records, with
+their tracebacks, still go to the Prefect API (the run's logs) and to <out_dir>/logs/flows.log.
+A bug's traceback stays on the console.
 """
 from __future__ import annotations
 
+import logging
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from components.runtime.errors import Sa2crqError
+
+EXPECTED = (Sa2crqError, FileNotFoundError)   # what the CLI prints as one line (sa2crq.cli.guarded)
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+FLOW_LOG = "flows.log"
 
 TIMEOUT_S = 3.0
 
@@ -44,3 +59,70 @@ def check_prefect_api(url: str | None = None, timeout_s: float = TIMEOUT_S) -> N
         raise Sa2crqError(f"Prefect server {url} (PREFECT_API_URL) does not answer within {timeout_s:g} s "
                           f"({reason}); start it (prefect server start) or unset PREFECT_API_URL to run the "
                           "flow on a temporary local server") from None
+
+
+class ExpectedErrorFilter(logging.Filter):
+    """Drops Prefect's records of a run that failed with an expected error: the record carrying the
+    exception and the run's later ones ("Finished in state Failed(...)"); the CLI prints the error
+    as one line. Records of other runs, and of runs that failed with a bug, pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed: set[tuple[str, str]] = set()   # (logger, run id) of runs that raised an expected error
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(RUN_LOGGERS):
+            return True
+        run = (record.name, str(getattr(record, "task_run_id" if record.name.endswith("task_runs")
+                                        else "flow_run_id", "")))
+        if record.exc_info and isinstance(record.exc_info[1], EXPECTED):
+            self.failed.add(run)
+        return run not in self.failed
+
+
+class _LazyFileHandler(logging.FileHandler):
+    """<out_dir>/logs/flows.log, created at the first record: a run that logs nothing leaves nothing."""
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(exist_ok=True)
+        return super()._open()
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A log file we cannot write must not print a traceback of its own: the console has the one line."""
+
+
+def _log_file(out_dir: Path) -> logging.Handler | None:
+    """The flow log of out_dir; None where out_dir is not a folder (the command reports that itself)."""
+    if not out_dir.is_dir():
+        return None
+    handler = _LazyFileHandler(out_dir / "logs" / FLOW_LOG, encoding="utf-8", delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s - %(message)s"))
+    return handler
+
+
+@contextmanager
+def flow_logging(out_dir: str | os.PathLike, debug: bool = False) -> Iterator[None]:
+    """While a flow command runs: Prefect's run records also go to <out_dir>/logs/flows.log, and the
+    console leaves out those of expected errors (all shown with `debug`)."""
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()   # Prefect's console handler exists from here on (else only at the first flow)
+    debug = debug or os.environ.get("SA2CRQ_DEBUG", "") not in ("", "0")
+    console = [] if debug else [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)
+                                and not isinstance(h, logging.FileHandler)]
+    quiet = ExpectedErrorFilter()
+    file = _log_file(Path(out_dir))
+    for handler in console:
+        handler.addFilter(quiet)
+    if file is not None:
+        for name in RUN_LOGGERS:
+            logging.getLogger(name).addHandler(file)
+    try:
+        yield
+    finally:
+        for handler in console:
+            handler.removeFilter(quiet)
+        if file is not None:
+            for name in RUN_LOGGERS:
+                logging.getLogger(name).removeHandler(file)
+            file.close()

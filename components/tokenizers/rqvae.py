@@ -31,6 +31,7 @@ from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from components.runtime.divergence import StopOnDivergence
 from components.tokenizers.quantizer import ResidualQuantizer, depth_mask, init_rows_kmeans, reseed_dead_rows, rq_losses
 from components.tokenizers.sarq import PathTable, choose_tau, stop_depths
 
@@ -260,7 +261,8 @@ def fit(model: RQVAE, x: Tensor, spec: TrainSpec, sarq: SarqSpec | None, init_km
                              seed=spec.seed, niter=spec.kmeans_iters)
     start = time.perf_counter()
     if spec.epochs > 0 and len(x) > 0:
-        callbacks: list[Callback] = []
+        # first: re-seeding and the path table must not run on a diverged model
+        callbacks: list[Callback] = [StopOnDivergence("tokenizer training", "tokenizer.lr")]
         if spec.reseed_every > 0:
             callbacks.append(ReseedDeadCodes(spec.reseed_every))
         if sarq is not None and sarq.frozen_table is None:

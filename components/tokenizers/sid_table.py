@@ -6,6 +6,7 @@ File contract (docs/ARCHITECTURE.md): `item_id` (str), `codes` (list[int]), `len
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import warnings
@@ -33,6 +34,26 @@ def make_sid_table(item_ids: Sequence[str], codes: Sequence[Sequence[int]], stag
     return pd.DataFrame({"item_id": [str(i) for i in item_ids], "codes": code_lists,
                          "length": np.array([len(c) for c in code_lists], dtype=np.int64),
                          "stage": stage_col, "version": [version] * len(code_lists)})
+
+
+def sid_version(method: str, table: pd.DataFrame, meta: dict, tokenizer_files: Sequence[str | os.PathLike] = ()
+                ) -> str:
+    """The SID version, `<method>-<12 hex>`: a hash of everything that decides or reads an SID.
+
+    That is every item's codes (in table order), the vocabulary in meta (codebook sizes, lengths,
+    tau, collision token; not meta's own `version`) and the bytes of the tokenizer files that
+    assigned them (and will assign new items' SIDs at retrain). A params hash missed changes that
+    do not go through params: `stage train_tail -s tokenizer.epochs_tail=3` gave 50 items new
+    SIDs under the old version, and a retriever trained on the old SIDs passed every check. The
+    retriever records the version it was trained on (its config `sid_version`); evaluation and
+    serving refuse a SID table of another version."""
+    h = hashlib.sha256(json.dumps({"method": method, "meta": {k: v for k, v in meta.items() if k != "version"}},
+                                  sort_keys=True, default=str).encode())
+    for item, codes in zip(table["item_id"], table["codes"]):
+        h.update(json.dumps([str(item), [int(c) for c in codes]]).encode() + b"\n")
+    for path in tokenizer_files:
+        h.update(Path(path).name.encode() + b"\0" + hashlib.sha256(Path(path).read_bytes()).digest())
+    return f"{method}-{h.hexdigest()[:12]}"
 
 
 def write_sid_table(df: pd.DataFrame, path: str | os.PathLike) -> None:

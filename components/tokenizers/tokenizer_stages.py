@@ -48,6 +48,7 @@ from components.tokenizers.sid_table import (
     collision_layer_size,
     make_sid_table,
     read_import,
+    sid_version,
     write_sid_table,
 )
 from components.tokenizers.sid_tokenizer import (
@@ -465,7 +466,10 @@ def run_assign_ids(params: dict) -> dict:
         dist = tok.residual_distances(x)
         residual = {f"layer{l + 1}": {"q50": float(np.quantile(dist[:, l], 0.5)),
                                       "q99": float(np.quantile(dist[:, l], 0.99))} for l in range(dist.shape[1])}
-    meta["version"] = str(table["version"].iloc[0])
+    # the SIDs' own version (sid_table.sid_version), not the params hash the tokenizer files carry
+    tokenizer_files = [f for f in (out_path(params, "tokenizer", "head.pt"), out_path(params, "tokenizer", "tail.pt"))
+                       if f.exists()]
+    table["version"] = meta["version"] = sid_version(cfg.method, table, meta, tokenizer_files)
     write_sid_table(table, table_path)
     write_json(meta, out_path(params, "sids", "meta.json"))
     stats = sid_statistics(table, items, meta, recon)
