@@ -326,13 +326,33 @@ def results_markdown(table: pd.DataFrame, sid_table: pd.DataFrame, params: dict)
     return "\n".join(lines)
 
 
-def aggregate(params: dict, variants: list[dict], seeds: list[int], command: str) -> pd.DataFrame:
+def results_name(params: dict) -> str:
+    """The results file's name (no suffix): the dataset's, or for a user's catalog (`dataset: generic`)
+    'generic-<out_dir's name>', so two catalogs compared in two out_dirs keep two files."""
+    if params["dataset"] != "generic":
+        return str(params["dataset"])
+    return f"generic-{Path(str(params['out_dir'])).name}"
+
+
+def results_file(params: dict) -> Path:
+    """Where the full comparison's headline rows go: <eval.results_dir>/<results_name>.json."""
+    return Path(str(params["eval"].get("results_dir") or "results")) / f"{results_name(params)}.json"
+
+
+def curves_file(results: Path) -> Path:
+    """The training curves' figure beside a results file: <name>-curves.png."""
+    return results.with_name(f"{results.stem}-curves.png")
+
+
+def aggregate(params: dict, variants: list[dict], seeds: list[int], command: str,
+              results: Path | None = None) -> pd.DataFrame:
     """Mean and std over seeds per (method, group) for every stored variant run and baseline (the
     compare_aggregate stage); `command` is the one the results file names.
 
     Writes <out_dir>/<eval.compare_dir>/: results.md (Tables 1 and 2), summary.csv, summary.json
     (overall rows), results_long.csv (every seed), sid_stats.csv, curves.csv / curves.png (validation
-    Recall@10 per epoch), and <eval.results_dir>/<dataset>.json with <dataset>-curves.png beside it.
+    Recall@10 per epoch), and the results file `results` (default: results_file) with <name>-curves.png
+    beside it. The DVC plan passes a subset comparison's own file, so it never replaces the full one's.
     """
     set_offline_defaults()
     check_eval_params(params)
@@ -351,10 +371,11 @@ def aggregate(params: dict, variants: list[dict], seeds: list[int], command: str
         overall = {m: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
                    for m, row in table.xs("overall", level="group").iterrows()}
         write_json(overall, root / "summary.json")
-        results = write_results_file(table, params, seeds, command, input_digests(params))
+        results = write_results_file(table, params, seeds, command, input_digests(params),
+                                     path=results or results_file(params))
         curves = write_curves(gather_curves([(v["name"], s, Path(variant_params(params, v, s)["out_dir"]))
                                              for v in variants for s in seeds]), root)
-        with atomic_path(results.with_name(f"{params['dataset']}-curves.png")) as tmp:  # beside the results file
+        with atomic_path(curves_file(results)) as tmp:
             tmp.write_bytes(curves["png"].read_bytes())
     log_to_wandb(params, {m: {k: v for k, v in row.items() if v is not None} for m, row in overall.items()},
                  {"comparison": table.reset_index(), "sid_stats": sid_frame}, {}, job="compare")

@@ -11,6 +11,12 @@ Then it runs `dvc repro` on the set's aggregate stage, which brings up to date e
 and input it reads, and shows the progress. Each stage re-reads params.yaml with the set's
 overrides and stops if compare.yaml no longer matches them (edited params.yaml, then a bare
 `dvc repro`): a run never trains on params other than the ones DVC recorded.
+
+Only the full comparison (every variant, seed and baseline params.yaml lists, `subset_of`) writes
+the committed plan and results/<dataset>.json. A subset (`--variants TIGER -s eval.seeds=[0]`) is
+planned in experiments/scratch/ (not committed; DVC refuses git-ignored stage files) as the set
+'<set>__subset', runs in <out_dir>/<compare_dir>/_subset/ and writes its results file there (or to
+`--results FILE`): a quick look never replaces the headline table or its plan.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -34,10 +41,13 @@ from flows.compare import (
     aggregate,
     baseline_file,
     baseline_keys,
+    curves_file,
     dataset_title,
     eval_keys,
     evaluate_variant,
     pick_variants,
+    results_file,
+    results_name,
     run_baseline,
     train_variant,
     variant_keys,
@@ -57,8 +67,34 @@ PREPARE_CODE = ("components/data/prepare.py", "components/data/adapters.py", "co
 AGGREGATE_CODE = ("flows/compare.py", "components/evaluation/results_file.py", "components/evaluation/report.py",
                   "components/evaluation/training_curves.py")
 TABLES = ("results.md", "results_long.csv", "summary.csv", "summary.json", "sid_stats.csv", "curves.csv", "curves.png")
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # libyaml: the committed plan is 2,000+ lines
 HEADER = ("# Written by `sa2crq compare` (flows/compare_dvc.py); read by experiments/dvc.yaml. Do not edit:\n"
           "# change params.yaml or the command's -s flags and run `sa2crq compare` again.\n")
+SCRATCH_HEADER = ("# Written by `sa2crq compare` for a comparison of a subset (flows/compare_dvc.py). Not committed:\n"
+                  "# delete experiments/scratch/ any time; the full comparison's plan is experiments/compare.yaml.\n")
+SUBSET = "__subset"      # a subset's set id: '<set>__subset' (key() never gives '__', so no out_dir's id)
+SUBSET_DIR = "_subset"   # under <out_dir>/<compare_dir>/ (slug() never starts a variant's folder with '_')
+# the params that choose what a comparison covers: a subset of params.yaml's lists is planned in scratch
+SELECTION = ("eval.variants", "eval.seeds", "eval.baselines", "profile")
+
+
+@dataclass(frozen=True)
+class PlanFiles:
+    """Where a set's plan lives: its compare.yaml, the dvc.yaml of its set stages and of its run stages."""
+
+    plan: Path
+    sets: Path
+    runs: Path
+
+
+COMMITTED = PlanFiles(PLAN, SETS_FILE, DVC_FILE)
+_SCRATCH_DVC = DVC_FILE.parent / "scratch" / "dvc.yaml"   # the run stages (DVC_FILE's, rewritten) and the set stages
+SCRATCH = PlanFiles(_SCRATCH_DVC.with_name("compare.yaml"), _SCRATCH_DVC, _SCRATCH_DVC)
+
+
+def plan_files(sid: str) -> PlanFiles:
+    """The files of a set: a subset's live in experiments/scratch/."""
+    return SCRATCH if sid.endswith(SUBSET) else COMMITTED
 
 
 def key(text: str) -> str:
@@ -96,24 +132,40 @@ def _input_deps(params: dict) -> list[str]:
     return [*files, *PREPARE_CODE]
 
 
-def plan_set(params: dict, params_file: str, overrides: list[str], variants: list[dict], command: str
-             ) -> tuple[str, dict]:
-    """The set of these params: its id and its entry in every plan section."""
+def _committed_inputs(out_dir: str, params: dict) -> bool:
+    """Whether a subset reads the inputs of its out_dir's committed set (stopping when they are another
+    catalog's: one out_dir holds one prepared catalog)."""
+    stored = read_plan(COMMITTED)["input_keys"].get(key(out_dir))
+    if stored is not None and stored != input_keys(params):
+        raise ConfigError("out_dir", f"{out_dir}/ holds the prepared data of comparison {key(out_dir)!r} "
+                                     f"({PLAN}); a comparison on other data or embeddings needs an out_dir of its "
+                                     "own (e.g. -s out_dir=outputs-mine)")
+    return stored is not None
+
+
+def plan_set(params: dict, params_file: str, overrides: list[str], variants: list[dict], command: str,
+             subset: bool = False, results: str | None = None) -> tuple[str, dict]:
+    """The set of these params: its id and its entry in every plan section. A `subset` set has the id
+    '<set>__subset' and writes its results file to `results`, or to results.json in its compare_dir
+    (run_compare gives it params whose eval.compare_dir is <compare_dir>/_subset)."""
     out_dir = _inside(params["out_dir"], "out_dir")
-    sid = key(out_dir)
+    sid = key(out_dir) + (SUBSET if subset else "")
+    files = plan_files(sid)
     ev = params["eval"]
     seeds = [int(s) for s in ev["seeds"]]
     plan: dict = {name: {} for name in SECTIONS}
-    stages: dict = {}   # the set's stages in SETS_FILE
+    stages: dict = {}   # the set's stages in its sets file
     if os.path.normpath(out_dir) == PIPELINE_OUT:
         main = load_params(params_file)
         if input_keys(main) != input_keys(params):
             raise ConfigError("out_dir", f"{out_dir}/ holds dvc.yaml's prepared data for {params_file} as it is; "
                                          "a comparison on other data or embeddings needs an out_dir of its own "
                                          "(e.g. -s out_dir=outputs-mine)")
+    elif subset and _committed_inputs(out_dir, params):
+        pass          # the prepare / embed stages of the committed set of this out_dir
     else:
         plan["input_keys"][sid] = input_keys(params)
-        keys = [{PLAN.as_posix(): [f"input_keys.{sid}"]}]
+        keys = [{files.plan.as_posix(): [f"input_keys.{sid}"]}]
         stages[f"prepare_{sid}"] = {"cmd": f"sa2crq compare-step prepare --set {sid}", "wdir": "../..",
                                     "deps": _input_deps(params), "params": keys, "outs": [f"{out_dir}/prepared"]}
         stages[f"embed_{sid}"] = {"cmd": f"sa2crq compare-step embed --set {sid}", "wdir": "../..",
@@ -138,16 +190,18 @@ def plan_set(params: dict, params_file: str, overrides: list[str], variants: lis
             file = baseline_file(rel, name, seed).as_posix()
             plan["baselines"][bid] = {"set": sid, "name": name, "seed": seed, "out_dir": out_dir, "file": file}
             deps.append(file)
-    results_dir = _inside(str(ev["results_dir"] or "results"), "eval.results_dir")
-    results = f"{results_dir}/{params['dataset']}.json"
+    if not subset:
+        results = f"{_inside(str(ev['results_dir'] or 'results'), 'eval.results_dir')}/{results_name(rel)}.json"
+    elif results is None:
+        results = f"{out_dir}/{ev['compare_dir']}/results.json"
     tables = [f"{out_dir}/{ev['compare_dir']}/{name}" for name in TABLES]
     plan["sets"][sid] = {
         "out_dir": out_dir, "params_file": params_file, "overrides": list(overrides), "command": command,
         "variants": [v["name"] for v in variants], "results": results}
     stages[f"aggregate_{sid}"] = {
         "cmd": f"sa2crq compare-step aggregate --set {sid}", "wdir": "../..",
-        "deps": deps + list(AGGREGATE_CODE), "params": [{PLAN.as_posix(): [f"aggregate_keys.{sid}"]}],
-        "outs": tables + [{f"{results_dir}/{params['dataset']}-curves.png": {"cache": False}}],
+        "deps": deps + list(AGGREGATE_CODE), "params": [{files.plan.as_posix(): [f"aggregate_keys.{sid}"]}],
+        "outs": tables + [{curves_file(Path(results)).as_posix(): {"cache": False}}],
         "metrics": [{results: {"cache": False}}]}
     plan["stages"] = stages
     plan["aggregate_keys"][sid] = {
@@ -158,10 +212,10 @@ def plan_set(params: dict, params_file: str, overrides: list[str], variants: lis
     return sid, plan
 
 
-def read_plan() -> dict:
-    if not PLAN.exists():
+def read_plan(files: PlanFiles = COMMITTED) -> dict:
+    if not files.plan.exists():
         return {name: {} for name in SECTIONS}
-    plan = yaml.safe_load(PLAN.read_text()) or {}
+    plan = yaml.load(files.plan.read_text(), Loader=_LOADER) or {}
     return {name: dict(plan.get(name) or {}) for name in SECTIONS}
 
 
@@ -170,9 +224,16 @@ def _set_entries(plan: dict, sid: str) -> dict:
     return {name: {k: v for k, v in plan[name].items() if k == sid or k.startswith(f"{sid}-")} for name in SECTIONS}
 
 
-def _set_stages(sid: str | None) -> dict:
-    """One set's stages in SETS_FILE (None: all of them)."""
-    stages = dict((yaml.safe_load(SETS_FILE.read_text()) or {}).get("stages") or {}) if SETS_FILE.exists() else {}
+def _all_stages(files: PlanFiles) -> dict:
+    """Every stage in a plan's sets file (in scratch, the run stages too)."""
+    if not files.sets.exists():
+        return {}
+    return dict((yaml.load(files.sets.read_text(), Loader=_LOADER) or {}).get("stages") or {})
+
+
+def _set_stages(sid: str | None, files: PlanFiles = COMMITTED) -> dict:
+    """One set's stages in its sets file (None: every set's)."""
+    stages = {name: stage for name, stage in _all_stages(files).items() if "foreach" not in stage}
     if sid is None:
         return stages
     return {name: stages[name] for name in _stage_keys(sid) if name in stages}
@@ -182,7 +243,7 @@ def _stage_keys(sid: str) -> list[str]:
     return [f"{kind}_{sid}" for kind in ("prepare", "embed", "aggregate")]
 
 
-class _PlainDumper(yaml.SafeDumper):
+class _PlainDumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):
     """No anchors / aliases: a value two entries share is written out in both (the file reads and
     diffs the same whatever objects the params happened to share)."""
 
@@ -191,8 +252,10 @@ class _PlainDumper(yaml.SafeDumper):
 
 
 def _dump(path: Path, data: dict, flow: bool | None) -> None:
+    header = SCRATCH_HEADER if path.parent == SCRATCH.plan.parent else HEADER
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        tmp.write_text(HEADER + yaml.dump(data, Dumper=_PlainDumper, sort_keys=False, default_flow_style=flow,
+        tmp.write_text(header + yaml.dump(data, Dumper=_PlainDumper, sort_keys=False, default_flow_style=flow,
                                           width=120))
 
 
@@ -212,33 +275,84 @@ def _replace(old: dict, mine, new: dict) -> dict:
     return out
 
 
+def _scratch_run_stages() -> dict:
+    """experiments/dvc.yaml's run stages (train, evaluate, baseline), reading the scratch plan: a
+    subset's runs are stages of experiments/scratch/dvc.yaml, so they never touch the committed lock."""
+    stages = (yaml.safe_load(DVC_FILE.read_text()) or {})["stages"]
+    out = {}
+    for name, stage in stages.items():
+        do = dict(stage["do"], wdir="../..")
+        do["params"] = [{SCRATCH.plan.as_posix() if path == PLAN.as_posix() else path: keys
+                         for path, keys in entry.items()} for entry in do.get("params") or []]
+        out[name] = dict(stage, do=do)
+    return out
+
+
+def _outs(stage: dict) -> list[str]:
+    return [next(iter(out)) if isinstance(out, dict) else out
+            for out in (stage.get("metrics") or []) + (stage.get("outs") or [])]
+
+
+def _check_outs(sid: str, stages: dict) -> None:
+    """Stop before DVC does when another set's stage writes one of this set's outputs (DVC refuses a
+    path that two stages write: a second comparison of the same dataset, or --results naming another's file)."""
+    owner = {out: name for files in (COMMITTED, SCRATCH) for name, stage in _set_stages(None, files).items()
+             if name not in _stage_keys(sid) for out in _outs(stage)}
+    for stage in stages.values():
+        for out in _outs(stage):
+            if out in owner:
+                raise Sa2crqError(f"{out}: already written by stage {owner[out]!r} of another comparison; give this "
+                                  "one its own out_dir or -s eval.results_dir=FOLDER (a subset: --results FILE)")
+
+
+def _release_inputs(sid: str) -> None:
+    """The committed set `sid` now prepares and embeds its out_dir: its subset's own input stages go."""
+    plan, scratch = read_plan(SCRATCH), sid + SUBSET
+    if scratch not in plan["input_keys"]:
+        return
+    del plan["input_keys"][scratch]
+    _dump(SCRATCH.plan, plan, None)
+    stages = {k: v for k, v in _all_stages(SCRATCH).items() if k not in (f"prepare_{scratch}", f"embed_{scratch}")}
+    _dump(SCRATCH.sets, {"vars": ["compare.yaml"], "stages": stages}, False)
+
+
 def write_plan(sid: str, entries: dict) -> None:
-    """Replace one set's entries in experiments/compare.yaml and its stages in SETS_FILE, keeping the other sets'."""
-    plan = read_plan()
+    """Replace one set's entries in its compare.yaml and its stages in its sets file, keeping the other sets'."""
+    files = plan_files(sid)
+    if files is COMMITTED and sid in entries["input_keys"]:
+        _release_inputs(sid)
+    _check_outs(sid, entries["stages"])
+    plan = read_plan(files)
     for name in SECTIONS:
         plan[name] = _replace(plan[name], lambda k: k == sid or k.startswith(f"{sid}-"), entries[name])
-    _dump(PLAN, plan, None)
-    stages = _replace(_set_stages(None), lambda k: k in _stage_keys(sid), entries["stages"])
-    _dump(SETS_FILE, {"stages": stages}, False)
+    _dump(files.plan, plan, None)
+    stages = _replace(_set_stages(None, files), lambda k: k in _stage_keys(sid), entries["stages"])
+    if files is SCRATCH:
+        _dump(files.sets, {"vars": ["compare.yaml"], "stages": {**_scratch_run_stages(), **stages}}, False)
+        return
+    _dump(files.sets, {"stages": stages}, False)
 
 
 def load_set(sid: str) -> tuple[dict, list[dict], dict]:
     """A stage's view of its set: params.yaml with the set's overrides, its variants and its plan entry.
 
     Stops when the plan was written for other params than the params file now gives."""
-    plan = read_plan()
+    files = plan_files(sid)
+    plan = read_plan(files)
     entry = plan["sets"].get(sid)
     if entry is None:
-        raise UnknownNameError(f"{PLAN}: no comparison {sid!r} (sets: {', '.join(plan['sets']) or 'none'}); "
+        raise UnknownNameError(f"{files.plan}: no comparison {sid!r} (sets: {', '.join(plan['sets']) or 'none'}); "
                                "run `sa2crq compare`")
     params = load_params(entry["params_file"], entry["overrides"])
     by_name = {v["name"]: v for v in params["eval"]["variants"] or []}
     chosen = [by_name[n] for n in entry["variants"] if n in by_name]
-    _, fresh = plan_set(params, entry["params_file"], entry["overrides"], chosen, entry["command"])
-    stored = {**_set_entries(plan, sid), "stages": _set_stages(sid)}
+    subset = files is SCRATCH
+    _, fresh = plan_set(params, entry["params_file"], entry["overrides"], chosen, entry["command"], subset=subset,
+                        results=entry["results"] if subset else None)
+    stored = {**_set_entries(plan, sid), "stages": _set_stages(sid, files)}
     if stored != fresh:
         section = next(name for name in fresh if stored[name] != fresh[name])
-        raise Sa2crqError(f"{PLAN}: section {section!r} of comparison {sid!r} no longer matches "
+        raise Sa2crqError(f"{files.plan}: section {section!r} of comparison {sid!r} no longer matches "
                           f"{entry['params_file']}; run `sa2crq compare` (it rewrites the plan, then DVC reruns "
                           "what changed)")
     return params, chosen, entry
@@ -254,7 +368,7 @@ def run_step(kind: str, sid: str, variant: str | None = None, seed: int | None =
         get_step(kind)(params)
         return {"step": kind, "set": sid}
     if kind == "aggregate":
-        table = aggregate(params, variants, params["eval"]["seeds"], entry["command"])
+        table = aggregate(params, variants, params["eval"]["seeds"], entry["command"], results=Path(entry["results"]))
         return {"set": sid, "methods": list(dict.fromkeys(table.index.get_level_values(0))),
                 "results": entry["results"]}
     if seed is None:
@@ -277,11 +391,28 @@ def run_step(kind: str, sid: str, variant: str | None = None, seed: int | None =
 
 def stage_names(sid: str, plan: dict) -> list[str]:
     """Every stage of one set (DVC targets), upstream first."""
+    files = plan_files(sid)
     runs = [r for r, item in plan["runs"].items() if item["set"] == sid]
     names = [f"compare_train@{r}" for r in runs] + [f"compare_evaluate@{r}" for r in runs]
     names += [f"compare_baseline@{b}" for b, item in plan["baselines"].items() if item["set"] == sid]
-    own = [f"{SETS_FILE}:{kind}_{sid}" for kind in ("prepare", "embed") if sid in plan["input_keys"]]
-    return own + [f"{DVC_FILE}:{name}" for name in names] + [f"{SETS_FILE}:aggregate_{sid}"]
+    own = [f"{files.sets}:{kind}_{sid}" for kind in ("prepare", "embed") if sid in plan["input_keys"]]
+    return own + [f"{files.runs}:{name}" for name in names] + [f"{files.sets}:aggregate_{sid}"]
+
+
+def input_stages(sid: str, plan: dict) -> list[str]:
+    """The stages that prepare and embed a set's out_dir: its own, a subset's committed set's, or dvc.yaml's."""
+    base = sid.removesuffix(SUBSET)
+    if sid in plan["input_keys"]:
+        owner, files = sid, plan_files(sid)
+    elif base != sid and base in read_plan(COMMITTED)["input_keys"]:
+        owner, files = base, COMMITTED
+    else:
+        return ["prepare", "embed"]
+    return [f"{files.sets}:{kind}_{owner}" for kind in ("prepare", "embed")]
+
+
+def _stage_files() -> list[Path]:
+    return [DVC_FILE, SETS_FILE] + ([SCRATCH.sets] if SCRATCH.sets.exists() else [])
 
 
 def _dvc(args: list[str]) -> list[str]:
@@ -299,8 +430,8 @@ def repro(sid: str, plan: dict, targets: list[str] | None = None) -> int:
     with a progress bar: one tick per stage DVC checks, named while it runs; the stages' own output
     passes through. Returns how many stages ran."""
     names = stage_names(sid, plan)
-    total = len(names) + (0 if sid in plan["input_keys"] else 2)   # dvc.yaml's prepare and embed
-    cmd = _dvc(["repro", *(targets or [f"{SETS_FILE}:aggregate_{sid}"])])
+    total = len(names) + (0 if sid in plan["input_keys"] else 2)   # the inputs of dvc.yaml or the committed set
+    cmd = _dvc(["repro", *(targets or [f"{plan_files(sid).sets}:aggregate_{sid}"])])
     print(f"+ dvc {' '.join(cmd[1:])}", flush=True)
     stage_line = re.compile(r"^(?:Running stage|Stage) '([^']+)'")
     ran = 0
@@ -316,7 +447,7 @@ def repro(sid: str, plan: dict, targets: list[str] | None = None) -> int:
                 tqdm.write(line.rstrip("\n"), file=sys.stdout)
         rc = proc.wait()
     if rc != 0:
-        raise Sa2crqError(f"{DVC_FILE}: `dvc repro` of comparison {sid!r} stopped (its error is above); "
+        raise Sa2crqError(f"{plan_files(sid).sets}: `dvc repro` of comparison {sid!r} stopped (its error is above); "
                           "`sa2crq compare` with the same flags resumes, finished stages are kept")
     return ran
 
@@ -347,10 +478,9 @@ def repro_parallel(sid: str, plan: dict, jobs: int) -> int:
     from dvc.repo import Repo
 
     names = stage_names(sid, plan)
-    inputs = [n for n in names if n.startswith(f"{SETS_FILE}:")][:-1] or ["prepare", "embed"]
-    ran = repro(sid, plan, inputs)
+    ran = repro(sid, plan, input_stages(sid, plan))
     with Repo() as repo:
-        stages = {stage.addressing: stage for path in (DVC_FILE, SETS_FILE) for stage in repo.stage.collect(str(path))}
+        stages = {stage.addressing: stage for path in _stage_files() for stage in repo.stage.collect(str(path))}
     for kind in ("train", "evaluate", "baseline"):
         stale = _stale([n for n in names if f":compare_{kind}@" in n])
         if not stale:
@@ -372,9 +502,9 @@ def repro_parallel(sid: str, plan: dict, jobs: int) -> int:
         done = [n for n, code in zip(stale, codes) if code == 0]
         failed = [n.split(":")[-1] for n, code in zip(stale, codes) if code != 0]
         if done and subprocess.call(_dvc(["commit", "--force", "--quiet", *done]), env=_dvc_env()) != 0:
-            raise Sa2crqError(f"{DVC_FILE}: `dvc commit` of comparison {sid!r} failed (its error is above)")
+            raise Sa2crqError(f"{plan_files(sid).runs}: `dvc commit` of comparison {sid!r} failed (its error is above)")
         if failed:
-            raise Sa2crqError(f"{DVC_FILE}: comparison {sid!r}: {', '.join(failed)} failed (errors above); the "
+            raise Sa2crqError(f"{plan_files(sid).runs}: comparison {sid!r}: {', '.join(failed)} failed (errors above); the "
                               "others are recorded, `sa2crq compare` with the same flags resumes")
         ran += len(stale)
     return ran + repro(sid, plan)
@@ -384,16 +514,16 @@ def stage_outs(repo, kind: str = "outs") -> dict[str, list[str]]:
     """The outputs (or `kind="deps"`: dependencies) of every comparison stage, by DVC target (one
     parse of each file: collecting stage by stage re-parses it each time)."""
     return {stage.addressing: [item.fs_path for item in getattr(stage, kind)]
-            for path in (DVC_FILE, SETS_FILE) for stage in repo.stage.collect(str(path))}
+            for path in _stage_files() for stage in repo.stage.collect(str(path))}
 
 
 def unrecorded_runs(sid: str, plan: dict) -> list[str]:
-    """Trained runs on disk that DVC would train again: missing from experiments/dvc.lock (finished
+    """Trained runs on disk that DVC would train again: missing from the set's dvc.lock (finished
     before the comparison ran on DVC) or with outputs that differ from it (trained outside DVC)."""
     from dvc.repo import Repo
 
-    lock_file = DVC_FILE.with_name("dvc.lock")
-    locked = (yaml.safe_load(lock_file.read_text()) or {}).get("stages", {}) if lock_file.exists() else {}
+    lock_file = plan_files(sid).runs.with_name("dvc.lock")
+    locked = (yaml.load(lock_file.read_text(), Loader=_LOADER) or {}).get("stages", {}) if lock_file.exists() else {}
     with Repo() as repo:
         outs = stage_outs(repo)
     trains = [n for n in stage_names(sid, plan) if ":compare_train@" in n]
@@ -419,7 +549,7 @@ def adopt(sid: str, plan: dict) -> dict:
     if done:
         rc = subprocess.call(_dvc(["commit", "--force", *done]), env=_dvc_env())
         if rc != 0:
-            raise Sa2crqError(f"{DVC_FILE}: `dvc commit` of comparison {sid!r} failed (its error is above)")
+            raise Sa2crqError(f"{plan_files(sid).runs}: `dvc commit` of comparison {sid!r} failed (its error is above)")
     return {"adopted": len(done), "to_run": missing}
 
 
@@ -432,28 +562,86 @@ def compare_command(params_file: str, overrides: list[str], names: str | None) -
     return " ".join(map(shlex.quote, args))
 
 
+def _selects(override: str) -> bool:
+    """Whether a -s override chooses what the comparison covers (SELECTION, or a section holding one)."""
+    name = override.partition("=")[0].strip()
+    return any(name == sel or sel.startswith(f"{name}.") or name.startswith(f"{sel}.") for sel in SELECTION)
+
+
+def subset_of(params: dict, params_file: str, overrides: list[str], variants: list[dict]) -> list[str]:
+    """How this comparison falls short of the full one, params_file's own eval.variants, eval.seeds and
+    eval.baselines under its own profile (the other overrides kept: -s dataset=climate-fever is still
+    full); empty for the full comparison. Order does not matter; a variant counts with its params."""
+    ref = load_params(params_file, [o for o in overrides if not _selects(o)])["eval"]
+    ev, own_variants = params["eval"], list(ref.get("variants") or [])
+    canon = lambda items: sorted(json.dumps(i, sort_keys=True, default=str) for i in items)  # noqa: E731
+    differs = []
+    if canon(variants) != canon(own_variants):
+        differs.append(f"variants {[v['name'] for v in variants]} of {len(own_variants)}")
+    for name in ("seeds", "baselines"):
+        if canon(ev[name]) != canon(ref[name]):
+            differs.append(f"{name} {list(ev[name])} of {list(ref[name])}")
+    return differs
+
+
+def _scratch_results(path: str, full: str) -> str:
+    """--results FILE: a .json inside the project (DVC records it) that is not the full comparison's."""
+    out = Path(path)
+    rel = Path(os.path.relpath(out.resolve(), Path.cwd().resolve())) if out.is_absolute() else out
+    if out.suffix != ".json" or rel.parts[:1] == ("..",):
+        raise Sa2crqError(f"--results {path}: must be a .json file inside the project (DVC records it; the curves "
+                          "go beside it as <name>-curves.png), e.g. --results outputs/my-look.json")
+    if os.path.normpath(rel) == os.path.normpath(full):
+        raise Sa2crqError(f"--results {path}: that is the full comparison's results file; a subset writes elsewhere")
+    return rel.as_posix()
+
+
 def run_compare(params: dict, params_file: str, overrides: list[str], opt_variants: str | None = None,
-                opt_adopt: bool = False, opt_jobs: int = 1) -> dict:
+                opt_adopt: bool = False, opt_jobs: int = 1, opt_results: str | None = None) -> dict:
     """`sa2crq compare`: write the set's plan, then `dvc repro` it, `opt_jobs` runs at a time (or,
-    with --adopt, record the runs already on disk without running anything)."""
+    with --adopt, record the runs already on disk without running anything).
+
+    The full comparison writes the committed plan and results/<dataset>.json; a subset (subset_of)
+    runs as '<set>__subset' in experiments/scratch/ and <out_dir>/<compare_dir>/_subset/, writing
+    its results file there or to `opt_results`, and says so before it starts."""
     if not DVC_FILE.exists():
         raise FileNotFoundError(f"{DVC_FILE}: missing (run `sa2crq compare` from the project root)")
     variants = pick_variants(list(params["eval"].get("variants") or []), opt_variants)
     if not variants and not params["eval"]["baselines"]:
         raise ConfigError("eval.variants", "no variants and no baselines to compare")
-    sid, entries = plan_set(params, params_file, overrides, variants,
-                            compare_command(params_file, overrides, opt_variants))
+    command = compare_command(params_file, overrides, opt_variants)
+    differs = subset_of(params, params_file, overrides, variants)
+    full_results = results_file(params).as_posix()
+    if not differs and opt_results:
+        raise Sa2crqError(f"--results {opt_results}: this is the full comparison of {params_file}, it writes "
+                          f"{full_results}; --results names the file of a subset (--variants, -s eval.seeds=[...], "
+                          "-s eval.baselines=[...])")
+    plan_overrides, results = list(overrides), None
+    if differs:
+        plan_overrides.append(f"eval.compare_dir={params['eval']['compare_dir']}/{SUBSET_DIR}")
+        params = load_params(params_file, plan_overrides)
+        results = _scratch_results(opt_results, full_results) if opt_results else None
+    sid, entries = plan_set(params, params_file, plan_overrides, variants, command, subset=bool(differs),
+                            results=results)
     write_plan(sid, entries)
-    plan = read_plan()
+    results = entries["sets"][sid]["results"]
+    note = {"full": not differs}
+    if differs:
+        note["note"] = (f"a subset of {params_file}'s comparison ({'; '.join(differs)}): planned in "
+                        f"{SCRATCH.plan.parent}/, results in {results}; {full_results} is written only by the "
+                        "full comparison")
+        print(f"sa2crq compare: {note['note']}", file=sys.stderr, flush=True)
+    plan = read_plan(plan_files(sid))
     if opt_adopt:
-        return {"set": sid, "plan": str(PLAN), **adopt(sid, plan)}
+        return {"set": sid, "plan": str(plan_files(sid).plan), **adopt(sid, plan), "results": results, **note}
     unrecorded = unrecorded_runs(sid, plan)
     if unrecorded:   # DVC would retrain them: hours of finished work
         names = ", ".join(n.split("@")[-1] for n in unrecorded[:3]) + (" ..." if len(unrecorded) > 3 else "")
-        raise Sa2crqError(f"comparison {sid!r}: {len(unrecorded)} trained run(s) on disk that {DVC_FILE.parent}/dvc.lock "
-                          f"does not record ({names}); `sa2crq compare --adopt` with the same flags records them "
-                          "as they are, or delete a run's folder to train it again")
+        raise Sa2crqError(f"comparison {sid!r}: {len(unrecorded)} trained run(s) on disk that "
+                          f"{plan_files(sid).runs.with_name('dvc.lock')} does not record ({names}); `sa2crq compare "
+                          "--adopt` with the same flags records them as they are, or delete a run's folder to train "
+                          "it again")
     ran = repro(sid, plan) if opt_jobs <= 1 else repro_parallel(sid, plan, opt_jobs)
     root = out_path(params, params["eval"]["compare_dir"])
     return {"set": sid, "stages_run": ran, "runs": len(variants) * len(params["eval"]["seeds"]),
-            "markdown": str(root / "results.md"), "results": plan["sets"][sid]["results"]}
+            "markdown": str(root / "results.md"), "results": results, **note}

@@ -166,7 +166,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from flows.compare_dvc import run_compare
 
     result = run_compare(_params(args), params_file=args.params, overrides=list(args.set),
-                     opt_variants=args.opt_variants, opt_adopt=args.opt_adopt, opt_jobs=args.opt_jobs)
+                     opt_variants=args.opt_variants, opt_adopt=args.opt_adopt, opt_jobs=args.opt_jobs,
+                     opt_results=args.opt_results)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -229,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated names from eval.variants (default: all); 'none' = the baselines only")
     s.add_argument("--jobs", "-j", dest="opt_jobs", type=_positive_int, default=1, metavar="N",
                    help="train / evaluate N runs at a time (default 1; dvc repro itself runs one stage at a time)")
+    s.add_argument("--results", dest="opt_results", metavar="FILE",
+                   help="a subset of the comparison (--variants, -s eval.seeds / eval.baselines): write its results "
+                        "file here (default <out_dir>/compare/_subset/results.json); results/<dataset>.json is "
+                        "written only by the full comparison")
     s.add_argument("--adopt", dest="opt_adopt", action="store_true",
                    help="record the runs already on disk as done (dvc commit) instead of running anything")
     s.set_defaults(func=cmd_compare)

@@ -1,6 +1,7 @@
 """`sa2crq compare` on DVC (experiments/dvc.yaml, flows/compare_dvc.py): what each run's stage
 depends on, adopting finished runs, and a stale plan. The runs' outputs are stand-in files here
-(`dvc commit` records them as `--adopt` does); test_compare_runs_through_dvc trains for real."""
+(`dvc commit` records them as `--adopt` does); test_compare_runs_through_dvc trains for real, a
+subset of the comparison that leaves the committed results and plan alone."""
 from __future__ import annotations
 
 import json
@@ -28,11 +29,16 @@ def _dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(["dvc", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
-def _project(root: Path, data: bool = False) -> Path:
-    """The files the comparison's stages name (code, params, experiments/dvc.yaml) in a git + DVC repo."""
+COMMITTED = ("experiments/compare.yaml", "experiments/sets/dvc.yaml", "experiments/dvc.lock",
+             "results/amazon-scientific.json", "results/amazon-scientific-curves.png")
+
+
+def _project(root: Path, data: bool = False, committed: bool = False) -> Path:
+    """The files the comparison's stages name (code, params, experiments/dvc.yaml) in a git + DVC repo;
+    `committed`: with the committed plan, its lock and the results files too."""
     for name in ("components", "flows"):
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("params.yaml", "experiments/dvc.yaml", ".dvc/config"):
+    for name in ("params.yaml", "experiments/dvc.yaml", ".dvc/config", *(COMMITTED if committed else ())):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, root / name)
     if data:
@@ -87,6 +93,11 @@ def _edit_params(root: Path, edit) -> None:
 
 @pytest.mark.slow   # real dvc commands (about 10-25 s)
 def test_dvc_reruns_only_the_runs_whose_params_they_read_changed(project: Path):
+    def smoke_lists(params: dict) -> None:      # BASE is then params.yaml's full comparison, not a subset
+        params["profile"] = "smoke"
+        params["profiles"]["smoke"]["eval"].update(seeds=[0, 1], baselines=["popular", "two_tower"])
+
+    _edit_params(project, smoke_lists)
     sid, plan = _plan(BASE)
     assert sid == "outputs_t"
     _stand_in_outputs(sid, plan)
@@ -168,10 +179,13 @@ def _summary(stdout: str) -> dict:
 
 @pytest.mark.slow
 def test_compare_runs_through_dvc(tmp_path):
-    """The real thing on the smoke slice: `sa2crq compare --jobs 2` reproduces its inputs, one run
-    and a baseline (each stage's command beside DVC, then `dvc commit`), then the aggregate; then
-    DVC finds every stage up to date."""
-    root = _project(tmp_path / "project", data=True)
+    """The real thing on the smoke slice: `sa2crq compare --jobs 2` of one variant and one seed
+    reproduces its inputs, the run and a baseline (each stage's command beside DVC, then `dvc
+    commit`), then the aggregate; then DVC finds every stage up to date. A subset (issue 27): its
+    plan is experiments/scratch/, its results <out_dir>/compare/_subset/results.json, and the
+    committed results/amazon-scientific.json and plan keep their bytes."""
+    root = _project(tmp_path / "project", data=True, committed=True)
+    before = {name: (root / name).read_bytes() for name in COMMITTED}
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                PYTHONPATH=str(root))
     cmd = [sys.executable, "-m", "sa2crq.cli", "compare", "--variants", "RQ-KMeans", "-s", "profile=smoke",
@@ -179,10 +193,14 @@ def test_compare_runs_through_dvc(tmp_path):
            "-s", "tokenizer.epochs_head=2", "-s", "tokenizer.epochs_tail=1", "-s", "retriever.epochs=1"]
     first = subprocess.run(cmd + ["--jobs", "2"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert _summary(first.stdout)["stages_run"] == 6          # prepare, embed, train, evaluate, popular, aggregate
-    doc = json.loads((root / "results" / "amazon-scientific.json").read_text())
+    summary = _summary(first.stdout)
+    assert summary["stages_run"] == 6          # prepare, embed, train, evaluate, popular, aggregate
+    assert summary["full"] is False and summary["results"] == "outputs-t/compare/_subset/results.json"
+    assert "results in outputs-t/compare/_subset/results.json" in first.stderr
+    assert {name: (root / name).read_bytes() for name in COMMITTED} == before
+    doc = json.loads((root / summary["results"]).read_text())
     assert [r["name"] for r in doc["rows"]] == ["RQ-KMeans", "most popular"]
     assert doc["command"] == "sa2crq " + shlex.join(cmd[3:])          # as typed, --jobs aside
-    assert "compare outputs_t" in first.stderr                           # the progress bar
-    status = _dvc(["status", "--json", "experiments/dvc.yaml", "experiments/sets/dvc.yaml"], root)
+    assert "compare outputs_t__subset" in first.stderr                   # the progress bar
+    status = _dvc(["status", "--json", "experiments/scratch/dvc.yaml"], root)
     assert status.returncode == 0 and json.loads(status.stdout) == {}      # what --jobs ran, DVC records as done

@@ -67,14 +67,14 @@ def input_digests(params: dict) -> dict[str, str]:
     return out
 
 
-def write_results_file(table: pd.DataFrame, params: dict, seeds: list[int], command: str, inputs: dict[str, str]
-                       ) -> Path:
-    """Write <eval.results_dir>/<dataset>.json atomically; returns its path."""
+def write_results_file(table: pd.DataFrame, params: dict, seeds: list[int], command: str, inputs: dict[str, str],
+                       path: Path | None = None) -> Path:
+    """Write `path` (default <eval.results_dir>/<dataset>.json) atomically; returns it."""
     ev = params["eval"]
     k = int(ev["headline_k"])
     doc = {"dataset": params["dataset"], "command": command, "seeds": [int(s) for s in seeds],
            "split": "test", "k": k, "retriever_beam": int(params["retriever"]["beam"]), "inputs": inputs,
            "rows": result_rows(table, k)}
-    path = Path(str(ev.get("results_dir") or "results")) / f"{params['dataset']}.json"
+    path = path or Path(str(ev.get("results_dir") or "results")) / f"{params['dataset']}.json"
     write_json(doc, path)
     return path
