@@ -254,9 +254,9 @@ def train_tokenizer(method: str, x: np.ndarray, workdir: Path, seed: int = 0, ep
     import pandas as pd
 
     from components.data.prepare import label_groups
+    from components.pipeline.stages import get_step
     from components.runtime.atomic import write_npy, write_parquet
     from components.runtime.config import load_params
-    from components.runtime.stages import get_step
     from components.tokenizers.sid_tokenizer import load_tokenizer, save_tokenizer
 
     params = load_params(ROOT / "params.yaml", [

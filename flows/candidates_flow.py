@@ -30,9 +30,9 @@ from components.data.readers import read_table
 from components.data.values import is_null
 from components.retrieval.retrieve import CANDIDATE_COLUMNS, retrieve
 from components.runtime.atomic import write_json, write_parquet
-from components.runtime.config import out_path
 from components.runtime.errors import DataError, Sa2crqError
 from components.runtime.locks import lock_folder
+from components.runtime.paths import out_path
 from components.serving.history import exclude_history
 from flows.flow_params import apply_overrides, flow_run_name
 from flows.tracking import log_metrics, wandb_run

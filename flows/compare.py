@@ -31,9 +31,10 @@ from components.evaluation.report import metric_label, sid_stats_row
 from components.evaluation.results_file import input_digests, write_results_file
 from components.evaluation.training_curves import gather_curves, write_curves
 from components.runtime.atomic import atomic_path, write_json
-from components.runtime.config import deep_merge, out_path
+from components.runtime.config import deep_merge
 from components.runtime.errors import ConfigError
 from components.runtime.locks import lock_out_dir
+from components.runtime.paths import out_path
 from components.runtime.runtime_env import set_offline_defaults
 from components.tokenizers.sid_tokenizer import STAGE2_METHODS
 from components.tokenizers.tokenizer_stages import SARQ_METHODS
@@ -181,7 +182,7 @@ def _link_inputs(params: dict, scratch: Path) -> None:
 
 def train_variant(params: dict, variant: dict, seed: int) -> None:
     """Train one variant for one seed in its scratch folder (the compare_train stage)."""
-    from components.runtime.stages import get_step
+    from components.pipeline.stages import get_step
 
     p = variant_params(params, variant, seed)
     _link_inputs(params, Path(p["out_dir"]))

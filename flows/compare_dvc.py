@@ -34,8 +34,9 @@ import yaml
 from tqdm import tqdm
 
 from components.runtime.atomic import atomic_path
-from components.runtime.config import load_params, out_path
+from components.runtime.config import load_params
 from components.runtime.errors import ConfigError, Sa2crqError, UnknownNameError
+from components.runtime.paths import out_path
 from flows.compare import (
     SEEDED_BASELINES,
     aggregate,
@@ -361,7 +362,7 @@ def load_set(sid: str) -> tuple[dict, list[dict], dict]:
 def run_step(kind: str, sid: str, variant: str | None = None, seed: int | None = None,
              baseline: str | None = None) -> dict:
     """`sa2crq compare-step KIND --set S ...`: what one stage of experiments/dvc.yaml runs."""
-    from components.runtime.stages import get_step
+    from components.pipeline.stages import get_step
 
     params, variants, entry = load_set(sid)
     if kind in ("prepare", "embed"):

@@ -6,7 +6,8 @@ import json
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from components.runtime.config import out_path, params_hash
+from components.runtime.config import params_hash
+from components.runtime.paths import out_path
 from flows.flow_params import apply_overrides, flow_run_name
 from flows.tasks import run_and_log
 from flows.tracking import flatten, numeric

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from prefect import flow
 
+from components.pipeline.steps import STEPS
 from components.runtime.errors import Sa2crqError, UnknownNameError
-from components.runtime.steps import STEPS
 from flows.evaluate_flow import evaluate_flow
 from flows.flow_params import apply_overrides, flow_run_name
 from flows.step_io import metric_files

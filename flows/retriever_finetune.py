@@ -22,8 +22,8 @@ from components.retrieval.best_epoch import Loaders, fit_best_epoch
 from components.retrieval.retriever import RetrieverModel, RetrieverModule, save_retriever
 from components.retrieval.retriever_data import BucketBatchSampler, ExampleDataset, Examples
 from components.retrieval.retriever_train import VAL_K, prepare_training, trainer_args
-from components.runtime.config import out_path
 from components.runtime.errors import DataError
+from components.runtime.paths import out_path
 from components.runtime.torch_files import load_weights
 from components.tokenizers.sid_vocab import N_SPECIAL, SidVocab
 

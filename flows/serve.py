@@ -54,9 +54,9 @@ def build_deployment(params: dict, params_file: str = "params.yaml", overrides: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from components.runtime.errors import guarded
     from components.runtime.prefect_api import check_prefect_api
     from components.runtime.runtime_env import set_offline_defaults
-    from sa2crq.cli import guarded
 
     set_offline_defaults()
     ap = argparse.ArgumentParser(description="Serve the retrain flow (event trigger and / or cron).")

@@ -8,7 +8,7 @@ must be what params.yaml gives: an override there is refused (one ConfigError na
 since it would not reach them (a key no stage up to the step reads is the flow's own, e.g.
 `flows.*`); `sa2crq run -s key=value` (dvc exp run) is the way to run the
 pipeline with one. On any other out_dir (tests, scratch runs, sweep points) the flow calls the
-step functions (components.runtime.stages) directly, with no cache of its own.
+step functions (components.pipeline.stages) directly, with no cache of its own.
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from functools import cache
 from pathlib import Path
 
 from components.runtime.atomic import path_error
-from components.runtime.config import load_params, out_path
+from components.runtime.config import load_params
 from components.runtime.errors import ConfigError, Sa2crqError
+from components.runtime.paths import out_path
 from components.runtime.resolved_params import RESOLVED_FILE
 
 ROOT = Path(__file__).resolve().parents[1]

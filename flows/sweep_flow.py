@@ -38,9 +38,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from components.runtime.atomic import atomic_path, write_parquet
-from components.runtime.config import out_path, override_layer, params_hash, parse_value
+from components.runtime.config import override_layer, params_hash, parse_value
 from components.runtime.errors import ConfigError
 from components.runtime.locks import lock_out_dir
+from components.runtime.paths import out_path
 from flows.flow_params import apply_overrides, flow_run_name
 from flows.step_io import ROOT, dvc_project
 from flows.tasks import run_steps

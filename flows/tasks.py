@@ -3,7 +3,7 @@
 A task runs one step where it belongs (flows/step_io.py): on the pipeline's out_dir (`outputs/`
 of the DVC project) as `dvc repro <step>`, so DVC and dvc.lock decide what is up to date and a
 rerun after a crash runs only what DVC finds stale; elsewhere by calling the same
-`run_<step>(params)` as the DVC stage and the CLI (components.runtime.stages.get_step), every time.
+`run_<step>(params)` as the DVC stage and the CLI (components.pipeline.stages.get_step), every time.
 - Retries: IO-ish steps (prepare, embed) retry `flows.retries` times on transient errors;
   bad input (DataError, ConfigError, missing files; a DVC stage that exits 2) fails at once.
 - Run names carry the params hash; each step publishes its summary and metrics files as
@@ -19,10 +19,10 @@ from prefect import Task, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from components.pipeline.stages import STEPS, get_step
 from components.runtime.config import params_hash
 from components.runtime.errors import Sa2crqError
 from components.runtime.locks import lock_out_dir
-from components.runtime.stages import STEPS, get_step
 from flows.step_io import check_stage_params, dvc_project, dvc_repro, metric_files
 from flows.tracking import flatten, log_flow
 

@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from components.runtime.config import out_path, params_hash, wandb_dir
+from components.runtime.config import params_hash
+from components.runtime.paths import out_path, wandb_dir
 
 _NESTED: contextvars.ContextVar[bool] = contextvars.ContextVar("sa2crq_wandb_nested", default=False)
 

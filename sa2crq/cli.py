@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+from components.runtime.errors import guarded
 from components.runtime.runtime_env import set_offline_defaults
 
 EPILOG = """examples:
@@ -37,8 +38,8 @@ def _params(args: argparse.Namespace) -> dict:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
+    from components.pipeline.stages import get_step
     from components.runtime.locks import launched_rank
-    from components.runtime.stages import get_step
 
     params = _params(args)
     summary = get_step(args.name)(params)
@@ -55,7 +56,7 @@ def cmd_resolve_params(args: argparse.Namespace) -> int:
 
 
 def cmd_steps(args: argparse.Namespace) -> int:
-    from components.runtime.steps import STEPS
+    from components.pipeline.steps import STEPS
 
     for name, step in STEPS.items():
         print(f"{name:16s} {step.__doc__}")
@@ -301,24 +302,6 @@ def _positive_int(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return int(text)
-
-
-def guarded(run: Callable[[], int], debug: bool = False) -> int:
-    """The error boundary of every entry point (CLI, DVC stages, the flow server).
-
-    An expected failure (Sa2crqError: bad params, bad input, a busy output folder; a missing
-    file) prints one line and returns exit status 2; with debug or
-    SA2CRQ_DEBUG=1 it is raised with its traceback. Any other exception is a bug and keeps
-    its traceback."""
-    from components.runtime.errors import Sa2crqError
-
-    try:
-        return run()
-    except (Sa2crqError, FileNotFoundError) as exc:
-        if debug or os.environ.get("SA2CRQ_DEBUG", "") not in ("", "0"):
-            raise
-        print(f"sa2crq: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

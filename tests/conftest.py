@@ -33,7 +33,7 @@ def smoke_params(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def smoke_embedded(smoke_params) -> dict:
     """Smoke params after the real prepare and embed steps ran once for the session."""
-    from components.runtime.stages import get_step
+    from components.pipeline.stages import get_step
 
     get_step("prepare")(smoke_params)
     get_step("embed")(smoke_params)

@@ -38,7 +38,7 @@ def no_step(monkeypatch):
     def refuse(name):
         raise AssertionError(f"step {name} ran: the params check let a bad value through")
 
-    monkeypatch.setattr("components.runtime.stages.get_step", refuse)
+    monkeypatch.setattr("components.pipeline.stages.get_step", refuse)
 
 
 # ---- params.yaml as committed ----------------------------------------------------------------
@@ -160,7 +160,7 @@ def test_usage_errors_exit_2_and_bugs_keep_their_traceback(monkeypatch):
     def buggy(params):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("components.runtime.stages.get_step", lambda name: buggy)
+    monkeypatch.setattr("components.pipeline.stages.get_step", lambda name: buggy)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["stage", "prepare", "--params", PARAMS])
 

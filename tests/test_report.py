@@ -142,9 +142,9 @@ def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypa
     calls: list[tuple[str, str]] = []
     fake_step = _fake_steps(calls)
 
-    import components.runtime.stages
+    import components.pipeline.stages
 
-    monkeypatch.setattr(components.runtime.stages, "get_step", fake_step)
+    monkeypatch.setattr(components.pipeline.stages, "get_step", fake_step)
     params = dict(run_params, eval={**run_params["eval"], "baselines": ["popular"]})
     variants = [{"name": "A one", "params": {"tokenizer": {"method": "rqkmeans"}}}, {"name": "B", "params": {}}]
     table = _compare(params, variants, [0, 1])

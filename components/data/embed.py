@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from components.runtime.atomic import atomic_dir, write_json
-from components.runtime.config import out_path
+from components.runtime.paths import out_path
 from components.data.embed_cache import EmbedCache
 from components.runtime.runtime_env import set_offline_defaults
 

@@ -12,7 +12,7 @@ import pandas as pd
 
 from components.data.adapters import load_dataset
 from components.runtime.atomic import atomic_dir, write_json
-from components.runtime.config import out_path
+from components.runtime.paths import out_path
 from components.data.contract import ITEM_COLUMNS, QUERY_COLUMNS, SPLITS, validate_items, validate_queries
 from components.runtime.errors import ConfigError
 

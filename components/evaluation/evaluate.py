@@ -25,8 +25,9 @@ from components.evaluation.metrics import (
     recall_by_popularity_decile,
 )
 from components.runtime.atomic import write_json
-from components.runtime.config import out_path, params_hash, wandb_dir
+from components.runtime.config import params_hash
 from components.runtime.errors import ConfigError, DataError
+from components.runtime.paths import out_path, wandb_dir
 from components.runtime.runtime_env import set_offline_defaults
 from components.runtime.safe_load import load_matrix
 

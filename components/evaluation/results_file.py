@@ -57,7 +57,7 @@ def result_rows(table: pd.DataFrame, k: int) -> list[dict]:
 
 def input_digests(params: dict) -> dict[str, str]:
     """md5 of the prepared tables and embeddings the comparison read (what the rows were computed on)."""
-    from components.runtime.config import out_path
+    from components.runtime.paths import out_path
 
     out = {}
     for rel in ("prepared/items.parquet", "prepared/queries.parquet", "embeddings/items.npy"):

@@ -28,8 +28,8 @@ from components.retrieval.retriever_data import (
     load_inputs,
     query_examples,
 )
-from components.runtime.config import out_path
 from components.runtime.errors import ConfigError, DataError
+from components.runtime.paths import out_path
 from components.tokenizers.sid_vocab import SidCatalog, sid_string
 
 GROUP_ORDERS = ("popularity", "similarity")

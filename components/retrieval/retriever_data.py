@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from components.retrieval.query_encoders import HISTORY, TEXT
-from components.runtime.config import out_path
 from components.runtime.errors import DataError
+from components.runtime.paths import out_path
 from components.runtime.safe_load import load_matrix
 from components.tokenizers.sid_vocab import PAD, SidCatalog, SidVocab, load_sid_table
 

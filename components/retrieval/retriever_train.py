@@ -32,8 +32,8 @@ from components.retrieval.retriever_data import (
     training_pairs,
 )
 from components.runtime.atomic import atomic_path, write_json
-from components.runtime.config import out_path
 from components.runtime.errors import ConfigError
+from components.runtime.paths import out_path
 from components.runtime.runtime_env import set_offline_defaults
 from components.runtime.train_loggers import finish, training_loggers
 

@@ -32,6 +32,9 @@ from omegaconf.errors import OmegaConfBaseException
 from components.runtime.config_schema import check_params
 from components.runtime.errors import ConfigError, Sa2crqError
 
+# flows/versions.py, registry.py, retrain_flow.py still import out_path from here (being edited elsewhere)
+from components.runtime.paths import out_path as out_path  # noqa: F401
+
 DEFAULT_PARAMS = Path("params.yaml")
 KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 # Values a YAML document may hold once its aliases are expanded (each use of an alias counts its
@@ -307,14 +310,3 @@ def params_hash(params: dict, sections: tuple[str, ...] | None = None) -> str:
     view = {k: v for k, v in params.items() if not k.startswith("_") and (sections is None or k in sections)}
     blob = json.dumps(view, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
-
-
-def wandb_dir(params: dict) -> Path:
-    """Where W&B writes a run's files (wandb adds its own `wandb/` below): the run's out_dir, so an
-    experiment in another out_dir keeps its logs with its outputs; WANDB_DIR overrides."""
-    return Path(os.environ.get("WANDB_DIR") or out_path(params))
-
-
-def out_path(params: dict, *parts: str) -> Path:
-    """A path under the run's output folder (never inside data/)."""
-    return Path(params.get("out_dir", "outputs")).joinpath(*parts)

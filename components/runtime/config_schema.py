@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError, cre
 from pydantic_core import PydanticCustomError
 
 from components.runtime.errors import ConfigError
-from components.runtime.steps import STEPS
+from components.runtime.step_names import STEP_NAMES
 
 # ---- rules: one value each; the message is what the key accepts --------------------------
 
@@ -389,8 +389,8 @@ Wandb = section(
 
 Sweep = section(
     "Sweep",
-    start=choice(*STEPS),
-    stop=choice(*STEPS),
+    start=choice(*STEP_NAMES),
+    stop=choice(*STEP_NAMES),
     report=rule("must be a list of metric key patterns",
                 lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
 )

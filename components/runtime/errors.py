@@ -1,7 +1,10 @@
-"""One error type for bad user input, so the CLI can print it plainly and exit non-zero."""
+"""One error type for bad user input, so the CLI can print it plainly and exit non-zero, and the
+boundary (`guarded`) that prints it: every entry point (the CLI, DVC stages, the flow server) uses it."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+import sys
+from collections.abc import Callable, Iterable
 
 
 class Sa2crqError(ValueError):
@@ -37,3 +40,19 @@ class UnknownNameError(Sa2crqError):
 
 class BusyError(Sa2crqError):
     """Another run holds the lock on this output folder (or the retrain lock)."""
+
+
+def guarded(run: Callable[[], int], debug: bool = False) -> int:
+    """The error boundary of every entry point (CLI, DVC stages, the flow server).
+
+    An expected failure (Sa2crqError: bad params, bad input, a busy output folder; a missing
+    file) prints one line and returns exit status 2; with debug or
+    SA2CRQ_DEBUG=1 it is raised with its traceback. Any other exception is a bug and keeps
+    its traceback."""
+    try:
+        return run()
+    except (Sa2crqError, FileNotFoundError) as exc:
+        if debug or os.environ.get("SA2CRQ_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"sa2crq: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2

@@ -1,6 +1,6 @@
 """One exclusive lock per output folder, so two runs never interleave their writes in it.
 
-Every step (components.runtime.stages.get_step), every flow that writes and the retrain registry
+Every step (components.pipeline.stages.get_step), every flow that writes and the retrain registry
 (flows/versions.py) hold `<folder>/.sa2crq.lock` (a `filelock` flock: the kernel drops it
 when the holder dies, so a killed run never leaves a stale lock) for as long as they write.
 A second process is refused at once with BusyError, or waits `SA2CRQ_LOCK_WAIT` seconds.
@@ -37,8 +37,8 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from components.runtime.atomic import PathError, is_temp_name, refused_as_path_error
-from components.runtime.config import out_path
 from components.runtime.errors import BusyError, Sa2crqError
+from components.runtime.paths import out_path
 
 LOCK_FILE = ".sa2crq.lock"
 WAIT_ENV = "SA2CRQ_LOCK_WAIT"   # seconds a run waits for a busy folder (default 0: refuse at once)

@@ -6,7 +6,7 @@ and ends in three chained tracebacks; it should stop in seconds, naming the URL.
 
 Prefect logs every failed task and flow run with its traceback (a bad new-items file gave 2-4 of
 them, 62-112 lines, before the CLI's one line). `flow_logging` drops those console records when
-the error is an expected one (what `sa2crq.cli.guarded` prints as one line); the records, with
+the error is an expected one (what `components.runtime.errors.guarded` prints as one line); the records, with
 their tracebacks, still go to the Prefect API (the run's logs) and to <out_dir>/logs/flows.log.
 A bug's traceback stays on the console.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from components.runtime.errors import Sa2crqError
 
-EXPECTED = (Sa2crqError, FileNotFoundError)   # what the CLI prints as one line (sa2crq.cli.guarded)
+EXPECTED = (Sa2crqError, FileNotFoundError)   # what the CLI prints as one line (components.runtime.errors.guarded)
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 FLOW_LOG = "flows.log"
 

@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 
 from components.runtime.atomic import atomic_path
-from components.runtime.config import out_path
 from components.runtime.locks import lock_out_dir
+from components.runtime.paths import out_path
 
 RESOLVED_FILE = "params.resolved.yaml"
 

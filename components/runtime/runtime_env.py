@@ -24,6 +24,6 @@ def set_offline_defaults(root: str | os.PathLike = ".") -> None:
     for key, value in _DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
-    wandb_dir = root / "runs" / "wandb"  # W&B's own cache and settings; runs go under out_dir (config.wandb_dir)
+    wandb_dir = root / "runs" / "wandb"  # W&B's own cache and settings; runs go under out_dir (paths.wandb_dir)
     for key in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         os.environ.setdefault(key, str(wandb_dir))

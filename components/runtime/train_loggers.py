@@ -11,8 +11,8 @@ import warnings
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
-from components.runtime.config import out_path, wandb_dir
 from components.runtime.locks import launched_rank
+from components.runtime.paths import out_path, wandb_dir
 
 
 def wandb_enabled(params: dict) -> bool:

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.runtime.config import out_path
 from components.runtime.errors import ConfigError
+from components.runtime.paths import out_path
 
 KEYS = ("host", "port", "max_batch", "max_wait_ms", "k_default", "k_max", "beam_default", "beam_max",
         "max_history_items", "max_text_chars", "max_body_bytes", "reload_every_s", "exclude_history",

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from components.runtime.atomic import write_torch
-from components.runtime.config import out_path
 from components.runtime.errors import ConfigError
+from components.runtime.paths import out_path
 from components.runtime.torch_files import load_weights
 from components.tokenizers.quantizer import ResidualQuantizer
 from components.tokenizers.rqvae import RQVAE

@@ -31,8 +31,9 @@ import pandas as pd
 import torch
 
 from components.runtime.atomic import write_json
-from components.runtime.config import out_path, params_hash
+from components.runtime.config import params_hash
 from components.runtime.errors import ConfigError, DataError
+from components.runtime.paths import out_path
 from components.runtime.safe_load import load_matrix
 from components.runtime.train_loggers import finish, training_loggers
 from components.tokenizers.acrq import anchored_model, check_curriculum, check_extensions

@@ -143,7 +143,7 @@ def test_run_refuses_a_set_dvc_would_write_differently(project, monkeypatch, cap
 def test_stage_resolve_params_and_flows_agree_on_the_precedence(smoke_project, monkeypatch, capsys, tmp_path):
     """Finding 4: `sa2crq stage`, `sa2crq resolve-params` and a flow's overrides all give -s the last word."""
     out = tmp_path / "out"
-    monkeypatch.setattr("components.runtime.stages.get_step",
+    monkeypatch.setattr("components.pipeline.stages.get_step",
                         lambda name: lambda params: {"beam": params["retriever"]["beam"]})
     assert main(["stage", "evaluate", "-s", "retriever.beam=5", "-s", f"out_dir={out}"]) == 0
     assert json.loads(capsys.readouterr().out) == {"beam": 5}
@@ -269,7 +269,7 @@ def test_stages_of_the_run_re_enter_its_lock(tmp_path):
 ])
 def test_schema_refuses_what_cannot_work(override, key, part, monkeypatch, capsys):
     """Findings 8 and 12: a value that diverges or crashes later stops up front with one line naming it."""
-    monkeypatch.setattr("components.runtime.stages.get_step", lambda name: pytest.fail(f"step {name} ran"))
+    monkeypatch.setattr("components.pipeline.stages.get_step", lambda name: pytest.fail(f"step {name} ran"))
     assert main(["stage", "train_retriever", "--params", str(PARAMS), "-s", override]) == 2
     line = one_line(capsys.readouterr().err)
     assert line.startswith(f"sa2crq: error: params.yaml '{key}': ") and part in line, line
@@ -317,7 +317,7 @@ def test_out_dir_must_not_be_a_system_folder_or_inside_data(out_dir, tmp_path, m
     line naming out_dir; nothing is created there."""
     out_dir = out_dir(tmp_path) if callable(out_dir) else out_dir
     monkeypatch.chdir(ROOT)   # data.root is `data`, relative to the project root
-    monkeypatch.setattr("components.runtime.stages.get_step", lambda name: pytest.fail(f"step {name} ran"))
+    monkeypatch.setattr("components.pipeline.stages.get_step", lambda name: pytest.fail(f"step {name} ran"))
     assert main(["stage", "prepare", "-s", f"out_dir={out_dir}"]) == 2
     line = one_line(capsys.readouterr().err)
     assert line.startswith(f"sa2crq: error: params.yaml 'out_dir': {out_dir}")

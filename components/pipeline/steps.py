@@ -1,10 +1,13 @@
-"""Step names and the functions behind them: DVC stages, flows, the CLI and the params
-schema (`flows.pipeline.start` / `stop`) read this one table. Each entry imports its module
-when it is called, with a plain import: the schema and `sa2crq --help` name the steps without
-loading torch, and no layer finds another through strings."""
+"""Step names and the functions behind them: DVC stages, flows and the CLI read this one table.
+Each entry imports its module when it is called, with a plain import: `sa2crq --help` names the
+steps without loading torch, and no layer finds another through strings. The names and their order
+are components/runtime/step_names.py (the params schema checks `flows.pipeline.start` / `stop`
+against them without importing this table); a step is a function here named there."""
 from __future__ import annotations
 
 from collections.abc import Callable
+
+from components.runtime.step_names import STEP_NAMES
 
 
 def prepare(params: dict) -> dict:
@@ -56,5 +59,4 @@ def evaluate(params: dict) -> dict:
     return run_evaluate(params)
 
 
-STEPS: dict[str, Callable[[dict], dict]] = {f.__name__: f for f in (
-    prepare, embed, train_head, train_tail, assign_ids, train_retriever, evaluate)}
+STEPS: dict[str, Callable[[dict], dict]] = {name: globals()[name] for name in STEP_NAMES}

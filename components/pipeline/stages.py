@@ -9,11 +9,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+from components.pipeline.steps import STEPS
 from components.runtime.atomic import out_of_space
-from components.runtime.config import out_path
 from components.runtime.errors import Sa2crqError, UnknownNameError
 from components.runtime.locks import lock_out_dir
-from components.runtime.steps import STEPS
+from components.runtime.paths import out_path
 
 
 def get_step(name: str) -> Callable[[dict], dict]:
