@@ -18,18 +18,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from components.evaluation.evaluate import (
-    baseline_label,
-    check_eval_params,
-    evaluate_all,
-    load_eval_inputs,
-    log_to_wandb,
-    slug,
-)
-from components.evaluation.metrics import GROUPS
+from components.baselines.labels import baseline_label
+from components.evaluation.evaluate import check_eval_params, evaluate_all, load_eval_inputs, log_to_wandb, slug
 from components.evaluation.report import metric_label, sid_stats_row
 from components.evaluation.results_file import input_digests, write_results_file
 from components.evaluation.training_curves import gather_curves, write_curves
+from components.ranking.metrics import GROUPS
 from components.runtime.atomic import atomic_path, write_json
 from components.runtime.config import deep_merge
 from components.runtime.errors import ConfigError

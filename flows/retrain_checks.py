@@ -5,7 +5,7 @@ Query sets (seeded samples, sizes from params flows.retrain):
 - old items' indexing queries: the item as its own query (a one-item history, or its text for
   text datasets), target = the item; the same kind of pair the retriever is trained on;
 - new items' indexing queries (there are no queries that target them yet).
-Recall@K is item-level (components.evaluation.metrics) over the retriever's generated ranking alone
+Recall@K is item-level (components.ranking.metrics) over the retriever's generated ranking alone
 (components.retrieval.retrieve.generated_ranking, no fusion): the fusion's text lists (zero-shot, BM25) find an
 item from its own text whatever the retriever learned, so they would hide what fine-tuning changed.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.evaluation.metrics import per_query_metrics, target_pairs, target_ranks
+from components.ranking.metrics import per_query_metrics, target_pairs, target_ranks
 from components.retrieval.retrieve import decode_queries, generated_ranking, group_order, ranked_frame
 
 

@@ -5,8 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.baselines.classic import bm25, bm25_query_texts, dense_zero_shot, most_popular, query_vectors
-from components.evaluation.metrics import check_ranked
+from components.baselines.classic import bm25, dense_zero_shot, most_popular, query_vectors
+from components.ranking.bm25 import bm25_query_texts
+from components.ranking.metrics import check_ranked
 from components.runtime.errors import DataError
 
 WORDS = ["microscope", "pipette", "beaker", "centrifuge", "thermometer", "glove", "goggles", "flask", "burette",
@@ -113,7 +114,7 @@ def test_two_tower_learns_next_item_and_is_deterministic(items, item_emb):
 
 
 def test_top_k_matches_a_stable_sort_with_ties():
-    from components.baselines.classic import top_k
+    from components.ranking.ranked import top_k
 
     rng = np.random.default_rng(0)
     for _ in range(50):

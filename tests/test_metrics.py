@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.evaluation.metrics import (
+from components.ranking.metrics import (
     bootstrap_ci,
     chance_by_length,
     chance_hallucination,

@@ -12,7 +12,7 @@ import torch
 
 from components.baselines import sasrec as sasrec_mod
 from components.evaluation import evaluate as evaluate_mod
-from components.evaluation.metrics import GROUPS
+from components.ranking.metrics import GROUPS
 from components.runtime.atomic import write_npy, write_parquet
 from components.runtime.config import deep_merge
 from components.runtime.errors import ConfigError

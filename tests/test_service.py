@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from test_retriever import tiny_params, write_catalog
 
-from components.evaluation.metrics import drop_history_items
+from components.ranking.metrics import drop_history_items
 from components.retrieval.retrieve import CANDIDATE_COLUMNS, retrieve
 from components.retrieval.retriever_train import run_train_retriever
 from components.runtime.errors import ConfigError

@@ -32,8 +32,9 @@ from unittest import mock
 import numpy as np
 import pandas as pd
 
-from components.baselines.classic import ranked_frame, top_k
-from components.evaluation.metrics import per_query_metrics, target_pairs, target_ranks
+from components.baselines.labels import baseline_label
+from components.ranking.metrics import per_query_metrics, target_pairs, target_ranks
+from components.ranking.ranked import ranked_frame, top_k
 from components.runtime.errors import ConfigError, DataError
 
 log = logging.getLogger("sa2crq.sasrec")
@@ -316,8 +317,6 @@ def run_sasrec(params: dict, data, k: int, text: bool) -> pd.DataFrame | None:
     epoch, validation metrics, curves, seconds) is in the frame's attrs["sasrec"].
     """
     import torch
-
-    from components.evaluation.evaluate import baseline_label
 
     label = baseline_label("sasrec_text" if text else "sasrec")
     cfg, seed, ev = sasrec_config(params), int(params["seed"]), params["eval"]

@@ -22,7 +22,8 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.nn import functional as F
 
-from components.baselines.classic import check_queries, dense_search, history_rows, item_rows
+from components.baselines.classic import dense_search
+from components.ranking.queries import check_queries, history_rows, item_rows
 from components.retrieval.best_epoch import fit_best_epoch, patience_param
 from components.retrieval.query_encoders import HISTORY, TEXT, QueryEncoder
 from components.runtime.errors import DataError

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.evaluation.metrics import (
+from components.baselines.labels import baseline_label
+from components.ranking.metrics import (
     GROUPS,
     drop_history_items,
     evaluate_ranked,
@@ -32,15 +33,8 @@ from components.runtime.runtime_env import set_offline_defaults
 from components.runtime.safe_load import load_matrix
 
 BASELINES = ("bm25", "dense", "popular", "two_tower", "sasrec", "sasrec_text")
-# row names of baselines whose key is not their name (components/baselines/sasrec.py); the others keep their key
-BASELINE_LABELS = {"sasrec": "SASRec", "sasrec_text": "SASRec + text"}
 HEADLINE = ("recall@{k}", "ndcg@{k}", "mrr@{k}", "recall@all", "ret_per", "hallucination", "hallucination@{k}",
             "hallucination_norm")
-
-
-def baseline_label(name: str) -> str:
-    """The row name of a baseline key in results, reports and the comparison."""
-    return BASELINE_LABELS.get(name, name)
 
 
 def slug(name: str) -> str:
@@ -166,7 +160,7 @@ def check_sid_version(params: dict) -> None:
 def run_generative(params: dict, test: pd.DataFrame) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     """Constrained and unconstrained ranked results of the trained retriever, and per-query hallucination.
 
-    Hallucination (components.evaluation.metrics.hallucination_table): over all B beams, over the top
+    Hallucination (components.ranking.metrics.hallucination_table): over all B beams, over the top
     eval.headline_k beams, and normalised by the chance rate of random SIDs of the same lengths,
     which needs the decoder's vocabulary (sids/meta.json codebook_sizes up to max_len, from which
     the retriever's vocabulary is built) and the issued SIDs (sids/sid_table.parquet).

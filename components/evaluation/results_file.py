@@ -3,7 +3,7 @@
 One row per method with each metric as {"mean", "std"} over seeds (std null for one seed;
 the hallucination metrics null for non-generative rows: `hallucination` over all beams,
 `hallucination@k` over the top k, `hallucination_norm` over the chance rate of random SIDs of
-the same lengths, see components.evaluation.metrics.hallucination_table), plus the command that produced
+the same lengths, see components.ranking.metrics.hallucination_table), plus the command that produced
 it, so the file stays true to the command it names.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from components.evaluation.metrics import GROUPS
+from components.ranking.metrics import GROUPS
 from components.runtime.atomic import write_json
 
 # baseline keys of eval.baselines -> their row names in the results file

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from components.baselines.classic import Bm25Index, bm25_query_texts
+from components.ranking.bm25 import Bm25Index, bm25_query_texts
 from components.retrieval.fusion import Ranked, dense_ranking, fuse
 from components.retrieval.retriever import RetrieverModel, decode, load_retriever
 from components.retrieval.retriever_data import (

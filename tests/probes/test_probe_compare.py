@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.evaluation.metrics import GROUPS
+from components.ranking.metrics import GROUPS
 from components.runtime.config import load_params
 from components.runtime.errors import Sa2crqError
 from flows import compare_dvc
