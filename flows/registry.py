@@ -28,6 +28,7 @@ still kept consistent when out_dir is the project's `outputs/` without git.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -50,6 +51,7 @@ FALLBACK_DIR = "registry"
 # the identity of commits and tags in a fallback registry (a repository only sa2crq writes)
 FALLBACK_USER = ("sa2crq registry", "sa2crq@localhost")
 _BUILD = re.compile(r"^[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*$")   # SemVer build metadata
+NAME_MAX = 100   # a version name is one folder name and part of a git tag: far below both limits
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,15 @@ def versioned_stages(root: Path) -> list[str]:
     return [name for name, stage in stages.items() if any(ours(o) for o in stage.get("outs") or [])]
 
 
+def check_version_name(version: object) -> str:
+    """A version name is GTO's SemVer build suffix and one plain folder name under versions/,
+    never a path (`../x`, `/abs`, `a/b`, `..`, empty): checked before anything moves."""
+    if not isinstance(version, str) or len(version) > NAME_MAX or not _BUILD.match(version):
+        raise Sa2crqError(f"version {version!r}: not a version name (letters, digits and '-', in parts joined by "
+                          f"single dots, at most {NAME_MAX} characters; never a path)")
+    return version
+
+
 def _md5(path: Path) -> str:
     digest = hashlib.md5()
     with path.open("rb") as fh:
@@ -107,15 +118,33 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _files(folder: Path) -> dict[str, str]:
+    """md5 of every file of the versioned folders under folder (the live out_dir or versions/<v>/)."""
+    return {p.relative_to(folder).as_posix(): _md5(p) for name in VERSIONED if (folder / name).is_dir()
+            for p in sorted((folder / name).rglob("*")) if p.is_file()}
+
+
+def _dir_md5(folder: Path) -> str:
+    """DVC's hash of a folder out (`<md5>.dir` in dvc.lock), from dvc_data's own tree."""
+    from dvc_data.hashfile.hash_info import HashInfo
+    from dvc_data.hashfile.tree import Tree
+
+    tree = Tree()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            tree.add(p.relative_to(folder).parts, None, HashInfo("md5", _md5(p)))
+    tree.digest()
+    return tree.hash_info.value
+
+
 def _write_state(reg: Registry, version: str) -> None:
     """Make the tracked file describe the live folders: dvc.lock by `dvc commit`, or the manifest."""
     if reg.dvc_root is not None:
         _run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet", *versioned_stages(reg.dvc_root)],
              reg.dvc_root)
     if reg.repo != reg.dvc_root:
-        files = {str(p.relative_to(reg.out_dir)): _md5(p) for name in VERSIONED if (reg.out_dir / name).is_dir()
-                 for p in sorted((reg.out_dir / name).rglob("*")) if p.is_file()}
-        write_json({"artifact": ARTIFACT, "version": version, "files": files}, reg.tracked, durable=True)
+        write_json({"artifact": ARTIFACT, "version": version, "files": _files(reg.out_dir)}, reg.tracked,
+                   durable=True)
 
 
 def _open(reg: Registry) -> None:
@@ -176,8 +205,7 @@ def _semver(gto_version: str):
 
 
 def _next(registered: dict[str, dict], version: str) -> str:
-    if not _BUILD.match(version):
-        raise Sa2crqError(f"version {version!r}: not usable as a GTO version suffix (letters, digits, '-', '.')")
+    check_version_name(version)
     known = [_semver(v["version"]) for v in registered.values()]
     base = max(known).bump_patch().version if known else "v0.0.1"
     return f"{base}+{version}"
@@ -219,6 +247,44 @@ def record_live(reg: Registry, version: str, what: str = "live") -> dict:
                          message=f"sa2crq: {_sid_version(other)} replaced by {version}")
     return {"repo": str(reg.repo), "version": version, "gto_version": gto_version, "stage": STAGE,
             "dvc_lock": str(reg.dvc_root / "dvc.lock") if reg.dvc_root else None}
+
+
+def registered_names(reg: Registry) -> set[str]:
+    """The SID versions the registry has ever registered (a retrain never reuses one)."""
+    return set(_registered(reg))
+
+
+def _registered_files(reg: Registry, commit: str) -> dict[str, str]:
+    """What the registration commit recorded for the versioned folders, path under out_dir -> md5:
+    the manifest's files, or dvc.lock's outs (a folder out: DVC's `.dir` hash)."""
+    text = _git(reg, "show", f"{commit}:{reg.tracked.relative_to(reg.repo).as_posix()}")
+    if reg.repo != reg.dvc_root:
+        return dict(json.loads(text)["files"])
+    prefix = f"{PIPELINE_OUT}/"
+    return {out["path"][len(prefix):]: str(out["md5"])
+            for stage in (yaml.safe_load(text) or {}).get("stages", {}).values() for out in stage.get("outs") or []
+            if str(out.get("path", "")).startswith(prefix) and "md5" in out
+            and out["path"][len(prefix):].split("/")[0] in VERSIONED}
+
+
+def registered_mismatch(reg: Registry, version: str, folder: Path) -> list[str] | None:
+    """None when `version` is not registered; else the paths under folder whose bytes differ from
+    what its registration recorded (missing and extra files included): [] when they all match."""
+    found = _registered(reg).get(version)
+    if found is None:
+        return None
+    expected = _registered_files(reg, found["commit_hexsha"])
+    if reg.repo != reg.dvc_root:
+        actual = _files(folder)
+        return sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k))
+
+    def current(rel: str, md5: str) -> str | None:
+        path = folder / rel
+        if md5.endswith(".dir"):
+            return _dir_md5(path) if path.is_dir() else None
+        return _md5(path) if path.is_file() else None
+
+    return sorted(rel for rel, md5 in expected.items() if current(rel, md5) != md5)
 
 
 def prod_version(reg: Registry) -> str | None:

@@ -10,7 +10,9 @@ that a killed run left half-done (flows/versions.py `recover`).
    grow only where a new item is farther than `grow_threshold` from every row of a layer;
 4. a candidate version in <out_dir>/versions/<new>/ (catalog, embeddings, tokenizer, SIDs;
    old SIDs checked unchanged), and the retriever fine-tuned there on the new items'
-   indexing pairs plus replayed old pairs (flows/retriever_finetune.py);
+   indexing pairs plus replayed old pairs (flows/retriever_finetune.py). <new> is the next free
+   `.r<N>` (flows/versions.py `next_version`: never a kept, registered or leftover name), and the
+   folder gets its UNCHECKED marker before anything else, removed only once the checks are decided;
 5. checks (flows/retrain_checks.py): old items' recall before vs after may not drop by more
    than `max_old_recall_drop`; the new items' recall is reported (and gated by `min_new_recall`);
 6. promotion when the checks pass (flows/versions.py): the live folders move to
@@ -20,14 +22,22 @@ that a killed run left half-done (flows/versions.py `recover`).
    with the reason.
 The decision goes to <out_dir>/metrics/retrain.json, versions/history.json, a Prefect
 markdown artifact and W&B.
+
+Each numeric step pins torch's thread count to the one its pipeline step uses (embedding:
+`embed.num_threads`; SIDs: `tokenizer.threads`; fine-tuning and checks: `retriever.num_threads`), so
+a retrain's floats depend on its params alone, not on what the process ran before (the fine-tune
+leaves 1 thread behind, so a second retrain in one process encoded and assigned on other threads).
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -43,11 +53,22 @@ from components.tokenizers.sid_table import changed_sids, read_sid_table
 from components.tokenizers.sid_tokenizer import assign_new_items, load_tokenizer
 from flows.catalog_update import read_new_items, write_candidate
 from flows.flow_params import apply_overrides, flow_run_name
+from flows.registry import check_version_name
 from flows.retrain_checks import decide, index_queries, recall_at, sample_rows, uses_history
 from flows.retriever_finetune import finetune_retriever
 from flows.tasks import is_transient
 from flows.tracking import log_artifact, log_metrics, wandb_run
-from flows.versions import live_version, next_version, promote, record, recover, show_versions, versions_dir
+from flows.versions import (
+    begin_candidate,
+    end_candidate,
+    live_version,
+    next_version,
+    promote,
+    record,
+    recover,
+    show_versions,
+    versions_dir,
+)
 
 
 def retrain_config(params: dict) -> dict:
@@ -64,6 +85,18 @@ def retrain_config(params: dict) -> dict:
     return cfg
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch on exactly n CPU threads for the block (the process's count is restored after): float
+    sums, and so vectors, SIDs and weights, can differ with the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @task(name="read-new-items", cache_policy=NO_CACHE)
 def read_items_task(path: str, base: Path) -> pd.DataFrame:
     return read_new_items(path, pd.read_parquet(base / "prepared" / "items.parquet"))
@@ -71,9 +104,11 @@ def read_items_task(path: str, base: Path) -> pd.DataFrame:
 
 @task(name="embed-new-items", retries=2, retry_delay_seconds=5, retry_condition_fn=is_transient, cache_policy=NO_CACHE)
 def embed_task(params: dict, texts: list[str]) -> np.ndarray:
-    """Through the run's vector cache: a retried or repeated retrain encodes each new text once."""
-    vectors, _ = encode_cached(texts, text_cache(params), int(params["embed"].get("cache_every_batches", 8)),
-                               **encode_settings(params))
+    """Through the run's vector cache: a retried or repeated retrain encodes each new text once, on the
+    embed step's threads."""
+    with torch_threads(int(params["embed"].get("num_threads", 2))):
+        vectors, _ = encode_cached(texts, text_cache(params), int(params["embed"].get("cache_every_batches", 8)),
+                                   **encode_settings(params))
     return vectors
 
 
@@ -88,10 +123,12 @@ def grow_threshold(cfg: dict, tokenizer, old_emb: np.ndarray) -> float | None:
 @task(name="assign-sids", cache_policy=NO_CACHE)
 def candidate_task(params: dict, cfg: dict, base: Path, cand: Path, new_items: pd.DataFrame,
                    new_emb: np.ndarray, version: str) -> dict:
-    """SIDs for the new items and the candidate's catalog, embeddings, tokenizer and SID table."""
-    tok = load_tokenizer(params)
-    threshold = grow_threshold(cfg, tok, load_matrix(base / "embeddings" / "items.npy"))
-    codes, _, grown = assign_new_items(tok, new_emb, threshold)
+    """SIDs for the new items and the candidate's catalog, embeddings, tokenizer and SID table (on the
+    assign_ids step's threads)."""
+    with torch_threads(int(params["tokenizer"].get("threads", 1))):
+        tok = load_tokenizer(params)
+        threshold = grow_threshold(cfg, tok, load_matrix(base / "embeddings" / "items.npy"))
+        codes, _, grown = assign_new_items(tok, new_emb, threshold)
     summary = write_candidate(base, cand, new_items, new_emb, codes, tok, version)
     return {**summary, "grow_threshold": threshold, "rows_added": grown["rows_added"]}
 
@@ -154,11 +191,13 @@ def retrain_flow(params: dict, opt_new_items: str, overrides: list[str] | None =
     base = out_path(params)
     with lock_folder(base):   # one writer per out_dir: steps, flows and other retrains wait or are refused
         recovered = recover(base)
-        old_version = live_version(base)
-        version = next_version(old_version)
+        old_version = check_version_name(live_version(base))
+        version = next_version(base, old_version)
         cand = versions_dir(base) / version
         new_items = read_items_task(str(opt_new_items), base)
         new_emb = embed_task(params, new_items["text"].tolist())
+        begin_candidate(cand, {"candidate": version, "previous": old_version, "new_items_file": str(opt_new_items),
+                               "why": "its retrain stopped before the checks finished"})
         sids = candidate_task(params, cfg, base, cand, new_items, new_emb, version)
         params_cand = {**params, "out_dir": str(cand)}
         new_ids = new_items["item_id"].tolist()
@@ -168,15 +207,15 @@ def retrain_flow(params: dict, opt_new_items: str, overrides: list[str] | None =
         promoted = bool(passed and cfg["promote"])
         if passed and not cfg["promote"]:
             reason += " (flows.retrain.promote is false: kept as a candidate)"
+        decision = {"new_items_file": str(opt_new_items), "previous": old_version, "candidate": version,
+                    "reason": reason, "sids": sids, "finetune": finetune, "checks": checks,
+                    "params_hash": params_hash(params)}
+        end_candidate(cand, decision, passed)
         if promoted:
             promote(base, version)
         registry = show_versions(base) if promoted else None
-        result = {"new_items_file": str(opt_new_items), "previous": old_version, "candidate": version,
-                  "live": version if promoted else old_version, "promoted": promoted, "reason": reason,
-                  "recovered_interrupted_promotion": recovered, "sids": sids, "finetune": finetune,
-                  "checks": checks, "registry": registry, "params_hash": params_hash(params)}
-        if not promoted:
-            write_json(result, cand / "NOT_PROMOTED.json")
+        result = {**decision, "live": version if promoted else old_version, "promoted": promoted,
+                  "recovered_interrupted_promotion": recovered, "registry": registry}
         record(base, {k: result[k] for k in ("previous", "candidate", "live", "promoted", "reason", "new_items_file")})
         write_json(result, out_path(params, "metrics", "retrain.json"))
     create_markdown_artifact(markdown=_markdown(result), key="retrain-decision", description=reason)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flows.registry import ARTIFACT, VERSIONED, registry_for
-from flows.versions import live_version, promote, show_versions
+from flows.versions import CHECKS_RECORD, live_version, promote, show_versions
 
 # one stage builds every versioned folder (the real pipeline splits it over six stages), and
 # evaluate reads the retriever, as the real evaluate does
@@ -77,6 +77,7 @@ def project(tmp_path) -> Path:
         (cand / name).mkdir(parents=True)
         (cand / name / "mark.txt").write_text("retrained")
     (cand / "sids" / "meta.json").write_text(json.dumps({"version": "v1.r1"}))
+    (cand / "retriever" / CHECKS_RECORD).write_text(json.dumps({"candidate": "v1.r1", "passed": True}))
     return repo
 
 
@@ -120,6 +121,7 @@ def _tree(root: Path, version: str, mark: str) -> None:
         (root / name).mkdir(parents=True, exist_ok=True)
         (root / name / "mark.txt").write_text(mark)
     (root / "sids" / "meta.json").write_text(json.dumps({"version": version}))
+    (root / "retriever" / CHECKS_RECORD).write_text(json.dumps({"candidate": version, "passed": True}))
 
 
 def test_cli_promote_rollback_and_versions_outside_the_project(tmp_path, capsys):

@@ -20,7 +20,7 @@ from components.runtime.locks import LOCK_FILE
 from components.tokenizers.sid_table import changed_sids, read_sid_table
 from flows.flow_params import apply_overrides
 from flows.retrain_checks import decide, index_queries, recall_at
-from flows.versions import JOURNAL, VERSIONED, live_version, promote, recover, run_recover, show_versions
+from flows.versions import CHECKS_RECORD, JOURNAL, VERSIONED, live_version, promote, recover, run_recover, show_versions
 
 # the smoke retriever is weak (old recall@10 of a few percent on 200 queries), so a drop of a
 # few queries is noise: the test allows 0.05 and checks the promotion path end to end
@@ -108,10 +108,12 @@ def test_decide_names_the_failing_check():
 
 
 def _version_tree(root: Path, version: str, mark: str) -> None:
+    """A version's folders; its retriever/ holds the record of passed retrain checks a candidate needs."""
     for name in VERSIONED:
         (root / name).mkdir(parents=True, exist_ok=True)
         (root / name / "mark.txt").write_text(mark)
     (root / "sids" / "meta.json").write_text(json.dumps({"version": version}))
+    (root / "retriever" / CHECKS_RECORD).write_text(json.dumps({"candidate": version, "passed": True}))
 
 
 def test_promote_swaps_and_rolls_back(tmp_path, monkeypatch):
