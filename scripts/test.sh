@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The test suite in two tiers: ruff and the fast tier (unit and property tests, about 2 minutes), then the
+# The test suite in two tiers: ruff, lint-imports and the fast tier (unit and property tests, about 2 minutes), then the
 # slow tier (real training: the smoke pipeline, cornac SASRec, DDP). Under 10 minutes on 2 cores in all.
-#   bash scripts/test.sh              lint, fast tier, slow tier (what CI runs)
+#   bash scripts/test.sh              lint (ruff, import layers), fast tier, slow tier (what CI runs)
 #   bash scripts/test.sh fast         lint and the fast tier only
 #   bash scripts/test.sh slow         the slow tier only
 #   bash scripts/test.sh [tier] ARGS  ARGS go to pytest, e.g. `bash scripts/test.sh fast -k sarq`
@@ -23,6 +23,8 @@ pytest_tier() {  # a tier that ARGS leave empty is not a failure (pytest exit 5:
 if [ "$tier" != slow ]; then
   echo "[test] ruff check"
   ruff check .
+  echo "[test] lint-imports (the layers in pyproject.toml [tool.importlinter], no import cycle)"
+  lint-imports --no-logo
   echo "[test] fast tier"
   pytest_tier "not slow" "$@"
 fi
