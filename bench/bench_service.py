@@ -1,7 +1,7 @@
 """Load test of the online service (`components/serving/`): QPS, p50 / p99 at 1-32 users, one promotion under load.
 
 The service runs in this process on a free loopback port (`ServerThread`), serving a temporary copy
-of --out-dir's live version (the folders a version is made of, `flows.versions.VERSIONED`; a
+of --out-dir's live version (the folders a version is made of, `components.lifecycle.versions.VERSIONED`; a
 promotion renames folders, so --out-dir itself is only read). locust (headless, a subprocess,
 FastHttpUser, no think time) sends the out_dir's test-split histories at beam --beam. Each point is
 bounded by --seconds and --max-requests. Two service configurations run in the same command:
@@ -9,7 +9,7 @@ bounded by --seconds and --max-requests. Two service configurations run in the s
 a ratio on the same noisy machine.
 
 Promotion under load: after the first configuration's sweep, a second version is prepared in the
-copy (`reissue`) and promoted with `flows.versions.promote` half-way through an extra point at
+copy (`reissue`) and promoted with `components.lifecycle.versions.promote` half-way through an extra point at
 --promote-users; the service's own poller (every --reload-every-s) swaps it in. Every request of
 the run must succeed (exit status 1 otherwise).
 
@@ -48,7 +48,7 @@ def request_bodies(out_dir: Path, n: int, k: int, beam: int) -> list[dict]:
 
 def copy_live(src: Path, dst: Path) -> Path:
     """The live version's folders of src, copied to dst (the benchmark promotes in its own copy)."""
-    from flows.versions import VERSIONED
+    from components.lifecycle.versions import VERSIONED
 
     for name in VERSIONED:
         shutil.copytree(src / name, dst / name)
@@ -65,10 +65,10 @@ def reissue(params: dict, out_dir: Path) -> str:
     import numpy as np
     import pandas as pd
 
+    from components.lifecycle.versions import live_version, next_version, versions_dir
     from components.retrieval.retriever import load_retriever, save_retriever
     from components.tokenizers.sid_tokenizer import load_tokenizer
     from flows.catalog_update import write_candidate
-    from flows.versions import live_version, next_version, versions_dir
 
     version = next_version(live_version(out_dir))
     cand = versions_dir(out_dir) / version
@@ -92,7 +92,7 @@ def wait_until(check: Callable[[], bool], what: str, timeout_s: float = 60) -> N
 def promote_midway(client, out_dir: Path, version: str, seconds: int) -> dict:
     """Once locust's requests arrive, let half the point pass, promote `version` and wait until
     the service serves it (its poller reloads; nothing here calls /admin/reload)."""
-    from flows.versions import promote
+    from components.lifecycle.versions import promote
 
     served = client.get("/stats").json()["requests"]
     wait_until(lambda: client.get("/stats").json()["requests"] > served, "locust's first request")
@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--p99-target-ms", type=float, default=50.0)
     args = ap.parse_args(argv)
     set_threads(args.threads)
+    from components.lifecycle.versions import live_version
     from components.runtime.config import load_params
-    from flows.versions import live_version
 
     load_start = os.getloadavg()
     source = Path(args.out_dir)

@@ -2,7 +2,7 @@
 
 `sa2crq retrain --new-items FILE` calls `retrain_flow(params=..., opt_new_items=FILE)`.
 The whole flow holds the out_dir lock (components/runtime/locks.py) and first rolls back a promotion
-that a killed run left half-done (flows/versions.py `recover`).
+that a killed run left half-done (components/lifecycle/versions.py `recover`).
 1. read the file (data contract item format) and check it; ids already in the catalog are refused;
 2. embed the new items with the project's encoder (components.data.embed.encode_cached: texts already
    in <out_dir>/embed_cache are not encoded again);
@@ -11,13 +11,13 @@ that a killed run left half-done (flows/versions.py `recover`).
 4. a candidate version in <out_dir>/versions/<new>/ (catalog, embeddings, tokenizer, SIDs;
    old SIDs checked unchanged), and the retriever fine-tuned there on the new items'
    indexing pairs plus replayed old pairs (flows/retriever_finetune.py). <new> is the next free
-   `.r<N>` (flows/versions.py `next_version`: never a kept, registered or leftover name), and the
+   `.r<N>` (components/lifecycle/versions.py `next_version`: never a kept, registered or leftover name), and the
    folder gets its UNCHECKED marker before anything else, removed only once the checks are decided;
 5. checks (flows/retrain_checks.py): old items' recall before vs after may not drop by more
    than `max_old_recall_drop`; the new items' recall is reported (and gated by `min_new_recall`);
-6. promotion when the checks pass (flows/versions.py): the live folders move to
+6. promotion when the checks pass (components/lifecycle/versions.py): the live folders move to
    versions/<old>/, the candidate's into place (journal first, so a kill at any point is
-   rolled back or finished), and the model registry (flows/registry.py: GTO, dvc.lock) names
+   rolled back or finished), and the model registry (components/lifecycle/registry.py: GTO, dvc.lock) names
    it prod; otherwise the live version stays and the candidate is kept in versions/<new>/
    with the reason.
 The decision goes to <out_dir>/metrics/retrain.json, versions/history.json, a Prefect
@@ -43,22 +43,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from components.data.embed import encode_cached, encode_settings, text_cache
-from components.retrieval.retriever import load_retriever
-from components.runtime.atomic import write_json
-from components.runtime.config import out_path, params_hash
-from components.runtime.errors import ConfigError
-from components.runtime.locks import lock_folder
-from components.runtime.safe_load import load_matrix
-from components.tokenizers.sid_table import changed_sids, read_sid_table
-from components.tokenizers.sid_tokenizer import assign_new_items, load_tokenizer
-from flows.catalog_update import read_new_items, write_candidate
-from flows.flow_params import apply_overrides, flow_run_name
-from flows.registry import check_version_name
-from flows.retrain_checks import decide, index_queries, recall_at, sample_rows, uses_history
-from flows.retriever_finetune import finetune_retriever
-from flows.tasks import is_transient
-from flows.tracking import log_artifact, log_metrics, wandb_run
-from flows.versions import (
+from components.lifecycle.registry import check_version_name
+from components.lifecycle.versions import (
     begin_candidate,
     end_candidate,
     live_version,
@@ -69,6 +55,21 @@ from flows.versions import (
     show_versions,
     versions_dir,
 )
+from components.retrieval.retriever import load_retriever
+from components.runtime.atomic import write_json
+from components.runtime.config import params_hash
+from components.runtime.errors import ConfigError
+from components.runtime.locks import lock_folder
+from components.runtime.paths import out_path
+from components.runtime.safe_load import load_matrix
+from components.tokenizers.sid_table import changed_sids, read_sid_table
+from components.tokenizers.sid_tokenizer import assign_new_items, load_tokenizer
+from flows.catalog_update import read_new_items, write_candidate
+from flows.flow_params import apply_overrides, flow_run_name
+from flows.retrain_checks import decide, index_queries, recall_at, sample_rows, uses_history
+from flows.retriever_finetune import finetune_retriever
+from flows.tasks import is_transient
+from flows.tracking import log_artifact, log_metrics, wandb_run
 
 
 def retrain_config(params: dict) -> dict:

@@ -21,12 +21,9 @@ from pathlib import Path
 from components.runtime.atomic import path_error
 from components.runtime.config import load_params
 from components.runtime.errors import ConfigError, Sa2crqError
-from components.runtime.paths import out_path
+from components.runtime.paths import DVC_FILE, PIPELINE_OUT, ROOT, out_path
 from components.runtime.resolved_params import RESOLVED_FILE
 
-ROOT = Path(__file__).resolve().parents[1]
-DVC_FILE = ROOT / "dvc.yaml"
-PIPELINE_OUT = "outputs"          # the out_dir that dvc.yaml's paths are written for
 STAGE_FAILED = 2                  # exit status of `sa2crq stage` on bad input / params / a busy folder
 
 

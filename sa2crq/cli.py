@@ -123,19 +123,19 @@ def _sweep(**kw) -> dict:
 
 
 def _recover(**kw) -> dict:
-    from flows.versions import run_recover
+    from components.lifecycle.versions import run_recover
 
     return run_recover(**kw)
 
 
 def _promote(**kw) -> dict:
-    from flows.versions import run_promote
+    from components.lifecycle.versions import run_promote
 
     return run_promote(**kw)
 
 
 def _versions(**kw) -> dict:
-    from flows.versions import run_versions
+    from components.lifecycle.versions import run_versions
 
     return run_versions(**kw)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.registry import ARTIFACT, VERSIONED, registry_for
-from flows.versions import CHECKS_RECORD, live_version, promote, show_versions
+from components.lifecycle.registry import ARTIFACT, VERSIONED, registry_for
+from components.lifecycle.versions import CHECKS_RECORD, live_version, promote, show_versions
 
 # one stage builds every versioned folder (the real pipeline splits it over six stages), and
 # evaluate reads the retriever, as the real evaluate does

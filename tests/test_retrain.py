@@ -15,12 +15,21 @@ import pytest
 import torch
 from test_flows import build_trained
 
+from components.lifecycle.versions import (
+    CHECKS_RECORD,
+    JOURNAL,
+    VERSIONED,
+    live_version,
+    promote,
+    recover,
+    run_recover,
+    show_versions,
+)
 from components.runtime.errors import BusyError, DataError
 from components.runtime.locks import LOCK_FILE
 from components.tokenizers.sid_table import changed_sids, read_sid_table
 from flows.flow_params import apply_overrides
 from flows.retrain_checks import decide, index_queries, recall_at
-from flows.versions import CHECKS_RECORD, JOURNAL, VERSIONED, live_version, promote, recover, run_recover, show_versions
 
 # the smoke retriever is weak (old recall@10 of a few percent on 200 queries), so a drop of a
 # few queries is noise: the test allows 0.05 and checks the promotion path end to end
@@ -117,13 +126,13 @@ def _version_tree(root: Path, version: str, mark: str) -> None:
 
 
 def test_promote_swaps_and_rolls_back(tmp_path, monkeypatch):
-    import flows.versions
+    import components.lifecycle.versions
 
     out = tmp_path / "out"
     _version_tree(out, "v1", "old")
     _version_tree(out / "versions" / "v1.r1", "v1.r1", "new")
     # a crash in the middle of the moves: everything goes back where it was
-    real_move, calls = flows.versions._move, []
+    real_move, calls = components.lifecycle.versions._move, []
 
     def failing(src: Path, dst: Path) -> None:
         calls.append(src)
@@ -131,10 +140,10 @@ def test_promote_swaps_and_rolls_back(tmp_path, monkeypatch):
             raise OSError("disk full")
         real_move(src, dst)
 
-    monkeypatch.setattr(flows.versions, "_move", failing)
+    monkeypatch.setattr(components.lifecycle.versions, "_move", failing)
     with pytest.raises(OSError):
         promote(out, "v1.r1")
-    monkeypatch.setattr(flows.versions, "_move", real_move)
+    monkeypatch.setattr(components.lifecycle.versions, "_move", real_move)
     assert live_version(out) == "v1" and (out / "retriever" / "mark.txt").read_text() == "old"
     assert (out / "versions" / "v1.r1" / "retriever" / "mark.txt").read_text() == "new"
     assert not (out / "versions" / JOURNAL).exists()
@@ -174,12 +183,12 @@ def _promotion_killed(out: Path, version: str, after_moves: int | None) -> None:
     """promote() in a forked process that SIGKILLs itself right after its `after_moves`-th rename
     (0: before the first, once the journal is written; all of them: before the journal says
     `moved`; None: inside the registry step, after every rename)."""
-    import flows.versions
+    import components.lifecycle.versions
 
     pid = os.fork()
     if pid == 0:
         try:
-            real_move, done = flows.versions._move, []
+            real_move, done = components.lifecycle.versions._move, []
 
             def move(src: Path, dst: Path) -> None:
                 if after_moves == 0:
@@ -192,8 +201,8 @@ def _promotion_killed(out: Path, version: str, after_moves: int | None) -> None:
             def register(reg, name: str) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-            flows.versions._move = move
-            flows.versions._register = register
+            components.lifecycle.versions._move = move
+            components.lifecycle.versions._register = register
             promote(out, version)
         finally:
             os._exit(1)
@@ -234,18 +243,18 @@ def test_promotion_killed_after_the_renames_is_finished(tmp_path):
 
 
 def test_promotion_journal_holds_the_whole_plan_before_the_first_move(tmp_path, monkeypatch):
-    import flows.versions
+    import components.lifecycle.versions
 
     out = tmp_path / "out"
     _version_tree(out, "v1", "old")
     _version_tree(out / "versions" / "v1.r1", "v1.r1", "new")
-    real_move, seen = flows.versions._move, []
+    real_move, seen = components.lifecycle.versions._move, []
 
     def move(src: Path, dst: Path) -> None:
         seen.append(json.loads((out / "versions" / JOURNAL).read_text())["moves"])
         real_move(src, dst)
 
-    monkeypatch.setattr(flows.versions, "_move", move)
+    monkeypatch.setattr(components.lifecycle.versions, "_move", move)
     promote(out, "v1.r1")
     assert len(seen) == 2 * len(VERSIONED) and all(plan == seen[0] for plan in seen)
     assert len(seen[0]) == 2 * len(VERSIONED)

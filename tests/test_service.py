@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 from test_retriever import tiny_params, write_catalog
 
+from components.lifecycle.versions import VERSIONED, promote
 from components.ranking.metrics import drop_history_items
 from components.retrieval.retrieve import CANDIDATE_COLUMNS, retrieve
 from components.retrieval.retriever_train import run_train_retriever
@@ -33,7 +34,6 @@ from components.serving.settings import serve_settings
 from components.serving.traffic import variant_for
 from components.serving.versions import LoadedVersion, VersionChanged, load_version
 from flows.candidates_flow import variant_task
-from flows.versions import VERSIONED, promote
 
 
 def _version(out: Path, name: str, epochs: int) -> dict:

@@ -32,9 +32,6 @@ from omegaconf.errors import OmegaConfBaseException
 from components.runtime.config_schema import check_params
 from components.runtime.errors import ConfigError, Sa2crqError
 
-# flows/versions.py, registry.py, retrain_flow.py still import out_path from here (being edited elsewhere)
-from components.runtime.paths import out_path as out_path  # noqa: F401
-
 DEFAULT_PARAMS = Path("params.yaml")
 KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 # Values a YAML document may hold once its aliases are expanded (each use of an alias counts its

@@ -1,7 +1,7 @@
 """One exclusive lock per output folder, so two runs never interleave their writes in it.
 
 Every step (components.pipeline.stages.get_step), every flow that writes and the retrain registry
-(flows/versions.py) hold `<folder>/.sa2crq.lock` (a `filelock` flock: the kernel drops it
+(components/lifecycle/versions.py) hold `<folder>/.sa2crq.lock` (a `filelock` flock: the kernel drops it
 when the holder dies, so a killed run never leaves a stale lock) for as long as they write.
 A second process is refused at once with BusyError, or waits `SA2CRQ_LOCK_WAIT` seconds.
 

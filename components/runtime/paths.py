@@ -1,9 +1,13 @@
-"""Where a run's files go: pure path helpers that import nothing of the project, so any module (a
+"""Where the project and a run's files are: pure path helpers that import nothing of the project, so any module (a
 step, a flow, the locks) can name a path under out_dir without loading the params schema."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]   # the project: dvc.yaml, params.yaml, .dvc/
+DVC_FILE = ROOT / "dvc.yaml"
+PIPELINE_OUT = "outputs"          # the out_dir that dvc.yaml's paths are written for
 
 
 def out_path(params: dict, *parts: str) -> Path:

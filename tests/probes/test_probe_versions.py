@@ -21,9 +21,7 @@ import pytest
 import torch
 
 import flows.retrain_flow as rf
-from components.runtime.errors import Sa2crqError
-from components.runtime.locks import LOCK_FILE
-from flows.versions import (
+from components.lifecycle.versions import (
     CHECKS_RECORD,
     JOURNAL,
     NOT_PROMOTED,
@@ -34,6 +32,8 @@ from flows.versions import (
     promote,
     show_versions,
 )
+from components.runtime.errors import Sa2crqError
+from components.runtime.locks import LOCK_FILE
 
 PARAMS = str(Path(__file__).resolve().parents[2] / "params.yaml")
 

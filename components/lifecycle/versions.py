@@ -3,7 +3,7 @@
 A version is the set of folders a retriever needs to serve: prepared/, embeddings/,
 tokenizer/, sids/, retriever/. Retraining builds a candidate in versions/<new>/; promotion
 moves the live folders to versions/<old>/ and the candidate's into place, then records it in
-the model registry (flows/registry.py: GTO tags `retriever@<v>` / `retriever#prod`, dvc.lock
+the model registry (components/lifecycle/registry.py: GTO tags `retriever@<v>` / `retriever#prod`, dvc.lock
 rewritten to describe the live files and committed). The registry is the record of which
 version is prod and where its bytes are; versions/<v>/ is the quick local byte store.
 
@@ -16,7 +16,7 @@ finishes the registry record instead (its steps are idempotent). The journal goe
 Promotion and recovery hold the out_dir lock (components/runtime/locks.py).
 
 Versions are immutable and named safely:
-- a version name is checked (flows/registry.py `check_version_name`) before anything moves: never a
+- a version name is checked (components/lifecycle/registry.py `check_version_name`) before anything moves: never a
   path; `recover` refuses a journal whose moves are not the plan's own folders of out_dir;
 - a retrain's candidate takes the next free `.r<N>` (`next_version`): above every name in
   versions/, in the registry and in versions/history.json, leftovers of killed retrains included;
@@ -33,12 +33,7 @@ import json
 import os
 from pathlib import Path
 
-from components.runtime.atomic import fsync_dir, write_json
-from components.runtime.config import out_path
-from components.runtime.errors import Sa2crqError
-from components.runtime.locks import lock_folder
-from components.tokenizers.sid_table import live_version
-from flows.registry import (
+from components.lifecycle.registry import (
     VERSIONED,
     Registry,
     check_version_name,
@@ -49,7 +44,11 @@ from flows.registry import (
     registry_for,
     show,
 )
-from flows.step_io import ROOT
+from components.runtime.atomic import fsync_dir, write_json
+from components.runtime.errors import Sa2crqError
+from components.runtime.locks import lock_folder
+from components.runtime.paths import ROOT, out_path
+from components.tokenizers.sid_table import live_version
 
 JOURNAL = "PROMOTING.json"
 HISTORY = "history.json"

@@ -41,7 +41,7 @@ import yaml
 
 from components.runtime.atomic import write_json
 from components.runtime.errors import Sa2crqError
-from flows.step_io import DVC_FILE, PIPELINE_OUT, ROOT
+from components.runtime.paths import DVC_FILE, PIPELINE_OUT, ROOT
 
 ARTIFACT = "retriever"
 STAGE = "prod"
