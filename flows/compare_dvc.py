@@ -37,8 +37,10 @@ from components.runtime.atomic import atomic_path
 from components.runtime.config import load_params
 from components.runtime.errors import ConfigError, Sa2crqError, UnknownNameError
 from components.runtime.paths import out_path
+from components.runtime.stage_deps import ImportGraph, code_diff, is_code, sync_dvc_file
 from flows.compare import (
     SEEDED_BASELINES,
+    TRAIN_STEPS,
     aggregate,
     baseline_file,
     baseline_keys,
@@ -62,11 +64,17 @@ SETS_FILE = DVC_FILE.parent / "sets" / "dvc.yaml"   # per set: aggregate_<set> (
 # plan sections keyed by stage item; the *_keys sections are the stages' params
 SECTIONS = ("sets", "runs", "baselines", "input_keys", "variant_keys", "eval_keys", "baseline_keys",
             "aggregate_keys")
-EMBED_CODE = ("components/data/embed.py", "components/data/embed_cache.py")
-PREPARE_CODE = ("components/data/prepare.py", "components/data/adapters.py", "components/data/contract.py", "components/data/readers.py",
-                "components/data/values.py")
-AGGREGATE_CODE = ("flows/compare.py", "components/evaluation/results_file.py", "components/evaluation/report.py",
-                  "components/evaluation/training_curves.py")
+# what each kind of comparison stage runs (`sa2crq compare-step KIND`); its code deps are the modules these
+# import (components/runtime/stage_deps.py), in experiments/dvc.yaml and sets/dvc.yaml alike (`sa2crq deps`)
+CODE_ROOTS = {
+    "prepare": ("step:prepare",),
+    "embed": ("step:embed",),
+    "train": ("flows.compare:train_variant", *(f"step:{step}" for step in TRAIN_STEPS)),
+    "evaluate": ("flows.compare:evaluate_variant",),
+    "baseline": ("flows.compare:run_baseline",),
+    "aggregate": ("flows.compare:aggregate",),
+}
+CODE_DIR = Path(__file__).resolve().parents[1]   # the project these modules are in
 TABLES = ("results.md", "results_long.csv", "summary.csv", "summary.json", "sid_stats.csv", "curves.csv", "curves.png")
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # libyaml: the committed plan is 2,000+ lines
 HEADER = ("# Written by `sa2crq compare` (flows/compare_dvc.py); read by experiments/dvc.yaml. Do not edit:\n"
@@ -121,6 +129,18 @@ def input_keys(params: dict) -> dict:
             "embed": {k: v for k, v in params["embed"].items() if k not in NOT_RUN_EMBED_KEYS}}
 
 
+def stage_kind(stage: str) -> str:
+    """What a comparison stage runs, by its name: compare_train (experiments/dvc.yaml) -> train,
+    aggregate_outputs_cf (sets/dvc.yaml) -> aggregate."""
+    return stage.removeprefix("compare_") if stage.startswith("compare_") else stage.split("_", 1)[0]
+
+
+def code_deps(kind: str) -> list[str]:
+    """The code deps of a comparison stage of this kind: every project module it imports, read from the
+    code that runs (CODE_DIR), whatever folder the plan is written in."""
+    return ImportGraph(CODE_DIR).code_deps(CODE_ROOTS[kind])
+
+
 def _input_deps(params: dict) -> list[str]:
     if params["dataset"] == "generic":
         files = [params["data"]["generic"][k] for k in ("items", "queries")]
@@ -130,7 +150,7 @@ def _input_deps(params: dict) -> list[str]:
                                               f"no such file: {missing}")
     else:
         files = [params["data"]["root"]]
-    return [*files, *PREPARE_CODE]
+    return [*files, *code_deps("prepare")]
 
 
 def _committed_inputs(out_dir: str, params: dict) -> bool:
@@ -170,7 +190,7 @@ def plan_set(params: dict, params_file: str, overrides: list[str], variants: lis
         stages[f"prepare_{sid}"] = {"cmd": f"sa2crq compare-step prepare --set {sid}", "wdir": "../..",
                                     "deps": _input_deps(params), "params": keys, "outs": [f"{out_dir}/prepared"]}
         stages[f"embed_{sid}"] = {"cmd": f"sa2crq compare-step embed --set {sid}", "wdir": "../..",
-                                  "deps": [f"{out_dir}/prepared", *EMBED_CODE], "params": keys,
+                                  "deps": [f"{out_dir}/prepared", *code_deps("embed")], "params": keys,
                                   "outs": [f"{out_dir}/embeddings"]}
     rel = dict(params, out_dir=out_dir)
     deps = [f"{out_dir}/prepared", f"{out_dir}/embeddings"]
@@ -201,7 +221,7 @@ def plan_set(params: dict, params_file: str, overrides: list[str], variants: lis
         "variants": [v["name"] for v in variants], "results": results}
     stages[f"aggregate_{sid}"] = {
         "cmd": f"sa2crq compare-step aggregate --set {sid}", "wdir": "../..",
-        "deps": deps + list(AGGREGATE_CODE), "params": [{files.plan.as_posix(): [f"aggregate_keys.{sid}"]}],
+        "deps": deps + code_deps("aggregate"), "params": [{files.plan.as_posix(): [f"aggregate_keys.{sid}"]}],
         "outs": tables + [{curves_file(Path(results)).as_posix(): {"cache": False}}],
         "metrics": [{results: {"cache": False}}]}
     plan["stages"] = stages
@@ -327,11 +347,34 @@ def write_plan(sid: str, entries: dict) -> None:
     for name in SECTIONS:
         plan[name] = _replace(plan[name], lambda k: k == sid or k.startswith(f"{sid}-"), entries[name])
     _dump(files.plan, plan, None)
-    stages = _replace(_set_stages(None, files), lambda k: k in _stage_keys(sid), entries["stages"])
+    _write_sets(files, _replace(_set_stages(None, files), lambda k: k in _stage_keys(sid), entries["stages"]))
+
+
+def _write_sets(files: PlanFiles, stages: dict) -> None:
+    """The sets file: the sets' stages (in scratch, after experiments/dvc.yaml's run stages)."""
     if files is SCRATCH:
         _dump(files.sets, {"vars": ["compare.yaml"], "stages": {**_scratch_run_stages(), **stages}}, False)
         return
     _dump(files.sets, {"stages": stages}, False)
+
+
+def sync_code_deps(check: bool = False) -> dict[str, dict[str, list[str]]]:
+    """Rewrite the code deps of every comparison stage from CODE_ROOTS: experiments/dvc.yaml's run stages
+    (its comments kept) and the sets' stages, as plan_set writes them (so load_set finds its plan
+    unchanged). Returns the stages whose code deps were off (`check`: and changes nothing)."""
+    run_stages = (yaml.safe_load(DVC_FILE.read_text()) or {})["stages"]
+    off = sync_dvc_file(DVC_FILE, {name: CODE_ROOTS[stage_kind(name)] for name in run_stages}, check, CODE_DIR)
+    for files in (COMMITTED, SCRATCH):
+        stages, changed = _set_stages(None, files), False
+        for name, stage in stages.items():
+            want = code_deps(stage_kind(name))
+            diff = code_diff(want, stage["deps"])
+            if diff is not None:
+                off[f"{files.sets.as_posix()}:{name}"], changed = diff, True
+                stage["deps"] = [d for d in stage["deps"] if not is_code(d)] + want
+        if changed and not check:
+            _write_sets(files, stages)
+    return off
 
 
 def load_set(sid: str) -> tuple[dict, list[dict], dict]:

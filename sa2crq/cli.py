@@ -63,6 +63,21 @@ def cmd_steps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deps(args: argparse.Namespace) -> int:
+    """Rewrite the code deps of dvc.yaml's and experiments/'s stages from the imports; --check: only check."""
+    from components.runtime.errors import Sa2crqError
+    from components.runtime.stage_deps import sync_dvc_file
+    from flows.compare_dvc import sync_code_deps
+
+    off = {**sync_dvc_file("dvc.yaml", check=args.check), **sync_code_deps(check=args.check)}
+    if args.check and off:
+        stage, diff = next(iter(off.items()))
+        raise Sa2crqError(f"{stage}: code deps differ from what it imports (missing {diff['missing'] or 'none'}, "
+                          f"not imported {diff['extra'] or 'none'}), {len(off)} stage(s) in all; run `sa2crq deps`")
+    print(json.dumps({"rewritten": list(off)} if off else {"up_to_date": True}, indent=2))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the DVC pipeline; --dataset / --profile / -s are passed as dvc exp params (checked first).
 
@@ -224,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("steps", help="list the pipeline steps and the functions behind them")
     s.set_defaults(func=cmd_steps)
+
+    s = sub.add_parser("deps", help="write the code deps of every DVC stage (dvc.yaml, experiments/) from the "
+                                    "modules it imports (components/runtime/stage_deps.py)")
+    s.add_argument("--check", action="store_true", help="change nothing; exit 2 naming a stage whose code deps are off")
+    s.set_defaults(func=cmd_deps)
 
     s = sub.add_parser("compare", parents=[common],
                        help="the paper's Table 1: train and evaluate every tokenizer variant in eval.variants over eval.seeds")
