@@ -106,11 +106,21 @@ def read_items_task(path: str, base: Path) -> pd.DataFrame:
 @task(name="embed-new-items", retries=2, retry_delay_seconds=5, retry_condition_fn=is_transient, cache_policy=NO_CACHE)
 def embed_task(params: dict, texts: list[str]) -> np.ndarray:
     """Through the run's vector cache: a retried or repeated retrain encodes each new text once, on the
-    embed step's threads."""
+    embed step's threads.
+
+    Texts equal up to `embed.max_chars` (one cache key) are encoded once and share the vector. Encoded
+    together, such duplicates can land in two batches, and a batch's padding moves a vector by ~1e-7:
+    the first retrain gave them two vectors and stored both under one key, every later retrain (from
+    the cache) gave both the one that key reads back, so the first retrain's model differed from the
+    rest (issue 25, finding 10)."""
+    settings = encode_settings(params)
+    cut = [str(t)[: settings["max_chars"]] for t in texts]
+    unique = list(dict.fromkeys(cut))
     with torch_threads(int(params["embed"].get("num_threads", 2))):
-        vectors, _ = encode_cached(texts, text_cache(params), int(params["embed"].get("cache_every_batches", 8)),
-                                   **encode_settings(params))
-    return vectors
+        vectors, _ = encode_cached(unique, text_cache(params), int(params["embed"].get("cache_every_batches", 8)),
+                                   **settings)
+    row = {text: i for i, text in enumerate(unique)}
+    return vectors[[row[text] for text in cut]]
 
 
 def grow_threshold(cfg: dict, tokenizer, old_emb: np.ndarray) -> float | None:

@@ -6,8 +6,9 @@
    retrain gave `.r1` twice and overwrote the kept one).
 3: a candidate that never passed its checks (killed retrain, failed checks, no record) is promoted
    only with --force, which says so; a registered version whose files changed is never promoted.
-10: the same retrain from the same base gives the same model: each numeric step of the retrain
-   runs on its configured thread count, not on what the process ran before.
+10: the same retrain from the same base gives the same model: new texts that share a cache key
+   are encoded once (the first retrain no longer gives duplicates two vectors that later retrains,
+   reading the cache, collapse to one), and each numeric step runs on its configured thread count.
 """
 from __future__ import annotations
 
@@ -223,6 +224,44 @@ def test_retrain_steps_run_on_their_configured_threads(smoke_params, monkeypatch
             assert seen == {"embed": 2, "assign": 1} and torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(ambient)
+
+
+def _embed_params(smoke_params: dict, out: Path) -> dict:
+    return {**smoke_params, "out_dir": str(out), "embed": {**smoke_params["embed"], "batch_size": 2, "cache": True}}
+
+
+# a long text, then one text twice, then a short one: in batches of 2, the duplicates fall in two batches
+TEXTS = ["a long description of laboratory glassware: beakers, flasks and pipettes", "a graduated cylinder",
+         "a graduated cylinder", "tongs"]
+
+
+def test_duplicate_new_texts_get_one_vector_fresh_or_cached(smoke_params, tmp_path, monkeypatch):
+    """Finding 10, the cause: two new items with one text (up to embed.max_chars) encoded in two
+    batches got two vectors (a batch's padding moves a vector), both stored under one cache key;
+    every later retrain read one vector back for both, so the first retrain's SIDs and model
+    differed from all later ones. The encoder here is a stand-in with that padding effect."""
+    import zlib
+
+    import components.data.embed as embed
+
+    def encode(texts, batch_size=64, max_chars=1000, normalize=True, progress=None):
+        longest = max(len(t) for t in texts)
+        return np.array([[zlib.crc32(t.encode()) % 997, 1e-3 * longest] + [0.0] * 382 for t in texts], np.float32)
+
+    monkeypatch.setattr(embed, "encode_texts", encode)
+    monkeypatch.setattr(embed, "one_shot_order", lambda texts, max_chars=1000: np.arange(len(texts)))
+    params = _embed_params(smoke_params, tmp_path / "out")
+    fresh = rf.embed_task.fn(params, TEXTS)
+    cached = rf.embed_task.fn(params, TEXTS)
+    assert np.array_equal(fresh[1], fresh[2]) and np.array_equal(fresh, cached)
+
+
+@pytest.mark.slow
+def test_duplicate_new_texts_real_encoder(smoke_params, tmp_path):
+    """The same with the real encoder: the first retrain's vectors are the ones a later one reads back."""
+    params = _embed_params(smoke_params, tmp_path / "out")
+    fresh = rf.embed_task.fn(params, TEXTS)
+    assert np.array_equal(fresh, rf.embed_task.fn(params, TEXTS)) and np.array_equal(fresh[1], fresh[2])
 
 
 RETRAIN = ["flows.retrain.lr=0.003", "flows.retrain.max_old_recall_drop=0.05", "flows.retrain.grow_threshold=null"]
