@@ -301,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("promote", parents=[common],
                        help="make a kept version (versions/<v>/) live and prod in the registry; an earlier one = rollback")
     s.add_argument("opt_version", metavar="VERSION", help="a version under <out_dir>/versions/ (`sa2crq versions` lists them)")
+    s.add_argument("--force", dest="opt_force", action="store_true",
+                   help="promote a candidate that never passed the retrain checks (the output and the registry say so)")
     s.set_defaults(func=cmd_flow(_promote, prefect=False))
 
     s = sub.add_parser("versions", parents=[common], help="the live version and the model registry (GTO versions, prod)")

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from test_retriever import tiny_params, write_catalog
 
-from components.lifecycle.versions import VERSIONED, promote
+from components.lifecycle.versions import VERSIONED, end_candidate, promote
 from components.ranking.metrics import drop_history_items
 from components.retrieval.retrieve import CANDIDATE_COLUMNS, retrieve
 from components.retrieval.retriever_train import run_train_retriever
@@ -165,6 +165,7 @@ def _stage_version(live: Path, src: Path, name: str) -> None:
             shutil.copytree(src / part, live / "versions" / name / part)
         else:  # the synthetic versions have no tokenizer; promotion moves every versioned folder
             (live / "versions" / name / part).mkdir(parents=True)
+    end_candidate(live / "versions" / name, {"source": "test"}, passed=True)  # as a retrain that passed its checks
 
 
 def test_reload_on_promotion_drops_no_request(versions):
