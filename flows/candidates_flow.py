@@ -33,6 +33,7 @@ from components.runtime.atomic import write_json, write_parquet
 from components.runtime.errors import DataError, Sa2crqError
 from components.runtime.locks import lock_folder
 from components.runtime.paths import out_path
+from components.runtime.safe_load import read_frame
 from components.serving.history import exclude_history
 from flows.flow_params import apply_overrides, flow_run_name
 from flows.tracking import log_metrics, wandb_run
@@ -115,7 +116,7 @@ def variant_task(params: dict, name: str, version: str, queries: pd.DataFrame, k
     and its group shares and coverage."""
     with tempfile.TemporaryDirectory(prefix=f"view-{name}-") as tmp:
         view = version_view(Path(version), out_path(params), Path(tmp) / "v")
-        items = pd.read_parquet(view / "prepared" / "items.parquet")
+        items = read_frame(view / "prepared" / "items.parquet")
         q = _known_history(queries, items)
         ranked = retrieve(params, q, beam=k, out_dir=view) if len(q) else pd.DataFrame(columns=CANDIDATE_COLUMNS)
         if exclude and len(q):

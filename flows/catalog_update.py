@@ -20,7 +20,7 @@ import pandas as pd
 from components.data.contract import ITEM_COLUMNS, check_writable, read_items
 from components.runtime.atomic import atomic_dir
 from components.runtime.errors import DataError
-from components.runtime.safe_load import load_matrix
+from components.runtime.safe_load import load_matrix, read_frame
 from components.tokenizers.sid_table import (
     assert_stable,
     collision_layer_size,
@@ -90,7 +90,7 @@ def with_collision_codes(old_table: pd.DataFrame, meta: dict,
 def write_candidate(base: Path, cand: Path, new_items: pd.DataFrame, new_emb: np.ndarray,
                     codes: list[list[int]], tokenizer: Tokenizer, version: str) -> dict:
     """Write prepared/, embeddings/, tokenizer/, sids/ of the candidate; returns SID counts."""
-    old_items = pd.read_parquet(base / "prepared" / "items.parquet")
+    old_items = read_frame(base / "prepared" / "items.parquet")
     old_table = read_sid_table(base / "sids" / "sid_table.parquet")
     meta = json.loads((base / "sids" / "meta.json").read_text())
     codes, collision_size = with_collision_codes(old_table, meta, codes)

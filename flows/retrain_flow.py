@@ -61,7 +61,7 @@ from components.runtime.config import params_hash
 from components.runtime.errors import ConfigError
 from components.runtime.locks import lock_folder
 from components.runtime.paths import out_path
-from components.runtime.safe_load import load_matrix
+from components.runtime.safe_load import load_matrix, read_frame
 from components.tokenizers.sid_table import changed_sids, read_sid_table
 from components.tokenizers.sid_tokenizer import assign_new_items, load_tokenizer
 from flows.catalog_update import read_new_items, write_candidate
@@ -100,7 +100,7 @@ def torch_threads(n: int) -> Iterator[None]:
 
 @task(name="read-new-items", cache_policy=NO_CACHE)
 def read_items_task(path: str, base: Path) -> pd.DataFrame:
-    return read_new_items(path, pd.read_parquet(base / "prepared" / "items.parquet"))
+    return read_new_items(path, read_frame(base / "prepared" / "items.parquet"))
 
 
 @task(name="embed-new-items", retries=2, retry_delay_seconds=5, retry_condition_fn=is_transient, cache_policy=NO_CACHE)
@@ -153,9 +153,9 @@ def finetune_task(params_cand: dict, base: Path, new_ids: list[str], cfg: dict):
 def checks_task(params: dict, cfg: dict, base: Path, cand: Path, model, new_ids: list[str]) -> dict:
     """Recall of old items before / after and of the new items after, plus SID stability."""
     k, seed = int(cfg["recall_k"]), int(params.get("seed", 0))
-    old_items = pd.read_parquet(base / "prepared" / "items.parquet")
-    cand_items = pd.read_parquet(cand / "prepared" / "items.parquet")
-    queries = pd.read_parquet(base / "prepared" / "queries.parquet")
+    old_items = read_frame(base / "prepared" / "items.parquet")
+    cand_items = read_frame(cand / "prepared" / "items.parquet")
+    queries = read_frame(base / "prepared" / "queries.parquet")
     history = uses_history(queries)
     test = sample_rows(queries[queries["split"] == "test"], int(cfg["eval_queries"]), seed)
     old_ids = sample_rows(old_items, int(cfg["eval_items"]), seed)["item_id"].astype(str).tolist()

@@ -25,6 +25,7 @@ from components.runtime.atomic import atomic_dir, write_json
 from components.runtime.paths import out_path
 from components.data.embed_cache import EmbedCache
 from components.runtime.runtime_env import set_offline_defaults
+from components.runtime.safe_load import read_frame
 
 EMBED_DIM = 384
 MODEL_NAME = "all-MiniLM-L6-v2"
@@ -140,8 +141,8 @@ def run_embed(params: dict) -> dict:
     the cache are reused (`n_encoded` counts the texts encoded this run)."""
     cfg = params["embed"]
     torch.set_num_threads(int(cfg.get("num_threads", 2)))
-    items = pd.read_parquet(out_path(params, "prepared", "items.parquet"), columns=["text"])
-    queries = pd.read_parquet(out_path(params, "prepared", "queries.parquet"), columns=["text", "emb_row"])
+    items = read_frame(out_path(params, "prepared", "items.parquet"), columns=["text"])
+    queries = read_frame(out_path(params, "prepared", "queries.parquet"), columns=["text", "emb_row"])
     text_queries = queries[queries["emb_row"] >= 0].sort_values("emb_row")
     kwargs = encode_settings(params)
     cache, chunk_batches = text_cache(params), int(cfg.get("cache_every_batches", 8))

@@ -30,7 +30,7 @@ from components.runtime.config import params_hash
 from components.runtime.errors import ConfigError, DataError
 from components.runtime.paths import out_path, wandb_dir
 from components.runtime.runtime_env import set_offline_defaults
-from components.runtime.safe_load import load_matrix
+from components.runtime.safe_load import load_matrix, read_frame
 
 BASELINES = ("bm25", "dense", "popular", "two_tower", "sasrec", "sasrec_text")
 HEADLINE = ("recall@{k}", "ndcg@{k}", "mrr@{k}", "recall@all", "ret_per", "hallucination", "hallucination@{k}",
@@ -57,8 +57,8 @@ class EvalInputs:
 def load_eval_inputs(params: dict) -> EvalInputs:
     """Read prepared items/queries and embeddings; fail with the file's name when one is off."""
     root = out_path(params)
-    items = pd.read_parquet(root / "prepared" / "items.parquet")
-    queries = pd.read_parquet(root / "prepared" / "queries.parquet")
+    items = read_frame(root / "prepared" / "items.parquet")
+    queries = read_frame(root / "prepared" / "queries.parquet")
     item_emb = load_matrix(root / "embeddings" / "items.npy")
     q_path = root / "embeddings" / "queries.npy"
     query_emb = load_matrix(q_path) if q_path.exists() else None
@@ -175,7 +175,7 @@ def run_generative(params: dict, test: pd.DataFrame) -> tuple[dict[str, pd.DataF
     sids = out_path(params, "sids")
     meta = json.loads((sids / "meta.json").read_text())
     sizes = [int(k) for k in meta["codebook_sizes"]][: int(meta["max_len"])]  # as retriever_data.load_inputs
-    issued = issued_by_length(pd.read_parquet(sids / "sid_table.parquet", columns=["codes"])["codes"])
+    issued = issued_by_length(read_frame(sids / "sid_table.parquet", columns=["codes"])["codes"])
     halluc = hallucination_table(generated, int(params["eval"]["headline_k"]), sizes, issued)
     return {method: constrained, f"{method} (unconstrained)": free}, halluc
 
@@ -205,7 +205,7 @@ def sid_section(params: dict) -> tuple[pd.DataFrame | None, dict[str, Path]]:
     table_path = root / "sids" / "sid_table.parquet"
     if not table_path.exists():
         return None, {}
-    items = pd.read_parquet(root / "prepared" / "items.parquet")
+    items = read_frame(root / "prepared" / "items.parquet")
     table = read_sid_table(table_path)
     meta = json.loads((root / "sids" / "meta.json").read_text())
     plots = {"SID length by group": root / "plots" / "sid_lengths.png",

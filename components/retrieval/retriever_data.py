@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Sampler
 from components.retrieval.query_encoders import HISTORY, TEXT
 from components.runtime.errors import DataError
 from components.runtime.paths import out_path
-from components.runtime.safe_load import load_matrix
+from components.runtime.safe_load import load_matrix, read_frame
 from components.tokenizers.sid_vocab import PAD, SidCatalog, SidVocab, load_sid_table
 
 KIND_TEXT, KIND_HISTORY = 0, 1
@@ -48,11 +48,11 @@ def load_inputs(params: dict, out_dir: str | Path | None = None, with_queries: b
     root = Path(out_dir) if out_dir is not None else out_path(params)
     items_file = root / "prepared" / "items.parquet"
     queries_file = root / "prepared" / "queries.parquet"
-    items = pd.read_parquet(items_file)
+    items = read_frame(items_file)
     for col in ("item_id", "popularity"):
         if col not in items.columns:
             raise DataError(items_file, "required column missing", column=col)
-    queries = pd.read_parquet(queries_file) if with_queries else pd.DataFrame()
+    queries = read_frame(queries_file) if with_queries else pd.DataFrame()
     item_emb = load_matrix(root / "embeddings" / "items.npy")
     query_path = root / "embeddings" / "queries.npy"
     query_emb = load_matrix(query_path) if query_path.exists() else np.zeros((0, item_emb.shape[1]), np.float32)

@@ -1,4 +1,4 @@
-"""Load the steps' .npy matrices safely: no pickles, and every damaged file a DataError naming it.
+"""Load the steps' .npy matrices and parquet tables safely: no pickles, and every damaged file a DataError naming it.
 
 np.load on a truncated file, an object array or a file that is not .npy at all raises a bare
 ValueError / EOFError; and a header that claims a huge shape makes it allocate that much before
@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 
 from components.runtime.errors import DataError
 
@@ -45,3 +47,17 @@ def _reason(exc: BaseException) -> str:
     if "mmap length" in text or "EOF" in text or isinstance(exc, EOFError) or "empty file" in text:
         return "truncated (the file is shorter than its header says)"
     return f"corrupt ({type(exc).__name__}: {text[:120]})"
+
+
+def read_frame(path: str | Path, columns: list[str] | None = None, rerun: str = "the step that writes it") -> pd.DataFrame:
+    """A parquet file the steps wrote, read with pandas; a truncated or corrupt one (or one that lacks
+    a column asked for) is a DataError naming it, where pyarrow's own error names neither the file
+    nor what to do. FileNotFoundError passes through: its caller says which step to run."""
+    path = Path(path)
+    try:
+        return pd.read_parquet(path, columns=columns)
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise DataError(path, f"not a readable parquet table ({reason}); run {rerun} again") from None

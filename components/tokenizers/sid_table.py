@@ -21,6 +21,7 @@ from components.data.readers import check_file, read_text
 from components.data.values import INT64_MAX
 from components.runtime.atomic import write_parquet
 from components.runtime.errors import DataError
+from components.runtime.safe_load import read_frame
 
 SID_COLUMNS = ("item_id", "codes", "length", "stage", "version")
 STAGES = ("head", "tail", "new", "import", "full")
@@ -66,7 +67,7 @@ def read_sid_table(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise DataError(str(path), "SID table not found (run assign_ids first)")
-    df = pd.read_parquet(path)
+    df = read_frame(path, rerun="assign_ids")
     for col in SID_COLUMNS:
         if col not in df.columns:
             raise DataError(str(path), f"missing column (file has: {', '.join(map(str, df.columns))})", column=col)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from components.runtime.errors import DataError
+from components.runtime.safe_load import read_frame
 
 PAD, BOS, END = 0, 1, 2
 N_SPECIAL = 3
@@ -195,7 +196,7 @@ def load_sid_table(sids_dir: str | Path, items: pd.DataFrame) -> tuple[pd.DataFr
     for p in (table_path, meta_path):
         if not p.exists():
             raise FileNotFoundError(f"{p}: missing (run the assign_ids step first)")
-    table = pd.read_parquet(table_path)
+    table = read_frame(table_path)
     meta = json.loads(meta_path.read_text())
     for col in ("item_id", "codes", "length"):
         if col not in table.columns:

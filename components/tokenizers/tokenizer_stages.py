@@ -34,7 +34,7 @@ from components.runtime.atomic import write_json
 from components.runtime.config import params_hash
 from components.runtime.errors import ConfigError, DataError
 from components.runtime.paths import out_path
-from components.runtime.safe_load import load_matrix
+from components.runtime.safe_load import load_matrix, read_frame
 from components.runtime.train_loggers import finish, training_loggers
 from components.tokenizers.acrq import anchored_model, check_curriculum, check_extensions
 from components.tokenizers.quantizer import ResidualQuantizer
@@ -216,7 +216,7 @@ def load_catalog(params: dict) -> tuple[pd.DataFrame, np.ndarray]:
     for path in (items_path, emb_path):
         if not path.exists():
             raise DataError(str(path), "not found (run the prepare and embed steps first)")
-    items = pd.read_parquet(items_path)
+    items = read_frame(items_path)
     for col in ("item_id", "popularity", "group"):
         if col not in items.columns:
             raise DataError(str(items_path), "missing column", column=col)

@@ -329,3 +329,22 @@ def test_a_truncated_checkpoint_is_one_line_naming_it(tmp_path):
     with pytest.raises(DataError, match="truncated or corrupt|refused") as info:
         load_weights(path)
     assert info.value.file == str(path)
+
+
+@pytest.mark.parametrize("step", ["embed", "train_head"])
+def test_a_truncated_prepared_parquet_stops_a_stage_with_one_line(tmp_path, capsys, step):
+    """Before: a truncated prepared/items.parquet gave pyarrow's ArrowInvalid traceback, which names
+    neither the file nor what to do."""
+    out = tmp_path / "out"
+    (out / "prepared").mkdir(parents=True)
+    (out / "embeddings").mkdir()
+    items = out / "prepared" / "items.parquet"
+    pd.DataFrame({"item_id": ["a", "b", "c"], "text": ["x", "y", "z"], "popularity": [3, 1, 0],
+                  "group": ["head", "tail", "cold"]}).to_parquet(items, index=False)
+    pd.DataFrame({"text": ["q"], "emb_row": [0]}).to_parquet(out / "prepared" / "queries.parquet", index=False)
+    np.save(out / "embeddings" / "items.npy", np.eye(3, 8, dtype=np.float32))
+    items.write_bytes(items.read_bytes()[:40])
+    code = main(["stage", step, "--params", str(ROOT / "params.yaml"), "-s", f"out_dir={out}"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"sa2crq: error: {items}: not a readable parquet"), lines
+    assert not (out / "tokenizer").exists()
