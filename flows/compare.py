@@ -30,8 +30,7 @@ from components.runtime.errors import ConfigError
 from components.runtime.locks import lock_out_dir
 from components.runtime.paths import out_path
 from components.runtime.runtime_env import set_offline_defaults
-from components.tokenizers.sid_tokenizer import STAGE2_METHODS
-from components.tokenizers.tokenizer_stages import SARQ_METHODS
+from components.tokenizers.registry import methods as tokenizer_methods
 
 TRAIN_STEPS = ("train_head", "train_tail", "assign_ids", "train_retriever")
 SEEDED_BASELINES = ("two_tower", "sasrec", "sasrec_text")
@@ -71,20 +70,29 @@ def _rows(method: str, seed: int, result: dict, hallucination: dict | None) -> l
 
 # Settings added after runs were cached, at the value that reproduces the behaviour before they
 # existed: left out of the run key, so adding a switch does not invalidate finished runs.
+# (the tokenizer's: each method's registration, tokenizer_tables())
 EARLIER_BEHAVIOUR = {("retriever", "item_head"): False, ("retriever", "fusion"): {"sources": "none"},
-                     ("tokenizer", "head_encoder"): "head", ("tokenizer", "stage2_items"): "tail_and_cold",
                      ("retriever", "item_head_encoder"): "shared", ("retriever", "cold_item_rows"): "learned",
-                     ("tokenizer", "accelerator"): "auto", ("retriever", "trainer", "num_nodes"): 1}
+                     ("retriever", "trainer", "num_nodes"): 1}
 # the same for the baselines' keys
 BASELINE_EARLIER_BEHAVIOUR = {("eval", "two_tower", "accelerator"): "auto", ("retriever", "trainer", "num_nodes"): 1}
 # keys read only when a switch is on: key path -> (switch path, test of the switch's value for "on")
 READ_ONLY_WHEN = {("retriever", "item_head_weight"): (("retriever", "item_head"), bool),
                   ("retriever", "item_head_encoder"): (("retriever", "item_head"), bool),
-                  ("retriever", "cold_item_rows"): (("retriever", "item_head"), bool),
-                  ("tokenizer", "sarq", "target_items_per_sid"): (("tokenizer", "sarq", "tau"),
-                                                                   lambda tau: tau == "auto")}
+                  ("retriever", "cold_item_rows"): (("retriever", "item_head"), bool)}
 # keys split off another later, left out of the run key while they equal it (the behaviour before the split)
 SPLIT_FROM = {("retriever", "fusion", "beam"): ("retriever", "beam")}
+
+
+def tokenizer_tables() -> tuple[tuple[str, ...], dict, dict]:
+    """From the tokenizer methods' registrations (components/tokenizers/registry.py): the method-specific
+    keys (any method's `reads`), and the EARLIER_BEHAVIOUR and READ_ONLY_WHEN entries under `tokenizer`."""
+    registered = tokenizer_methods().values()
+    specific = tuple(dict.fromkeys(k for m in registered for k in m.reads))
+    earlier = {("tokenizer", *path): v for m in registered for path, v in m.earlier_behaviour.items()}
+    only_when = {("tokenizer", *path): (("tokenizer", *switch), is_on)
+                 for m in registered for path, (switch, is_on) in m.read_only_when.items()}
+    return specific, earlier, only_when
 
 
 def _get(tree: dict, path: tuple[str, ...]) -> object:
@@ -122,14 +130,13 @@ def run_params_key(p: dict) -> dict:
     kept = copy.deepcopy({k: v for k, v in _public(p).items() if k not in OPERATIONAL_KEYS})
     kept["eval"] = {k: v for k, v in p["eval"].items() if k not in NOT_RUN_KEYS}
     kept["embed"] = {k: v for k, v in p.get("embed", {}).items() if k not in NOT_RUN_EMBED_KEYS}
-    method = p["tokenizer"].get("method")
-    unread = (() if method in SARQ_METHODS else ("sarq",)) + \
-        (() if method in STAGE2_METHODS else ("extension_sizes", "head_encoder", "stage2_items")) + \
-        (() if method == "import" else ("import_unknown",))
+    specific, tok_earlier, tok_only_when = tokenizer_tables()
+    method = tokenizer_methods().get(p["tokenizer"].get("method"))
+    unread = set(specific) - set(method.reads if method is not None else ())
     kept["tokenizer"] = {k: v for k, v in p["tokenizer"].items() if k not in unread}
     kept["retriever"] = copy.deepcopy(p["retriever"])
-    _drop_earlier_behaviour(kept, EARLIER_BEHAVIOUR)
-    for path, (switch, is_on) in READ_ONLY_WHEN.items():
+    _drop_earlier_behaviour(kept, {**EARLIER_BEHAVIOUR, **tok_earlier})
+    for path, (switch, is_on) in {**READ_ONLY_WHEN, **tok_only_when}.items():
         parent = _get(kept, path[:-1])
         if isinstance(parent, dict) and not is_on(_get(p, switch)):
             parent.pop(path[-1], None)

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError, cre
 from pydantic_core import PydanticCustomError
 
 from components.runtime.errors import ConfigError
+from components.runtime.extensions import names as extension_names
 from components.runtime.step_names import STEP_NAMES
 
 # ---- rules: one value each; the message is what the key accepts --------------------------
@@ -104,6 +105,18 @@ def _one_of(v: Any, options: tuple) -> bool:
     return not isinstance(v, bool) and v in options  # True == 1 must not pass for an option 1
 
 
+def registered(kind: str) -> Any:
+    """A choice among the names registered for `kind` (components/runtime/extensions.py: e.g. the
+    tokenizer methods), read when a value is checked, so a method registered anywhere is a choice."""
+    def check(value: Any) -> Any:
+        options = extension_names(kind)
+        if not _one_of(value, options):
+            raise PydanticCustomError("sa2crq", f"must be one of {' | '.join(options)}")
+        return value
+
+    return Annotated[Any, PlainValidator(check)]
+
+
 def text(empty_ok: bool = True) -> Any:
     return rule("must be a string" if empty_ok else "must be a non-empty string",
                 lambda v: isinstance(v, str) and (empty_ok or bool(v.strip())))
@@ -168,7 +181,6 @@ def _devices(v: Any) -> bool:
 
 # choices mirrored from the modules that use them (tests/test_config_schema.py keeps them equal)
 DATASETS = ("amazon-scientific", "climate-fever", "generic")
-METHODS = ("rqkmeans", "rqvae", "acrq", "sarq", "sa2crq", "import")
 BACKBONES = ("small", "t5", "pretrained")
 SOURCES = ("learned", "zero_shot", "bm25")
 BASELINES = ("bm25", "dense", "popular", "two_tower", "sasrec", "sasrec_text")
@@ -246,7 +258,7 @@ Sarq = section(
 
 Tokenizer = section(
     "Tokenizer",
-    method=choice(*METHODS),
+    method=registered("tokenizer_method"),   # components/tokenizers/registry.py
     codebook_sizes=CODES,
     extension_sizes=EXTENSION_CODES,
     latent_dim=WIDTH,

@@ -23,7 +23,6 @@ from components.tokenizers.quantizer import ResidualQuantizer
 from components.tokenizers.rqvae import RQVAE
 from components.tokenizers.sarq import PathTable, stop_depths
 
-STAGE2_METHODS = ("acrq", "sa2crq")
 ASSIGN_BLOCK = 4096   # rows per block in Tokenizer.assign: cache-sized (block, K) distance matrices
 
 

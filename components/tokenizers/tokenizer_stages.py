@@ -1,14 +1,10 @@
 """The tokenizer steps: train_head -> tokenizer/head.pt, train_tail -> tokenizer/tail.pt,
 assign_ids -> sids/ + metrics/sid_stats.json + plots. Behaviour comes from params alone.
 
-| method   | train_head                          | train_tail                              | length   |
-|----------|-------------------------------------|-----------------------------------------|----------|
-| rqkmeans | layer-wise k-means, all items       | nothing (writes a marker file)          | fixed    |
-| rqvae    | RQ-VAE, all items                   | nothing                                 | fixed    |
-| sarq     | RQ-VAE + SARQ, all items            | nothing                                 | adaptive |
-| acrq     | RQ-VAE on head, curriculum sizes    | anchors + extensions on tail (and cold) | fixed    |
-| sa2crq   | acrq Stage 1 + SARQ on head         | acrq Stage 2 + frozen head path table   | adaptive |
-| import   | reads and checks tokenizer.import_path | nothing                              | as given |
+Each `tokenizer.method` is a registration (components/tokenizers/registry.py; the built-in ones in
+rq_kmeans.py, rqvae_methods.py, imported.py; table: docs/TOKENIZERS.md): its train_head hook, an
+optional Stage 2, an optional assign_ids, and switches (adaptive length, collision token) of the
+shared machinery here.
 
 `tokenizer.import_unknown: drop` leaves out imported ids the catalog lacks (default `error`).
 
@@ -22,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass
 
 import faiss
@@ -35,11 +30,11 @@ from components.runtime.config import params_hash
 from components.runtime.errors import ConfigError, DataError
 from components.runtime.paths import out_path
 from components.runtime.safe_load import load_matrix, read_frame
-from components.runtime.train_loggers import finish, training_loggers
-from components.tokenizers.acrq import anchored_model, check_curriculum, check_extensions
+from components.tokenizers import builtin  # noqa: F401  (registers the built-in methods: they are DVC deps)
+from components.tokenizers.acrq import check_curriculum, check_extensions
 from components.tokenizers.quantizer import ResidualQuantizer
-from components.tokenizers.rq_kmeans import fit_rq_kmeans
-from components.tokenizers.rqvae import RQVAE, SarqSpec, TrainSpec, fit
+from components.tokenizers.registry import TokenizerMethod, get_method, methods, names_where
+from components.tokenizers.rqvae import RQVAE, SarqSpec, TrainSpec
 from components.tokenizers.sarq import parse_tau, popularity_weights, unique_floor
 from components.tokenizers.sid_stats import plot_sid_stats, sid_statistics
 from components.tokenizers.sid_table import (
@@ -48,12 +43,10 @@ from components.tokenizers.sid_table import (
     collision_codes,
     collision_layer_size,
     make_sid_table,
-    read_import,
     sid_version,
     write_sid_table,
 )
 from components.tokenizers.sid_tokenizer import (
-    STAGE2_METHODS,
     Tokenizer,
     assign_new_items,
     load_checkpoint,
@@ -61,9 +54,6 @@ from components.tokenizers.sid_tokenizer import (
     save_checkpoint,
 )
 
-METHODS = ("rqkmeans", "rqvae", "acrq", "sarq", "sa2crq", "import")
-SARQ_METHODS = ("sarq", "sa2crq")
-COLLISION_METHODS = ("rqkmeans", "rqvae")
 STAGE2_ITEMS = ("tail_and_cold", "tail")
 HEAD_ENCODERS = ("head", "all")
 FORMAT = 1
@@ -108,8 +98,16 @@ class TokenizerConfig:
     accelerator: str = "auto"         # Lightning accelerator of the RQ-VAE training
 
     @property
+    def registration(self) -> TokenizerMethod:
+        return get_method(self.method)
+
+    @property
     def adaptive(self) -> bool:
-        return self.method in SARQ_METHODS
+        return self.registration.adaptive
+
+    @property
+    def two_stage(self) -> bool:
+        return self.registration.two_stage
 
 
 def _int_list(value: object, key: str) -> list[int]:
@@ -118,23 +116,24 @@ def _int_list(value: object, key: str) -> list[int]:
     return list(value)
 
 
-def _collision_flag(value: object, method: str) -> bool:
+def _collision_flag(value: object, method: TokenizerMethod) -> bool:
     """tokenizer.collision_token, checked: TIGER's extra token makes sense only where every
     SID has the same length (rqvae, rqkmeans); for adaptive or imported SIDs a fixed extra
     layer would mix with the variable length, so it is refused rather than ignored."""
     if not isinstance(value, bool):
         raise ConfigError("tokenizer.collision_token", f"must be true or false, got {value!r}")
-    if value and method not in COLLISION_METHODS:
+    if value and not method.collision_token:
         raise ConfigError("tokenizer.collision_token",
-                          f"only for fixed-length methods {COLLISION_METHODS}, not tokenizer.method={method}")
+                          f"only for fixed-length methods {names_where('collision_token')}, "
+                          f"not tokenizer.method={method.name}")
     return value
 
 
-def _unique_head_flag(value: object, method: str) -> bool:
+def _unique_head_flag(value: object, method: TokenizerMethod) -> bool:
     """tokenizer.sarq.unique_head: only adaptive methods have lengths to raise."""
     if not isinstance(value, bool):
         raise ConfigError("tokenizer.sarq.unique_head", f"must be true or false, got {value!r}")
-    return value and method in SARQ_METHODS
+    return value and method.adaptive
 
 
 def _choice(value: object, key: str, choices: tuple[str, ...]) -> str:
@@ -159,14 +158,15 @@ def tokenizer_config(params: dict) -> TokenizerConfig:
     t = params.get("tokenizer") or {}
     s = t.get("sarq") or {}
     method = t.get("method")
-    if method not in METHODS:
-        raise ConfigError("tokenizer.method", f"must be one of {METHODS}, got {method!r}")
+    if method not in methods():
+        raise ConfigError("tokenizer.method", f"must be one of {tuple(methods())}, got {method!r}")
+    reg = get_method(method)
     sizes = _int_list(t.get("codebook_sizes"), "tokenizer.codebook_sizes")
     if any(k < 1 for k in sizes):
         raise ConfigError("tokenizer.codebook_sizes", f"sizes must be >= 1, got {sizes}")
     ext = _int_list(t.get("extension_sizes", [0] * len(sizes)), "tokenizer.extension_sizes")
     min_len, max_len = int(s.get("min_len", 1)), int(s.get("max_len", len(sizes)))
-    if method in SARQ_METHODS:
+    if reg.adaptive:
         if not 1 <= min_len <= max_len:
             raise ConfigError("tokenizer.sarq.min_len", f"need 1 <= min_len <= max_len, got {min_len}, {max_len}")
         if max_len > len(sizes):
@@ -176,10 +176,10 @@ def tokenizer_config(params: dict) -> TokenizerConfig:
         sizes, ext = sizes[:max_len], ext[:max_len]
     else:
         min_len = max_len = len(sizes)
-    if method in STAGE2_METHODS:
+    if reg.two_stage:
         check_curriculum(sizes)
         check_extensions(ext, len(sizes))
-    tau, tau_target = (_tau(s) if method in SARQ_METHODS else (math.inf, None))
+    tau, tau_target = (_tau(s) if reg.adaptive else (math.inf, None))
     cfg = TokenizerConfig(
         method=method, sizes=sizes, ext_sizes=ext, latent_dim=int(t.get("latent_dim", 64)),
         hidden_dims=[int(h) for h in t.get("hidden_dims", [])], beta=float(t.get("beta", 0.25)),
@@ -190,21 +190,21 @@ def tokenizer_config(params: dict) -> TokenizerConfig:
         min_len=min_len, max_len=max_len, smoothing=float(s.get("smoothing", 1.0)),
         popularity_weighted=bool(s.get("popularity_weighted", False)),
         warmup_epochs=int(s.get("warmup_epochs", 0)), reestimate_every=int(s.get("reestimate_every", 1)),
-        unique_head=_unique_head_flag(s.get("unique_head", False), method),
+        unique_head=_unique_head_flag(s.get("unique_head", False), reg),
         import_path=str(t.get("import_path") or ""), seed=int(params.get("seed", 0)),
-        collision_token=_collision_flag(t.get("collision_token", False), method),
+        collision_token=_collision_flag(t.get("collision_token", False), reg),
         stage2_items=_choice(t.get("stage2_items", "tail_and_cold"), "tokenizer.stage2_items", STAGE2_ITEMS),
         head_encoder=_choice(t.get("head_encoder", "head"), "tokenizer.head_encoder", HEAD_ENCODERS),
         tau_target=tau_target,
         import_unknown=_choice(t.get("import_unknown", "error"), "tokenizer.import_unknown", IMPORT_UNKNOWN),
         accelerator=str(t.get("accelerator", "auto")))
-    if cfg.method in SARQ_METHODS and cfg.smoothing <= 0:
+    if reg.adaptive and cfg.smoothing <= 0:
         raise ConfigError("tokenizer.sarq.smoothing", f"must be > 0, got {cfg.smoothing}")
     for key, value in (("batch_size", cfg.batch_size), ("latent_dim", cfg.latent_dim), ("threads", cfg.threads)):
         if value < 1:
             raise ConfigError(f"tokenizer.{key}", f"must be >= 1, got {value}")
-    if cfg.method == "import" and not cfg.import_path:
-        raise ConfigError("tokenizer.import_path", "tokenizer.method=import needs a JSON or parquet file")
+    if reg.check is not None:
+        reg.hook("check")(cfg)
     return cfg
 
 
@@ -249,25 +249,76 @@ def _version(params: dict, cfg: TokenizerConfig) -> str:
     return f"{cfg.method}-{params_hash(view, ('dataset', 'data', 'embed', 'seed', 'tokenizer'))}"
 
 
-def _train_spec(cfg: TokenizerConfig, epochs: int) -> TrainSpec:
+def train_spec(cfg: TokenizerConfig, epochs: int) -> TrainSpec:
     return TrainSpec(epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, beta=cfg.beta,
                      reseed_every=cfg.reseed_every, seed=cfg.seed, kmeans_iters=cfg.kmeans_iters,
                      accelerator=cfg.accelerator)
 
 
-def _sarq_spec(cfg: TokenizerConfig, popularity: np.ndarray) -> SarqSpec:
+def sarq_spec(cfg: TokenizerConfig, popularity: np.ndarray) -> SarqSpec:
     weights = popularity_weights(torch.as_tensor(popularity)) if cfg.popularity_weighted else None
     return SarqSpec(tau=cfg.tau, min_len=cfg.min_len, max_len=cfg.max_len, smoothing=cfg.smoothing,
                     warmup_epochs=cfg.warmup_epochs, reestimate_every=cfg.reestimate_every, weights=weights,
                     target_items_per_sid=cfg.tau_target)
 
 
-def _tokenizer(cfg: TokenizerConfig, model: RQVAE | None, quantizer: ResidualQuantizer, version: str,
-               table=None, anchor_sizes: list[int] | None = None, tau: float | None = None) -> Tokenizer:
+def make_tokenizer(cfg: TokenizerConfig, model: RQVAE | None, quantizer: ResidualQuantizer, version: str,
+                   table=None, anchor_sizes: list[int] | None = None, tau: float | None = None) -> Tokenizer:
     """tau: the one training chose (`tau: auto`), else the configured one."""
     tau = cfg.tau if tau is None else tau
     return Tokenizer(cfg.method, quantizer, model, table, tau, cfg.min_len, cfg.max_len, version,
                      list(anchor_sizes if anchor_sizes is not None else quantizer.sizes))
+
+
+# ---- the hooks' context: what a registered method's hooks read and fill ---------------------
+
+@dataclass
+class HeadRun:
+    """train_head's context: the hook writes its checkpoint into `ckpt` (saved as tokenizer/head.pt;
+    `tokenizer`: a Tokenizer.state() that assign_ids encodes with) and its numbers into `summary`."""
+
+    params: dict
+    cfg: TokenizerConfig
+    items: pd.DataFrame
+    x: np.ndarray
+    version: str
+    ckpt: dict
+    summary: dict
+
+
+@dataclass
+class TailRun:
+    """train_tail's context (a two-stage method): `head` is tokenizer/head.pt; the hook saves
+    tokenizer/tail.pt and returns the step's summary."""
+
+    params: dict
+    cfg: TokenizerConfig
+    head: dict
+    start: float
+
+
+@dataclass
+class AssignRun:
+    """assign_ids's context for a method with its own assign_ids hook."""
+
+    params: dict
+    cfg: TokenizerConfig
+    head: dict
+    items: pd.DataFrame
+    x: np.ndarray
+    item_ids: list[str]
+    table_path: str
+
+
+@dataclass
+class Assigned:
+    """What assign_ids writes: the SID table (its version column set later), meta.json (likewise),
+    per-item reconstruction errors and per-layer residual distances (None where there is no model)."""
+
+    table: pd.DataFrame
+    meta: dict
+    recon: np.ndarray | None = None
+    residual: dict | None = None
 
 
 # ---- train_head ------------------------------------------------------------------------------
@@ -296,50 +347,7 @@ def run_train_head(params: dict) -> dict:
     start = time.perf_counter()
     ckpt: dict = {"format": FORMAT, "method": cfg.method, "version": version, "tokenizer": None}
     summary: dict = {"method": cfg.method}
-    if cfg.method == "import":
-        codes = read_import(cfg.import_path, items["item_id"].astype(str).tolist(), cfg.import_unknown)
-        ckpt["import"] = {"file": cfg.import_path, "item_ids": items["item_id"].astype(str).tolist(), "codes": codes}
-        summary["n_items"] = len(codes)
-    elif cfg.method == "rqkmeans":
-        quantizer = fit_rq_kmeans(x, cfg.sizes, cfg.seed, cfg.kmeans_iters)
-        ckpt["tokenizer"] = _tokenizer(cfg, None, quantizer, version).state()
-        summary["n_train"] = len(x)
-    else:
-        stage1 = cfg.method in STAGE2_METHODS
-        train = (items["group"] == "head").to_numpy() if stage1 else np.ones(len(items), dtype=bool)
-        if not train.any():
-            raise DataError(str(out_path(params, "prepared", "items.parquet")),
-                            f"no head items: tokenizer.method={cfg.method} trains Stage 1 on head items", column="group")
-        small = small_head_warning(int(train.sum()), cfg.sizes, cfg.head_encoder) if stage1 else None
-        if small:
-            warnings.warn(small)
-            ckpt["small_head_warning"] = summary["small_head_warning"] = small
-        model = RQVAE(x.shape[1], cfg.hidden_dims, cfg.latent_dim, ResidualQuantizer(cfg.sizes, cfg.latent_dim))
-        sarq = _sarq_spec(cfg, items["popularity"].to_numpy()[train]) if cfg.adaptive else None
-        if sarq is not None and stage1:  # tau: auto meets its target over the whole catalog
-            sarq.tau_items = torch.from_numpy(x)
-        spec = _train_spec(cfg, cfg.epochs_head if stage1 else cfg.epochs_full)
-        # head_encoder=all: encoder and decoder also reconstruct every item; codebooks stay head-only
-        recon_x = torch.from_numpy(x) if stage1 and cfg.head_encoder == "all" else None
-        loggers = training_loggers(params, "train_head", {"tokenizer": params["tokenizer"]})
-        summary["train"] = fit(model, torch.from_numpy(x[train]), spec, sarq, init_kmeans=True,
-                               recon_x=recon_x, loggers=loggers)
-        finish(loggers)
-        summary["n_train"] = int(train.sum())
-        if recon_x is not None:
-            summary["n_recon"] = len(recon_x)
-        tok = _tokenizer(cfg, model, model.quantizer, version, table=model.table,
-                         tau=sarq.tau if sarq is not None else None)
-        ckpt["tokenizer"] = tok.state()
-        if cfg.tau_target is not None:
-            summary["tau_chosen"] = tok.tau
-        ckpt["history"] = spec.history
-        if stage1:
-            codes, lengths = tok.assign(x[train])
-            if cfg.unique_head:
-                lengths = unique_floor(codes, lengths, cfg.max_len)
-            ckpt["issued"] = {"item_ids": items["item_id"].astype(str)[train].tolist(),
-                              "codes": torch.from_numpy(codes), "lengths": torch.from_numpy(lengths)}
+    cfg.registration.hook("train_head")(HeadRun(params, cfg, items, x, version, ckpt, summary))
     save_checkpoint(ckpt, out_path(params, "tokenizer", "head.pt"))
     summary["wall_s"] = round(time.perf_counter() - start, 2)
     return summary
@@ -356,39 +364,18 @@ def _load_head(params: dict, cfg: TokenizerConfig) -> dict:
 
 
 def run_train_tail(params: dict) -> dict:
-    """Stage 2 for ACRQ / SA2CRQ (anchors + extensions on tail items, and cold items unless
-    tokenizer.stage2_items is tail); for the one-stage methods it writes a marker
-    tokenizer/tail.pt so the pipeline stays uniform. Items left out get their SIDs from the
-    frozen result in assign_ids, like every item."""
+    """Stage 2 of a two-stage method (its train_tail hook); for the one-stage methods it writes a marker
+    tokenizer/tail.pt so the pipeline stays uniform."""
     cfg = tokenizer_config(params)
     _setup(cfg)
     head = _load_head(params, cfg)
     start = time.perf_counter()
-    if cfg.method not in STAGE2_METHODS:
+    if not cfg.two_stage:
         save_checkpoint({"format": FORMAT, "method": cfg.method, "stage2": False, "version": head["version"],
                          "tokenizer": None},
                         out_path(params, "tokenizer", "tail.pt"))
         return {"method": cfg.method, "stage2": False}
-    items, x = load_catalog(params)
-    stage1 = Tokenizer.from_state(head["tokenizer"])
-    model = anchored_model(stage1.model, cfg.ext_sizes)
-    groups = ("tail",) if cfg.stage2_items == "tail" else ("tail", "cold")
-    train = items["group"].isin(groups).to_numpy()
-    sarq = None
-    if cfg.adaptive:
-        sarq = SarqSpec(tau=stage1.tau, min_len=cfg.min_len, max_len=cfg.max_len, smoothing=cfg.smoothing,
-                        frozen_table=stage1.table)
-    spec = _train_spec(cfg, cfg.epochs_tail)
-    loggers = training_loggers(params, "train_tail", {"tokenizer": params["tokenizer"]})
-    result = fit(model, torch.from_numpy(x[train]), spec, sarq, init_kmeans=True, loggers=loggers)
-    finish(loggers)
-    tok = _tokenizer(cfg, model, model.quantizer, head["version"], table=stage1.table,
-                     anchor_sizes=model.quantizer.anchor_sizes, tau=stage1.tau)
-    save_checkpoint({"format": FORMAT, "method": cfg.method, "stage2": True, "version": head["version"],
-                     "tokenizer": tok.state(), "history": spec.history}, out_path(params, "tokenizer", "tail.pt"))
-    return {"method": cfg.method, "stage2": True, "n_train": int(train.sum()), "stage2_items": cfg.stage2_items,
-            "train": result,
-            "codebook_sizes": model.quantizer.sizes, "wall_s": round(time.perf_counter() - start, 2)}
+    return cfg.registration.hook("train_tail")(TailRun(params, cfg, head, start))
 
 
 # ---- assign_ids ------------------------------------------------------------------------------
@@ -418,6 +405,38 @@ def _with_collision_layer(codes_list: list[list[int]], popularity: np.ndarray,
     return [c + [k] for c, k in zip(codes_list, extra)], meta
 
 
+def _assign_with_tokenizer(params: dict, cfg: TokenizerConfig, head: dict, items: pd.DataFrame, x: np.ndarray,
+                           item_ids: list[str], table_path: str) -> Assigned:
+    """Every item's SID from the frozen tokenizer (tail.pt, else head.pt); a two-stage method's head
+    items keep the SIDs Stage 1 issued."""
+    tok = load_tokenizer(params)
+    codes, lengths = tok.assign(x)
+    stages = np.array(["full"] * len(items), dtype=object)
+    if cfg.two_stage:
+        is_head = _issued_head(head, item_ids, codes, lengths)
+        stages[:] = "tail"
+        stages[is_head] = "head"
+    elif cfg.unique_head:  # one-stage SARQ: the head group's SIDs are made distinct here
+        is_head = (items["group"] == "head").to_numpy()
+        lengths[is_head] = unique_floor(codes[is_head], lengths[is_head], cfg.max_len)
+    recon = tok.reconstruction_error(x, codes, lengths)
+    codes_list = [codes[i, : lengths[i]].tolist() for i in range(len(items))]
+    meta = {"method": cfg.method, "codebook_sizes": tok.sizes, "anchor_sizes": tok.anchor_sizes,
+            "max_len": tok.max_len, "min_len": tok.min_len,
+            "tau": tok.tau if math.isfinite(tok.tau) else None, "collision_token": cfg.collision_token}
+    if head.get("small_head_warning"):
+        meta["small_head_warning"] = head["small_head_warning"]
+    if cfg.collision_token:
+        codes_list, meta = _with_collision_layer(codes_list, items["popularity"].to_numpy(), meta)
+    table = make_sid_table(item_ids, codes_list, stages.tolist(), tok.version)
+    if cfg.two_stage:  # the head rows above are the registry; check it still holds
+        assert_issued_reencode(tok, head["issued"], item_ids, x, cfg.unique_head, table_path)
+    dist = tok.residual_distances(x)
+    residual = {f"layer{l + 1}": {"q50": float(np.quantile(dist[:, l], 0.5)),
+                                  "q99": float(np.quantile(dist[:, l], 0.99))} for l in range(dist.shape[1])}
+    return Assigned(table, meta, recon, residual)
+
+
 def run_assign_ids(params: dict) -> dict:
     """Write sids/sid_table.parquet, sids/meta.json, metrics/sid_stats.json and the plots."""
     cfg = tokenizer_config(params)
@@ -426,56 +445,21 @@ def run_assign_ids(params: dict) -> dict:
     items, x = load_catalog(params)
     item_ids = items["item_id"].astype(str).tolist()
     table_path = out_path(params, "sids", "sid_table.parquet")
-    recon = None
-    if cfg.method == "import":
-        imported = dict(zip(head["import"]["item_ids"], head["import"]["codes"]))
-        missing = [i for i in item_ids if i not in imported]
-        if missing:
-            raise DataError(cfg.import_path, f"{len(missing)} catalog items have no SID, e.g. {missing[:5]} "
-                                             "(the catalog changed since train_head)", column="item_id")
-        codes_list = [imported[i] for i in item_ids]
-        table = make_sid_table(item_ids, codes_list, "import", head["version"])
-        sizes = [int(max((c[l] for c in codes_list if len(c) > l), default=-1)) + 1
-                 for l in range(max(map(len, codes_list)))]
-        meta = {"method": "import", "codebook_sizes": sizes, "anchor_sizes": sizes,
-                "max_len": len(sizes), "min_len": int(min(map(len, codes_list))), "tau": None,
-                "collision_token": False}
-        residual = None
+    hook = cfg.registration.hook("assign_ids")
+    if hook is not None:
+        assigned = hook(AssignRun(params, cfg, head, items, x, item_ids, str(table_path)))
     else:
-        tok = load_tokenizer(params)
-        codes, lengths = tok.assign(x)
-        stages = np.array(["full"] * len(items), dtype=object)
-        if cfg.method in STAGE2_METHODS:
-            is_head = _issued_head(head, item_ids, codes, lengths)
-            stages[:] = "tail"
-            stages[is_head] = "head"
-        elif cfg.unique_head:  # one-stage SARQ: the head group's SIDs are made distinct here
-            is_head = (items["group"] == "head").to_numpy()
-            lengths[is_head] = unique_floor(codes[is_head], lengths[is_head], cfg.max_len)
-        recon = tok.reconstruction_error(x, codes, lengths)
-        codes_list = [codes[i, : lengths[i]].tolist() for i in range(len(items))]
-        meta = {"method": cfg.method, "codebook_sizes": tok.sizes, "anchor_sizes": tok.anchor_sizes,
-                "max_len": tok.max_len, "min_len": tok.min_len,
-                "tau": tok.tau if math.isfinite(tok.tau) else None, "collision_token": cfg.collision_token}
-        if head.get("small_head_warning"):
-            meta["small_head_warning"] = head["small_head_warning"]
-        if cfg.collision_token:
-            codes_list, meta = _with_collision_layer(codes_list, items["popularity"].to_numpy(), meta)
-        table = make_sid_table(item_ids, codes_list, stages.tolist(), tok.version)
-        if cfg.method in STAGE2_METHODS:  # the head rows above are the registry; check it still holds
-            assert_issued_reencode(tok, head["issued"], item_ids, x, cfg.unique_head, str(table_path))
-        dist = tok.residual_distances(x)
-        residual = {f"layer{l + 1}": {"q50": float(np.quantile(dist[:, l], 0.5)),
-                                      "q99": float(np.quantile(dist[:, l], 0.99))} for l in range(dist.shape[1])}
+        assigned = _assign_with_tokenizer(params, cfg, head, items, x, item_ids, str(table_path))
+    table, meta = assigned.table, assigned.meta
     # the SIDs' own version (sid_table.sid_version), not the params hash the tokenizer files carry
     tokenizer_files = [f for f in (out_path(params, "tokenizer", "head.pt"), out_path(params, "tokenizer", "tail.pt"))
                        if f.exists()]
     table["version"] = meta["version"] = sid_version(cfg.method, table, meta, tokenizer_files)
     write_sid_table(table, table_path)
     write_json(meta, out_path(params, "sids", "meta.json"))
-    stats = sid_statistics(table, items, meta, recon)
-    if residual is not None:
-        stats["residual_distance"] = residual
+    stats = sid_statistics(table, items, meta, assigned.recon)
+    if assigned.residual is not None:
+        stats["residual_distance"] = assigned.residual
     write_json(stats, out_path(params, "metrics", "sid_stats.json"))
     plot_sid_stats(table, items, out_path(params, "plots", "sid_lengths.png"),
                    out_path(params, "plots", "items_per_sid.png"))

@@ -1,0 +1,125 @@
+"""Issue 22 parts 1 and 5 (tokenizer methods): a method is one registration.
+
+Before, a new tokenizer method touched about 8 files (METHODS in tokenizer_stages.py and again in
+the schema, 16 branches on the method name, compare.py's key tables, a test keeping the two METHODS
+equal). Now components/tokenizers/registry.py holds the registrations; these tests register a toy
+method from this module alone and show that the schema, the tokenizer steps, the comparison's
+planning and the docs table all take it, and that the built-in methods come from the registry too.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from components.runtime.config import load_params
+from components.runtime.errors import ConfigError
+from components.tokenizers.registry import TokenizerMethod, get_method, methods, methods_table, register, unregister
+
+ROOT = Path(__file__).resolve().parents[2]
+TOY_VARIANT = "eval.variants=[{name: Toy, params: {tokenizer: {method: toy}}}]"
+
+
+def toy_train_head(run) -> None:
+    """The toy: one k-means iteration per layer (rqkmeans, untrained), through the public context."""
+    from components.tokenizers.rq_kmeans import fit_rq_kmeans
+    from components.tokenizers.tokenizer_stages import make_tokenizer
+
+    quantizer = fit_rq_kmeans(run.x, run.cfg.sizes, run.cfg.seed, niter=1)
+    run.ckpt["tokenizer"] = make_tokenizer(run.cfg, None, quantizer, run.version).state()
+    run.summary["n_train"] = len(run.x)
+
+
+@pytest.fixture
+def toy() -> Iterator[TokenizerMethod]:
+    method = register(TokenizerMethod("toy", toy_train_head, doc=("one k-means pass", "marker file only", "fixed")))
+    yield method
+    unregister("toy")
+
+
+def test_builtin_methods_come_from_the_registry() -> None:
+    """One list of methods (no second METHODS to keep equal): the schema's choices, the switches
+    tokenizer_config reads and compare's method-specific keys all read the registrations."""
+    from flows.compare import tokenizer_tables
+
+    assert list(methods()) == ["rqkmeans", "rqvae", "acrq", "sarq", "sa2crq", "import"]
+    assert [n for n, m in methods().items() if m.adaptive] == ["sarq", "sa2crq"]
+    assert [n for n, m in methods().items() if m.two_stage] == ["acrq", "sa2crq"]
+    assert [n for n, m in methods().items() if m.collision_token] == ["rqkmeans", "rqvae"]
+    specific, earlier, only_when = tokenizer_tables()
+    assert set(specific) == {"sarq", "extension_sizes", "head_encoder", "stage2_items", "import_unknown"}
+    assert earlier == {("tokenizer", "accelerator"): "auto", ("tokenizer", "head_encoder"): "head",
+                       ("tokenizer", "stage2_items"): "tail_and_cold"}
+    assert list(only_when) == [("tokenizer", "sarq", "target_items_per_sid")]
+    hits = [p.relative_to(ROOT).as_posix() for p in (ROOT / "components").rglob("*.py")
+            if re.search(r"^\s*\w*METHODS\s*=", p.read_text(), re.M)]
+    assert hits == ["components/tokenizers/builtin.py"]
+
+
+def test_docs_table_is_the_registrations() -> None:
+    assert methods_table() in (ROOT / "docs" / "TOKENIZERS.md").read_text()
+
+
+def test_a_registered_method_is_a_choice_of_the_schema(toy) -> None:
+    """The schema reads the names when it checks: toy passes while registered, fails after."""
+    assert load_params(ROOT / "params.yaml", ["profile=smoke", "tokenizer.method=toy"])["tokenizer"]["method"] == "toy"
+    assert "| `toy` | one k-means pass | marker file only | fixed |" in methods_table()
+    unregister("toy")
+    try:
+        with pytest.raises(ConfigError, match=r"'tokenizer.method': must be one of rqkmeans .* import, got 'toy'"):
+            load_params(ROOT / "params.yaml", ["tokenizer.method=toy"])
+    finally:
+        register(toy)
+
+
+def test_a_registered_method_is_a_row_of_compare_planning(toy, monkeypatch) -> None:
+    """`sa2crq compare --variants Toy,RQ-KMeans` plans a run per seed for the toy, whose run key keeps
+    none of the keys only other methods read (tuning SA2CRQ does not retrain the toy)."""
+    from flows import compare_dvc
+
+    monkeypatch.chdir(ROOT)
+    overrides = ["profile=smoke", "out_dir=outputs-toy", "eval.seeds=[0,1]", "eval.baselines=[]"]
+    params = load_params("params.yaml", overrides)
+    params["eval"]["variants"] = [*params["eval"]["variants"], {"name": "Toy", "params": {"tokenizer": {"method": "toy"}}}]
+    chosen = compare_dvc.pick_variants(params["eval"]["variants"], "Toy,RQ-KMeans")
+    sid, plan = compare_dvc.plan_set(params, "params.yaml", overrides, chosen, "sa2crq compare")
+    assert [(r["variant"], r["seed"]) for r in plan["runs"].values()] == [
+        ("toy", 0), ("toy", 1), ("rq_kmeans", 0), ("rq_kmeans", 1)]
+    toy_key = plan["variant_keys"][f"{sid}-toy"]["tokenizer"]
+    assert toy_key["method"] == "toy"
+    assert not {"sarq", "extension_sizes", "head_encoder", "stage2_items", "import_unknown"} & set(toy_key)
+
+
+@pytest.mark.slow
+def test_a_registered_method_runs_through_the_tokenizer_steps(toy, smoke_embedded) -> None:
+    """tokenizer_config reads the toy's switches (one stage, fixed length, no collision token); train_head /
+    train_tail / assign_ids on the smoke data: the toy's SIDs are the codes of its own quantizer (the
+    shared assign_ids encodes with the tokenizer the hook stored)."""
+    import torch
+
+    from components.pipeline.stages import get_step
+    from components.runtime.paths import out_path
+    from components.tokenizers.rq_kmeans import fit_rq_kmeans
+    from components.tokenizers.sid_tokenizer import load_checkpoint
+    from components.tokenizers.tokenizer_stages import tokenizer_config
+
+    params = {**smoke_embedded, "tokenizer": {**smoke_embedded["tokenizer"], "method": "toy"}}
+    cfg = tokenizer_config(params)
+    assert (cfg.method, cfg.adaptive, cfg.two_stage, cfg.sizes) == ("toy", False, False, [16, 32, 64])
+    with pytest.raises(ConfigError, match=r"only for fixed-length methods \('rqkmeans', 'rqvae'\)"):
+        tokenizer_config({**params, "tokenizer": {**params["tokenizer"], "collision_token": True}})
+    assert get_step("train_head")(params)["method"] == "toy"
+    assert get_step("train_tail")(params) == {"method": "toy", "stage2": False}
+    summary = get_step("assign_ids")(params)
+    table = pd.read_parquet(out_path(params, "sids", "sid_table.parquet"))
+    assert summary["n_items"] == len(table) and table["version"].str.startswith("toy-").all()
+    x = np.load(out_path(params, "embeddings", "items.npy"))
+    quantizer = fit_rq_kmeans(x, [16, 32, 64], params["seed"], niter=1)
+    expected = quantizer(torch.from_numpy(x.astype(np.float32)), n_layers=3).codes.numpy()
+    assert np.array_equal(np.stack(table["codes"].to_numpy()), expected)
+    assert load_checkpoint(out_path(params, "tokenizer", "tail.pt"))["stage2"] is False
+    assert get_method("toy").two_stage is False
