@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from components.baselines.labels import baseline_label
+from components.baselines.registry import baseline_label, baselines, get_baseline
 from components.evaluation.evaluate import check_eval_params, evaluate_all, load_eval_inputs, log_to_wandb, slug
 from components.evaluation.report import metric_label, sid_stats_row
 from components.evaluation.results_file import input_digests, write_results_file
@@ -33,11 +33,10 @@ from components.runtime.runtime_env import set_offline_defaults
 from components.tokenizers.registry import methods as tokenizer_methods
 
 TRAIN_STEPS = ("train_head", "train_tail", "assign_ids", "train_retriever")
-SEEDED_BASELINES = ("two_tower", "sasrec", "sasrec_text")
 LINKED = ("prepared", "embeddings")
-# eval keys that pick what to compare or how baselines run; a finished variant run does not depend on them
-NOT_RUN_KEYS = ("variants", "seeds", "compare_dir", "baselines", "two_tower", "sasrec", "bm25_history",
-                "dense_history", "threads", "results_dir")
+# eval keys that pick what to compare; a finished variant run does not depend on them (nor on the keys the
+# baselines read: not_run_keys)
+COMPARISON_KEYS = ("variants", "seeds", "compare_dir", "baselines", "threads", "results_dir")
 # top-level sections that never change a result: where, logging, operations, serving
 OPERATIONAL_KEYS = ("out_dir", "wandb", "flows", "serve")
 # embed settings that only decide how vectors are cached, not what they are
@@ -86,9 +85,9 @@ SPLIT_FROM = {("retriever", "fusion", "beam"): ("retriever", "beam")}
 
 def tokenizer_tables() -> tuple[tuple[str, ...], dict, dict]:
     """From the tokenizer methods' registrations (components/tokenizers/registry.py): the method-specific
-    keys (any method's `reads`), and the EARLIER_BEHAVIOUR and READ_ONLY_WHEN entries under `tokenizer`."""
+    keys (any method's `keys`: what it alone reads), and the EARLIER_BEHAVIOUR and READ_ONLY_WHEN entries under `tokenizer`."""
     registered = tokenizer_methods().values()
-    specific = tuple(dict.fromkeys(k for m in registered for k in m.reads))
+    specific = tuple(dict.fromkeys(k for m in registered for k in m.keys))
     earlier = {("tokenizer", *path): v for m in registered for path, v in m.earlier_behaviour.items()}
     only_when = {("tokenizer", *path): (("tokenizer", *switch), is_on)
                  for m in registered for path, (switch, is_on) in m.read_only_when.items()}
@@ -128,11 +127,11 @@ def run_params_key(p: dict) -> dict:
     off, and new switches at the value that reproduces earlier runs are left out: tuning SA2CRQ does
     not retrain TIGER."""
     kept = copy.deepcopy({k: v for k, v in _public(p).items() if k not in OPERATIONAL_KEYS})
-    kept["eval"] = {k: v for k, v in p["eval"].items() if k not in NOT_RUN_KEYS}
+    kept["eval"] = {k: v for k, v in p["eval"].items() if k not in not_run_keys()}
     kept["embed"] = {k: v for k, v in p.get("embed", {}).items() if k not in NOT_RUN_EMBED_KEYS}
     specific, tok_earlier, tok_only_when = tokenizer_tables()
     method = tokenizer_methods().get(p["tokenizer"].get("method"))
-    unread = set(specific) - set(method.reads if method is not None else ())
+    unread = set(specific) - set(method.keys if method is not None else ())
     kept["tokenizer"] = {k: v for k, v in p["tokenizer"].items() if k not in unread}
     kept["retriever"] = copy.deepcopy(p["retriever"])
     _drop_earlier_behaviour(kept, {**EARLIER_BEHAVIOUR, **tok_earlier})
@@ -224,15 +223,23 @@ def _aggregate(long: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
 
 # retriever settings of the generative ranking alone: no baseline reads them (two-tower reads the query-encoder shape)
 GENERATIVE_RANKING_KEYS = ("item_head", "item_head_weight", "item_head_encoder", "fusion")
-# the eval settings each baseline reads besides the shared ones (ks, bootstrap, exclude_history, ...)
-BASELINE_SETTINGS = {"bm25": ("bm25_history",), "dense": ("dense_history",), "two_tower": ("two_tower",),
-                     "sasrec": ("sasrec",), "sasrec_text": ("sasrec",)}
+
+
+def not_run_keys() -> tuple[str, ...]:
+    """eval keys a finished variant run does not depend on: the comparison's own and every key a registered
+    baseline reads (components/baselines/registry.py)."""
+    return COMPARISON_KEYS + tuple(key for b in baselines().values() for key in b.reads)
+
+
+def seeded(name: str) -> bool:
+    """Whether a baseline trains with the run's seed (its registration): then it runs once per seed, else once."""
+    return get_baseline(name).seeded
 
 
 def baseline_file(params: dict, name: str, seed: int) -> Path:
     """Where one baseline result lives: seeded baselines per seed, the others once."""
     folder = out_path(params, params["eval"]["compare_dir"], "baselines")
-    return folder / (f"{name}-seed{seed}.json" if name in SEEDED_BASELINES else f"{name}.json")
+    return folder / (f"{name}-seed{seed}.json" if seeded(name) else f"{name}.json")
 
 
 
@@ -242,9 +249,9 @@ def baseline_keys(params: dict, name: str) -> dict:
     kept = copy.deepcopy({k: v for k, v in _public(params).items() if k not in OPERATIONAL_KEYS + ("tokenizer", "seed")})
     kept["retriever"] = {k: v for k, v in kept["retriever"].items() if k not in GENERATIVE_RANKING_KEYS}
     kept["embed"] = {k: v for k, v in params.get("embed", {}).items() if k not in NOT_RUN_EMBED_KEYS}
-    own = BASELINE_SETTINGS.get(name, ())
+    own = get_baseline(name).reads
     kept["eval"] = {k: v for k, v in kept["eval"].items()
-                    if k in own or k not in NOT_RUN_KEYS + ("results_dir", "group_order")}
+                    if k in own or k not in not_run_keys() + ("results_dir", "group_order")}
     _drop_earlier_behaviour(kept, BASELINE_EARLIER_BEHAVIOUR)
     return kept
 
@@ -277,7 +284,7 @@ def collect_runs(params: dict, variants: list[dict], seeds: list[int]) -> tuple[
             sid_rows.append({"config": variant["name"], "seed": seed, **sid_stats_row(run["sid_stats"])})
     for seed in seeds:
         for name in params["eval"]["baselines"]:
-            result = _stored(baseline_file(params, name, seed if name in SEEDED_BASELINES else seeds[0]))["result"]
+            result = _stored(baseline_file(params, name, seed if seeded(name) else seeds[0]))["result"]
             if result is not None:  # None: not applicable to the dataset (SASRec without histories)
                 rows += _rows(baseline_label(name), seed, result, None)
     return pd.DataFrame(rows), pd.DataFrame(sid_rows)

@@ -39,7 +39,6 @@ from components.runtime.errors import ConfigError, Sa2crqError, UnknownNameError
 from components.runtime.paths import out_path
 from components.runtime.stage_deps import ImportGraph, code_diff, is_code, sync_dvc_file
 from flows.compare import (
-    SEEDED_BASELINES,
     TRAIN_STEPS,
     aggregate,
     baseline_file,
@@ -52,6 +51,7 @@ from flows.compare import (
     results_file,
     results_name,
     run_baseline,
+    seeded,
     train_variant,
     variant_keys,
     variant_params,
@@ -206,8 +206,8 @@ def plan_set(params: dict, params_file: str, overrides: list[str], variants: lis
             deps += [f"{run_dir}/eval", f"{run_dir}/plots"]
     for name in ev["baselines"]:
         plan["baseline_keys"][f"{sid}-{name}"] = baseline_keys(rel, name)
-        for seed in (seeds if name in SEEDED_BASELINES else seeds[:1]):
-            bid = f"{sid}-{name}" + (f"-s{seed}" if name in SEEDED_BASELINES else "")
+        for seed in (seeds if seeded(name) else seeds[:1]):
+            bid = f"{sid}-{name}" + (f"-s{seed}" if seeded(name) else "")
             file = baseline_file(rel, name, seed).as_posix()
             plan["baselines"][bid] = {"set": sid, "name": name, "seed": seed, "out_dir": out_dir, "file": file}
             deps.append(file)

@@ -133,7 +133,7 @@ def _compare(params: dict, variants: list[dict], seeds: list[int]) -> pd.DataFra
             compare_mod.train_variant(params, variant, seed)
             compare_mod.evaluate_variant(params, variant, seed)
     for name in params["eval"]["baselines"]:
-        for seed in seeds if name in compare_mod.SEEDED_BASELINES else seeds[:1]:
+        for seed in seeds if compare_mod.seeded(name) else seeds[:1]:
             compare_mod.run_baseline(params, name, seed)
     return compare_mod.aggregate(params, variants, seeds, "sa2crq compare")
 

@@ -87,3 +87,20 @@ def most_popular(queries: pd.DataFrame, items: pd.DataFrame, k: int) -> pd.DataF
         "score": np.tile(top["popularity"].to_numpy(dtype=float), n_q),
         "sid": "",
     })
+
+
+# ---- runners (components/baselines/registry.py): (params, EvalInputs, k) -> ranked frame -------------
+def run_bm25(params: dict, data, k: int) -> pd.DataFrame:
+    """The `bm25` baseline on the test queries (eval.bm25_history: history items whose text is the query)."""
+    return bm25(data.test, data.items, k, last_n=int(params["eval"]["bm25_history"]))
+
+
+def run_dense(params: dict, data, k: int) -> pd.DataFrame:
+    """The `dense` baseline on the test queries (eval.dense_history: history items averaged into the query)."""
+    return dense_zero_shot(data.test, data.items, data.item_emb, data.query_emb, k,
+                           last_n=int(params["eval"]["dense_history"]))
+
+
+def run_popular(params: dict, data, k: int) -> pd.DataFrame:
+    """The `popular` baseline: the same most popular items for every test query."""
+    return most_popular(data.test, data.items, k)

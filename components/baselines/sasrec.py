@@ -32,7 +32,7 @@ from unittest import mock
 import numpy as np
 import pandas as pd
 
-from components.baselines.labels import baseline_label
+from components.baselines.registry import baseline_label
 from components.ranking.metrics import per_query_metrics, target_pairs, target_ranks
 from components.ranking.ranked import ranked_frame, top_k
 from components.runtime.errors import ConfigError, DataError
@@ -310,6 +310,16 @@ def mean_metrics(idx: np.ndarray, queries: pd.DataFrame, items: pd.DataFrame, k:
 
 
 # --------------------------------------------------------------------------- the baseline
+def run_sasrec_ids(params: dict, data, k: int) -> pd.DataFrame | None:
+    """The `sasrec` baseline's runner (components/baselines/registry.py): SASRec on item ids."""
+    return run_sasrec(params, data, k, text=False)
+
+
+def run_sasrec_text(params: dict, data, k: int) -> pd.DataFrame | None:
+    """The `sasrec_text` baseline's runner: SASRec with the items' text embeddings."""
+    return run_sasrec(params, data, k, text=True)
+
+
 def run_sasrec(params: dict, data, k: int, text: bool) -> pd.DataFrame | None:
     """Top-k test results of `SASRec` (text=False) or `SASRec + text`; None (logged) when it does not apply.
 

@@ -222,3 +222,24 @@ def two_tower(train: pd.DataFrame, test: pd.DataFrame, items: pd.DataFrame, item
     frame.attrs["two_tower"] = {"best_epoch": fit.best_epoch, "best_val_recall@10": fit.best_score,
                                 "epochs_run": fit.epochs_run}
     return frame
+
+
+def two_tower_config(params: dict) -> dict:
+    """eval.two_tower plus the query-encoder shape the retriever uses."""
+    rp = params["retriever"]
+    return {"dim": rp["d_model"], "n_memory": rp["n_memory"], "dropout": rp["dropout"],
+            "max_len": params["data"]["max_history"], **params["eval"]["two_tower"]}
+
+
+def run_two_tower(params: dict, data, k: int) -> pd.DataFrame:
+    """The `two_tower` baseline's runner (components/baselines/registry.py): trained with the run's seed on
+    the train split (epochs chosen on valid), logged like the other training steps."""
+    from components.runtime.train_loggers import finish, training_loggers
+
+    cfg = two_tower_config(params)
+    loggers = training_loggers(params, "two_tower", {"two_tower": cfg})
+    try:
+        return two_tower(data.train, data.test, data.items, data.item_emb, data.query_emb, cfg,
+                         int(params["seed"]), k, valid=data.valid, loggers=loggers)
+    finally:
+        finish(loggers)

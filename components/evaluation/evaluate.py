@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.baselines.labels import baseline_label
+from components.baselines.registry import baseline_label, baseline_names, get_baseline
 from components.ranking.metrics import (
     GROUPS,
     drop_history_items,
@@ -32,7 +32,6 @@ from components.runtime.paths import out_path, wandb_dir
 from components.runtime.runtime_env import set_offline_defaults
 from components.runtime.safe_load import load_matrix, read_frame
 
-BASELINES = ("bm25", "dense", "popular", "two_tower", "sasrec", "sasrec_text")
 HEADLINE = ("recall@{k}", "ndcg@{k}", "mrr@{k}", "recall@all", "ret_per", "hallucination", "hallucination@{k}",
             "hallucination_norm")
 
@@ -80,13 +79,12 @@ def check_eval_params(params: dict) -> None:
         raise ConfigError("eval.ks", f"Ks must be positive integers, got {ev['ks']} / {ev.get('deep_ks')}")
     if int(ev["headline_k"]) not in ks:
         raise ConfigError("eval.headline_k", f"{ev['headline_k']} must be one of eval.ks {ks}")
-    unknown = [b for b in ev["baselines"] if b not in BASELINES]
+    known = baseline_names()
+    unknown = [b for b in ev["baselines"] if b not in known]
     if unknown:
-        raise ConfigError("eval.baselines", f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
-    if {"sasrec", "sasrec_text"} & set(ev["baselines"]):
-        from components.baselines.sasrec import sasrec_config
-
-        sasrec_config(params)
+        raise ConfigError("eval.baselines", f"unknown baseline(s) {unknown}; choose from {list(known)}")
+    for name in ev["baselines"]:
+        get_baseline(name).check_params(params)
 
 
 def eval_depth(params: dict) -> int:
@@ -101,41 +99,12 @@ def fetch_depth(params: dict) -> int:
     return eval_depth(params) + extra
 
 
-def two_tower_config(params: dict) -> dict:
-    """eval.two_tower plus the query-encoder shape the retriever uses."""
-    rp = params["retriever"]
-    return {"dim": rp["d_model"], "n_memory": rp["n_memory"], "dropout": rp["dropout"],
-            "max_len": params["data"]["max_history"], **params["eval"]["two_tower"]}
-
-
 def run_baseline(name: str, params: dict, data: EvalInputs) -> pd.DataFrame | None:
-    """Ranked results of one baseline on the test queries; None (logged) when it does not apply to the data."""
-    from components.baselines import classic as baselines
-
-    ev, k = params["eval"], fetch_depth(params)
-    if name == "bm25":
-        return baselines.bm25(data.test, data.items, k, last_n=int(ev["bm25_history"]))
-    if name == "dense":
-        return baselines.dense_zero_shot(data.test, data.items, data.item_emb, data.query_emb, k,
-                                         last_n=int(ev["dense_history"]))
-    if name == "popular":
-        return baselines.most_popular(data.test, data.items, k)
-    if name == "two_tower":
-        from components.baselines.two_tower import two_tower
-        from components.runtime.train_loggers import finish, training_loggers
-
-        cfg = two_tower_config(params)
-        loggers = training_loggers(params, "two_tower", {"two_tower": cfg})
-        try:
-            return two_tower(data.train, data.test, data.items, data.item_emb, data.query_emb, cfg,
-                             int(params["seed"]), k, valid=data.valid, loggers=loggers)
-        finally:
-            finish(loggers)
-    if name in ("sasrec", "sasrec_text"):
-        from components.baselines.sasrec import run_sasrec
-
-        return run_sasrec(params, data, k, text=name == "sasrec_text")
-    raise ConfigError("eval.baselines", f"unknown baseline {name!r}; choose from {list(BASELINES)}")
+    """Ranked results of one registered baseline (components/baselines/registry.py) on the test queries;
+    None (logged) when it does not apply to the data."""
+    if name not in baseline_names():
+        raise ConfigError("eval.baselines", f"unknown baseline {name!r}; choose from {list(baseline_names())}")
+    return get_baseline(name).run(params, data, fetch_depth(params))
 
 
 def check_sid_version(params: dict) -> None:

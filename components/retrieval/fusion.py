@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from components.retrieval.rankings import sources as registered_sources
 from components.runtime.errors import ConfigError
 
-SOURCES = ("learned", "zero_shot", "bm25")
 STEP = 0.1  # weight grid step of the validation choice
 TIE_DECIMALS = 9  # dense similarities equal to this many decimals are ties (float64 sums agree far beyond)
 
@@ -52,18 +52,21 @@ class Ranked:
 
 
 def fusion_config(rp: dict) -> dict:
-    """`retriever.fusion` checked: sources auto | none | a list of SOURCES; weights auto | one number per list."""
+    """`retriever.fusion` checked: sources auto | none | a list of registered sources (components/retrieval/
+    rankings.py); weights auto | one number per list."""
     fu = dict(rp.get("fusion") or {"sources": "none"})
     sources, weights = fu.get("sources", "none"), fu.get("weights", "auto")
+    known, item_head = registered_sources(), rp.get("item_head", False)
     if sources == "auto":
-        sources = [s for s in SOURCES if s != "learned" or rp.get("item_head", False)]
+        sources = [name for name, s in known.items() if not s.needs_item_head or item_head]
     elif sources == "none":
         sources = []
-    elif not isinstance(sources, list) or not sources or any(s not in SOURCES for s in sources) \
+    elif not isinstance(sources, list) or not sources or any(s not in known for s in sources) \
             or len(set(sources)) < len(sources):
-        raise ConfigError("retriever.fusion.sources", f"must be auto, none or a list from {list(SOURCES)}, got {sources!r}")
-    if "learned" in sources and not rp.get("item_head", False):
-        raise ConfigError("retriever.fusion.sources", "learned needs retriever.item_head: true")
+        raise ConfigError("retriever.fusion.sources", f"must be auto, none or a list from {list(known)}, got {sources!r}")
+    for name in sources:
+        if known[name].needs_item_head and not item_head:
+            raise ConfigError("retriever.fusion.sources", f"{name} needs retriever.item_head: true")
     if weights != "auto":
         ok = isinstance(weights, list) and len(weights) == len(sources) + 1 and all(
             isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights) and sum(weights) > 0

@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 
 from components.ranking.bm25 import Bm25Index, bm25_query_texts
 from components.retrieval.fusion import Ranked, dense_ranking, fuse
+from components.retrieval.rankings import group_orders
+from components.retrieval.rankings import sources as fusion_sources
 from components.retrieval.retriever import RetrieverModel, decode, load_retriever
 from components.retrieval.retriever_data import (
     KIND_TEXT,
@@ -32,7 +34,6 @@ from components.runtime.errors import ConfigError, DataError
 from components.runtime.paths import out_path
 from components.tokenizers.sid_vocab import SidCatalog, sid_string
 
-GROUP_ORDERS = ("popularity", "similarity")
 # A/B candidates (flows/candidates_flow.py, the service's request log): a ranked frame plus the variant
 CANDIDATE_COLUMNS = ("query_id", "variant", "rank", "item_id", "score", "sid")
 
@@ -161,8 +162,9 @@ class Decoded:
 
 def group_order(params: dict) -> str:
     order = str(params.get("eval", {}).get("group_order", "popularity"))
-    if order not in GROUP_ORDERS:
-        raise ConfigError("eval.group_order", f"must be one of {GROUP_ORDERS}, got {order!r}")
+    known = tuple(group_orders())
+    if order not in known:
+        raise ConfigError("eval.group_order", f"must be one of {known}, got {order!r}")
     return order
 
 
@@ -220,25 +222,46 @@ def generated_ranking(dec: Decoded, order: str = "popularity") -> Ranked:
     if dec.learned_query is not None:
         vecs = (dec.learned_query, dec.learned_items)
     else:
-        vecs = (query_vectors(dec.dataset), dec.dataset.item_emb) if order == "similarity" else (None, None)
+        vecs = group_orders()[order].query_and_item_vectors(dec)
     return beam_items(dec.sid_index, dec.scores, dec.catalog, *vecs)
 
 
 def dense_side(dec: Decoded, source: str, depth: int, bm25_history: int = 3) -> Ranked:
-    """A ranking beside the generated one for the fusion: the learned item scorer, the frozen text
-    embeddings, or BM25 over item text (history queries: their last `bm25_history` items' text, as
-    the BM25 baseline)."""
-    if source == "bm25":
-        if dec.context is None or dec.queries is None:
-            raise ConfigError("retriever.fusion.sources", "bm25 needs the decoded queries and their catalog")
-        texts = bm25_query_texts(dec.queries, dec.context.inputs.items, bm25_history)
-        rows, scores = dec.context.lexical().top(texts, depth)
-        return Ranked(rows.reshape(-1), scores.reshape(-1), np.full(len(rows), rows.shape[1], dtype=np.int64))
-    if source == "learned":
-        if dec.learned_query is None:
-            raise ConfigError("retriever.fusion.sources", "learned needs a retriever trained with item_head: true")
-        return dense_ranking(dec.learned_query, dec.learned_items, depth)
+    """A ranking beside the generated one for the fusion: the registered fusion source `source`
+    (components/retrieval/rankings.py), its top `depth` items per decoded query."""
+    return fusion_sources()[source].rank(dec, depth, {"bm25_history": bm25_history})
+
+
+# ---- the built-in fusion sources and group orders (registered in components/retrieval/rankings.py) ----
+def bm25_side(dec: Decoded, depth: int, options: dict) -> Ranked:
+    """BM25 over item text (history queries: their last `bm25_history` items' text, as the BM25 baseline)."""
+    if dec.context is None or dec.queries is None:
+        raise ConfigError("retriever.fusion.sources", "bm25 needs the decoded queries and their catalog")
+    texts = bm25_query_texts(dec.queries, dec.context.inputs.items, int(options["bm25_history"]))
+    rows, scores = dec.context.lexical().top(texts, depth)
+    return Ranked(rows.reshape(-1), scores.reshape(-1), np.full(len(rows), rows.shape[1], dtype=np.int64))
+
+
+def learned_side(dec: Decoded, depth: int, options: dict) -> Ranked:
+    """The retriever's learned item scorer (retriever.item_head)."""
+    if dec.learned_query is None:
+        raise ConfigError("retriever.fusion.sources", "learned needs a retriever trained with item_head: true")
+    return dense_ranking(dec.learned_query, dec.learned_items, depth)
+
+
+def zero_shot_side(dec: Decoded, depth: int, options: dict) -> Ranked:
+    """The frozen text embeddings: cosine between the query's vector and every item's."""
     return dense_ranking(query_vectors(dec.dataset), dec.unit_items, depth)
+
+
+def popularity_vectors(dec: Decoded) -> tuple[None, None]:
+    """No vectors: items of one SID follow popularity desc, then item_id."""
+    return None, None
+
+
+def similarity_vectors(dec: Decoded) -> tuple[np.ndarray, np.ndarray]:
+    """The query's vector and the frozen item embeddings: items of one SID follow their cosine."""
+    return query_vectors(dec.dataset), dec.dataset.item_emb
 
 
 def generate(params: dict, queries: pd.DataFrame, *, model: RetrieverModel | None = None, beam: int | None = None,

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError, cre
 from pydantic_core import PydanticCustomError
 
 from components.runtime.errors import ConfigError
+from components.runtime.extensions import entry as extension_entry
 from components.runtime.extensions import names as extension_names
 from components.runtime.step_names import STEP_NAMES
 
@@ -96,11 +97,6 @@ def choice(*options: Any) -> Any:
     return rule(f"must be one of {' | '.join(map(str, options))}", lambda v: _one_of(v, options))
 
 
-def choice_list(*options: str) -> Any:
-    return rule(f"must be a list from {' | '.join(options)}",
-                lambda v: isinstance(v, list) and all(_one_of(x, options) for x in v))
-
-
 def _one_of(v: Any, options: tuple) -> bool:
     return not isinstance(v, bool) and v in options  # True == 1 must not pass for an option 1
 
@@ -153,10 +149,27 @@ def _tau(v: Any) -> bool:
     return v is None or v == "auto" or v == math.inf or (_is_number(v) and math.isfinite(v) and v > 0)
 
 
-def _fusion_sources(v: Any) -> bool:
-    if isinstance(v, str):
-        return v in ("auto", "none")
-    return isinstance(v, list) and bool(v) and all(_one_of(s, SOURCES) for s in v) and len(set(v)) == len(v)
+def registered_list(kind: str) -> Any:
+    """A list of names registered for `kind` (components/runtime/extensions.py: e.g. the baselines), read
+    when a value is checked, as `registered`."""
+    def check(value: Any) -> Any:
+        options = extension_names(kind)
+        if not (isinstance(value, list) and all(_one_of(x, options) for x in value)):
+            raise PydanticCustomError("sa2crq", f"must be a list from {' | '.join(options)}")
+        return value
+
+    return Annotated[Any, PlainValidator(check)]
+
+
+def _fusion_sources(value: Any) -> Any:
+    """retriever.fusion.sources: auto, none or a list of distinct registered fusion sources."""
+    options = extension_names("fusion_source")
+    ok = value in ("auto", "none") if isinstance(value, str) else (
+        isinstance(value, list) and bool(value) and all(_one_of(s, options) for s in value)
+        and len(set(value)) == len(value))
+    if not ok:
+        raise PydanticCustomError("sa2crq", f"must be auto, none or a list of distinct {' | '.join(options)}")
+    return value
 
 
 def _fusion_weights(v: Any) -> bool:
@@ -182,9 +195,6 @@ def _devices(v: Any) -> bool:
 # choices mirrored from the modules that use them (tests/test_config_schema.py keeps them equal)
 DATASETS = ("amazon-scientific", "climate-fever", "generic")
 BACKBONES = ("small", "t5", "pretrained")
-SOURCES = ("learned", "zero_shot", "bm25")
-BASELINES = ("bm25", "dense", "popular", "two_tower", "sasrec", "sasrec_text")
-GROUP_ORDERS = ("popularity", "similarity")
 SASREC_LOSSES = ("ce", "bce", "bpr", "bpr-max", "top1")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 PRECISIONS = ("64-true", "32-true", "16-true", "16-mixed", "bf16-true", "bf16-mixed", "transformer-engine",
@@ -283,7 +293,7 @@ Tokenizer = section(
 
 Fusion = section(
     "Fusion",
-    sources=rule(f"must be auto, none or a list of distinct {' | '.join(SOURCES)}", _fusion_sources),
+    sources=Annotated[Any, PlainValidator(_fusion_sources)],   # components/retrieval/rankings.py
     weights=rule("must be auto or a list of numbers >= 0 (generated list first) with a positive, finite sum",
                  _fusion_weights),
     depth=TOP_K,
@@ -380,10 +390,10 @@ Eval = section(
     headline_k=TOP_K,
     bootstrap=integer(0, "0 = no intervals", le=100000, why="resamples x queries are drawn at once"),
     seeds=SEEDS,
-    group_order=choice(*GROUP_ORDERS),
+    group_order=registered("group_order"),   # components/retrieval/rankings.py
     threads=THREADS,
     exclude_history=FLAG,
-    baselines=choice_list(*BASELINES),
+    baselines=registered_list("baseline"),   # components/baselines/registry.py
     bm25_history=integer(1),
     dense_history=integer(1),
     two_tower=TwoTower,
@@ -499,20 +509,47 @@ def check_params(params: dict, where: str = "") -> None:
 
     `where` prefixes the reported key: an overlay is checked merged over valid params, so its
     errors are named inside the overlay (`profiles.smoke.retriever.beam`)."""
-    tree = {k: v for k, v in params.items() if not str(k).startswith("_")}
+    tree, sections = _method_sections({k: v for k, v in params.items() if not str(k).startswith("_")})
+    _validate(Params, tree, where)
+    for name, (model, value) in sections.items():
+        if value is None:
+            raise ConfigError(f"{where}tokenizer.{name}", f"missing (tokenizer.method={name} reads this section)")
+        _validate(model, value, f"{where}tokenizer.{name}.")
+    names = [v["name"] for v in tree["eval"]["variants"]]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(f"{where}eval.variants[{i}].name", f"{name!r} names an earlier variant too")
+    check_across(tree, where)
+
+
+def _validate(model: type[BaseModel], tree: Any, where: str) -> None:
+    """ConfigError for the first bad key of `tree` against `model`, named `where` + its path."""
     try:
-        Params.model_validate(tree)
+        model.model_validate(tree)
     except ValidationError as exc:
         errors = exc.errors()
         first = min(errors, key=lambda e: e["type"] != "extra_forbidden")  # a typo: its "did you mean" first
         key = where + _dotted(first["loc"])
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise ConfigError(key, _message(first) + more) from None
-    names = [v["name"] for v in tree["eval"]["variants"]]
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            raise ConfigError(f"{where}eval.variants[{i}].name", f"{name!r} names an earlier variant too")
-    check_across(tree, where)
+
+
+def _method_sections(tree: dict) -> tuple[dict, dict[str, tuple[Any, Any]]]:
+    """`tree` without the `tokenizer.<name>` blocks of registered tokenizer methods that declare their own
+    params section (components/tokenizers/registry.py TokenizerMethod.section), and those blocks with their
+    models: a method's own keys are checked by its registration; its block is required when it is the
+    chosen method, optional otherwise."""
+    tok = tree.get("tokenizer")
+    if not isinstance(tok, dict):
+        return tree, {}
+    sections = {}
+    for name in extension_names("tokenizer_method"):
+        model = getattr(extension_entry("tokenizer_method", name), "section", None)
+        if model is not None and (name in tok or tok.get("method") == name):
+            sections[name] = (model, tok.get(name))
+    if not sections:
+        return tree, {}
+    return {**tree, "tokenizer": {k: v for k, v in tok.items() if k not in sections}}, sections
 
 
 # (width, heads) pairs: attention splits the width into equal heads, so a model whose heads do not

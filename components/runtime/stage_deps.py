@@ -40,6 +40,9 @@ COMMAND_ROOTS = {"sa2crq resolve-params": ("components.runtime.config:load_param
                                             "components.runtime.resolved_params:run_resolve_params")}
 _STEP_CMD = re.compile(r"^sa2crq stage (\w+)$")
 _STEP_TABLE_LINE = re.compile(rf"^{STEP_TABLE}\b", re.M)   # the files worth parsing to find the table
+# a registration's lazy reference to the code it runs ('components.baselines.classic:run_bm25',
+# components/runtime/extensions.py resolve): an import that happens when the extension runs
+_REFERENCE = re.compile(rf"^((?:{'|'.join(PACKAGES)})(?:\.\w+)+):\w+$")
 
 
 class StageDepsError(Sa2crqError):
@@ -127,10 +130,14 @@ class ImportGraph:
                 for alias in node.names]
 
     def imports(self, module: str) -> set[str]:
-        """Every project module `module` imports, at module level or inside a function."""
+        """Every project module `module` imports, at module level or inside a function, or refers to
+        with a 'package.module:function' string (a registration's runner, imported when it runs)."""
         if module not in self._imports:
             found = {m for node in _statements(self.tree(module).body) if isinstance(node, (ast.Import, ast.ImportFrom))
                      for _, m in self._targets(node, module)}
+            found |= {match[1] for node in _walk(self.tree(module)) if isinstance(node, ast.Constant)
+                      and isinstance(node.value, str) and (match := _REFERENCE.match(node.value))
+                      and self.file(match[1])}
             self._imports[module] = found - {module}
         return self._imports[module]
 
