@@ -85,7 +85,8 @@ SPLIT_FROM = {("retriever", "fusion", "beam"): ("retriever", "beam")}
 
 def tokenizer_tables() -> tuple[tuple[str, ...], dict, dict]:
     """From the tokenizer methods' registrations (components/tokenizers/registry.py): the method-specific
-    keys (any method's `keys`: what it alone reads), and the EARLIER_BEHAVIOUR and READ_ONLY_WHEN entries under `tokenizer`."""
+    keys (any method's `keys`: what it alone reads), and the EARLIER_BEHAVIOUR and READ_ONLY_WHEN entries
+    under `tokenizer`."""
     registered = tokenizer_methods().values()
     specific = tuple(dict.fromkeys(k for m in registered for k in m.keys))
     earlier = {("tokenizer", *path): v for m in registered for path, v in m.earlier_behaviour.items()}

@@ -31,8 +31,10 @@ class TokenizerMethod:
     reads: the `tokenizer.*` keys only methods declaring them read: left out of the other methods'
     comparison run keys. earlier_behaviour: key path (under `tokenizer`) -> the value that reproduces runs
     cached before the key existed; read_only_when: key path -> (switch path, test of the switch for
-    "on"); both left out of comparison run keys like flows/compare.py's own tables. doc: the docs table's
-    cells (train_head, train_tail, SID length)."""
+    "on"); both left out of comparison run keys like flows/compare.py's own tables. section: the model of
+    the method's own params block `tokenizer.<name>` (components/runtime/config_schema.py `section(...)`),
+    checked with the rest of params (required when the method is chosen) and one of its `keys`. doc: the
+    docs table's cells (train_head, train_tail, SID length)."""
 
     name: str
     train_head: Hook
@@ -45,12 +47,18 @@ class TokenizerMethod:
     earlier_behaviour: Mapping[tuple[str, ...], object] = field(default_factory=dict)
     read_only_when: Mapping[tuple[str, ...], tuple[tuple[str, ...], Callable[[Any], bool]]] = field(
         default_factory=dict)
+    section: Any = None
     doc: tuple[str, str, str] = ("", "marker file only", "fixed")
 
     @property
     def two_stage(self) -> bool:
         """Stage 1 on head items (their SIDs issued then), Stage 2 on the rest."""
         return self.train_tail is not None
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The `tokenizer.*` keys only this method (and others declaring them) reads: `reads` and its section."""
+        return self.reads + ((self.name,) if self.section is not None else ())
 
     def hook(self, name: str) -> Callable[[Any], Any] | None:
         """The hook `name` (train_head, train_tail, assign_ids, check) as a callable; None when not set."""

@@ -245,7 +245,12 @@ PLACEMENT_KEYS = ("accelerator",)
 
 
 def _version(params: dict, cfg: TokenizerConfig) -> str:
-    view = {**params, "tokenizer": {k: v for k, v in params["tokenizer"].items() if k not in PLACEMENT_KEYS}}
+    """The method and a hash of the params its SIDs come from; other methods' own sections
+    (TokenizerMethod.section) are left out, so adding a method's block to params.yaml keeps every
+    other method's version."""
+    others = tuple(name for name, m in methods().items() if m.section is not None and name != cfg.method)
+    view = {**params, "tokenizer": {k: v for k, v in params["tokenizer"].items()
+                                    if k not in PLACEMENT_KEYS + others}}
     return f"{cfg.method}-{params_hash(view, ('dataset', 'data', 'embed', 'seed', 'tokenizer'))}"
 
 

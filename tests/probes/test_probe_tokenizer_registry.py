@@ -17,26 +17,29 @@ import pandas as pd
 import pytest
 
 from components.runtime.config import load_params
+from components.runtime.config_schema import integer, section
 from components.runtime.errors import ConfigError
 from components.tokenizers.registry import TokenizerMethod, get_method, methods, methods_table, register, unregister
 
 ROOT = Path(__file__).resolve().parents[2]
-TOY_VARIANT = "eval.variants=[{name: Toy, params: {tokenizer: {method: toy}}}]"
+TOY = ["tokenizer.method=toy", "tokenizer.toy.iters=1"]
 
 
 def toy_train_head(run) -> None:
-    """The toy: one k-means iteration per layer (rqkmeans, untrained), through the public context."""
+    """The toy: `tokenizer.toy.iters` k-means iterations per layer (rqkmeans, barely trained), through the
+    public context; its own key is checked by the section it registers."""
     from components.tokenizers.rq_kmeans import fit_rq_kmeans
     from components.tokenizers.tokenizer_stages import make_tokenizer
 
-    quantizer = fit_rq_kmeans(run.x, run.cfg.sizes, run.cfg.seed, niter=1)
+    quantizer = fit_rq_kmeans(run.x, run.cfg.sizes, run.cfg.seed, niter=run.params["tokenizer"]["toy"]["iters"])
     run.ckpt["tokenizer"] = make_tokenizer(run.cfg, None, quantizer, run.version).state()
     run.summary["n_train"] = len(run.x)
 
 
 @pytest.fixture
 def toy() -> Iterator[TokenizerMethod]:
-    method = register(TokenizerMethod("toy", toy_train_head, doc=("one k-means pass", "marker file only", "fixed")))
+    method = register(TokenizerMethod("toy", toy_train_head, section=section("Toy", iters=integer(1)),
+                                      doc=("one k-means pass", "marker file only", "fixed")))
     yield method
     unregister("toy")
 
@@ -60,13 +63,21 @@ def test_builtin_methods_come_from_the_registry() -> None:
     assert hits == ["components/tokenizers/builtin.py"]
 
 
-def test_docs_table_is_the_registrations() -> None:
-    assert methods_table() in (ROOT / "docs" / "TOKENIZERS.md").read_text()
+def test_docs_tables_are_the_registrations() -> None:
+    for doc in ("TOKENIZERS.md", "EXTENDING.md"):
+        assert methods_table() in (ROOT / "docs" / doc).read_text(), f"docs/{doc}: paste registry.methods_table()"
 
 
 def test_a_registered_method_is_a_choice_of_the_schema(toy) -> None:
-    """The schema reads the names when it checks: toy passes while registered, fails after."""
-    assert load_params(ROOT / "params.yaml", ["profile=smoke", "tokenizer.method=toy"])["tokenizer"]["method"] == "toy"
+    """The schema reads the names when it checks: toy passes while registered, fails after; its own
+    section is checked like any block (one line naming the key), required when toy is the method."""
+    assert load_params(ROOT / "params.yaml", ["profile=smoke", *TOY])["tokenizer"]["toy"] == {"iters": 1}
+    for overrides, key, message in (
+            (["tokenizer.method=toy"], "tokenizer.toy", "missing"),
+            ([*TOY, "tokenizer.toy.iters=0"], "tokenizer.toy.iters", "must be an integer >= 1, got 0"),
+            ([*TOY, "tokenizer.toy.iterz=2"], "tokenizer.toy.iterz", "unknown key")):
+        with pytest.raises(ConfigError, match=re.escape(f"'{key}': {message}")):
+            load_params(ROOT / "params.yaml", overrides)
     assert "| `toy` | one k-means pass | marker file only | fixed |" in methods_table()
     unregister("toy")
     try:
@@ -82,16 +93,19 @@ def test_a_registered_method_is_a_row_of_compare_planning(toy, monkeypatch) -> N
     from flows import compare_dvc
 
     monkeypatch.chdir(ROOT)
-    overrides = ["profile=smoke", "out_dir=outputs-toy", "eval.seeds=[0,1]", "eval.baselines=[]"]
+    overrides = ["profile=smoke", "out_dir=outputs-toy", "eval.seeds=[0,1]", "eval.baselines=[]",
+                 "tokenizer.toy.iters=1"]
     params = load_params("params.yaml", overrides)
-    params["eval"]["variants"] = [*params["eval"]["variants"], {"name": "Toy", "params": {"tokenizer": {"method": "toy"}}}]
+    variant = {"name": "Toy", "params": {"tokenizer": {"method": "toy"}}}
+    params["eval"]["variants"] = [*params["eval"]["variants"], variant]
     chosen = compare_dvc.pick_variants(params["eval"]["variants"], "Toy,RQ-KMeans")
     sid, plan = compare_dvc.plan_set(params, "params.yaml", overrides, chosen, "sa2crq compare")
     assert [(r["variant"], r["seed"]) for r in plan["runs"].values()] == [
         ("toy", 0), ("toy", 1), ("rq_kmeans", 0), ("rq_kmeans", 1)]
     toy_key = plan["variant_keys"][f"{sid}-toy"]["tokenizer"]
-    assert toy_key["method"] == "toy"
+    assert (toy_key["method"], toy_key["toy"]) == ("toy", {"iters": 1})
     assert not {"sarq", "extension_sizes", "head_encoder", "stage2_items", "import_unknown"} & set(toy_key)
+    assert "toy" not in plan["variant_keys"][f"{sid}-rq_kmeans"]["tokenizer"]   # toy's own block: toy's key alone
 
 
 @pytest.mark.slow
@@ -105,9 +119,9 @@ def test_a_registered_method_runs_through_the_tokenizer_steps(toy, smoke_embedde
     from components.runtime.paths import out_path
     from components.tokenizers.rq_kmeans import fit_rq_kmeans
     from components.tokenizers.sid_tokenizer import load_checkpoint
-    from components.tokenizers.tokenizer_stages import tokenizer_config
+    from components.tokenizers.tokenizer_stages import _version, tokenizer_config
 
-    params = {**smoke_embedded, "tokenizer": {**smoke_embedded["tokenizer"], "method": "toy"}}
+    params = {**smoke_embedded, "tokenizer": {**smoke_embedded["tokenizer"], "method": "toy", "toy": {"iters": 1}}}
     cfg = tokenizer_config(params)
     assert (cfg.method, cfg.adaptive, cfg.two_stage, cfg.sizes) == ("toy", False, False, [16, 32, 64])
     with pytest.raises(ConfigError, match=r"only for fixed-length methods \('rqkmeans', 'rqvae'\)"):
@@ -122,4 +136,8 @@ def test_a_registered_method_runs_through_the_tokenizer_steps(toy, smoke_embedde
     expected = quantizer(torch.from_numpy(x.astype(np.float32)), n_layers=3).codes.numpy()
     assert np.array_equal(np.stack(table["codes"].to_numpy()), expected)
     assert load_checkpoint(out_path(params, "tokenizer", "tail.pt"))["stage2"] is False
+    # toy's own block is no part of another method's version: adding a method keeps the others' SIDs
+    rqkmeans = {**params, "tokenizer": {**params["tokenizer"], "method": "rqkmeans"}}
+    without = {**rqkmeans, "tokenizer": {k: v for k, v in rqkmeans["tokenizer"].items() if k != "toy"}}
+    assert _version(rqkmeans, tokenizer_config(rqkmeans)) == _version(without, tokenizer_config(without))
     assert get_method("toy").two_stage is False
