@@ -56,15 +56,10 @@ def test_committed_params_and_every_overlay_validate(base):
     assert load_params(PARAMS, ["profile=smoke"])["_profile"] == "smoke"
 
 
-def test_schema_choices_match_the_code():
+def test_schema_precisions_are_what_lightning_accepts():
+    """Not a mirror of our own constant: Lightning's accepted precisions can change with its version."""
     from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 
-    from components.baselines.sasrec import LOSSES
-    from components.data.adapters import ADAPTERS
-    from components.retrieval.retriever import BACKBONES
-
-    assert schema.DATASETS == tuple(ADAPTERS)
-    assert (schema.BACKBONES, schema.SASREC_LOSSES) == (BACKBONES, LOSSES)
     lightning = {v for group in typing.get_args(_PRECISION_INPUT) for v in typing.get_args(group)}
     assert set(schema.PRECISIONS) == lightning
 

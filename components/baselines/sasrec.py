@@ -35,11 +35,11 @@ import pandas as pd
 from components.baselines.registry import baseline_label
 from components.ranking.metrics import per_query_metrics, target_pairs, target_ranks
 from components.ranking.ranked import ranked_frame, top_k
+from components.runtime.config_schema import SASREC_LOSSES as LOSSES
 from components.runtime.errors import ConfigError, DataError
 
 log = logging.getLogger("sa2crq.sasrec")
 VAL_METRICS = ("recall", "ndcg")
-LOSSES = ("ce", "bce", "bpr", "bpr-max", "top1")
 INT_KEYS = ("dim", "blocks", "heads", "max_len", "num_neg", "batch_size", "epochs", "eval_every", "patience",
             "threads")
 

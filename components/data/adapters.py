@@ -15,6 +15,7 @@ import pandas as pd
 from components.data.contract import (check_texts, id_column, int_column, list_column, read_items, require_columns,
                                  single_id_lists, validate_items, validate_queries)
 from components.runtime.errors import ConfigError, DataError
+from components.runtime.extensions import entry, names, register
 from components.data.readers import read_json, read_table
 
 Frames = tuple[pd.DataFrame, pd.DataFrame]
@@ -238,16 +239,16 @@ def load_generic(params: dict) -> Frames:
     return items, queries
 
 
-ADAPTERS: dict[str, Callable[[dict], Frames]] = {
-    "amazon-scientific": load_amazon_scientific,
-    "climate-fever": load_climate_fever,
-    "generic": load_generic,
-}
+# The datasets: each name is registered once, here; the params schema's `dataset` choice reads them.
+register("dataset", "amazon-scientific", load_amazon_scientific)
+register("dataset", "climate-fever", load_climate_fever)
+register("dataset", "generic", load_generic)
 
 
 def load_dataset(params: dict) -> Frames:
     """Run the adapter named by params `dataset`."""
     name = params.get("dataset")
-    if name not in ADAPTERS:
-        raise ConfigError("dataset", f"unknown dataset {name!r}; valid names: {', '.join(ADAPTERS)}")
-    return ADAPTERS[name](params)
+    if name not in names("dataset"):
+        raise ConfigError("dataset", f"unknown dataset {name!r}; valid names: {', '.join(names('dataset'))}")
+    adapter: Callable[[dict], Frames] = entry("dataset", name)
+    return adapter(params)

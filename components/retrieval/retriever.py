@@ -26,11 +26,10 @@ from components.retrieval.item_scorer import ItemScorer
 from components.retrieval.query_encoders import QueryEncoder
 from components.retrieval.seq2seq_backbones import HFSeq2Seq, SmallSeq2Seq
 from components.runtime.atomic import write_torch
+from components.runtime.config_schema import BACKBONES
 from components.runtime.errors import ConfigError
 from components.runtime.torch_files import load_weights
 from components.tokenizers.sid_vocab import BOS, END, PAD, SidCatalog, SidVocab
-
-BACKBONES = ("small", "t5", "pretrained")
 
 
 def model_config(rp: dict, codebook_sizes: tuple[int, ...], emb_dim: int, max_history: int, n_items: int = 0) -> dict:

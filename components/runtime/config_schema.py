@@ -193,7 +193,6 @@ def _devices(v: Any) -> bool:
 
 
 # choices mirrored from the modules that use them (tests/test_config_schema.py keeps them equal)
-DATASETS = ("amazon-scientific", "climate-fever", "generic")
 BACKBONES = ("small", "t5", "pretrained")
 SASREC_LOSSES = ("ce", "bce", "bpr", "bpr-max", "top1")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
@@ -484,7 +483,7 @@ Serve = section(
 
 Params = section(
     "Params",
-    dataset=choice(*DATASETS),
+    dataset=registered("dataset"),   # components/data/adapters.py
     profile=text(empty_ok=False),
     seed=SEED,
     out_dir=text(empty_ok=False),

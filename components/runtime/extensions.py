@@ -1,4 +1,4 @@
-"""Registered extensions, per kind: tokenizer methods, baselines, fusion sources, group orders.
+"""Registered extensions, per kind: datasets, tokenizer methods, baselines, fusion sources, group orders.
 
 Why here: the params schema (this layer) checks `tokenizer.method`, `eval.baselines` and friends
 against the registered names, and runtime may not import the layers above it. Each kind's typed
@@ -16,6 +16,7 @@ from typing import Any
 
 # kind -> the module whose import registers the built-in extensions of that kind
 HOMES: dict[str, str] = {
+    "dataset": "components.data.adapters",
     "tokenizer_method": "components.tokenizers.builtin",
     "baseline": "components.baselines.registry",
     "fusion_source": "components.retrieval.rankings",
