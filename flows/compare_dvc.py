@@ -82,6 +82,8 @@ HEADER = ("# Written by `sa2crq compare` (flows/compare_dvc.py); read by experim
 SCRATCH_HEADER = ("# Written by `sa2crq compare` for a comparison of a subset (flows/compare_dvc.py). Not committed:\n"
                   "# delete experiments/scratch/ any time; the full comparison's plan is experiments/compare.yaml.\n")
 SUBSET = "__subset"      # a subset's set id: '<set>__subset' (key() never gives '__', so no out_dir's id)
+SWEEP = "__sweep"        # a sweep's set id: '<set>__sweep' (flows/sweep_flow.py: grid points as variants)
+SCRATCH_SETS = (SUBSET, SWEEP)   # the set ids planned in experiments/scratch/
 SUBSET_DIR = "_subset"   # under <out_dir>/<compare_dir>/ (slug() never starts a variant's folder with '_')
 # the params that choose what a comparison covers: a subset of params.yaml's lists is planned in scratch
 SELECTION = ("eval.variants", "eval.seeds", "eval.baselines", "profile")
@@ -101,9 +103,14 @@ _SCRATCH_DVC = DVC_FILE.parent / "scratch" / "dvc.yaml"   # the run stages (DVC_
 SCRATCH = PlanFiles(_SCRATCH_DVC.with_name("compare.yaml"), _SCRATCH_DVC, _SCRATCH_DVC)
 
 
+def scratch_suffix(sid: str) -> str:
+    """'__subset' or '__sweep' for a set planned in experiments/scratch/, '' for a committed one."""
+    return next((suffix for suffix in SCRATCH_SETS if sid.endswith(suffix)), "")
+
+
 def plan_files(sid: str) -> PlanFiles:
-    """The files of a set: a subset's live in experiments/scratch/."""
-    return SCRATCH if sid.endswith(SUBSET) else COMMITTED
+    """The files of a set: a subset's and a sweep's live in experiments/scratch/."""
+    return SCRATCH if scratch_suffix(sid) else COMMITTED
 
 
 def key(text: str) -> str:
@@ -153,24 +160,35 @@ def _input_deps(params: dict) -> list[str]:
     return [*files, *code_deps("prepare")]
 
 
-def _committed_inputs(out_dir: str, params: dict) -> bool:
-    """Whether a subset reads the inputs of its out_dir's committed set (stopping when they are another
-    catalog's: one out_dir holds one prepared catalog)."""
-    stored = read_plan(COMMITTED)["input_keys"].get(key(out_dir))
-    if stored is not None and stored != input_keys(params):
-        raise ConfigError("out_dir", f"{out_dir}/ holds the prepared data of comparison {key(out_dir)!r} "
-                                     f"({PLAN}); a comparison on other data or embeddings needs an out_dir of its "
-                                     "own (e.g. -s out_dir=outputs-mine)")
-    return stored is not None
+def _input_sets(sid: str) -> list[tuple[str, PlanFiles]]:
+    """The sets whose prepare / embed stages a scratch set may read instead of its own: its out_dir's
+    committed set, then the other scratch set of that out_dir (one stage writes an out_dir's prepared/)."""
+    base = sid.removesuffix(scratch_suffix(sid))
+    return [(base, COMMITTED), *((base + suffix, SCRATCH) for suffix in SCRATCH_SETS if base + suffix != sid)]
+
+
+def _shared_inputs(sid: str, out_dir: str, params: dict) -> bool:
+    """Whether a scratch set reads the inputs another set of its out_dir prepares (stopping when they are
+    another catalog's: one out_dir holds one prepared catalog)."""
+    for owner, files in _input_sets(sid):
+        stored = read_plan(files)["input_keys"].get(owner)
+        if stored is None:
+            continue
+        if stored != input_keys(params):
+            raise ConfigError("out_dir", f"{out_dir}/ holds the prepared data of comparison {owner!r} "
+                                         f"({files.plan}); a comparison on other data or embeddings needs an out_dir "
+                                         "of its own (e.g. -s out_dir=outputs-mine)")
+        return True
+    return False
 
 
 def plan_set(params: dict, params_file: str, overrides: list[str], variants: list[dict], command: str,
-             subset: bool = False, results: str | None = None) -> tuple[str, dict]:
+             subset: bool = False, results: str | None = None, suffix: str = SUBSET) -> tuple[str, dict]:
     """The set of these params: its id and its entry in every plan section. A `subset` set has the id
-    '<set>__subset' and writes its results file to `results`, or to results.json in its compare_dir
-    (run_compare gives it params whose eval.compare_dir is <compare_dir>/_subset)."""
+    '<set>__subset' (`suffix`; a sweep's: '<set>__sweep') and writes its results file to `results`, or to
+    results.json in its compare_dir (run_compare gives it params whose eval.compare_dir is <compare_dir>/_subset)."""
     out_dir = _inside(params["out_dir"], "out_dir")
-    sid = key(out_dir) + (SUBSET if subset else "")
+    sid = key(out_dir) + (suffix if subset else "")
     files = plan_files(sid)
     ev = params["eval"]
     seeds = [int(s) for s in ev["seeds"]]
@@ -182,8 +200,8 @@ def plan_set(params: dict, params_file: str, overrides: list[str], variants: lis
             raise ConfigError("out_dir", f"{out_dir}/ holds dvc.yaml's prepared data for {params_file} as it is; "
                                          "a comparison on other data or embeddings needs an out_dir of its own "
                                          "(e.g. -s out_dir=outputs-mine)")
-    elif subset and _committed_inputs(out_dir, params):
-        pass          # the prepare / embed stages of the committed set of this out_dir
+    elif subset and _shared_inputs(sid, out_dir, params):
+        pass          # the prepare / embed stages of another set of this out_dir
     else:
         plan["input_keys"][sid] = input_keys(params)
         keys = [{files.plan.as_posix(): [f"input_keys.{sid}"]}]
@@ -327,13 +345,16 @@ def _check_outs(sid: str, stages: dict) -> None:
 
 
 def _release_inputs(sid: str) -> None:
-    """The committed set `sid` now prepares and embeds its out_dir: its subset's own input stages go."""
-    plan, scratch = read_plan(SCRATCH), sid + SUBSET
-    if scratch not in plan["input_keys"]:
+    """The committed set `sid` now prepares and embeds its out_dir: its subset's and sweep's own input stages go."""
+    plan = read_plan(SCRATCH)
+    scratch = [sid + suffix for suffix in SCRATCH_SETS if sid + suffix in plan["input_keys"]]
+    if not scratch:
         return
-    del plan["input_keys"][scratch]
+    for name in scratch:
+        del plan["input_keys"][name]
     _dump(SCRATCH.plan, plan, None)
-    stages = {k: v for k, v in _all_stages(SCRATCH).items() if k not in (f"prepare_{scratch}", f"embed_{scratch}")}
+    gone = {f"{kind}_{name}" for name in scratch for kind in ("prepare", "embed")}
+    stages = {k: v for k, v in _all_stages(SCRATCH).items() if k not in gone}
     _dump(SCRATCH.sets, {"vars": ["compare.yaml"], "stages": stages}, False)
 
 
@@ -392,7 +413,7 @@ def load_set(sid: str) -> tuple[dict, list[dict], dict]:
     chosen = [by_name[n] for n in entry["variants"] if n in by_name]
     subset = files is SCRATCH
     _, fresh = plan_set(params, entry["params_file"], entry["overrides"], chosen, entry["command"], subset=subset,
-                        results=entry["results"] if subset else None)
+                        results=entry["results"] if subset else None, suffix=scratch_suffix(sid))
     stored = {**_set_entries(plan, sid), "stages": _set_stages(sid, files)}
     if stored != fresh:
         section = next(name for name in fresh if stored[name] != fresh[name])
@@ -444,13 +465,12 @@ def stage_names(sid: str, plan: dict) -> list[str]:
 
 
 def input_stages(sid: str, plan: dict) -> list[str]:
-    """The stages that prepare and embed a set's out_dir: its own, a subset's committed set's, or dvc.yaml's."""
-    base = sid.removesuffix(SUBSET)
-    if sid in plan["input_keys"]:
-        owner, files = sid, plan_files(sid)
-    elif base != sid and base in read_plan(COMMITTED)["input_keys"]:
-        owner, files = base, COMMITTED
-    else:
+    """The stages that prepare and embed a set's out_dir: its own, another set's of that out_dir (a scratch
+    set's), or dvc.yaml's."""
+    others = _input_sets(sid) if scratch_suffix(sid) else []
+    owner, files = next(((o, f) for o, f in [(sid, plan_files(sid)), *others] if o in read_plan(f)["input_keys"]),
+                        (None, None))
+    if owner is None:
         return ["prepare", "embed"]
     return [f"{files.sets}:{kind}_{owner}" for kind in ("prepare", "embed")]
 
@@ -467,6 +487,11 @@ def _dvc(args: list[str]) -> list[str]:
 
 def _dvc_env() -> dict:
     return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def _again(sid: str, plan: dict) -> str:
+    """The command that planned the set (`sa2crq compare ...` or `sa2crq sweep ...`), to run again."""
+    return f"`{plan['sets'].get(sid, {}).get('command', 'sa2crq compare')}` with the same flags"
 
 
 def repro(sid: str, plan: dict, targets: list[str] | None = None) -> int:
@@ -492,7 +517,7 @@ def repro(sid: str, plan: dict, targets: list[str] | None = None) -> int:
         rc = proc.wait()
     if rc != 0:
         raise Sa2crqError(f"{plan_files(sid).sets}: `dvc repro` of comparison {sid!r} stopped (its error is above); "
-                          "`sa2crq compare` with the same flags resumes, finished stages are kept")
+                          f"{_again(sid, plan)} resumes, finished stages are kept")
     return ran
 
 
@@ -549,7 +574,7 @@ def repro_parallel(sid: str, plan: dict, jobs: int) -> int:
             raise Sa2crqError(f"{plan_files(sid).runs}: `dvc commit` of comparison {sid!r} failed (its error is above)")
         if failed:
             raise Sa2crqError(f"{plan_files(sid).runs}: comparison {sid!r}: {', '.join(failed)} failed (errors above); the "
-                              "others are recorded, `sa2crq compare` with the same flags resumes")
+                              f"others are recorded, {_again(sid, plan)} resumes")
         ran += len(stale)
     return ran + repro(sid, plan)
 

@@ -1,54 +1,47 @@
-"""Flow: a grid of params points run in parallel, gathered into one table.
+"""Flow: a grid of params points on DVC, gathered into one table.
 
 `sa2crq sweep --grid tokenizer.sarq.tau=[3,6] --grid seed=[0,1]` calls
-`sweep_flow(params=..., opt_grid=[...])`. Each point is the pipeline with its overrides,
-in its own out_dir <out_dir>/sweeps/<sweep id>/<point>/. Points that change nothing upstream
-of the tokenizer share prepared/ and embeddings/: links to the base out_dir's folders as they
-are (prepare and embed run there first only when they are missing); a grid over data.* /
-embed.* / dataset / profile runs every step per point.
-
-A point runs the pipeline flow in a process of its own, one point at a time per process,
-reporting to the same Prefect server: its own random state (so a point gives the same numbers
-however many run beside it; every step seeds itself), its own torch threads, and one W&B run
-(grouped by the sweep). The task runner (params flows.task_runner) decides where: `threads`
-(ThreadPoolTaskRunner; each task hands its point to a pool of flows.max_workers processes
-forked from a server that imported the stack once) or `dask` (prefect_dask.DaskTaskRunner on
-flows.dask_address, or a local cluster of flows.max_workers single-threaded worker
-processes; the point runs in the worker, so remote workers need threads_per_worker=1 and
-PREFECT_API_URL set to the same server).
-Results: <sweep dir>/results.parquet (grid values + every metric, timings included) and
-results.md (the metrics matching flows.sweep.report).
+`sweep_flow(params=..., opt_grid=[...])`. The grid is a comparison (flows/compare_dvc.py): each point
+(its values but the seed) is a variant whose params are the point's overrides, and the `seed` axis (else
+params' seed) is the comparison's seeds, with no baselines. It is planned as the set '<set>__sweep' in
+experiments/scratch/ (never the committed plan or its lock), its runs in <out_dir>/sweep/points/<point>/seed<k>/
+(prepared/ and embeddings/ linked from out_dir: a grid over dataset / profile / data.* / embed.* needs an
+out_dir per value), and the flow's one task runs `dvc repro` of it, flows.max_workers runs at a time
+(as `sa2crq compare --jobs`; flows.task_runner only says where that task runs). DVC decides what runs: a
+killed sweep resumes where it stopped, a point run before (same run params, the same stage) does not
+train again, and a new grid value trains only its points.
+Results: <out_dir>/sweep/results.parquet (grid values + every metric of each point's metrics/*.json and
+its evaluation, eval.constrained.* / eval.unconstrained.*) and results.md (the metrics matching
+flows.sweep.report); <out_dir>/sweep/points/results.md is the comparison's own table.
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import itertools
 import json
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor
+import shlex
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from components.evaluation.evaluate import headline
 from components.runtime.atomic import atomic_path, write_parquet
-from components.runtime.config import override_layer, params_hash, parse_value
-from components.runtime.errors import ConfigError
-from components.runtime.locks import lock_out_dir
+from components.runtime.config import DEFAULT_PARAMS, deep_merge, load_params, override_layer, parse_value
+from components.runtime.errors import ConfigError, Sa2crqError
 from components.runtime.paths import out_path
+from flows import compare_dvc
+from flows.compare import variant_params
 from flows.flow_params import apply_overrides, flow_run_name
-from flows.step_io import ROOT, dvc_project
-from flows.tasks import run_steps
 from flows.tracking import flatten, numeric
 
 UPSTREAM = ("dataset", "profile", "data", "embed")   # keys that change prepared/ or embeddings/
-SHARED = ("prepared", "embeddings")
+SWEEP_DIR = "sweep"                                   # <out_dir>/sweep/: the table; points/: the runs
 DEFAULT_REPORT = ["sid_stats.n_sids", "sid_stats.unique_share", "sid_stats.items_per_sid.mean",
                   "sid_stats.length.*.mean", "retriever_train.best_val_recall@10", "eval.*.recall@10"]
 
@@ -104,67 +97,99 @@ def task_runner(params: dict):
     raise ConfigError("flows.task_runner", f"must be threads or dask, got {kind!r}")
 
 
-def collect_metrics(point_dir: Path) -> dict[str, float]:
-    """Every number of the point's metrics/*.json, keyed `<file stem>.<path>`."""
+def collect_metrics(point_dir: Path, k: int = 10) -> dict[str, float]:
+    """Every number of the run's metrics/*.json, keyed `<file stem>.<path>`, and its evaluation
+    (eval/compare_run.json) as `eval.constrained.*` / `eval.unconstrained.*` (evaluate's headline keys)."""
     row: dict[str, float] = {}
     for path in sorted((point_dir / "metrics").glob("*.json")):
         row.update({f"{path.stem}.{k}": v for k, v in numeric(flatten(json.loads(path.read_text()))).items()})
+    run = json.loads((point_dir / "eval" / "compare_run.json").read_text())
+    scores = headline({"constrained": run["constrained"], "unconstrained": run["unconstrained"]}, k)
+    row.update({f"eval.{k}": v for k, v in numeric(flatten(scores)).items()})
     return row
 
 
-def _api_url() -> str:
-    """The API of the server this flow reports to (also the temporary one), for point processes."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return str(client.api_url)
-
-
-def _init_point_process(env: dict[str, str]) -> None:
-    """Point processes report to the sweep's server and W&B group, offline like the parent.
-
-    Prefect read its settings when the process imported it: reload them after setting the URL
-    (or each point process would start a temporary server of its own)."""
-    os.environ.update(env)
-    from prefect.context import refresh_global_settings_context
-
-    from components.runtime.runtime_env import set_offline_defaults
-
-    set_offline_defaults(ROOT)
-    refresh_global_settings_context()
+def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = value
+    return out
 
 
-def run_point(point_params: dict, start: str, stop: str) -> dict[str, float]:
-    """One point: the pipeline flow in this process (output to <point>/point.log); its metrics."""
-    from flows.pipeline_flow import pipeline_flow
-
-    point_dir = Path(point_params["out_dir"])
-    with atomic_path(point_dir / "params.json") as tmp:
-        tmp.write_text(json.dumps(point_params, indent=2, sort_keys=True, default=str))
-    with open(point_dir / "point.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        pipeline_flow(params=point_params, start=start, stop=stop)
-    return collect_metrics(point_dir)
+def _yaml_value(value: Any) -> str:
+    """A value as override text that parse_value reads back equal (a .inf stays a float, '1e-3' a string)."""
+    return yaml.safe_dump([value], default_flow_style=True, width=10**9).strip()[1:-1]
 
 
-def point_context() -> multiprocessing.context.BaseContext:
-    """forkserver with the flow stack preloaded: the server imports torch, Lightning and Prefect
-    once, then each point process is a fresh fork of it (no threads inherited from this flow)."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["flows.pipeline_flow"])
-    return ctx
+def base_overrides(params: dict) -> tuple[str, list[str]]:
+    """The params file and the `key=value` overrides that give these params again: what the sweep's
+    stages re-read (a stage loads the params file with its set's overrides, as `sa2crq compare` records -s)."""
+    path = str(params.get("_params_path") or DEFAULT_PARAMS)
+    overrides: list[str] = []
+    ref = load_params(path)
+    if params.get("_profile", ref.get("_profile")) != ref.get("_profile"):
+        overrides = [f"profile={params['_profile']}"]
+        ref = load_params(path, overrides)
+    public = lambda tree: {k: v for k, v in tree.items() if not k.startswith("_") and k not in ("profile", "profiles")}  # noqa: E731
+    theirs = _leaves(public(ref))
+    overrides += [f"{name}={_yaml_value(value)}" for name, value in _leaves(public(params)).items()
+                  if name not in theirs or theirs[name] != value]
+    return path, overrides
 
 
-# sweep id -> its pool of point processes, for tasks on the threads runner (a dask worker is a process already)
-_POOLS: dict[str, ProcessPoolExecutor] = {}
+def sweep_variants(points: list[dict[str, Any]]) -> tuple[list[dict], list[int]]:
+    """The grid as a comparison: one variant per point without its seed (name: point_name, params: the
+    point's overrides), and the seeds of the `seed` axis."""
+    variants: dict[str, dict] = {}
+    for point in points:
+        values = {k: v for k, v in point.items() if k != "seed"}
+        name = point_name(values) or "params"
+        overlay: dict = {}
+        for k, v in values.items():
+            overlay = deep_merge(overlay, override_layer(k, v))
+        if variants.setdefault(name, {"name": name, "params": overlay})["params"] != overlay:
+            raise ConfigError("sweep --grid", f"two points are both named {name!r}; give values that differ in "
+                                              "letters or digits")
+    keys = [compare_dvc.key(name) for name in variants]
+    if len(set(keys)) < len(keys):
+        raise ConfigError("sweep --grid", f"two points get the same run folder ({keys}); give values that differ "
+                                          "in letters or digits")
+    seeds = list(dict.fromkeys(int(p["seed"]) for p in points if "seed" in p))
+    return list(variants.values()), seeds
 
 
-@task(name="sweep-point", cache_policy=NO_CACHE)
-def point_task(point_params: dict, start: str, stop: str, sweep_id: str) -> dict[str, float]:
-    """Run a point in one of the sweep's processes (threads runner) or in this dask worker."""
-    pool = _POOLS.get(sweep_id)
-    if pool is None:
-        return run_point(point_params, start, stop)
-    return pool.submit(run_point, point_params, start, stop).result()
+def plan_sweep(params: dict, grid: list[str]) -> tuple[str, dict, dict]:
+    """Write the sweep's set into experiments/scratch/: its id, its params (as its stages read them) and its plan."""
+    if not compare_dvc.DVC_FILE.exists():
+        raise Sa2crqError(f"{compare_dvc.DVC_FILE}: missing (run `sa2crq sweep` from the project root: its points "
+                          "are DVC stages)")
+    axes = parse_grid(grid)
+    upstream = [k for k, _ in axes if k.split(".")[0] in UPSTREAM]
+    if upstream:
+        raise ConfigError(f"sweep --grid {upstream[0]}", "changes prepared/ or embeddings/, which a sweep's points "
+                                                         "share: sweep it with one `sa2crq sweep -s out_dir=... "
+                                                         f"-s {upstream[0]}=...` per value")
+    variants, seeds = sweep_variants(grid_points(axes))
+    params_file, overrides = base_overrides(params)
+    overrides += [f"eval.variants={_yaml_value(variants)}", f"eval.seeds={seeds or [int(params['seed'])]}",
+                  "eval.baselines=[]", f"eval.compare_dir={SWEEP_DIR}/points"]
+    set_params = load_params(params_file, overrides)
+    command = shlex.join(["sa2crq", "sweep", *(x for g in grid for x in ("--grid", g))])
+    sid, entries = compare_dvc.plan_set(set_params, params_file, overrides, variants, command, subset=True,
+                                        suffix=compare_dvc.SWEEP)
+    compare_dvc.write_plan(sid, entries)
+    return sid, set_params, compare_dvc.read_plan(compare_dvc.plan_files(sid))
+
+
+@task(name="sweep-dvc-repro", cache_policy=NO_CACHE)
+def repro_task(sid: str, plan: dict, jobs: int) -> int:
+    """`dvc repro` of the sweep's set (`jobs` runs at a time): the stages that ran."""
+    if jobs <= 1:
+        return compare_dvc.repro(sid, plan)
+    return compare_dvc.repro_parallel(sid, plan, jobs)
 
 
 def report_markdown(table: pd.DataFrame, keys: list[str], patterns: list[str]) -> str:
@@ -179,66 +204,38 @@ def report_markdown(table: pd.DataFrame, keys: list[str], patterns: list[str]) -
 
 @flow(name="sweep", flow_run_name=flow_run_name)
 def sweep_points_flow(params: dict, grid: list[str], overrides: list[str] | None = None) -> dict:
-    """Run every grid point (in parallel, per the flow's task runner) and gather the table."""
+    """Plan the grid as a comparison, bring it up to date with DVC and gather the table."""
     params = apply_overrides(params, overrides)
-    if dvc_project(params) is not None and shares_inputs(grid):
-        # DVC brings the shared prepared/ + embeddings/ up to date first; its stages lock outputs/ themselves
-        run_steps(params, ["prepare", "embed"])
-    # the sweep folder and the shared prepared/ + embeddings/; each point locks its own folder
-    with lock_out_dir(params):
-        return run_sweep(params, grid)
-
-
-def shares_inputs(grid: list[str]) -> bool:
-    """Whether the points share the base out_dir's prepared/ + embeddings/ (no swept key changes them)."""
-    return not any(key.split(".")[0] in UPSTREAM for key, _ in parse_grid(grid))
+    return run_sweep(params, grid)
 
 
 def run_sweep(params: dict, grid: list[str]) -> dict:
-    """The sweep flow's body: points, then results.parquet / results.md and the artifact."""
+    """The sweep flow's body: the set's stages, then results.parquet / results.md and the artifact."""
     axes = parse_grid(grid)
     points = grid_points(axes)
     keys = [k for k, _ in axes]
-    sweep_cfg = params.get("flows", {}).get("sweep", {}) or {}
-    sweep_id = params_hash({**params, "grid": grid})
-    root = out_path(params, "sweeps", sweep_id)
-    shared = shares_inputs(grid)
-    start = sweep_cfg.get("start", "train_head") if shared else "prepare"
-    stop = sweep_cfg.get("stop", "evaluate")
-    if shared and not all(out_path(params, part).exists() for part in SHARED):
-        run_steps(params, ["prepare", "embed"])
-    env = {"PREFECT_API_URL": _api_url(), "WANDB_RUN_GROUP": f"sweep-{sweep_id}"}
-    workers = min(int(params.get("flows", {}).get("max_workers", 2)), len(points))
-    if params.get("flows", {}).get("task_runner", "threads") == "threads":
-        _POOLS[sweep_id] = ProcessPoolExecutor(max_workers=workers, mp_context=point_context(),
-                                               initializer=_init_point_process, initargs=(env,))
-    try:
-        futures = []
-        for point in points:
-            point_params = apply_overrides(params, point_overrides(point))
-            point_dir = (root / point_name(point)).resolve()
-            point_dir.mkdir(parents=True, exist_ok=True)
-            point_params["out_dir"] = str(point_dir)
-            if shared:
-                for part in SHARED:
-                    if not (point_dir / part).exists():
-                        os.symlink(out_path(params, part).resolve(), point_dir / part)
-            futures.append(point_task.with_options(task_run_name=f"point-{point_name(point)}").submit(
-                point_params, start, stop, sweep_id))
-        results = [f.result() for f in futures]
-    finally:
-        pool = _POOLS.pop(sweep_id, None)
-        if pool is not None:
-            pool.shutdown()
-    rows = [{"point": point_name(p), **p, **r} for p, r in zip(points, results)]
+    sid, set_params, plan = plan_sweep(params, grid)
+    runs = sum(item["set"] == sid for item in plan["runs"].values())
+    jobs = min(int(params.get("flows", {}).get("max_workers", 2)), runs)
+    ran = repro_task.with_options(task_run_name=f"repro-{sid}")(sid, plan, jobs)
+    variants = {v["name"]: v for v in set_params["eval"]["variants"]}
+    k = int(set_params["eval"]["headline_k"])
+    rows = []
+    for point in points:
+        variant = variants[point_name({n: v for n, v in point.items() if n != "seed"}) or "params"]
+        run_dir = Path(variant_params(set_params, variant, int(point.get("seed", params["seed"])))["out_dir"])
+        rows.append({"point": point_name(point), **point, **collect_metrics(run_dir, k)})
     table = pd.DataFrame(rows)
+    root = out_path(params, SWEEP_DIR)
     write_parquet(table, root / "results.parquet")
-    markdown = report_markdown(table, keys, list(sweep_cfg.get("report") or DEFAULT_REPORT))
+    report = list(params.get("flows", {}).get("sweep", {}).get("report") or DEFAULT_REPORT)
+    markdown = report_markdown(table, keys, report)
     with atomic_path(root / "results.md") as tmp:
-        tmp.write_text(f"# Sweep {sweep_id}\n\nGrid: {' '.join(grid)}; steps {start} -> {stop}.\n\n" + markdown)
-    create_markdown_artifact(markdown=markdown, key="sweep-results", description=f"sweep {sweep_id}")
-    return {"sweep_id": sweep_id, "dir": str(root), "n_points": len(points), "results": str(root / "results.parquet"),
-            "start": start, "stop": stop}
+        tmp.write_text(f"# Sweep {sid}\n\nGrid: {' '.join(grid)}; {ran} stage(s) ran "
+                       f"({compare_dvc.SCRATCH.plan}).\n\n" + markdown)
+    create_markdown_artifact(markdown=markdown, key="sweep-results", description=f"sweep {sid}")
+    return {"sweep_id": sid, "dir": str(root), "n_points": len(points), "stages_run": ran,
+            "results": str(root / "results.parquet"), "markdown": str(root / "results.md")}
 
 
 def sweep_flow(params: dict, opt_grid: list[str], overrides: list[str] | None = None) -> dict:
