@@ -1,4 +1,5 @@
-"""Shared fixtures: offline env, smoke-profile params in a temp out_dir, a Prefect test server."""
+"""Shared fixtures: offline env, smoke-profile params in a temp out_dir, a Prefect test server, the one
+trained smoke pipeline, the service's two trained versions and its server (plain helpers: tests/helpers.py)."""
 from __future__ import annotations
 
 import os
@@ -47,3 +48,38 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, smoke_embedded, prefect_server) -> dict:
+    """The trained smoke pipeline (helpers.build_trained), trained once per session and shared by every slow
+    test that reads it: {"params": its params (out_dir = the trained folder), "new_items": the held-out items}."""
+    from helpers import build_trained
+
+    return build_trained(tmp_path_factory.getbasetemp() / "flows_trained", smoke_embedded)
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory) -> dict:
+    """Two versions t1 and t2 of the tiny catalog (MiniLM-sized vectors), each with its own trained retriever."""
+    from helpers import trained_version
+
+    root = tmp_path_factory.mktemp("serve")
+    params = trained_version(root / "t1", "t1", epochs=2)
+    trained_version(root / "t2", "t2", epochs=3)
+    return {"root": root, "params": params}
+
+
+@pytest.fixture(scope="module")
+def server(versions):
+    """A real uvicorn server on a free loopback port serving t1, ready, with an httpx client on it."""
+    import httpx
+    from helpers import serve_params, wait_ready
+
+    from components.serving.server import ServerThread
+
+    params = serve_params(versions, versions["root"] / "t1")
+    with ServerThread(params) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        wait_ready(client)
+        yield {"srv": srv, "client": client, "params": params, "settings": srv.service.settings}

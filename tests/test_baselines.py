@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import history_queries
 
 from components.baselines.classic import bm25, dense_zero_shot, most_popular, query_vectors
 from components.ranking.bm25 import bm25_query_texts
@@ -35,12 +36,6 @@ def text_queries(texts: list[str]) -> pd.DataFrame:
     return pd.DataFrame({"query_id": [f"q{i}" for i in range(n)], "split": "test", "order": range(n),
                          "history": [[] for _ in range(n)], "text": texts, "targets": [["it0"]] * n,
                          "emb_row": range(n)})
-
-
-def history_queries(histories: list[list[str]]) -> pd.DataFrame:
-    n = len(histories)
-    return pd.DataFrame({"query_id": [f"h{i}" for i in range(n)], "split": "test", "order": range(n),
-                         "history": histories, "text": [None] * n, "targets": [["it0"]] * n, "emb_row": -1})
 
 
 def test_bm25_finds_the_exact_text_item(items):

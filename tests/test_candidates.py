@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_flows import build_trained
 
 from components.runtime.errors import DataError
 from flows.candidates_flow import CANDIDATE_COLUMNS, read_queries
@@ -17,8 +16,7 @@ K = 10
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, smoke_embedded, prefect_server) -> dict:
-    trained = build_trained(tmp_path_factory.getbasetemp() / "flows_trained", smoke_embedded)
+def setup(tmp_path_factory, trained, prefect_server) -> dict:
     base = Path(trained["params"]["out_dir"])
     root = tmp_path_factory.mktemp("ab")
     test = pd.read_parquet(base / "prepared" / "queries.parquet").query("split == 'test'").head(25)

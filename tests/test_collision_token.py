@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import tiny_params as retriever_params
+from helpers import write_catalog
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_retriever import tiny_params as retriever_params
-from test_retriever import write_catalog
 from tokenizer_fixtures import make_catalog, run_tokenizer, tiny_params
 
 from components.retrieval.retriever import decode, load_retriever

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_retriever import tiny_params, write_catalog
+from helpers import tiny_params, write_catalog
 
 from components.retrieval.retriever_train import run_train_retriever
 from components.runtime.errors import ConfigError

@@ -1,10 +1,9 @@
 """Prefect flows on the smoke profile, against a real temporary Prefect server.
 
-`trained` builds the one trained smoke pipeline that every flow test reuses: the smoke
-catalog minus 5% of its cold items (kept aside as the retrain test's "new items"), trained by
-pipeline_flow from train_head to evaluate with a small retriever. Other test files build it
-through the same function, which trains once per session (a marker file says it finished):
-outside DVC's outputs/ flows keep no cache, every call runs its steps.
+The slow tests read conftest's session fixture `trained`: the one trained smoke pipeline (the smoke
+catalog minus 5% of its cold items, trained by pipeline_flow from train_head to evaluate with a small
+retriever; tests/helpers.py build_trained) that the retrain, candidates and probe tests reuse.
+Outside DVC's outputs/ flows keep no cache: every call runs its steps.
 """
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -20,77 +18,85 @@ from components.runtime.config import params_hash
 from components.runtime.errors import DataError
 from flows.flow_params import apply_overrides
 
-HOLDOUT_FRAC = 0.05
-# a tokenizer with enough distinct SIDs (about 2.7 items per SID) to retrieve single items, and a
-# small retriever and evaluation, so the trained pipeline fits the test budget on 2 cores
-FAST = ["tokenizer.codebook_sizes=[16,32,32]", "tokenizer.extension_sizes=[8,8,8]", "tokenizer.epochs_head=10",
-        "tokenizer.epochs_tail=6",
-        "retriever.d_model=64", "retriever.n_heads=2", "retriever.n_layers=1", "retriever.ff_dim=128",
-        "retriever.epochs=2", "retriever.lr=0.003", "retriever.val_max_queries=50",
-        "eval.baselines=[popular]", "eval.bootstrap=20", "eval.ks=[1,10]", "eval.deep_ks=[50]"]
 
-
-def hold_out_items(src: Path, dst: Path, frac: float, seed: int = 0) -> pd.DataFrame:
-    """Copy prepared/ + embeddings/ from src to dst without a seeded `frac` of the cold items
-    (and the queries that mention them); returns the held-out items (item_id, text)."""
-    items = pd.read_parquet(src / "prepared" / "items.parquet")
-    queries = pd.read_parquet(src / "prepared" / "queries.parquet")
-    emb = np.load(src / "embeddings" / "items.npy")
-    assert (queries["emb_row"] < 0).all(), "the smoke dataset has history queries only"
-    cold = np.flatnonzero(items["group"].to_numpy() == "cold")
-    n = max(2, int(round(frac * len(items))))
-    held = np.sort(np.random.default_rng(seed).choice(cold, min(n, len(cold)), replace=False))
-    keep = np.setdiff1d(np.arange(len(items)), held)
-    gone = set(items["item_id"].iloc[held])
-    mentions = queries["history"].map(lambda h: bool(gone & set(h))) | queries["targets"].map(lambda t: bool(gone & set(t)))
-    (dst / "prepared").mkdir(parents=True)
-    (dst / "embeddings").mkdir(parents=True)
-    items.iloc[keep].reset_index(drop=True).to_parquet(dst / "prepared" / "items.parquet", index=False)
-    queries[~mentions].reset_index(drop=True).to_parquet(dst / "prepared" / "queries.parquet", index=False)
-    np.save(dst / "embeddings" / "items.npy", emb[keep])
-    shutil.copy2(src / "embeddings" / "queries.npy", dst / "embeddings" / "queries.npy")
-    return items.iloc[held][["item_id", "text"]].reset_index(drop=True)
-
-
-def build_trained(root: Path, smoke: dict) -> dict:
-    """The trained smoke pipeline in root/base (trained by the first call of the session)."""
-    from flows.pipeline_flow import pipeline_flow
-
-    base = root / "base"
-    new_items = root / "new_items.jsonl"
-    done = root / "trained.done"
-    if not base.exists():
-        held = hold_out_items(Path(smoke["out_dir"]), base, HOLDOUT_FRAC)
-        held.to_json(new_items, orient="records", lines=True)
-    params = apply_overrides({**smoke, "out_dir": str(base)}, FAST)
-    if not done.exists():
-        pipeline_flow(params=params, start="train_head", stop="evaluate")
-        done.write_text(params_hash(params))
-    return {"params": params, "new_items": new_items}
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory, smoke_embedded, prefect_server) -> dict:
-    return build_trained(tmp_path_factory.getbasetemp() / "flows_trained", smoke_embedded)
-
-
-@pytest.mark.slow
-def test_pipeline_outputs_and_artifacts(trained):
-    """pipeline_flow ran every training / evaluation flow and published SID stats and metrics."""
+def _artifact_tables(key: str, params: dict) -> list[dict[str, float]]:
+    """Every table artifact with this key published for these params (their hash is in the description),
+    as {key: value}; other tests of the session publish the same keys for other params."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    base = Path(trained["params"]["out_dir"])
-    for rel in ("tokenizer/head.pt", "tokenizer/tail.pt", "sids/sid_table.parquet", "retriever/model.pt",
-                "metrics/eval.json", "metrics/sid_stats.json", "report/report.md"):
-        assert (base / rel).exists(), rel
-    items = pd.read_parquet(base / "prepared" / "items.parquet")
-    table = pd.read_parquet(base / "sids" / "sid_table.parquet")
-    assert table["item_id"].tolist() == items["item_id"].tolist()
     with get_client(sync_client=True) as client:
-        keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["assign-ids-sid-stats", "evaluate-eval", "evaluate-metrics"])))}
-    assert keys == {"assign-ids-sid-stats", "evaluate-eval", "evaluate-metrics"}
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    tables = []
+    for artifact in found:
+        if f"(params {params_hash(params)})" in (artifact.description or ""):
+            rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+            tables.append({r["key"]: float(r["value"]) for r in rows if _is_number(r["value"])})
+    assert tables, key
+    return tables
+
+
+def _is_number(value: object) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_pipeline_outputs_hold_what_the_steps_compute(trained):
+    """pipeline_flow's outputs: one well-formed SID per item of the catalog it trained on, SID stats that are
+    the statistics of that table, headline metrics (every method, every group, within their ranges) that are
+    the full results' means, a report naming this run's params, and artifacts holding the files' numbers."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from components.tokenizers.sid_stats import sid_statistics
+    from components.tokenizers.sid_table import read_sid_table
+    from flows.tracking import flatten, numeric
+
+    params = trained["params"]
+    base = Path(params["out_dir"])
+    items = pd.read_parquet(base / "prepared" / "items.parquet")
+    queries = pd.read_parquet(base / "prepared" / "queries.parquet")
+    table = read_sid_table(base / "sids" / "sid_table.parquet")
+    meta = json.loads((base / "sids" / "meta.json").read_text())
+    held = pd.read_json(trained["new_items"], lines=True, dtype={"item_id": str})
+    assert table["item_id"].tolist() == items["item_id"].tolist() and not set(held["item_id"]) & set(items["item_id"])
+    sizes = meta["codebook_sizes"]
+    assert (table["length"] == table["codes"].map(len)).all() and table["length"].between(1, len(sizes)).all()
+    assert all(0 <= c < sizes[i] for codes in table["codes"] for i, c in enumerate(codes))
+    assert set(table["version"]) == {meta["version"]}
+
+    stats = json.loads((base / "metrics" / "sid_stats.json").read_text())
+    expected = json.loads(json.dumps(sid_statistics(table, items, meta)))    # all but the encoder's errors
+    assert {k: stats[k] for k in expected} == expected and "recon_err" in stats
+    assert 1 <= stats["n_sids"] <= len(items) and 0 <= stats["unique_share"] <= 1
+
+    headline = json.loads((base / "metrics" / "eval.json").read_text())
+    results = json.loads((base / "eval" / "results.json").read_text())
+    k = int(params["eval"]["headline_k"])
+    assert len(headline) == len(results["methods"]) >= 2 and any("popular" in m.lower() for m in headline)
+    for name, method in results["methods"].items():
+        row = headline[name.replace(" ", "_").replace("(", "").replace(")", "")]
+        for key in (f"recall@{k}", f"ndcg@{k}", f"mrr@{k}"):
+            assert {key, f"{key}_head", f"{key}_tail", f"{key}_cold"} <= set(row), (name, key)
+            assert 0 <= row[key] <= 1 and row[key] == round(method["overall"]["metrics"][key]["mean"], 5)
+    n_test = int((queries["split"] == "test").sum())
+    assert next(iter(results["methods"].values()))["overall"]["n_queries"] == n_test
+
+    report = (base / "report" / "report.md").read_text()
+    assert params_hash(params) in report and params["tokenizer"]["method"] in report and f"overall {n_test}" in report
+
+    for published in _artifact_tables("evaluate-eval", params):
+        assert published == pytest.approx(flatten(headline))
+    with get_client(sync_client=True) as client:
+        markdown = [a.data for a in client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluate-metrics"])))]
+    name, value = next(iter(numeric(flatten(headline)).items()))
+    assert any(f"(params {params_hash(params)})" in text and f"| {name} | {value:.4f} |" in text
+               and str(base / "report" / "report.md") in text for text in markdown)
 
 
 @pytest.mark.slow
@@ -161,17 +167,14 @@ def test_flow_run_names_carry_params_hash(trained):
 
 @pytest.mark.slow
 def test_sid_stats_artifact_matches_file(trained):
-    """The table artifact after assign_ids holds the numbers of metrics/sid_stats.json."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    """The table artifacts after assign_ids hold the numbers of metrics/sid_stats.json."""
+    from flows.tracking import flatten, numeric
 
     stats = json.loads((Path(trained["params"]["out_dir"]) / "metrics" / "sid_stats.json").read_text())
-    with get_client(sync_client=True) as client:
-        latest = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["assign-ids-sid-stats"])))
-    rows = json.loads(latest[-1].data) if isinstance(latest[-1].data, str) else latest[-1].data
-    table = {r["key"]: r["value"] for r in rows}
-    assert float(table["n_sids"]) == stats["n_sids"]
-    assert float(table["unique_share"]) == pytest.approx(stats["unique_share"])
+    expected = numeric(flatten(stats))
+    for published in _artifact_tables("assign-ids-sid-stats", trained["params"]):
+        assert {k: v for k, v in published.items() if k in expected} == pytest.approx(expected)
+        assert published["n_sids"] == stats["n_sids"]
 
 
 def test_serve_registers_event_trigger_and_schedule(prefect_server, smoke_params):

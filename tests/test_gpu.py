@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_retriever import recall_at, tiny_params, write_catalog
+from helpers import history_queries, recall_at, tiny_params, write_catalog
 
 from components.retrieval.constrained_decoding import SidTrie
 from components.retrieval.retrieve import retrieve
@@ -54,37 +54,63 @@ def test_decoding_on_cuda_matches_cpu():
     torch.testing.assert_close(on_gpu.scores.cpu(), on_cpu.scores, atol=1e-4, rtol=0)
 
 
+def _same_ranking(on_gpu: pd.DataFrame, on_cpu: pd.DataFrame) -> None:
+    """Two ranked frames hold the same items per query, with scores equal within float32 noise at each rank."""
+    key = ["query_id", "rank"]
+    both = on_gpu.merge(on_cpu, on=key, how="outer", suffixes=("_gpu", "_cpu"), indicator=True)
+    assert (both["_merge"] == "both").all() and len(both) == len(on_cpu)
+    np.testing.assert_allclose(both["score_gpu"], both["score_cpu"], atol=1e-4, rtol=0)
+    items = {side: frame.groupby("query_id")["item_id"].agg(frozenset) for side, frame in (("gpu", on_gpu),
+                                                                                          ("cpu", on_cpu))}
+    pd.testing.assert_series_equal(items["gpu"], items["cpu"])
+
+
 @pytest.mark.gpu
 @cuda
-def test_retriever_trains_and_retrieves_on_cuda(tmp_path):
+def test_retriever_trained_on_cuda_retrieves_the_same_on_cuda_and_cpu(tmp_path):
+    """A retriever trained with `accelerator: gpu` comes back on the CPU, learns the tiny catalog, and
+    `retrieve` gives the same items and scores with the model on CUDA as on the CPU."""
     write_catalog(tmp_path)
     params = tiny_params(tmp_path, epochs=3)
     params["retriever"]["trainer"].update(accelerator="gpu", devices=1)
     run_train_retriever(params)
-    model = load_retriever(tmp_path / "retriever" / "model.pt").cuda()
+    model = load_retriever(tmp_path / "retriever" / "model.pt")
     queries = pd.read_parquet(tmp_path / "prepared" / "queries.parquet")
-    ranked = retrieve(params, queries, model=model, beam=10)
-    assert ranked.query_id.nunique() == len(queries) and recall_at(ranked, queries, 10) > 0
+    on_cpu = retrieve(params, queries, model=model, beam=10)
+    on_gpu = retrieve(params, queries, model=model.cuda(), beam=10)
+    assert next(model.parameters()).device.type == "cuda"
+    _same_ranking(on_gpu, on_cpu)
+    assert on_cpu.query_id.nunique() == len(queries) and recall_at(on_cpu, queries, 10) > 0
 
 
 @pytest.mark.gpu
 @cuda
-def test_tokenizer_and_two_tower_train_on_cuda(tmp_path):
-    """The smoke tokenizer (SA2CRQ: Stage 1 with SARQ callbacks, Stage 2) and the two-tower
-    baseline on `accelerator: gpu`: every item gets a SID and the models come back on the CPU."""
-    from test_baselines import history_queries
+def test_tokenizer_and_two_tower_trained_on_cuda_compute_the_same_on_cuda_and_cpu(tmp_path):
+    """The smoke tokenizer (SA2CRQ: Stage 1 with SARQ callbacks, Stage 2) and the two-tower baseline
+    trained on `accelerator: gpu`: the RQ-VAE encodes the catalog to the same latents on CUDA as on the
+    CPU, the SID table written holds the tokenizer's own assignment of the non-head items, and the two-tower's
+    scores on CUDA equal its scores on the CPU."""
     from tokenizer_fixtures import make_catalog, run_tokenizer
     from tokenizer_fixtures import tiny_params as tokenizer_params
 
-    from components.baselines.two_tower import train_two_tower
-    from components.tokenizers.sid_tokenizer import load_checkpoint
+    from components.baselines.two_tower import query_index_table, train_two_tower
+    from components.tokenizers.sid_tokenizer import load_tokenizer
 
     items, x = make_catalog(tmp_path)
     params = tokenizer_params(tmp_path, "sa2crq", "profile=smoke", "tokenizer.accelerator=gpu",
                               "tokenizer.codebook_sizes=[4,8,8]", "tokenizer.extension_sizes=[2,4,4]")
     table = run_tokenizer(params)
-    assert len(table) == len(items) and (table["length"] >= 1).all()
-    assert load_checkpoint(tmp_path / "tokenizer" / "head.pt")["history"]
+    tokenizer = load_tokenizer(params)
+    codes, lengths = tokenizer.assign(x)
+    tail = (table["stage"] != "head").to_numpy()                 # head items keep the SIDs Stage 1 issued
+    assert table["item_id"].tolist() == items["item_id"].tolist() and tail.sum() >= len(items) // 2
+    assert table["codes"][tail].tolist() == [c[:n].tolist() for c, n in zip(codes[tail], lengths[tail])]
+    encoder = tokenizer.model.encoder
+    with torch.no_grad():
+        on_cpu = encoder(torch.from_numpy(x))
+        on_gpu = encoder.cuda()(torch.from_numpy(x).cuda()).cpu()
+    torch.testing.assert_close(on_gpu, on_cpu, atol=1e-4, rtol=1e-4)
+
     n = len(items)
     train = history_queries([[items.item_id[i % n]] for i in range(200)])
     train["targets"] = [[items.item_id[(i + 1) % n]] for i in range(200)]
@@ -92,3 +118,7 @@ def test_tokenizer_and_two_tower_train_on_cuda(tmp_path):
            "batch_size": 50, "epochs": 2, "patience": 0, "accelerator": "gpu"}
     model = train_two_tower(train, items, x, None, cfg, seed=0, valid=train.head(20))
     assert model.fit_result.best_score is not None and next(model.parameters()).device.type == "cpu"
+    q_idx, is_text = (torch.from_numpy(a) for a in query_index_table(train, items, cfg["max_len"]))
+    scores_cpu = model.scores(q_idx, is_text)
+    scores_gpu = model.cuda().scores(q_idx.cuda(), is_text.cuda()).cpu()
+    torch.testing.assert_close(scores_gpu, scores_cpu, atol=1e-4, rtol=1e-4)

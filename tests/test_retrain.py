@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_flows import build_trained
 
 from components.lifecycle.versions import (
     CHECKS_RECORD,
@@ -37,10 +36,9 @@ RETRAIN = ["flows.retrain.lr=0.003", "flows.retrain.max_old_recall_drop=0.05", "
 
 
 @pytest.fixture(scope="module")
-def retrained(tmp_path_factory, smoke_embedded, prefect_server) -> dict:
+def retrained(tmp_path_factory, trained, prefect_server) -> dict:
     from flows.retrain_flow import retrain_flow
 
-    trained = build_trained(tmp_path_factory.getbasetemp() / "flows_trained", smoke_embedded)
     work = tmp_path_factory.mktemp("retrain") / "out"
     shutil.copytree(trained["params"]["out_dir"], work)
     params = apply_overrides({**trained["params"], "out_dir": str(work)}, RETRAIN)

@@ -2,82 +2,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import recall_at, tiny_params, write_catalog
 
 from components.retrieval.retrieve import generate, hallucination_rate, retrieve
 from components.retrieval.retriever import decode, generate_sids, load_retriever
 from components.retrieval.retriever_data import BucketBatchSampler, load_inputs, query_examples, training_pairs
 from components.retrieval.retriever_train import run_train_retriever
-from components.runtime.config import load_params
 from components.runtime.errors import ConfigError, DataError
-
-ROOT = Path(__file__).resolve().parents[1]
-DIM = 24
-
-
-def write_catalog(out: Path, n_items: int = 30, text: bool = False, seed: int = 0, train: bool = True,
-                  dim: int = DIM, users: int = 12) -> pd.DataFrame:
-    """Items, queries, embeddings and a variable-length SID table in the pipeline's formats.
-
-    SIDs include collisions and SIDs that are prefixes of others; train=False makes every
-    query a test query (no training pairs, no validation); dim=384 (MiniLM's) lets fresh text
-    queries be encoded against it. Returns the items frame.
-    """
-    rng = np.random.default_rng(seed)
-    ids = [f"it{j:03d}" for j in range(n_items)]
-    emb = rng.normal(size=(n_items, dim)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    pop = rng.integers(0, 6, n_items)
-    pop[-2:] = 0
-    items = pd.DataFrame({"item_id": ids, "text": [f"item {i}" for i in ids], "popularity": pop,
-                          "group": np.where(pop >= 4, "head", np.where(pop > 0, "tail", "cold"))})
-    sizes = [4, 4, 3]
-    codes = [[j % 4, (j // 4) % 4, (j // 16) % 3][: 2 if j % 5 == 0 else 3] for j in range(n_items)]
-    codes[5] = list(codes[4])                      # a collision
-    rows = []
-    for u in range(users):
-        start = int(rng.integers(0, n_items - 2))
-        seq = [(start + 3 * k) % (n_items - 2) for k in range(5)]  # a learnable "next item" rule
-        for pos in range(1, 5):
-            split = ("train" if pos < 4 else "valid") if train else "test"
-            rows.append({"query_id": f"u{u}-{pos}", "split": split, "order": pos,
-                         "history": [] if text else [ids[i] for i in seq[:pos]],
-                         "text": f"query {u} {pos}" if text else None, "targets": [ids[seq[pos]]]})
-    queries = pd.DataFrame(rows)
-    is_text = queries["text"].notna().to_numpy()
-    queries["emb_row"] = np.where(is_text, np.cumsum(is_text) - 1, -1)
-    target_rows = [ids.index(t[0]) for t in queries["targets"]]
-    q_emb = (emb[target_rows] + 0.05 * rng.normal(size=(len(queries), dim))).astype(np.float32)[is_text]
-    for sub in ("prepared", "embeddings", "sids"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    items.to_parquet(out / "prepared" / "items.parquet", index=False)
-    queries.to_parquet(out / "prepared" / "queries.parquet", index=False)
-    np.save(out / "embeddings" / "items.npy", emb)
-    np.save(out / "embeddings" / "queries.npy", q_emb)
-    pd.DataFrame({"item_id": ids, "codes": codes, "length": [len(c) for c in codes], "stage": "full",
-                  "version": "t1"}).to_parquet(out / "sids" / "sid_table.parquet", index=False)
-    (out / "sids" / "meta.json").write_text(json.dumps({"method": "test", "codebook_sizes": sizes, "anchor_sizes": sizes,
-                                                         "max_len": 3, "version": "t1", "tau": None}))
-    return items
-
-
-def tiny_params(out: Path, **retriever) -> dict:
-    params = load_params(ROOT / "params.yaml", [f"out_dir={out}", "wandb.mode=disabled"])
-    params["retriever"].update({"d_model": 32, "n_heads": 2, "n_layers": 1, "ff_dim": 64, "dropout": 0.0,
-                                "n_memory": 2, "lr": 0.01, "batch_size": 16, "epochs": 3, "beam": 10, "eval_beam": 10,
-                                "val_max_queries": 0, "warmup_steps": 0, "num_threads": 1, **retriever})
-    return params
-
-
-def recall_at(ranked: pd.DataFrame, queries: pd.DataFrame, k: int) -> float:
-    top = ranked[ranked["rank"] < k]
-    hits = [t[0] in set(top.loc[top.query_id == q, "item_id"]) for q, t in zip(queries.query_id, queries.targets)]
-    return float(np.mean(hits))
 
 
 def test_tiny_catalog_is_learned_from_indexing_pairs(tmp_path):

@@ -1,6 +1,6 @@
 """The online service end to end: a real uvicorn server on a free loopback port, a trained tiny retriever.
 
-Two versions of one synthetic catalog (tests/test_retriever.py's, with MiniLM-sized vectors so text
+Two versions of one synthetic catalog (tests/helpers.py's, with MiniLM-sized vectors so text
 queries work), t1 and t2, each with its own trained retriever. Answers are checked against
 `retrieve` called directly on the same files; the reload test switches the live folders the way a
 promotion renames them while requests keep coming.
@@ -8,7 +8,6 @@ promotion renames them while requests keep coming.
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import json
 import shutil
@@ -18,12 +17,11 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-from test_retriever import tiny_params, write_catalog
+from helpers import serve_params, wait_ready
 
 from components.lifecycle.versions import VERSIONED, end_candidate, promote
 from components.ranking.metrics import drop_history_items
 from components.retrieval.retrieve import CANDIDATE_COLUMNS, retrieve
-from components.retrieval.retriever_train import run_train_retriever
 from components.runtime.errors import ConfigError
 from components.serving.engine import ITEM_FIELDS, cut_text, queries_frame
 from components.serving.history import exclude_history
@@ -34,52 +32,6 @@ from components.serving.settings import serve_settings
 from components.serving.traffic import variant_for
 from components.serving.versions import LoadedVersion, VersionChanged, load_version
 from flows.candidates_flow import variant_task
-
-
-def _version(out: Path, name: str, epochs: int) -> dict:
-    """The synthetic catalog in `out` as version `name`, with a retriever trained on it."""
-    write_catalog(out, dim=384)
-    meta = json.loads((out / "sids" / "meta.json").read_text())
-    (out / "sids" / "meta.json").write_text(json.dumps({**meta, "version": name}))
-    table = pd.read_parquet(out / "sids" / "sid_table.parquet").assign(version=name)
-    table.to_parquet(out / "sids" / "sid_table.parquet", index=False)
-    params = tiny_params(out, epochs=epochs)
-    run_train_retriever(params)
-    return params
-
-
-@pytest.fixture(scope="module")
-def versions(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("serve")
-    params = _version(root / "t1", "t1", epochs=2)
-    _version(root / "t2", "t2", epochs=3)
-    return {"root": root, "params": params}
-
-
-def _params(versions: dict, out_dir: Path, **serve) -> dict:
-    params = copy.deepcopy(versions["params"])
-    params["out_dir"] = str(out_dir)
-    params["serve"].update({"reload_every_s": 0, "max_wait_ms": 20, "max_batch": 16, **serve})
-    return params
-
-
-def _wait_ready(client: httpx.Client, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        res = client.get("/ready")
-        if res.status_code == 200:
-            return res.json()
-        time.sleep(0.05)
-    raise AssertionError(f"not ready: {res.json()}")
-
-
-@pytest.fixture(scope="module")
-def server(versions):
-    params = _params(versions, versions["root"] / "t1")
-    with ServerThread(params) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
-        assert client.get("/health").json() == {"status": "ok"}
-        _wait_ready(client)
-        yield {"srv": srv, "client": client, "params": params, "settings": srv.service.settings}
 
 
 async def _post_all(url: str, bodies: list) -> list[httpx.Response]:
@@ -175,9 +127,9 @@ def test_reload_on_promotion_drops_no_request(versions):
     shutil.copytree(root / "t1", live)
     (live / "tokenizer").mkdir(exist_ok=True)
     _stage_version(live, root / "t2", "t2")
-    params = _params(versions, live, reload_every_s=0.3)
+    params = serve_params(versions, live, reload_every_s=0.3)
     with ServerThread(params) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
-        _wait_ready(client)
+        wait_ready(client)
 
         async def traffic(until: str) -> list[tuple[int, str | None]]:
             """Requests 4 at a time until version `until` answers (and 20 s at most)."""
@@ -207,7 +159,7 @@ def test_reload_on_promotion_drops_no_request(versions):
 
 
 def test_serve_params_are_checked_before_the_port_opens(versions):
-    params = _params(versions, versions["root"] / "t1", k_default=500)
+    params = serve_params(versions, versions["root"] / "t1", k_default=500)
     with pytest.raises(ConfigError, match="'serve.k_default': must be an integer between 1 and 100"):
         serve_settings(params)
     del params["serve"]["max_wait_ms"]
@@ -226,11 +178,11 @@ def test_a_half_promoted_out_dir_is_not_loaded(versions, tmp_path):
 
 def test_ab_split_is_stable_per_user_and_logged(versions):
     root = versions["root"]
-    params = _params(versions, root / "t1", ab={"out_dir": str(root / "t2"), "share": 0.5},
+    params = serve_params(versions, root / "t1", ab={"out_dir": str(root / "t2"), "share": 0.5},
                      request_log=str(root / "ab" / "requests.jsonl"), request_log_outside_out_dir=True)
     users = [f"user{i}" for i in range(24)] * 2
     with ServerThread(params) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
-        assert _wait_ready(client)["versions"] == {"A": "t1", "B": "t2"}
+        assert wait_ready(client)["versions"] == {"A": "t1", "B": "t2"}
         responses = asyncio.run(_post_all(srv.url, [{"history": ["it002"], "user_id": u, "k": 5} for u in users]))
     answers = [r.json() for r in responses]
     assert {a["variant"] for a in answers} == {"A", "B"}

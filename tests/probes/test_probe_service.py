@@ -1,5 +1,5 @@
 """Probes of issue 25 on the online service: malformed requests (finding 16) and where the request
-log may be written (finding 9). The service is tests/test_service.py's: a real uvicorn server on a
+log may be written (finding 9). The service is conftest.py's `server`: a real uvicorn server on a
 free loopback port with a tiny trained retriever, so a body goes through every layer a client's does."""
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import copy
 
 import httpx
 import pytest
-from test_service import server, versions  # noqa: F401 - the module fixtures, reused
 
 from components.runtime.errors import ConfigError
 from components.serving.app import MAX_DEPTH, MAX_INT_DIGITS, nesting_depth
@@ -49,7 +48,7 @@ def _malformed() -> list[tuple[str, bytes, int, str]]:
 
 
 @pytest.mark.parametrize(("probe", "body", "status", "field"), _malformed(), ids=[m[0] for m in _malformed()])
-def test_malformed_request_gets_a_4xx_naming_the_field(server, probe, body, status, field):  # noqa: F811
+def test_malformed_request_gets_a_4xx_naming_the_field(server, probe, body, status, field):
     """Finding 16: every malformed body is refused with one 4xx naming its field, never a 500, and the
     service keeps answering. A fresh connection per probe, so a 500 cannot hide behind a closed one."""
     with httpx.Client(base_url=server["srv"].url, timeout=60) as client:
@@ -66,7 +65,7 @@ def test_nesting_depth_ignores_brackets_inside_strings_and_is_linear():
     assert nesting_depth('"' + '\\"' * 32_000) == 0      # an unterminated string of escapes: no backtracking
 
 
-def _params_with_log(versions: dict, tmp_path, log: str, outside_ok: bool = False) -> dict:  # noqa: F811
+def _params_with_log(versions: dict, tmp_path, log: str, outside_ok: bool = False) -> dict:
     params = copy.deepcopy(versions["params"])
     params["out_dir"] = str(tmp_path / "out")
     params["serve"].update({"request_log": log, "request_log_outside_out_dir": outside_ok})
@@ -75,7 +74,7 @@ def _params_with_log(versions: dict, tmp_path, log: str, outside_ok: bool = Fals
 
 @pytest.mark.parametrize("log", ["/tmp/sa2crq-elsewhere.jsonl", "../escaped.jsonl", "serve/../../escaped.jsonl",
                                  "linked/requests.jsonl"])
-def test_request_log_outside_out_dir_is_refused_unless_allowed(versions, tmp_path, log):  # noqa: F811
+def test_request_log_outside_out_dir_is_refused_unless_allowed(versions, tmp_path, log):
     """Finding 9: serve.request_log resolves under out_dir (absolute paths, `..` and links checked
     resolved), or serve_settings stops with one ConfigError naming the key and the opt-in."""
     (tmp_path / "out").mkdir()

@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_retriever import tiny_params as tiny_retriever_params
-from test_retriever import write_catalog as write_retriever_catalog
+from helpers import tiny_params as tiny_retriever_params
+from helpers import write_catalog as write_retriever_catalog
 from tokenizer_fixtures import make_catalog, run_tokenizer
 from tokenizer_fixtures import tiny_params as tiny_tokenizer_params
 from torch.utils.data import DataLoader, TensorDataset

@@ -273,18 +273,15 @@ def _weights(path: Path) -> tuple[dict, dict]:
 
 
 @pytest.mark.slow
-def test_killed_retrain_rollback_and_retrain_keep_every_version(tmp_path_factory, smoke_embedded, prefect_server,
+def test_killed_retrain_rollback_and_retrain_keep_every_version(tmp_path_factory, trained, prefect_server,
                                                                monkeypatch, capsys):
     """Findings 2, 3 and 10 on the real retrain (smoke pipeline):
     a retrain cut short after its fine-tune leaves `.r1` marked UNCHECKED (not promotable without
     --force); the next retrain takes `.r2`; after a rollback, a third retrain takes `.r3` and the
     kept `.r2` keeps its bytes and its registration; all three fine-tunes of the same base, the
     first one in this process included, give the same weights."""
-    from test_flows import build_trained
-
     from flows.flow_params import apply_overrides
 
-    trained = build_trained(tmp_path_factory.getbasetemp() / "flows_trained", smoke_embedded)
     work = tmp_path_factory.mktemp("versions_probe") / "out"
     shutil.copytree(trained["params"]["out_dir"], work)
     params = apply_overrides({**trained["params"], "out_dir": str(work)}, RETRAIN)
