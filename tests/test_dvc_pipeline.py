@@ -43,21 +43,49 @@ def project(tmp_path_factory) -> Path:
     return root
 
 
+def _declared_metrics(project: Path) -> set[str]:
+    """The metrics files dvc.yaml's stages declare."""
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    return {next(iter(m)) if isinstance(m, dict) else m for s in stages.values() for m in s.get("metrics", [])}
+
+
+def _shown_metrics(project: Path) -> dict[str, dict]:
+    """`dvc metrics show --json` of the workspace, as {path: the numbers DVC read}."""
+    shown = _dvc(["metrics", "show", "--json"], project)
+    assert shown.returncode == 0, shown.stderr
+    (workspace,) = json.loads(shown.stdout).values()
+    return {path: entry["data"] for path, entry in workspace["data"].items()}
+
+
 def test_repro_runs_every_stage_then_is_a_noop(project: Path):
+    """`dvc repro` writes one SID per prepared item, headline metrics for the retriever and the baselines,
+    and the metrics DVC reports are the files' numbers; a second repro runs nothing."""
+    import pandas as pd
+
+    from flows.tracking import flatten
+
     first = _dvc(["repro"], project)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    for out in ["prepared/items.parquet", "embeddings/items.npy", "tokenizer/head.pt", "tokenizer/tail.pt",
-                "sids/sid_table.parquet", "retriever/model.pt", "report/report.md"]:
-        assert (project / "outputs" / out).exists(), out
-    metrics = json.loads((project / "outputs/metrics/eval.json").read_text())
-    assert metrics, "evaluate wrote no headline metrics"
+    out = project / "outputs"
+    items = pd.read_parquet(out / "prepared" / "items.parquet")
+    table = pd.read_parquet(out / "sids" / "sid_table.parquet")
+    assert len(items) > 0 and table["item_id"].tolist() == items["item_id"].tolist()
+    assert (table["length"] == table["codes"].map(len)).all()
+    headline = json.loads((out / "metrics" / "eval.json").read_text())
+    resolved = yaml.safe_load((out / "params.resolved.yaml").read_text())
+    assert resolved["profile"] == "smoke" and len(headline) >= 1 + len(resolved["eval"]["baselines"])
+    assert all(0 <= row[key] <= 1 for row in headline.values() for key in row if key.startswith("recall@"))
 
     second = _dvc(["repro"], project)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "Running stage" not in second.stdout, second.stdout
 
-    shown = _dvc(["metrics", "show", "--json"], project)
-    assert shown.returncode == 0 and "sid_stats.json" in shown.stdout
+    shown = _shown_metrics(project)
+    declared = _declared_metrics(project)
+    assert set(shown) == declared and "outputs/metrics/eval.json" in declared
+    for path, numbers in shown.items():                 # DVC leaves out lists (e.g. sid_stats' per-layer rows)
+        in_file = {k: v for k, v in flatten(json.loads((project / path).read_text())).items() if not isinstance(v, list)}
+        assert numbers and flatten(numbers) == in_file, path
 
 
 def test_flow_on_outputs_runs_its_steps_through_dvc(project: Path, prefect_server):
