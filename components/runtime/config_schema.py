@@ -25,7 +25,6 @@ from pydantic_core import PydanticCustomError
 from components.runtime.errors import ConfigError
 from components.runtime.extensions import entry as extension_entry
 from components.runtime.extensions import names as extension_names
-from components.runtime.step_names import STEP_NAMES
 
 # ---- rules: one value each; the message is what the key accepts --------------------------
 
@@ -410,8 +409,6 @@ Wandb = section(
 
 Sweep = section(
     "Sweep",
-    start=choice(*STEP_NAMES),
-    stop=choice(*STEP_NAMES),
     report=rule("must be a list of metric key patterns",
                 lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
 )
