@@ -174,7 +174,8 @@ def read_import(path: str | os.PathLike, catalog_ids: Sequence[str], unknown: st
     if bad.any():
         raise DataError(file, "codes must be non-empty lists of non-negative integers (int64)",
                         column="codes", rows=np.flatnonzero(bad))
-    too_big = df["codes"].map(lambda c: max(c) > MAX_IMPORT_CODE).to_numpy(dtype=bool) & ~outside
+    # rows left out (ids outside the catalog) may hold anything: only the kept, checked lists are read
+    too_big = np.array([not out and max(c) > MAX_IMPORT_CODE for c, out in zip(df["codes"], outside)], dtype=bool)
     if too_big.any():
         raise DataError(file, f"codes must be at most {MAX_IMPORT_CODE} (each is a row of the retriever's "
                               "vocabulary; renumber them per layer from 0)", column="codes",

@@ -292,6 +292,9 @@ def test_imported_codes_are_bounded(tmp_path):
         read_import(path, ["a", "b"])
     path.write_text(json.dumps({"a": [1, 2], "b": [3, MAX_IMPORT_CODE]}))
     assert read_import(path, ["a", "b"]) == [[1, 2], [3, MAX_IMPORT_CODE]]
+    path.write_text(json.dumps({"a": [1, 2], "b": [3], "zz": []}))   # hypothesis found it: a dropped row's codes
+    with pytest.warns(UserWarning, match="dropped 1 item ids"):      # are never read (max of [] raised ValueError)
+        assert read_import(path, ["a", "b"], unknown="drop") == [[1, 2], [3]]
 
 
 # ---- finding 9 (out_dir): no system folder, not inside data/ ---------------------------------
