@@ -37,7 +37,7 @@ from components.retrieval.rankings import (
     unregister_group_order,
     unregister_source,
 )
-from components.runtime.config import load_params
+from components.runtime.config import deep_merge, load_params
 from components.runtime.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,7 +115,8 @@ def test_a_registered_baseline_is_a_row_of_compare_planning(toy, monkeypatch) ->
 def test_a_registered_fusion_source_is_a_choice_and_ranks_through_dense_side(toy_source) -> None:
     params = load_params(ROOT / "params.yaml", ["retriever.fusion.sources=[toy_source, bm25]"])
     assert params["retriever"]["fusion"]["sources"] == ["toy_source", "bm25"]
-    auto = fusion_config({"item_head": False, "fusion": {"sources": "auto"}})["sources"]
+    auto = fusion_config(deep_merge(params, {"retriever": {"item_head": False, "fusion": {"sources": "auto"}}}))[
+        "sources"]
     assert auto == ["zero_shot", "bm25", "toy_source"]              # registration order; learned needs item_head
     dec = object()
     assert retrieve.dense_side(dec, "toy_source", 7, 2) == "ranked"
@@ -159,12 +160,13 @@ def test_docs_tables_are_the_registrations() -> None:
 @pytest.mark.slow
 def test_a_registered_baseline_runs_on_the_smoke_data_and_is_a_row_of_the_evaluation(toy, smoke_embedded) -> None:
     """evaluate_all (the evaluate step's baselines) and the comparison's compare_baseline stage give the toy
-    its row, with the metrics of the ranking its runner returned (the popular one's)."""
+    its row, with the metrics of the ranking its runner returned (the popular one's); the comparison's
+    aggregate (`sa2crq compare --variants none`) reads the stored files and makes it a row of the table."""
     from components.evaluation.evaluate import evaluate_all, load_eval_inputs
-    from components.runtime.config import deep_merge
     from flows import compare
 
-    params = deep_merge(smoke_embedded, {"eval": {"baselines": ["popular", "toy"], "bootstrap": 0}})
+    params = deep_merge(smoke_embedded, {"eval": {"baselines": ["popular", "toy"], "bootstrap": 0,
+                                                  "compare_dir": "compare-toy-baseline"}})
     results, deciles = evaluate_all(params, load_eval_inputs(params), ["popular", "toy"], generative=False)
     assert list(results) == ["popular", "Toy (popular)"]
     same = json.dumps(results["popular"], sort_keys=True)   # NaN intervals (bootstrap 0) compare as text
@@ -174,3 +176,13 @@ def test_a_registered_baseline_runs_on_the_smoke_data_and_is_a_row_of_the_evalua
     assert json.dumps(stored, sort_keys=True) == same
     assert compare.baseline_file(params, "toy", 1).name == "toy-seed1.json"
     assert np.isfinite(deciles["Toy (popular)"].select_dtypes("number").to_numpy()).all()
+
+    compare.run_baseline(params, "popular", 1)
+    rows = compare.aggregate(params, [], [1], "sa2crq compare --variants none")
+    popular, toy_label = get_baseline("popular").row, get_baseline("toy").row
+    assert list(dict.fromkeys(rows.index.get_level_values("method"))) == [popular, toy_label]
+    pd.testing.assert_frame_equal(rows.loc[toy_label], rows.loc[popular])
+    assert rows.loc[(toy_label, "overall"), "recall@all"] == stored["overall"]["metrics"]["recall@all"]["mean"] > 0
+    assert rows.loc[(toy_label, "overall"), "seeds"] == 1
+    written = json.loads(compare.results_file(params).read_text())
+    assert len(written["rows"]) == 2 and written["rows"][1]["name"] == toy_label   # popular's row: a display name

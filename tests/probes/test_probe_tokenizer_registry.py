@@ -109,19 +109,38 @@ def test_a_registered_method_is_a_row_of_compare_planning(toy, monkeypatch) -> N
 
 
 @pytest.mark.slow
-def test_a_registered_method_runs_through_the_tokenizer_steps(toy, smoke_embedded) -> None:
+def test_a_registered_method_runs_through_the_steps_and_is_a_row_of_the_comparison(toy, smoke_embedded) -> None:
     """tokenizer_config reads the toy's switches (one stage, fixed length, no collision token); train_head /
     train_tail / assign_ids on the smoke data: the toy's SIDs are the codes of its own quantizer (the
-    shared assign_ids encodes with the tokenizer the hook stored)."""
+    shared assign_ids encodes with the tokenizer the hook stored). train_retriever and evaluate then run on
+    them, and `sa2crq compare --variants Toy`'s stages (compare_evaluate, compare_aggregate) make the toy a
+    row of the comparison with the evaluation's numbers. All in the variant's run folder, as `compare` lays it out."""
+    import json
+
     import torch
 
+    from components.evaluation.evaluate import load_eval_inputs
     from components.pipeline.stages import get_step
+    from components.runtime.config import deep_merge
     from components.runtime.paths import out_path
+    from components.runtime.torch_files import load_weights
     from components.tokenizers.rq_kmeans import fit_rq_kmeans
+    from components.tokenizers.sid_table import live_version
     from components.tokenizers.sid_tokenizer import load_checkpoint
     from components.tokenizers.tokenizer_stages import _version, tokenizer_config
+    from flows import compare
 
-    params = {**smoke_embedded, "tokenizer": {**smoke_embedded["tokenizer"], "method": "toy", "toy": {"iters": 1}}}
+    variant = {"name": "Toy", "params": {"tokenizer": {"method": "toy", "toy": {"iters": 1}}}}
+    base = deep_merge(smoke_embedded, {"retriever": {"epochs": 1}, "eval": {"baselines": [], "bootstrap": 0,
+                                                                            "compare_dir": "compare-toy-tokenizer"}})
+    base["eval"]["variants"] = [*base["eval"]["variants"], variant]
+    (chosen,) = compare.pick_variants(base["eval"]["variants"], "Toy")
+    params = compare.variant_params(base, chosen, 0)       # <out_dir>/compare-toy-tokenizer/toy/seed0
+    run_dir = Path(params["out_dir"])
+    run_dir.mkdir(parents=True)
+    for name in compare.LINKED:                            # the set's prepared data and embeddings, as compare links them
+        (run_dir / name).symlink_to(out_path(base, name), target_is_directory=True)
+
     cfg = tokenizer_config(params)
     assert (cfg.method, cfg.adaptive, cfg.two_stage, cfg.sizes) == ("toy", False, False, [16, 32, 64])
     with pytest.raises(ConfigError, match=r"only for fixed-length methods \('rqkmeans', 'rqvae'\)"):
@@ -141,3 +160,30 @@ def test_a_registered_method_runs_through_the_tokenizer_steps(toy, smoke_embedde
     without = {**rqkmeans, "tokenizer": {k: v for k, v in rqkmeans["tokenizer"].items() if k != "toy"}}
     assert _version(rqkmeans, tokenizer_config(rqkmeans)) == _version(without, tokenizer_config(without))
     assert get_method("toy").two_stage is False
+
+    # the retriever learns the toy's SIDs and the evaluation ranks through them (it refuses another version)
+    get_step("train_retriever")(params)
+    trained_on = load_weights(run_dir / "retriever" / "model.pt", keys=("config",))["config"]["sid_version"]
+    assert trained_on == live_version(run_dir) == table["version"].iloc[0] and trained_on.startswith("toy-")
+    assert get_step("evaluate")(params)["methods"] == ["toy", "toy (unconstrained)"]
+    evaluated = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert evaluated["context"]["tokenizer"] == "toy"
+    n_test = len(load_eval_inputs(params).test)
+    k = int(params["eval"]["headline_k"])
+    for result in evaluated["methods"].values():
+        assert result["overall"]["n_queries"] == n_test
+        recalls = [s["mean"] for name, s in result["overall"]["metrics"].items() if name.startswith("recall@")]
+        assert len(recalls) >= 2 and all(0 <= r <= 1 for r in recalls)
+    assert evaluated["methods"]["toy"]["overall"]["metrics"][f"recall@{k}"]["mean"] > 0   # the SIDs retrieve items
+    assert evaluated["methods"]["toy (unconstrained)"]["overall"]["metrics"]["hallucination"]["mean"] >= 0
+
+    # `sa2crq compare --variants Toy`: the run's compare_evaluate stage, then the aggregate of what it stored
+    run = compare.evaluate_variant(base, chosen, 0)
+    assert json.dumps(run["constrained"], sort_keys=True) == json.dumps(evaluated["methods"]["toy"], sort_keys=True)
+    rows = compare.aggregate(base, [chosen], [0], "sa2crq compare --variants Toy")
+    assert list(dict.fromkeys(rows.index.get_level_values("method"))) == ["Toy"]
+    overall = rows.loc[("Toy", "overall")]
+    assert overall["seeds"] == 1 and overall[f"recall@{k}"] == run["constrained"]["overall"]["metrics"][f"recall@{k}"]["mean"]
+    assert overall["hallucination"] == run["unconstrained"]["overall"]["metrics"]["hallucination"]["mean"]
+    stored = json.loads(compare.results_file(base).read_text())
+    assert [row["name"] for row in stored["rows"]] == ["Toy"]
