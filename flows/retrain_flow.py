@@ -58,7 +58,7 @@ from components.lifecycle.versions import (
 from components.retrieval.retriever import load_retriever
 from components.runtime.atomic import write_json
 from components.runtime.config import params_hash
-from components.runtime.errors import ConfigError
+from components.runtime.config_schema import typed_params
 from components.runtime.locks import lock_folder
 from components.runtime.paths import out_path
 from components.runtime.safe_load import load_matrix, read_frame
@@ -73,17 +73,8 @@ from flows.tracking import log_artifact, log_metrics, wandb_run
 
 
 def retrain_config(params: dict) -> dict:
-    """params flows.retrain, checked (ConfigError names the key)."""
-    cfg = (params.get("flows") or {}).get("retrain")
-    if not cfg:
-        raise ConfigError("flows.retrain", "missing: copy the flows.retrain block of the project's params.yaml")
-    g = cfg["grow_threshold"]
-    if not (g is None or g == "auto" or (isinstance(g, (int, float)) and not isinstance(g, bool) and g > 0)):
-        raise ConfigError("flows.retrain.grow_threshold", f"must be auto, null or a positive number, got {g!r}")
-    for key in ("max_old_recall_drop", "min_new_recall"):
-        if not 0 <= float(cfg[key]) <= 1:
-            raise ConfigError(f"flows.retrain.{key}", f"must be in [0, 1], got {cfg[key]}")
-    return cfg
+    """flows.retrain, checked once by the schema (components/runtime/config_schema.py)."""
+    return typed_params(params).flows.retrain.model_dump()
 
 
 @contextmanager

@@ -106,10 +106,10 @@ def finetune_retriever(params: dict, init_checkpoint: Path, new_item_ids: list[s
     train_dl = DataLoader(ExampleDataset(train, text_vectors, inputs.item_emb, net.vocab, inputs.catalog),
                           sampler=sampler, batch_size=None)
     val_dl = DataLoader(ExampleDataset(val, text_vectors, inputs.item_emb, net.vocab, inputs.catalog),
-                        sampler=BucketBatchSampler(val.bucket_keys(), int(rp.get("decode_batch_size", 64)), shuffle=False),
+                        sampler=BucketBatchSampler(val.bucket_keys(), int(rp["decode_batch_size"]), shuffle=False),
                         batch_size=None)
     lr = float(cfg.get("lr") or rp["lr"])
-    module = RetrieverModule(net, lr=lr, weight_decay=float(rp.get("weight_decay", 0.0)),
+    module = RetrieverModule(net, lr=lr, weight_decay=float(rp["weight_decay"]),
                              eval_beam=int(rp["eval_beam"]), val_k=VAL_K)
     start = time.perf_counter()
     # one process: a short fine-tune inside a flow (a `ddp` launcher would re-run the whole flow per rank)

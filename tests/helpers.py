@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pandas as pd
 
-from components.runtime.config import load_params, params_hash
+from components.runtime.config import deep_merge, load_params, params_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 24
@@ -74,10 +74,17 @@ def write_catalog(out: Path, n_items: int = 30, text: bool = False, seed: int = 
 def tiny_params(out: Path, **retriever) -> dict:
     """Default params with a tiny, fast retriever writing into `out` (keyword args override retriever keys)."""
     params = load_params(ROOT / "params.yaml", [f"out_dir={out}", "wandb.mode=disabled"])
-    params["retriever"].update({"d_model": 32, "n_heads": 2, "n_layers": 1, "ff_dim": 64, "dropout": 0.0,
-                                "n_memory": 2, "lr": 0.01, "batch_size": 16, "epochs": 3, "beam": 10, "eval_beam": 10,
-                                "val_max_queries": 0, "warmup_steps": 0, "num_threads": 1, **retriever})
+    params["retriever"] = deep_merge(params["retriever"], {
+        "d_model": 32, "n_heads": 2, "n_layers": 1, "ff_dim": 64, "dropout": 0.0, "n_memory": 2, "lr": 0.01,
+        "batch_size": 16, "epochs": 3, "beam": 10, "eval_beam": 10, "val_max_queries": 0, "warmup_steps": 0,
+        "num_threads": 1, **retriever})
     return params
+
+
+def plain_retriever(**section) -> dict:
+    """A retriever section for model_config with every switch off (the paper's plain retriever) and these keys."""
+    return {"history_sid_tokens": False, "item_id_embeddings": False, "item_head": False, "item_head_weight": 1.0,
+            "item_head_encoder": "shared", "cold_item_rows": "learned", **section}
 
 
 def recall_at(ranked: pd.DataFrame, queries: pd.DataFrame, k: int) -> float:

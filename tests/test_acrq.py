@@ -16,9 +16,8 @@ from components.tokenizers.tokenizer_stages import tokenizer_config
 
 @pytest.mark.parametrize("method", ["acrq", "sa2crq"])
 def test_decreasing_codebook_sizes_rejected(tmp_path, method):
-    params = tiny_params(tmp_path, method, "tokenizer.codebook_sizes=[8,4,8]")
     with pytest.raises(ConfigError, match="tokenizer.codebook_sizes") as exc:
-        tokenizer_config(params)
+        tiny_params(tmp_path, method, "tokenizer.codebook_sizes=[8,4,8]")
     assert exc.value.key == "tokenizer.codebook_sizes"
     # one-stage methods have no curriculum
     assert tokenizer_config(tiny_params(tmp_path, "rqvae", "tokenizer.codebook_sizes=[8,4,8]")).sizes == [8, 4, 8]
@@ -26,7 +25,7 @@ def test_decreasing_codebook_sizes_rejected(tmp_path, method):
 
 def test_extension_sizes_need_one_entry_per_layer(tmp_path):
     with pytest.raises(ConfigError, match="tokenizer.extension_sizes"):
-        tokenizer_config(tiny_params(tmp_path, "acrq", "tokenizer.extension_sizes=[2,2]"))
+        tiny_params(tmp_path, "acrq", "tokenizer.extension_sizes=[2,2]")
 
 
 def test_stage2_keeps_anchor_rows_bit_identical_and_moves_extensions():

@@ -98,7 +98,7 @@ def test_two_tower_learns_next_item_and_is_deterministic(items, item_emb):
     test = history_queries([[f"it{i}"] for i in range(n)])
     test["targets"] = [[f"it{(i + 1) % n}"] for i in range(n)]
     cfg = {"dim": 16, "max_len": 4, "n_memory": 2, "dropout": 0.0, "lr": 0.03, "temperature": 0.1,
-           "batch_size": 120, "epochs": 10}
+           "batch_size": 120, "epochs": 10, "patience": 0}
     res = two_tower(train, test, items, item_emb, None, cfg, seed=3, k=3)
     check_ranked(res)
     top1 = res[res["rank"] == 0].set_index("query_id")["item_id"]

@@ -1,11 +1,9 @@
 """Early stopping and best-epoch selection through Lightning's callbacks (components/retrieval/best_epoch.py)."""
 import lightning as L
-import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from components.retrieval.best_epoch import Loaders, fit_best_epoch, patience_param
-from components.runtime.errors import ConfigError
+from components.retrieval.best_epoch import Loaders, fit_best_epoch
 
 
 class Scripted(L.LightningModule):
@@ -55,8 +53,3 @@ def test_without_patience_every_epoch_runs_and_the_best_is_kept():
     assert float(module.w.detach()) == 5.0
 
 
-@pytest.mark.parametrize("bad", [-1, "3", 1.5, True, None])
-def test_patience_must_be_a_non_negative_integer(bad):
-    with pytest.raises(ConfigError, match="retriever.patience"):
-        patience_param(bad, "retriever.patience")
-    assert patience_param(3, "retriever.patience") == 3

@@ -27,7 +27,6 @@ from components.tokenizers.sid_table import (
     next_collision_codes,
     read_sid_table,
 )
-from components.tokenizers.tokenizer_stages import tokenizer_config
 
 
 def _groups(prefixes, codes) -> dict[tuple, list[int]]:
@@ -115,15 +114,14 @@ def test_meta_gains_the_collision_layer(tables):
 
 @pytest.mark.parametrize("method", ["acrq", "sarq", "sa2crq", "import"])
 def test_adaptive_and_imported_methods_refuse_the_collision_token(tmp_path, method):
-    params = tiny_params(tmp_path, method, "tokenizer.collision_token=true", "tokenizer.import_path=x.json")
     with pytest.raises(ConfigError, match="tokenizer.collision_token") as err:
-        tokenizer_config(params)
+        tiny_params(tmp_path, method, "tokenizer.collision_token=true", "tokenizer.import_path=x.json")
     assert err.value.key == "tokenizer.collision_token"
 
 
 def test_collision_token_must_be_a_bool(tmp_path):
     with pytest.raises(ConfigError, match="tokenizer.collision_token"):
-        tokenizer_config(tiny_params(tmp_path, "rqvae", "tokenizer.collision_token=yes please"))
+        tiny_params(tmp_path, "rqvae", "tokenizer.collision_token=yes please")
 
 
 # ---- consumers ----------------------------------------------------------------------------

@@ -104,6 +104,15 @@ PROBES = [
     ("eval.variants=[{nam: X, params: {}}]", "eval.variants[0].nam", "did you mean 'eval.variants[0].name'?"),
     ("profiles.smoke.retriever.beam=ten", "profiles.smoke.retriever.beam", "must be an integer >= 1, got 'ten'"),
     ("profiles.smoke.profile=default", "profiles.smoke.profile", "an overlay cannot choose or define profiles"),
+    # keys valid alone that cannot work together: checked with the rest (check_across), not by the step
+    ("retriever.fusion.weights=[0.5,0.5]", "retriever.fusion.weights", "one per source ['learned', 'zero_shot', 'bm25']"),
+    ("tokenizer.sarq.max_len=9", "tokenizer.sarq.max_len", "9 exceeds the number of layers"),
+    ("tokenizer.sarq.min_len=5", "tokenizer.sarq.min_len", "need 1 <= min_len <= max_len"),
+    ("tokenizer.codebook_sizes=[64,32,192]", "tokenizer.codebook_sizes", "ACRQ needs non-decreasing sizes"),
+    ("tokenizer.extension_sizes=[2,2]", "tokenizer.extension_sizes", "needs 3 non-negative integers (one per layer)"),
+    ("tokenizer.collision_token=true", "tokenizer.collision_token", "only for fixed-length methods ('rqkmeans', 'rqvae')"),
+    ("eval.headline_k=7", "eval.headline_k", "7 must be one of eval.ks [1, 5, 10"),
+    ("serve.k_default=100000", "serve.k_default", "must be an integer between 1 and 100 (serve.k_max)"),
 ]
 
 
@@ -177,11 +186,37 @@ def test_every_key_is_required(base):
         schema.check_params(params)
 
 
+def test_a_variant_meeting_the_base_badly_is_refused_when_it_runs_not_on_load(base):
+    """Cross-key checks (a method's lengths, a source needing the item scorer) judge the params a run
+    resolves: a variant that chooses sarq over a base asking for TIGER's collision token loads with the
+    base (other commands must not stop on it) and is refused, naming the key, once it is the run's root."""
+    variant = {"name": "X", "params": {"tokenizer": {"method": "sarq"}}}
+    over = resolve_params(base, ["tokenizer.method=rqvae", "tokenizer.collision_token=true",
+                                 f"eval.variants=[{{name: X, params: {variant['params']}}}]"])
+    with pytest.raises(ConfigError, match="'tokenizer.collision_token': only for fixed-length methods"):
+        resolve_params(over, [{"tokenizer": {"method": "sarq"}}])
+
+
+def test_typed_params_are_the_checked_sections_once_per_tree(base):
+    """The steps read typed, frozen sections of the checked tree; one tree is checked once per process (the
+    same object comes back), another tree (an override) gets its own, and a bad tree never gets one."""
+    typed = schema.typed_params(base)
+    assert typed.tokenizer.sarq.tau == base["tokenizer"]["sarq"]["tau"]
+    assert typed.retriever.fusion.depth == base["retriever"]["fusion"]["depth"]
+    assert schema.typed_params(deep_merge(base, {})) is typed
+    other = schema.typed_params(resolve_params(base, ["retriever.fusion.depth=7"]))
+    assert other.retriever.fusion.depth == 7 and typed.retriever.fusion.depth != 7
+    with pytest.raises(Exception, match="frozen"):
+        typed.retriever.fusion.depth = 3
+    with pytest.raises(ConfigError, match="'retriever.fusion.depth': must be an integer >= 1"):
+        schema.typed_params(deep_merge(base, {"retriever": {"fusion": {"depth": 0}}}))
+
+
 # ---- accepted values ------------------------------------------------------------------------
 
 GOOD = ["tokenizer.sarq.tau=auto", "tokenizer.sarq.tau=.inf", "tokenizer.sarq.tau=3",
         "tokenizer.sarq.target_items_per_sid=2.5", "retriever.lr=1e-3", "retriever.patience=0",
-        "retriever.fusion.sources=none", "retriever.fusion.sources=[zero_shot]", "retriever.fusion.weights=[0.7,0.3]",
+        "retriever.fusion.sources=none", "retriever.fusion.sources=[zero_shot]", "retriever.fusion.weights=[0.4,0.3,0.2,0.1]",
         "flows.retrain.grow_threshold=null", "flows.retrain.lr=0.001", "eval.sasrec.dropout=0.3", "data.max_users=0",
         "retriever.trainer.precision=bf16-mixed", "retriever.trainer.devices=auto", "eval.variants=[]",
         "eval.baselines=[]"]

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import plain_retriever
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -139,7 +140,7 @@ def _tiny_model(sizes=(4, 5, 3), seed=0, backbone: str = "small") -> RetrieverMo
     torch.manual_seed(seed)
     rp = {"backbone": backbone, "d_model": 16, "n_heads": 2, "n_layers": 1, "ff_dim": 32, "dropout": 0.0,
           "n_memory": 2}
-    return RetrieverModel(model_config(rp, sizes, 8, 6)).eval()
+    return RetrieverModel(model_config(plain_retriever(**rp), sizes, 8, 6)).eval()
 
 
 def _catalog(n_items: int, sizes, seed: int) -> SidCatalog:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import plain_retriever
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,10 +19,11 @@ from components.retrieval.fusion import (
     weight_grid,
 )
 from components.retrieval.retriever import RetrieverModel, model_config
+from components.runtime.config import deep_merge
 from components.runtime.errors import ConfigError
 
-RP = {"backbone": "small", "d_model": 32, "n_heads": 2, "n_layers": 1, "decoder_layers": 1, "ff_dim": 64,
-      "dropout": 0.0, "n_memory": 2, "history_sid_tokens": True, "item_id_embeddings": True}
+RP = plain_retriever(backbone="small", d_model=32, n_heads=2, n_layers=1, decoder_layers=1, ff_dim=64, dropout=0.0,
+                     n_memory=2, history_sid_tokens=True, item_id_embeddings=True)
 
 
 def _ranked(lists: list[list[int]]) -> Ranked:
@@ -98,24 +100,30 @@ def test_dense_ranking_ties_rank_by_item_row_in_any_batch():
         assert dense_ranking(batch, items, 2).top(2)[row].tolist() == [7, 31]
 
 
-def test_fusion_config_fills_and_refuses():
-    assert fusion_config({"item_head": True, "fusion": {"sources": "auto"}})["sources"] == \
-        ["learned", "zero_shot", "bm25"]
-    assert fusion_config({"item_head": False, "fusion": {"sources": "auto"}})["sources"] == ["zero_shot", "bm25"]
-    assert fusion_config({"fusion": {"sources": ["zero_shot"], "weights": [3, 1]}})["weights"] == [0.75, 0.25]
+def _fusion(smoke_params: dict, item_head: bool = True, **fusion) -> dict:
+    return fusion_config(deep_merge(smoke_params, {"retriever": {"item_head": item_head, "fusion": fusion}}))
+
+
+def test_fusion_config_fills_and_refuses(smoke_params):
+    """The checked retriever.fusion as the fusion choice reads it: auto resolved by the item scorer,
+    weights normalised, rrf_k a list; a bad value names its key (the schema's check, once)."""
+    assert _fusion(smoke_params, sources="auto")["sources"] == ["learned", "zero_shot", "bm25"]
+    assert _fusion(smoke_params, False, sources="auto")["sources"] == ["zero_shot", "bm25"]
+    assert _fusion(smoke_params, sources=["zero_shot"], weights=[3, 1])["weights"] == [0.75, 0.25]
     with pytest.raises(ConfigError, match="retriever.fusion.sources"):
-        fusion_config({"fusion": {"sources": ["bm3"]}})
+        _fusion(smoke_params, sources=["bm3"])
     with pytest.raises(ConfigError, match="retriever.fusion.bm25_history"):
-        fusion_config({"fusion": {"sources": ["bm25"], "bm25_history": 0}})
+        _fusion(smoke_params, sources=["bm25"], bm25_history=0)
     with pytest.raises(ConfigError, match="item_head"):
-        fusion_config({"item_head": False, "fusion": {"sources": ["learned"]}})
+        _fusion(smoke_params, False, sources=["learned"])
     with pytest.raises(ConfigError, match="retriever.fusion.weights"):
-        fusion_config({"fusion": {"sources": ["zero_shot"], "weights": [1.0]}})
+        _fusion(smoke_params, sources=["zero_shot"], weights=[1.0])
     with pytest.raises(ConfigError, match="retriever.fusion.depth"):
-        fusion_config({"fusion": {"sources": "none", "depth": 0}})
-    assert fusion_config({"fusion": {"sources": "none", "rrf_k": [20, 60]}})["rrf_k"] == [20, 60]
+        _fusion(smoke_params, sources="none", depth=0)
+    assert _fusion(smoke_params, sources="none", rrf_k=[20, 60])["rrf_k"] == [20, 60]
+    assert _fusion(smoke_params, sources="none", rrf_k=20)["rrf_k"] == [20]
     with pytest.raises(ConfigError, match="retriever.fusion.rrf_k"):
-        fusion_config({"fusion": {"sources": "none", "rrf_k": [20, 20]}})
+        _fusion(smoke_params, sources="none", rrf_k=[20, 20])
 
 
 def test_without_the_item_head_the_retriever_is_built_as_before():

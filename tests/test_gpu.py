@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import history_queries, recall_at, tiny_params, write_catalog
+from helpers import history_queries, plain_retriever, recall_at, tiny_params, write_catalog
 
 from components.retrieval.constrained_decoding import SidTrie
 from components.retrieval.retrieve import retrieve
@@ -23,7 +23,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def _net(sizes=(4, 5, 3)) -> RetrieverModel:
     torch.manual_seed(0)
     rp = {"backbone": "small", "d_model": 16, "n_heads": 2, "n_layers": 1, "ff_dim": 32, "dropout": 0.0, "n_memory": 2}
-    net = RetrieverModel(model_config(rp, sizes, 8, 6)).eval()
+    net = RetrieverModel(model_config(plain_retriever(**rp), sizes, 8, 6)).eval()
     rng = np.random.default_rng(1)
     codes = [list(rng.integers(0, sizes[: int(rng.integers(1, 4))])) for _ in range(40)]
     net.attach_catalog(SidCatalog.build(np.array([f"i{j}" for j in range(40)]), rng.integers(0, 5, 40), codes, 3))

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import plain_retriever
 
 from components.lifecycle.versions import (
     CHECKS_RECORD,
@@ -328,8 +329,8 @@ def test_grown_vocabulary_keeps_learned_tokens():
 
     rp = {"backbone": "small", "d_model": 16, "n_heads": 2, "n_layers": 1, "ff_dim": 32, "dropout": 0.0, "n_memory": 1}
     torch.manual_seed(0)
-    old = RetrieverModel(model_config(rp, (4, 4), 8, 3)).eval()
-    new = RetrieverModel(model_config(rp, (6, 5), 8, 3)).eval()
+    old = RetrieverModel(model_config(plain_retriever(**rp), (4, 4), 8, 3)).eval()
+    new = RetrieverModel(model_config(plain_retriever(**rp), (6, 5), 8, 3)).eval()
     assert load_grown(new, old.state_dict(), (4, 4)) > 0
     mapping = token_map(old.vocab, new.vocab)
     assert mapping[3:7].tolist() == [3, 4, 5, 6] and mapping[7:11].tolist() == [9, 10, 11, 12]

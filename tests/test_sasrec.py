@@ -65,9 +65,10 @@ def test_validator_keeps_the_best_epoch_and_stops_on_patience():
 def test_bad_sasrec_setting_names_the_key(smoke_params):
     bad = deep_merge(smoke_params, {"eval": {"sasrec": {"dropout": [0.2, 1.5]}}})
     with pytest.raises(ConfigError, match="eval.sasrec.dropout"):
-        evaluate_mod.check_eval_params(bad)
+        sasrec_mod.sasrec_config(bad)
     with pytest.raises(ConfigError, match="eval.sasrec.heads"):
         sasrec_mod.sasrec_config(deep_merge(smoke_params, {"eval": {"sasrec": {"dim": 30, "heads": 4}}}))
+    assert sasrec_mod.sasrec_config(deep_merge(smoke_params, {"eval": {"sasrec": {"dropout": 0.3}}}))["dropout"] == [0.3]
 
 
 @pytest.fixture(scope="module")

@@ -302,7 +302,8 @@ def test_engine_widens_the_beam_for_a_request_the_exclusion_left_short(monkeypat
     jobs = [Job("x", None, "A", None, ("a", "b", "a"), 3, 3, exclude_history=True),
             Job("y", None, "A", None, ("a", "b"), 3, 3, exclude_history=False)]
     loaded = LoadedVersion("v", Path("."), None)
-    items = Engine({"retriever": {}, "eval": {}}, {}, None, 200)._items(loaded, jobs, 3, widen=True)
+    items = Engine({"retriever": {"num_threads": 1}, "eval": {"group_order": "popularity"}}, {}, None, 200)._items(
+        loaded, jobs, 3, widen=True)
     assert decoded == [(["0", "1"], 3), (["0"], 5)]
     assert [[(i["rank"], i["item_id"]) for i in its] for its in items] == [
         [(0, "c"), (1, "g"), (2, "h")], [(0, "a"), (1, "b"), (2, "c")]]

@@ -103,8 +103,8 @@ register_baseline(Baseline("popular", "components.baselines.classic:run_popular"
 register_baseline(Baseline("two_tower", "components.baselines.two_tower:run_two_tower", reads=("two_tower",),
                            seeded=True, doc="a trained two-tower model on the retriever's query encoder"))
 register_baseline(Baseline("sasrec", "components.baselines.sasrec:run_sasrec_ids", label="SASRec",
-                           reads=("sasrec",), seeded=True, check="components.baselines.sasrec:sasrec_config",
+                           reads=("sasrec",), seeded=True,
                            doc="SASRec (cornac) on item ids"))
 register_baseline(Baseline("sasrec_text", "components.baselines.sasrec:run_sasrec_text", label="SASRec + text",
-                           reads=("sasrec",), seeded=True, check="components.baselines.sasrec:sasrec_config",
+                           reads=("sasrec",), seeded=True,
                            doc="SASRec with the items' text embeddings"))

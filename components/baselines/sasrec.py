@@ -35,39 +35,16 @@ import pandas as pd
 from components.baselines.registry import baseline_label
 from components.ranking.metrics import per_query_metrics, target_pairs, target_ranks
 from components.ranking.ranked import ranked_frame, top_k
-from components.runtime.config_schema import SASREC_LOSSES as LOSSES
+from components.runtime.config_schema import typed_params
 from components.runtime.errors import ConfigError, DataError
 
 log = logging.getLogger("sa2crq.sasrec")
-VAL_METRICS = ("recall", "ndcg")
-INT_KEYS = ("dim", "blocks", "heads", "max_len", "num_neg", "batch_size", "epochs", "eval_every", "patience",
-            "threads")
 
 
 def sasrec_config(params: dict) -> dict:
-    """eval.sasrec checked: ConfigError naming the key for a value cornac cannot train with."""
-    cfg = dict(params["eval"].get("sasrec") or {})
-    key = "eval.sasrec"
-    missing = [k for k in INT_KEYS + ("dropout", "lr", "loss", "neg_alpha", "val_metric") if k not in cfg]
-    if missing:
-        raise ConfigError(f"{key}.{missing[0]}", "missing")
-    for k in INT_KEYS:
-        if not isinstance(cfg[k], int) or isinstance(cfg[k], bool) or cfg[k] < (0 if k == "patience" else 1):
-            raise ConfigError(f"{key}.{k}", f"must be a positive integer, got {cfg[k]!r}")
-    if cfg["dim"] % cfg["heads"]:
-        raise ConfigError(f"{key}.heads", f"must divide dim {cfg['dim']}, got {cfg['heads']}")
-    drops = cfg["dropout"] if isinstance(cfg["dropout"], list) else [cfg["dropout"]]
-    if not drops or not all(isinstance(d, (int, float)) and 0 <= d < 1 for d in drops):
-        raise ConfigError(f"{key}.dropout", f"a value or list of values in [0, 1), got {cfg['dropout']!r}")
-    cfg["dropout"] = [float(d) for d in drops]
-    if not isinstance(cfg["lr"], (int, float)) or cfg["lr"] <= 0:
-        raise ConfigError(f"{key}.lr", f"must be > 0, got {cfg['lr']!r}")
-    if not isinstance(cfg["neg_alpha"], (int, float)) or cfg["neg_alpha"] < 0:
-        raise ConfigError(f"{key}.neg_alpha", f"must be >= 0, got {cfg['neg_alpha']!r}")
-    if cfg["loss"] not in LOSSES:
-        raise ConfigError(f"{key}.loss", f"choose from {list(LOSSES)}, got {cfg['loss']!r}")
-    if cfg["val_metric"] not in VAL_METRICS:
-        raise ConfigError(f"{key}.val_metric", f"choose from {list(VAL_METRICS)}, got {cfg['val_metric']!r}")
+    """eval.sasrec (checked once by the schema) as the runner reads it: dropout as the list of values tried."""
+    cfg = typed_params(params).eval.sasrec.model_dump()
+    cfg["dropout"] = [float(d) for d in (cfg["dropout"] if isinstance(cfg["dropout"], list) else [cfg["dropout"]])]
     return cfg
 
 

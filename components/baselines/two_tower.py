@@ -24,8 +24,9 @@ from torch.nn import functional as F
 
 from components.baselines.classic import dense_search
 from components.ranking.queries import check_queries, history_rows, item_rows
-from components.retrieval.best_epoch import fit_best_epoch, patience_param
+from components.retrieval.best_epoch import fit_best_epoch
 from components.retrieval.query_encoders import HISTORY, TEXT, QueryEncoder
+from components.runtime.config_schema import typed_params
 from components.runtime.errors import DataError
 
 VAL_K = 10
@@ -177,7 +178,7 @@ def train_two_tower(train: pd.DataFrame, items: pd.DataFrame, item_emb: np.ndarr
     cfg: dim, max_len, n_memory, dropout, lr, temperature, batch_size, epochs (the most), patience,
     accelerator (default auto).
     """
-    patience = patience_param(cfg.get("patience", 0), "eval.two_tower.patience")   # checked before any work
+    patience = cfg["patience"]
     L.seed_everything(seed, workers=True, verbose=False)
     dim_in = item_emb.shape[1]
     q_emb = query_emb if query_emb is not None else np.zeros((0, dim_in), np.float32)
@@ -226,9 +227,9 @@ def two_tower(train: pd.DataFrame, test: pd.DataFrame, items: pd.DataFrame, item
 
 def two_tower_config(params: dict) -> dict:
     """eval.two_tower plus the query-encoder shape the retriever uses."""
-    rp = params["retriever"]
-    return {"dim": rp["d_model"], "n_memory": rp["n_memory"], "dropout": rp["dropout"],
-            "max_len": params["data"]["max_history"], **params["eval"]["two_tower"]}
+    p = typed_params(params)
+    return {"dim": p.retriever.d_model, "n_memory": p.retriever.n_memory, "dropout": p.retriever.dropout,
+            "max_len": p.data.max_history, **p.eval.two_tower.model_dump()}
 
 
 def run_two_tower(params: dict, data, k: int) -> pd.DataFrame:

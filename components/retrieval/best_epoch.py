@@ -26,14 +26,6 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from components.runtime.divergence import StopOnDivergence
-from components.runtime.errors import ConfigError
-
-
-def patience_param(value: object, key: str) -> int:
-    """An early-stopping patience from params: a non-negative integer, else ConfigError naming the key."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(key, f"must be an integer >= 0 (0 = no early stopping), got {value!r}")
-    return value
 
 
 @dataclass

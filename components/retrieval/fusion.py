@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from components.retrieval.rankings import sources as registered_sources
-from components.runtime.errors import ConfigError
+from components.runtime.config_schema import fusion_sources, typed_params
 
 STEP = 0.1  # weight grid step of the validation choice
 TIE_DECIMALS = 9  # dense similarities equal to this many decimals are ties (float64 sums agree far beyond)
@@ -51,38 +50,14 @@ class Ranked:
         return out
 
 
-def fusion_config(rp: dict) -> dict:
-    """`retriever.fusion` checked: sources auto | none | a list of registered sources (components/retrieval/
-    rankings.py); weights auto | one number per list."""
-    fu = dict(rp.get("fusion") or {"sources": "none"})
-    sources, weights = fu.get("sources", "none"), fu.get("weights", "auto")
-    known, item_head = registered_sources(), rp.get("item_head", False)
-    if sources == "auto":
-        sources = [name for name, s in known.items() if not s.needs_item_head or item_head]
-    elif sources == "none":
-        sources = []
-    elif not isinstance(sources, list) or not sources or any(s not in known for s in sources) \
-            or len(set(sources)) < len(sources):
-        raise ConfigError("retriever.fusion.sources", f"must be auto, none or a list from {list(known)}, got {sources!r}")
-    for name in sources:
-        if known[name].needs_item_head and not item_head:
-            raise ConfigError("retriever.fusion.sources", f"{name} needs retriever.item_head: true")
-    if weights != "auto":
-        ok = isinstance(weights, list) and len(weights) == len(sources) + 1 and all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights) and sum(weights) > 0
-        if not ok:
-            raise ConfigError("retriever.fusion.weights", "must be auto or a list of non-negative numbers, one for the "
-                              f"generated list and one per source {sources}, got {weights!r}")
-        weights = [float(w) / sum(weights) for w in weights]
-    depth, ks, last_n = fu.get("depth", 100), fu.get("rrf_k", 60), fu.get("bm25_history", 3)
-    ks = ks if isinstance(ks, list) else [ks]
-    for key, value in [("depth", depth), ("bm25_history", last_n)] + [("rrf_k", k) for k in ks]:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"retriever.fusion.{key}", f"must be an integer >= 1, got {value!r}")
-    if not ks or len(set(ks)) < len(ks):
-        raise ConfigError("retriever.fusion.rrf_k", f"must be an integer or a list of distinct ones, got {ks!r}")
-    return {"sources": list(sources), "weights": weights, "depth": int(depth), "rrf_k": [int(k) for k in ks],
-            "bm25_history": int(last_n)}
+def fusion_config(params: dict) -> dict:
+    """`retriever.fusion` as the fusion choice reads it (checked once by the schema): the sources resolved
+    (`auto`: every registered source the retriever feeds; `none`: []), fixed weights normalised to sum 1,
+    rrf_k as a list of the values to try."""
+    fu = typed_params(params).retriever.fusion
+    weights = fu.weights if fu.weights == "auto" else [float(w) / sum(fu.weights) for w in fu.weights]
+    return {"sources": fusion_sources(params["retriever"]), "weights": weights, "depth": fu.depth,
+            "rrf_k": list(fu.rrf_k) if isinstance(fu.rrf_k, list) else [fu.rrf_k], "bm25_history": fu.bm25_history}
 
 
 def weight_grid(n_lists: int, step: float = STEP) -> list[tuple[float, ...]]:

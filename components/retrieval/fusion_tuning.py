@@ -18,7 +18,7 @@ VAL_K = 10
 
 def tune_fusion(params: dict, net: RetrieverModel, valid: pd.DataFrame) -> tuple[dict | None, list[dict]]:
     """The fusion for `net` by validation Recall@10 (None: no fusion asked for), and the grid tried."""
-    fu = fusion_config(params["retriever"])
+    fu = fusion_config(params)
     if not fu["sources"] or valid.empty:
         return None, []
     dec = decode_queries(params, valid, model=net, beam=int(params["retriever"]["fusion"]["beam"]))

@@ -13,21 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from components.runtime.errors import ConfigError
-
 TEXT, HISTORY = "text", "history"
-
-
-def check_text_encoder_option(retriever_params: dict) -> None:
-    """Fine-tuning MiniLM is refused: see the ConfigError message for why."""
-    if retriever_params.get("finetune_text_encoder", False):
-        raise ConfigError(
-            "retriever.finetune_text_encoder",
-            "fine-tuning the MiniLM text encoder is not supported: it would re-encode every query and "
-            "every item text (indexing pairs) with gradients each epoch, about 100x the cost of the "
-            "frozen-embedding projection on a CPU. Keep it false; the trainable projection over the "
-            "frozen embedding is what this project trains.",
-        )
 
 
 class TextQueryEncoder(nn.Module):

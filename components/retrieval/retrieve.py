@@ -113,14 +113,14 @@ def _decode_all(params: dict, model: RetrieverModel, dataset: ExampleDataset, be
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Decode every query; return (sid_index, scores, codes, lengths, learned query vectors or None) in query order."""
     rp = params["retriever"]
-    torch.set_num_threads(int(rp.get("num_threads", 1)))
+    torch.set_num_threads(int(rp["num_threads"]))
     n, max_len = len(dataset), model.vocab.max_len
     sid_index = np.full((n, beam), -1, dtype=np.int64)
     scores = np.full((n, beam), -np.inf, dtype=np.float32)
     codes = np.full((n, beam, max_len), -1, dtype=np.int64)
     lengths = np.zeros((n, beam), dtype=np.int64)
     qvecs = np.zeros((n, model.config["d_model"]), dtype=np.float32) if model.scorer is not None else None
-    sampler = BucketBatchSampler(dataset.ex.bucket_keys(), int(rp.get("decode_batch_size", 64)), shuffle=False)
+    sampler = BucketBatchSampler(dataset.ex.bucket_keys(), int(rp["decode_batch_size"]), shuffle=False)
     was_training = model.training
     model.eval()
     try:
@@ -161,7 +161,7 @@ class Decoded:
 
 
 def group_order(params: dict) -> str:
-    order = str(params.get("eval", {}).get("group_order", "popularity"))
+    order = str(params["eval"]["group_order"])
     known = tuple(group_orders())
     if order not in known:
         raise ConfigError("eval.group_order", f"must be one of {known}, got {order!r}")

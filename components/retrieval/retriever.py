@@ -26,7 +26,6 @@ from components.retrieval.item_scorer import ItemScorer
 from components.retrieval.query_encoders import QueryEncoder
 from components.retrieval.seq2seq_backbones import HFSeq2Seq, SmallSeq2Seq
 from components.runtime.atomic import write_torch
-from components.runtime.config_schema import BACKBONES
 from components.runtime.errors import ConfigError
 from components.runtime.torch_files import load_weights
 from components.tokenizers.sid_vocab import BOS, END, PAD, SidCatalog, SidVocab
@@ -35,22 +34,20 @@ from components.tokenizers.sid_vocab import BOS, END, PAD, SidCatalog, SidVocab
 def model_config(rp: dict, codebook_sizes: tuple[int, ...], emb_dim: int, max_history: int, n_items: int = 0) -> dict:
     """The json-able description a checkpoint needs to rebuild the model (n_items sizes the
     item-id embedding table when `retriever.item_id_embeddings` is on)."""
-    backbone = rp.get("backbone", "small")
-    if backbone not in BACKBONES:
-        raise ConfigError("retriever.backbone", f"must be one of {BACKBONES}, got {backbone!r}")
+    backbone = rp["backbone"]
     cfg = {"backbone": backbone, "codebook_sizes": [int(k) for k in codebook_sizes], "emb_dim": int(emb_dim),
            "max_history": int(max_history), "d_model": int(rp["d_model"]), "n_heads": int(rp["n_heads"]),
            "n_layers": int(rp["n_layers"]), "ff_dim": int(rp["ff_dim"]), "dropout": float(rp["dropout"]),
            "decoder_layers": int(rp.get("decoder_layers") or rp["n_layers"]),
-           "n_memory": int(rp["n_memory"]), "history_sid_tokens": bool(rp.get("history_sid_tokens", False)),
-           "n_item_ids": int(n_items) if rp.get("item_id_embeddings", False) else 0,
+           "n_memory": int(rp["n_memory"]), "history_sid_tokens": bool(rp["history_sid_tokens"]),
+           "n_item_ids": int(n_items) if rp["item_id_embeddings"] else 0,
            "hf_config": None}
-    if rp.get("item_head", False):  # only when on: checkpoints and runs without it stay as they were
+    if rp["item_head"]:  # only when on: checkpoints and runs without it stay as they were
         cfg["item_head"] = True
-        cfg["item_head_weight"] = float(rp.get("item_head_weight", 1.0))
-        if rp.get("item_head_encoder", "shared") == "own":  # only when not the default: older configs stay as they were
+        cfg["item_head_weight"] = float(rp["item_head_weight"])
+        if rp["item_head_encoder"] == "own":  # only when not the default: older configs stay as they were
             cfg["item_head_encoder"] = "own"
-        if rp.get("cold_item_rows", "learned") == "text":  # absent in older checkpoints: they keep learned rows
+        if rp["cold_item_rows"] == "text":  # absent in older checkpoints: they keep learned rows
             cfg["cold_item_rows"] = "text"
     vocab = SidVocab(tuple(cfg["codebook_sizes"]))
     if backbone == "t5":

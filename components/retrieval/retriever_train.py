@@ -14,10 +14,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from components.retrieval.best_epoch import fit_best_epoch, patience_param
-from components.retrieval.fusion import fusion_config
+from components.retrieval.best_epoch import fit_best_epoch
 from components.retrieval.fusion_tuning import tune_fusion, validation_queries
-from components.retrieval.query_encoders import check_text_encoder_option
 from components.retrieval.retriever import RetrieverModel, RetrieverModule, model_config, save_retriever
 from components.retrieval.retriever_data import (
     KIND_HISTORY,
@@ -32,6 +30,7 @@ from components.retrieval.retriever_data import (
     training_pairs,
 )
 from components.runtime.atomic import atomic_path, write_json
+from components.runtime.config_schema import typed_params
 from components.runtime.errors import ConfigError
 from components.runtime.paths import out_path
 from components.runtime.runtime_env import set_offline_defaults
@@ -49,7 +48,7 @@ def build_examples(inputs: RetrieverInputs, rp: dict, max_history: int, seed: in
     valid_q = (q["split"] == "valid").to_numpy()
     train = training_pairs(query_examples(q[train_q], inputs.item_index, text_rows[train_q], max_history))
     valid = query_examples(q[valid_q], inputs.item_index, text_rows[valid_q], max_history)
-    cap = int(rp.get("val_max_queries", 0))
+    cap = int(rp["val_max_queries"])
     if cap and len(valid) > cap:
         valid = valid.take(np.sort(np.random.default_rng(seed).choice(len(valid), cap, replace=False)))
     # items are indexed through the query path the data has: one-item histories, or item text vectors
@@ -57,7 +56,7 @@ def build_examples(inputs: RetrieverInputs, rp: dict, max_history: int, seed: in
     index_kind = KIND_HISTORY if (kinds == KIND_HISTORY).any() or not len(kinds) else KIND_TEXT
     text_vectors = np.concatenate([inputs.query_emb, inputs.item_emb]) if index_kind == KIND_TEXT else inputs.query_emb
     parts = [train]
-    if rp.get("indexing_pairs", True):
+    if rp["indexing_pairs"]:
         parts.append(indexing_pairs(len(inputs.items), index_kind, len(inputs.query_emb), max_history))
     examples = Examples.concat(parts)
     if not len(examples):
@@ -94,40 +93,24 @@ class RetrieverData(L.LightningDataModule):
                           batch_size=None)
 
 
-# strategies whose DDP wrapper would stop at the first unused parameter: every batch holds one
-# query kind, so the other kind's encoder (and, on history-only data, the text path) gets no gradient
-NEEDS_UNUSED = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
-
-
-def check_strategy(rp: dict) -> str:
-    """retriever.trainer.strategy, refused (ConfigError) where DDP would stop at unused parameters."""
-    strategy = rp.get("trainer", {}).get("strategy", "auto")
-    if strategy in NEEDS_UNUSED:
-        raise ConfigError("retriever.trainer.strategy",
-                          f"{strategy} stops at the encoder a batch's query kind leaves unused; "
-                          f"use {strategy}_find_unused_parameters_true")
-    return strategy
-
-
 def trainer_args(rp: dict, epochs: int, logger, root: Path) -> dict:
     """L.Trainer arguments from `retriever.trainer` (accelerator, devices, num_nodes, strategy,
     precision), shared by training and the retrain fine-tune so both run on what the params ask for."""
-    tr = rp.get("trainer", {})
-    strategy = check_strategy(rp)
-    return dict(max_epochs=epochs, accelerator=tr.get("accelerator", "cpu"), devices=tr.get("devices", 1),
-                num_nodes=int(tr.get("num_nodes", 1)), strategy=strategy, precision=tr.get("precision", "32-true"),
+    tr = rp["trainer"]
+    return dict(max_epochs=epochs, accelerator=tr["accelerator"], devices=tr["devices"],
+                num_nodes=int(tr["num_nodes"]), strategy=tr["strategy"], precision=tr["precision"],
                 logger=logger, deterministic=True, use_distributed_sampler=False, enable_model_summary=False,
-                gradient_clip_val=float(rp.get("grad_clip", 1.0)), default_root_dir=str(root),
+                gradient_clip_val=float(rp["grad_clip"]), default_root_dir=str(root),
                 log_every_n_steps=10, check_val_every_n_epoch=1)
 
 
 def prepare_training(params: dict) -> tuple[int, int, RetrieverInputs, tuple]:
     """Seed, thread count, inputs and examples: shared by training and the retrain fine-tune."""
     rp = params["retriever"]
-    seed = int(params.get("seed", 0))
-    torch.set_num_threads(int(rp.get("num_threads", 1)))
+    seed = int(params["seed"])
+    torch.set_num_threads(int(rp["num_threads"]))
     L.seed_everything(seed, workers=True, verbose=False)
-    max_history = int(params.get("data", {}).get("max_history", 20))
+    max_history = int(params["data"]["max_history"])
     inputs = load_inputs(params)
     return seed, max_history, inputs, build_examples(inputs, rp, max_history, seed)
 
@@ -136,11 +119,8 @@ def run_train_retriever(params: dict) -> dict:
     """Train (early stopping on validation Recall@10), keep the best epoch, write the checkpoint,
     curve and metrics."""
     set_offline_defaults()
+    patience = typed_params(params).retriever.patience   # the params' check, before any work
     rp = params["retriever"]
-    check_text_encoder_option(rp)
-    patience = patience_param(rp.get("patience", 0), "retriever.patience")   # checked before any work
-    check_strategy(rp)
-    fusion_config(rp)
     seed, max_history, inputs, (examples, valid, text_vectors, counts) = prepare_training(params)
 
     config = model_config(rp, inputs.codebook_sizes, inputs.item_emb.shape[1], max_history, len(inputs.items))
@@ -152,11 +132,11 @@ def run_train_retriever(params: dict) -> dict:
     data = RetrieverData(ExampleDataset(examples, text_vectors, inputs.item_emb, net.vocab, inputs.catalog),
                          examples.bucket_keys(), ExampleDataset(valid, text_vectors, inputs.item_emb, net.vocab,
                                                                 inputs.catalog),
-                         valid.bucket_keys(), int(rp["batch_size"]), int(rp.get("decode_batch_size", 64)), seed)
+                         valid.bucket_keys(), int(rp["batch_size"]), int(rp["decode_batch_size"]), seed)
     epochs = int(rp["epochs"])
-    module = RetrieverModule(net, lr=float(rp["lr"]), weight_decay=float(rp.get("weight_decay", 0.0)),
+    module = RetrieverModule(net, lr=float(rp["lr"]), weight_decay=float(rp["weight_decay"]),
                              eval_beam=int(rp["eval_beam"]), val_k=VAL_K,
-                             warmup_steps=int(rp.get("warmup_steps", 0)), total_steps=None)
+                             warmup_steps=int(rp["warmup_steps"]), total_steps=None)
     run_dir = Path("runs")
     loggers = training_loggers(params, "train_retriever", {"retriever": rp})
     start = time.perf_counter()
@@ -169,7 +149,7 @@ def run_train_retriever(params: dict) -> dict:
     if not fit.is_global_zero:   # another rank of a `ddp` run: rank 0 writes the outputs
         return {}
     fusion, fusion_grid = tune_fusion(params, net.eval(), validation_queries(
-        inputs.queries, int((rp.get("fusion") or {}).get("val_max_queries", 0)), seed))
+        inputs.queries, int(rp["fusion"]["val_max_queries"]), seed))
     if fusion is not None:
         net.config["fusion"] = fusion
     seconds = time.perf_counter() - start

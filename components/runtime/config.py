@@ -136,7 +136,7 @@ def _check_overlay(params: dict, overlay: dict, where: str) -> None:
         if key in overlay:
             raise ConfigError(f"{where}.{key}", "an overlay cannot choose or define profiles")
     merged = merge(params, overlay)
-    check_params(merged, f"{where}.")
+    check_params(merged, f"{where}.", across=False)
     for i, variant in enumerate((overlay.get("eval") or {}).get("variants") or []):
         _check_overlay(merged, variant["params"] or {}, f"{where}.eval.variants[{i}].params")
 

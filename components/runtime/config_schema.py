@@ -4,9 +4,11 @@ Each section is a pydantic model that refuses unknown keys; each field is one ru
 message says what the key takes, so a bad value stops up front with one line such as
 `params.yaml 'retriever.beam': must be an integer >= 1, got 'ten'` instead of failing (or
 being used silently) deep inside a step. Adding a key = one keyword in its `section` here
-plus its line in params.yaml. Rules check one value each; checks across keys (headline_k in
-ks, sizes per layer) stay with the code that reads them, except attention heads, which must
-divide the width (check_across: a model that cannot be built fails here, not after the data steps).
+plus its line in params.yaml. Rules check one value each; checks across keys (attention heads
+dividing the width, a tokenizer method's lengths and curriculum, the fusion's weights per source,
+the service's defaults under its maxima) are check_across's, so every check of params runs here,
+once. `typed_params` returns the checked tree as typed sections (`.tokenizer.sarq.tau`): the steps
+read their section from it, with no checks or defaults of their own.
 
 Bounds: floats are finite (`.inf`, `nan` and overflowing values such as `1e308` for a learning
 rate make a run diverge or crash). Sizes that allocate memory have a generous upper bound, far
@@ -15,6 +17,8 @@ not as an allocation error deep in a step (the bounds below, each with its reaso
 numpy's and torch's 32-bit seeds.
 """
 import difflib
+import functools
+import json
 import math
 from collections.abc import Callable
 from typing import Annotated, Any, get_args
@@ -186,6 +190,21 @@ def _dropouts(v: Any) -> bool:
     return bool(values) and all(_is_finite(d) and 0 <= d < 1 for d in values)
 
 
+# strategies whose DDP wrapper would stop at the first unused parameter: every batch holds one query kind,
+# so the other kind's encoder (and, on history-only data, the text path) gets no gradient
+NEEDS_UNUSED = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+
+
+def _strategy(value: Any) -> Any:
+    """retriever.trainer.strategy: a Lightning strategy name, not one that stops at unused parameters."""
+    if not isinstance(value, str) or not value.strip():
+        raise PydanticCustomError("sa2crq", "must be a non-empty string")
+    if value in NEEDS_UNUSED:
+        raise PydanticCustomError("sa2crq", f"{value} stops at the encoder a batch's query kind leaves unused; "
+                                            f"use {value}_find_unused_parameters_true")
+    return value
+
+
 def _devices(v: Any) -> bool:
     return v == "auto" or (_is_int(v) and (v >= 1 or v == -1)) or (
         isinstance(v, list) and bool(v) and all(_is_int(d) and d >= 0 for d in v))
@@ -203,8 +222,8 @@ PRECISIONS = ("64-true", "32-true", "16-true", "16-mixed", "bf16-true", "bf16-mi
 
 
 class Section(BaseModel):
-    """A block of params.yaml: these keys, no others."""
-    model_config = ConfigDict(extra="forbid")
+    """A block of params.yaml: these keys, no others; frozen (typed_params hands one checked tree to every step)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def section(name: str, /, **fields: Any) -> type[BaseModel]:
@@ -306,7 +325,7 @@ Trainer = section(
     accelerator=choice(*ACCELERATORS),
     devices=rule("must be auto, an integer >= 1, -1 (all) or a list of device indices", _devices),
     num_nodes=integer(1),
-    strategy=text(empty_ok=False),
+    strategy=Annotated[Any, PlainValidator(_strategy)],
     precision=choice(*PRECISIONS),
 )
 
@@ -323,7 +342,10 @@ Retriever = section(
     n_memory=integer(1, le=1024, why="memory vectors per text query, each an input token"),
     history_sid_tokens=FLAG,
     item_id_embeddings=FLAG,
-    finetune_text_encoder=FLAG,
+    finetune_text_encoder=rule(
+        "must be false: fine-tuning the MiniLM text encoder would re-encode every query and item text with "
+        "gradients each epoch, about 100x the cost of the trainable projection over the frozen embeddings that "
+        "this project trains", lambda v: v is False),
     item_head=FLAG,
     item_head_weight=LOSS_WEIGHT,
     item_head_encoder=choice("shared", "own"),
@@ -460,16 +482,16 @@ ServeAB = section(
 Serve = section(
     "Serve",
     host=text(empty_ok=False),
-    port=rule("must be an integer port 1-65535", lambda v: _is_int(v) and 1 <= v <= 65535),
+    port=rule("must be an integer port 0-65535 (0 = any free port)", lambda v: _is_int(v) and 0 <= v <= 65535),
     max_batch=integer(1),
-    max_wait_ms=number(0, 60000, note="a minute at most"),
+    max_wait_ms=number(0, 1000, note="a request waits this long for a batch to fill: a second at most"),
     k_default=TOP_K,
     k_max=TOP_K,
     beam_default=BEAM,
     beam_max=BEAM,
     max_history_items=integer(1),
     max_text_chars=integer(1),
-    max_body_bytes=integer(1),
+    max_body_bytes=integer(1024, "a request body of a few history items needs a kilobyte"),
     reload_every_s=number(0, 86400, note="0 = only POST /admin/reload; a day at most"),
     exclude_history=FLAG,
     item_text_chars=integer(1),
@@ -500,28 +522,50 @@ Params = section(
 # ---- checking ----------------------------------------------------------------------------
 
 
-def check_params(params: dict, where: str = "") -> None:
+def check_params(params: dict, where: str = "", across: bool = True) -> None:
     """Raise ConfigError for the first bad key of a whole params tree (keys `_...` are internal).
 
     `where` prefixes the reported key: an overlay is checked merged over valid params, so its
-    errors are named inside the overlay (`profiles.smoke.retriever.beam`)."""
+    errors are named inside the overlay (`profiles.smoke.retriever.beam`). `across=False` leaves out the
+    checks across sections that a method or source choice brings (check_across): an overlay that meets the
+    base only badly (a variant choosing sarq over a base's collision token) is refused when it runs, as the
+    root of its own params, not whenever any command loads params.yaml."""
+    _checked(params, where, across)
+
+
+def typed_params(params: dict) -> BaseModel:
+    """The params tree checked into typed sections (`typed_params(p).retriever.fusion.depth`), once per
+    distinct tree in a process: steps read their sections here instead of re-parsing with defaults of their
+    own. A tokenizer method's own block (`tokenizer.<method>`) is checked by its section but read as a dict
+    (`params["tokenizer"][name]`): the registration, not this schema, knows its keys."""
+    return _typed(json.dumps({k: v for k, v in params.items() if not str(k).startswith("_")},
+                             sort_keys=True, default=repr))
+
+
+@functools.lru_cache(maxsize=32)
+def _typed(text: str) -> BaseModel:
+    return _checked(json.loads(text), "", True)
+
+
+def _checked(params: dict, where: str, across: bool) -> BaseModel:
     tree, sections = _method_sections({k: v for k, v in params.items() if not str(k).startswith("_")})
-    _validate(Params, tree, where)
-    for name, (model, value) in sections.items():
+    model = _validate(Params, tree, where)
+    for name, (section_model, value) in sections.items():
         if value is None:
             raise ConfigError(f"{where}tokenizer.{name}", f"missing (tokenizer.method={name} reads this section)")
-        _validate(model, value, f"{where}tokenizer.{name}.")
+        _validate(section_model, value, f"{where}tokenizer.{name}.")
     names = [v["name"] for v in tree["eval"]["variants"]]
     for i, name in enumerate(names):
         if name in names[:i]:
             raise ConfigError(f"{where}eval.variants[{i}].name", f"{name!r} names an earlier variant too")
-    check_across(tree, where)
+    check_across(tree, where, across)
+    return model
 
 
-def _validate(model: type[BaseModel], tree: Any, where: str) -> None:
-    """ConfigError for the first bad key of `tree` against `model`, named `where` + its path."""
+def _validate(model: type[BaseModel], tree: Any, where: str) -> BaseModel:
+    """`tree` as `model`, or ConfigError for its first bad key, named `where` + its path."""
     try:
-        model.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as exc:
         errors = exc.errors()
         first = min(errors, key=lambda e: e["type"] != "extra_forbidden")  # a typo: its "did you mean" first
@@ -553,8 +597,9 @@ def _method_sections(tree: dict) -> tuple[dict, dict[str, tuple[Any, Any]]]:
 HEAD_PAIRS = (("retriever", "d_model", "n_heads"), ("eval.sasrec", "dim", "heads"))
 
 
-def check_across(tree: dict, where: str = "") -> None:
-    """ConfigError for keys that are valid alone but cannot work together (valid single values assumed)."""
+def check_across(tree: dict, where: str = "", choices: bool = True) -> None:
+    """ConfigError for keys that are valid alone but cannot work together (valid single values assumed);
+    `choices=False`: the attention heads only (see check_params)."""
     for block, width_key, heads_key in HEAD_PAIRS:
         section_values = tree
         for part in block.split("."):
@@ -563,6 +608,79 @@ def check_across(tree: dict, where: str = "") -> None:
         if width % heads:
             raise ConfigError(f"{where}{block}.{heads_key}",
                               f"must divide {block}.{width_key} ({width}) into equal attention heads, got {heads}")
+    if not choices:
+        return
+    if tree["eval"]["headline_k"] not in tree["eval"]["ks"]:
+        raise ConfigError(f"{where}eval.headline_k", f"{tree['eval']['headline_k']} must be one of eval.ks "
+                                                     f"{tree['eval']['ks']}")
+    _check_tokenizer(tree["tokenizer"], where)
+    _check_fusion(tree["retriever"], where)
+    serve = tree["serve"]
+    for key, top in (("k_default", "k_max"), ("beam_default", "beam_max")):
+        if serve[key] > serve[top]:
+            raise ConfigError(f"{where}serve.{key}", f"must be an integer between 1 and {serve[top]} (serve.{top}), "
+                                                     f"got {serve[key]!r}")
+
+
+def method_flag(method: str, flag: str) -> bool:
+    """A registered tokenizer method's switch (adaptive, two_stage, collision_token: components/tokenizers/
+    registry.py), read from its registration."""
+    return bool(getattr(extension_entry("tokenizer_method", method), flag, False))
+
+
+def _check_tokenizer(tok: dict, where: str) -> None:
+    """The method's switches against the layer keys: SARQ lengths within the layers (adaptive methods), the
+    ACRQ curriculum K_1 <= ... <= K_L (small early codebooks hold coarse semantics) and one extension size
+    per layer (two-stage methods), TIGER's collision token only where every SID has the same length."""
+    method, sizes, ext = tok["method"], tok["codebook_sizes"], tok["extension_sizes"]
+    if method_flag(method, "adaptive"):
+        min_len, max_len = tok["sarq"]["min_len"], tok["sarq"]["max_len"]
+        if not min_len <= max_len:
+            raise ConfigError(f"{where}tokenizer.sarq.min_len",
+                              f"need 1 <= min_len <= max_len, got {min_len}, {max_len}")
+        if max_len > len(sizes):
+            raise ConfigError(f"{where}tokenizer.sarq.max_len",
+                              f"{max_len} exceeds the number of layers in tokenizer.codebook_sizes ({len(sizes)})")
+        sizes, ext = sizes[:max_len], ext[:max_len]   # layers beyond L_max are never built
+    if method_flag(method, "two_stage"):
+        for layer in range(1, len(sizes)):
+            if sizes[layer] < sizes[layer - 1]:
+                raise ConfigError(f"{where}tokenizer.codebook_sizes",
+                                  f"ACRQ needs non-decreasing sizes; layer {layer + 1} ({sizes[layer]}) < "
+                                  f"layer {layer} ({sizes[layer - 1]}) in {sizes}")
+        if len(ext) != len(sizes):
+            raise ConfigError(f"{where}tokenizer.extension_sizes",
+                              f"needs {len(sizes)} non-negative integers (one per layer), got {ext}")
+    if tok["collision_token"] and not method_flag(method, "collision_token"):
+        fixed = tuple(n for n in extension_names("tokenizer_method") if method_flag(n, "collision_token"))
+        raise ConfigError(f"{where}tokenizer.collision_token",
+                          f"only for fixed-length methods {fixed}, not tokenizer.method={method}")
+
+
+def fusion_sources(retriever: dict) -> list[str]:
+    """retriever.fusion.sources resolved: `auto` = every registered source the retriever can feed (a source
+    reading the learned item scorer needs retriever.item_head), `none` = no fusion."""
+    sources = retriever["fusion"]["sources"]
+    if sources == "none":
+        return []
+    if sources == "auto":
+        return [name for name in extension_names("fusion_source")
+                if retriever["item_head"] or not _needs_item_head(name)]
+    return list(sources)
+
+
+def _needs_item_head(source: str) -> bool:
+    return bool(getattr(extension_entry("fusion_source", source), "needs_item_head", False))
+
+
+def _check_fusion(retriever: dict, where: str) -> None:
+    sources, weights = fusion_sources(retriever), retriever["fusion"]["weights"]
+    for name in sources:
+        if _needs_item_head(name) and not retriever["item_head"]:
+            raise ConfigError(f"{where}retriever.fusion.sources", f"{name} needs retriever.item_head: true")
+    if weights != "auto" and len(weights) != len(sources) + 1:
+        raise ConfigError(f"{where}retriever.fusion.weights", "must be auto or a list of non-negative numbers, one for "
+                          f"the generated list and one per source {sources}, got {weights!r}")
 
 
 def _dotted(loc: tuple) -> str:

@@ -68,7 +68,7 @@ class Engine:
     def __init__(self, params: dict, slots: dict[str, ModelSlot], log: RequestLog | None, item_text_chars: int):
         self.params, self.slots, self.log, self.item_text_chars = params, slots, log, item_text_chars
         self.order = group_order(params)
-        self.threads = int(params["retriever"].get("num_threads", 1))
+        self.threads = int(params["retriever"]["num_threads"])
         self._blas = ThreadpoolController()
 
     def run(self, jobs: list[Job]) -> list[Answer | Exception]:

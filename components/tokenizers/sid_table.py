@@ -98,7 +98,6 @@ def sid_strings(df: pd.DataFrame) -> pd.Series:
 
 # ---- import of an external SID table -------------------------------------------------------
 
-IMPORT_UNKNOWN = ("error", "drop")
 # The largest imported code: each code is a row of the retriever's vocabulary (a layer holds max code + 1
 # rows), so a code of 1e12 would ask train_retriever for terabytes. The same bound as
 # tokenizer.codebook_sizes in components/runtime/config_schema.py (65536 codes per layer).

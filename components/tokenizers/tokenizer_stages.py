@@ -27,18 +27,17 @@ import torch
 
 from components.runtime.atomic import write_json
 from components.runtime.config import params_hash
+from components.runtime.config_schema import typed_params
 from components.runtime.errors import ConfigError, DataError
 from components.runtime.paths import out_path
 from components.runtime.safe_load import load_matrix, read_frame
 from components.tokenizers import builtin  # noqa: F401  (registers the built-in methods: they are DVC deps)
-from components.tokenizers.acrq import check_curriculum, check_extensions
 from components.tokenizers.quantizer import ResidualQuantizer
-from components.tokenizers.registry import TokenizerMethod, get_method, methods, names_where
+from components.tokenizers.registry import TokenizerMethod, get_method, methods
 from components.tokenizers.rqvae import RQVAE, SarqSpec, TrainSpec
 from components.tokenizers.sarq import parse_tau, popularity_weights, unique_floor
 from components.tokenizers.sid_stats import plot_sid_stats, sid_statistics
 from components.tokenizers.sid_table import (
-    IMPORT_UNKNOWN,
     assert_issued_reencode,
     collision_codes,
     collision_layer_size,
@@ -54,8 +53,6 @@ from components.tokenizers.sid_tokenizer import (
     save_checkpoint,
 )
 
-STAGE2_ITEMS = ("tail_and_cold", "tail")
-HEAD_ENCODERS = ("head", "all")
 FORMAT = 1
 
 __all__ = ["run_train_head", "run_train_tail", "run_assign_ids", "load_tokenizer", "assign_new_items",
@@ -110,100 +107,32 @@ class TokenizerConfig:
         return self.registration.two_stage
 
 
-def _int_list(value: object, key: str) -> list[int]:
-    if not isinstance(value, list) or not value or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
-        raise ConfigError(key, f"must be a non-empty list of integers, got {value!r}")
-    return list(value)
-
-
-def _collision_flag(value: object, method: TokenizerMethod) -> bool:
-    """tokenizer.collision_token, checked: TIGER's extra token makes sense only where every
-    SID has the same length (rqvae, rqkmeans); for adaptive or imported SIDs a fixed extra
-    layer would mix with the variable length, so it is refused rather than ignored."""
-    if not isinstance(value, bool):
-        raise ConfigError("tokenizer.collision_token", f"must be true or false, got {value!r}")
-    if value and not method.collision_token:
-        raise ConfigError("tokenizer.collision_token",
-                          f"only for fixed-length methods {names_where('collision_token')}, "
-                          f"not tokenizer.method={method.name}")
-    return value
-
-
-def _unique_head_flag(value: object, method: TokenizerMethod) -> bool:
-    """tokenizer.sarq.unique_head: only adaptive methods have lengths to raise."""
-    if not isinstance(value, bool):
-        raise ConfigError("tokenizer.sarq.unique_head", f"must be true or false, got {value!r}")
-    return value and method.adaptive
-
-
-def _choice(value: object, key: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ConfigError(key, f"must be one of {choices}, got {value!r}")
-    return str(value)
-
-
-def _tau(sarq: dict) -> tuple[float, float | None]:
-    """(tau, target items per SID): a number, or 'auto' with tokenizer.sarq.target_items_per_sid
-    (tau is then chosen at each path-table estimation; the initial tau is never read)."""
-    if sarq.get("tau") != "auto":
-        return parse_tau(sarq.get("tau")), None
-    target = sarq.get("target_items_per_sid", 1.5)
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 1.0 <= target < math.inf:
-        raise ConfigError("tokenizer.sarq.target_items_per_sid", f"must be a number >= 1, got {target!r}")
-    return math.inf, float(target)
-
-
 def tokenizer_config(params: dict) -> TokenizerConfig:
-    """Read and check params['tokenizer']; ConfigError names the offending key."""
-    t = params.get("tokenizer") or {}
-    s = t.get("sarq") or {}
-    method = t.get("method")
-    if method not in methods():
-        raise ConfigError("tokenizer.method", f"must be one of {tuple(methods())}, got {method!r}")
-    reg = get_method(method)
-    sizes = _int_list(t.get("codebook_sizes"), "tokenizer.codebook_sizes")
-    if any(k < 1 for k in sizes):
-        raise ConfigError("tokenizer.codebook_sizes", f"sizes must be >= 1, got {sizes}")
-    ext = _int_list(t.get("extension_sizes", [0] * len(sizes)), "tokenizer.extension_sizes")
-    min_len, max_len = int(s.get("min_len", 1)), int(s.get("max_len", len(sizes)))
+    """The run's `tokenizer:` section (checked once by the schema: components/runtime/config_schema.py
+    typed_params) as the steps read it: layers beyond an adaptive method's L_max dropped (they could never be
+    issued), fixed-length methods' lengths = their layers, `tau: auto` as its target items per SID."""
+    t = typed_params(params).tokenizer
+    s = t.sarq
+    reg = get_method(t.method)
+    sizes, ext = list(t.codebook_sizes), list(t.extension_sizes)
     if reg.adaptive:
-        if not 1 <= min_len <= max_len:
-            raise ConfigError("tokenizer.sarq.min_len", f"need 1 <= min_len <= max_len, got {min_len}, {max_len}")
-        if max_len > len(sizes):
-            raise ConfigError("tokenizer.sarq.max_len",
-                              f"{max_len} exceeds the number of layers in tokenizer.codebook_sizes ({len(sizes)})")
-        # layers beyond L_max could never be issued: they are not built
+        min_len, max_len = s.min_len, s.max_len
         sizes, ext = sizes[:max_len], ext[:max_len]
+        tau, tau_target = (math.inf, float(s.target_items_per_sid)) if s.tau == "auto" else (parse_tau(s.tau), None)
     else:
         min_len = max_len = len(sizes)
-    if reg.two_stage:
-        check_curriculum(sizes)
-        check_extensions(ext, len(sizes))
-    tau, tau_target = (_tau(s) if reg.adaptive else (math.inf, None))
+        tau, tau_target = math.inf, None
     cfg = TokenizerConfig(
-        method=method, sizes=sizes, ext_sizes=ext, latent_dim=int(t.get("latent_dim", 64)),
-        hidden_dims=[int(h) for h in t.get("hidden_dims", [])], beta=float(t.get("beta", 0.25)),
-        lr=float(t.get("lr", 1e-3)), batch_size=int(t.get("batch_size", 256)),
-        epochs_head=int(t.get("epochs_head", 0)), epochs_tail=int(t.get("epochs_tail", 0)),
-        epochs_full=int(t.get("epochs_full", 0)), reseed_every=int(t.get("dead_code_reseed_every", 0)),
-        kmeans_iters=int(t.get("kmeans_iters", 20)), threads=int(t.get("threads", 1)), tau=tau,
-        min_len=min_len, max_len=max_len, smoothing=float(s.get("smoothing", 1.0)),
-        popularity_weighted=bool(s.get("popularity_weighted", False)),
-        warmup_epochs=int(s.get("warmup_epochs", 0)), reestimate_every=int(s.get("reestimate_every", 1)),
-        unique_head=_unique_head_flag(s.get("unique_head", False), reg),
-        import_path=str(t.get("import_path") or ""), seed=int(params.get("seed", 0)),
-        collision_token=_collision_flag(t.get("collision_token", False), reg),
-        stage2_items=_choice(t.get("stage2_items", "tail_and_cold"), "tokenizer.stage2_items", STAGE2_ITEMS),
-        head_encoder=_choice(t.get("head_encoder", "head"), "tokenizer.head_encoder", HEAD_ENCODERS),
-        tau_target=tau_target,
-        import_unknown=_choice(t.get("import_unknown", "error"), "tokenizer.import_unknown", IMPORT_UNKNOWN),
-        accelerator=str(t.get("accelerator", "auto")))
-    if reg.adaptive and cfg.smoothing <= 0:
-        raise ConfigError("tokenizer.sarq.smoothing", f"must be > 0, got {cfg.smoothing}")
-    for key, value in (("batch_size", cfg.batch_size), ("latent_dim", cfg.latent_dim), ("threads", cfg.threads)):
-        if value < 1:
-            raise ConfigError(f"tokenizer.{key}", f"must be >= 1, got {value}")
-    if reg.check is not None:
+        method=t.method, sizes=sizes, ext_sizes=ext, latent_dim=t.latent_dim, hidden_dims=list(t.hidden_dims),
+        beta=float(t.beta), lr=float(t.lr), batch_size=t.batch_size, epochs_head=t.epochs_head,
+        epochs_tail=t.epochs_tail, epochs_full=t.epochs_full, reseed_every=t.dead_code_reseed_every,
+        kmeans_iters=t.kmeans_iters, threads=t.threads, tau=tau, min_len=min_len, max_len=max_len,
+        smoothing=float(s.smoothing), popularity_weighted=s.popularity_weighted, warmup_epochs=s.warmup_epochs,
+        reestimate_every=s.reestimate_every, unique_head=s.unique_head and reg.adaptive,
+        import_path=t.import_path, seed=typed_params(params).seed, collision_token=t.collision_token,
+        stage2_items=t.stage2_items, head_encoder=t.head_encoder, tau_target=tau_target,
+        import_unknown=t.import_unknown, accelerator=t.accelerator)
+    if reg.check is not None:   # the method's own needs beyond its keys (e.g. import: a file to read)
         reg.hook("check")(cfg)
     return cfg
 

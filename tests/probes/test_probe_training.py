@@ -70,12 +70,16 @@ def test_a_loss_gone_nan_fails_the_fit_even_after_a_good_epoch():
         fit_best_epoch(NanLater(), kwargs, Loaders(dl, dl), "val_recall@10", 0, job="demo", keys="demo.lr")
 
 
-def test_a_diverging_retriever_writes_no_checkpoint(tmp_path):
-    """retriever.lr far too large (finite, set past the schema, which bounds it now) trains to loss nan."""
+def test_a_diverging_retriever_writes_no_checkpoint(tmp_path, monkeypatch):
+    """A retriever whose loss goes nan (the schema bounds retriever.lr, and every step checks params first, so
+    the divergence is made in the loss, as the Stage-2 probe below does)."""
+    from components.retrieval.retriever import RetrieverModel
     from components.retrieval.retriever_train import run_train_retriever
 
     write_retriever_catalog(tmp_path)
-    params = tiny_retriever_params(tmp_path, epochs=2, lr=1e30)
+    params = tiny_retriever_params(tmp_path, epochs=2)
+    real = RetrieverModel.loss
+    monkeypatch.setattr(RetrieverModel, "loss", lambda self, batch: real(self, batch) * np.nan)
     before = _files(tmp_path)
     with pytest.raises(TrainingDiverged, match=r"^train_retriever: training diverged .*retriever\.lr"):
         run_train_retriever(params)
@@ -104,13 +108,15 @@ def test_non_finite_weights_fail_the_fit_even_with_a_finite_loss():
 
 
 def test_a_diverging_tokenizer_writes_no_checkpoint(tmp_path, monkeypatch):
-    """sa2crq's RQ-VAE Stage 1 with tokenizer.lr far too large (set past the schema): the loss goes nan."""
+    """sa2crq's RQ-VAE Stage 1 whose loss goes nan (made in the loss: the schema bounds tokenizer.lr)."""
+    from components.tokenizers.rqvae import RQVAE
     from components.tokenizers.tokenizer_stages import run_train_head
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     make_catalog(tmp_path)
     params = tiny_tokenizer_params(tmp_path, "sa2crq")
-    params["tokenizer"]["lr"] = 1e30
+    real = RQVAE.losses
+    monkeypatch.setattr(RQVAE, "losses", lambda self, x: {**real(self, x), "loss": real(self, x)["loss"] * np.nan})
     with pytest.raises(TrainingDiverged, match=r"^tokenizer training: training diverged .*\(loss nan.*tokenizer\.lr"):
         run_train_head(params)
     assert not (tmp_path / "tokenizer").exists()
