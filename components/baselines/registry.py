@@ -31,7 +31,9 @@ class Baseline:
     (its section, its settings): part of its comparison run key, left out of every other run's.
     seeded: trained with the run's seed, so the comparison runs it once per seed (else once).
     check(params): ConfigError for settings it cannot run with (before any step runs; a callable or a
-    reference). doc: the docs table's description."""
+    reference). section: its own settings block `eval.<name>` (a model made with
+    components.runtime.config_schema.section), checked with the rest of params, required while the baseline
+    is in eval.baselines; its name joins `reads`. doc: the docs table's description."""
 
     name: str
     runner: Callable[[dict, Any, int], pd.DataFrame | None] | str
@@ -39,7 +41,12 @@ class Baseline:
     reads: tuple[str, ...] = ()
     seeded: bool = False
     check: Callable[[dict], Any] | str | None = None
+    section: Any = None
     doc: str = ""
+
+    def __post_init__(self) -> None:
+        if self.section is not None and self.name not in self.reads:
+            object.__setattr__(self, "reads", (*self.reads, self.name))
 
     @property
     def row(self) -> str:

@@ -550,10 +550,12 @@ def _typed(text: str) -> BaseModel:
 def _checked(params: dict, where: str, across: bool) -> BaseModel:
     tree, sections = _method_sections({k: v for k, v in params.items() if not str(k).startswith("_")})
     model = _validate(Params, tree, where)
-    for name, (section_model, value) in sections.items():
+    for path, (section_model, value) in sections.items():
         if value is None:
-            raise ConfigError(f"{where}tokenizer.{name}", f"missing (tokenizer.method={name} reads this section)")
-        _validate(section_model, value, f"{where}tokenizer.{name}.")
+            block, name = path.split(".", 1)
+            chooser = "tokenizer.method" if block == "tokenizer" else "eval.baselines"
+            raise ConfigError(f"{where}{path}", f"missing ({chooser} chooses {name}, which reads this section)")
+        _validate(section_model, value, f"{where}{path}.")
     names = [v["name"] for v in tree["eval"]["variants"]]
     for i, name in enumerate(names):
         if name in names[:i]:
@@ -571,25 +573,31 @@ def _validate(model: type[BaseModel], tree: Any, where: str) -> BaseModel:
         first = min(errors, key=lambda e: e["type"] != "extra_forbidden")  # a typo: its "did you mean" first
         key = where + _dotted(first["loc"])
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise ConfigError(key, _message(first) + more) from None
+        raise ConfigError(key, _message(first, model, "" if model is Params else where) + more) from None
 
 
 def _method_sections(tree: dict) -> tuple[dict, dict[str, tuple[Any, Any]]]:
-    """`tree` without the `tokenizer.<name>` blocks of registered tokenizer methods that declare their own
-    params section (components/tokenizers/registry.py TokenizerMethod.section), and those blocks with their
-    models: a method's own keys are checked by its registration; its block is required when it is the
-    chosen method, optional otherwise."""
-    tok = tree.get("tokenizer")
-    if not isinstance(tok, dict):
-        return tree, {}
-    sections = {}
-    for name in extension_names("tokenizer_method"):
-        model = getattr(extension_entry("tokenizer_method", name), "section", None)
-        if model is not None and (name in tok or tok.get("method") == name):
-            sections[name] = (model, tok.get(name))
-    if not sections:
-        return tree, {}
-    return {**tree, "tokenizer": {k: v for k, v in tok.items() if k not in sections}}, sections
+    """`tree` without the blocks that registrations declare as their own sections, and those blocks with their
+    models, keyed by their path: `tokenizer.<name>` of a tokenizer method (components/tokenizers/registry.py
+    TokenizerMethod.section), required when it is the chosen method; `eval.<name>` of a baseline
+    (components/baselines/registry.py Baseline.section), required while it is in eval.baselines. A block of
+    an extension not chosen is checked when present and may be left out."""
+    sections: dict[str, tuple[Any, Any]] = {}
+    for block, kind, chosen in (("tokenizer", "tokenizer_method", lambda b: [b.get("method")]),
+                                ("eval", "baseline", lambda b: b.get("baselines") or [])):
+        body = tree.get(block)
+        if not isinstance(body, dict):
+            continue
+        picked = chosen(body)
+        own = {}
+        for name in extension_names(kind):
+            model = getattr(extension_entry(kind, name), "section", None)
+            if model is not None and (name in body or (isinstance(picked, list) and name in picked)):
+                own[name] = model
+        if own:
+            sections.update({f"{block}.{name}": (model, body.get(name)) for name, model in own.items()})
+            tree = {**tree, block: {k: v for k, v in body.items() if k not in own}}
+    return tree, sections
 
 
 # (width, heads) pairs: attention splits the width into equal heads, so a model whose heads do not
@@ -690,10 +698,10 @@ def _dotted(loc: tuple) -> str:
     return out
 
 
-def _message(error: dict) -> str:
+def _message(error: dict, model: type[BaseModel], prefix: str) -> str:
     kind, value = error["type"], error.get("input")
     if kind == "extra_forbidden":
-        return "unknown key" + _suggestion(error["loc"])
+        return "unknown key" + _suggestion(error["loc"], model, prefix)
     if kind == "missing":
         return "missing (params.yaml must set every key; components/runtime/config_schema.py lists them)"
     if kind in ("model_type", "dict_type"):
@@ -708,9 +716,10 @@ def _shown(value: Any) -> str:
     return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
-def _suggestion(loc: tuple) -> str:
-    """' (did you mean 'retriever.beam'?)' for a near-miss of a known key, else ''."""
-    model: Any = Params
+def _suggestion(loc: tuple, root: type[BaseModel], prefix: str) -> str:
+    """' (did you mean 'retriever.beam'?)' for a near-miss of a known key of `root` (Params, or a registration's
+    own section, whose path starts with `prefix`), else ''."""
+    model: Any = root
     for part in loc[:-1]:
         if isinstance(part, int):  # a list item: the list's item model
             continue
@@ -722,4 +731,4 @@ def _suggestion(loc: tuple) -> str:
     close = difflib.get_close_matches(str(loc[-1]), known, n=1)
     if not close:
         return ""
-    return f" (did you mean '{_dotted((*loc[:-1], close[0]))}'?)"
+    return f" (did you mean '{prefix}{_dotted((*loc[:-1], close[0]))}'?)"
