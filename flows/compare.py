@@ -45,12 +45,13 @@ NOT_RUN_EMBED_KEYS = ("cache", "cache_every_batches")
 
 def table_metrics(params: dict) -> list[str]:
     """Columns of the comparison: hallucination (all beams, top headline_k beams, over chance), recall at
-    every K, NDCG@headline_k, MRR@headline_k, recall@all, Ret-Per."""
+    every K, NDCG@headline_k, MRR@headline_k, recall@all, Ret-Per, and reach@K per budget (the share of
+    queries given K items)."""
     ev = params["eval"]
-    ks = sorted({int(k) for k in list(ev["ks"]) + list(ev.get("deep_ks") or [])})
+    ks = sorted({int(k) for k in list(ev["ks"]) + list(ev["deep_ks"]) + list(ev["budgets"])})
     k = int(ev["headline_k"])
     return (["hallucination", f"hallucination@{k}", "hallucination_norm"] + [f"recall@{k}" for k in ks]
-            + [f"ndcg@{k}", f"mrr@{k}", "recall@all", "ret_per"])
+            + [f"ndcg@{k}", f"mrr@{k}", "recall@all", "ret_per"] + [f"reach@{b}" for b in ev["budgets"]])
 
 
 def _rows(method: str, seed: int, result: dict, hallucination: dict | None) -> list[dict]:

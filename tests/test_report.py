@@ -68,7 +68,7 @@ def _fake_generative(params: dict, test: pd.DataFrame) -> tuple[dict, pd.DataFra
 def run_params(tmp_path, monkeypatch) -> dict:
     _write_run(tmp_path)
     monkeypatch.setattr(evaluate_mod, "run_generative", _fake_generative)
-    overrides = ["profile=smoke", f"out_dir={tmp_path}", "eval.bootstrap=30", "eval.ks=[1,5]", "eval.deep_ks=[10]",
+    overrides = ["profile=smoke", f"out_dir={tmp_path}", "eval.bootstrap=30", "eval.ks=[1,5]", "eval.deep_ks=[10]", "eval.budgets=[5, 10]",
                  "eval.headline_k=5", "data.max_history=5", "retriever.d_model=8", "retriever.n_memory=2",
                  f"eval.results_dir={tmp_path / 'results'}"]
     return load_params(ROOT / "params.yaml", overrides)

@@ -89,9 +89,10 @@ def test_item_head_orders_inside_a_sid_and_the_fusion_is_tuned_on_validation(tmp
     same = (gen.query[1:] == gen.query[:-1]) & (sid[1:] == sid[:-1])
     assert same.any() and (sims[1:][same] <= sims[:-1][same] + 1e-6).all()   # learned order inside one SID
     ranked = retrieve(params, queries, model=model, beam=5)
-    dense = [dense_side(dec, source, 5, chosen["bm25_history"]) for source in chosen["sources"]]
+    assert chosen["depth"] == max(5, *params["eval"]["budgets"])   # every list reaches the deepest budget
+    dense = [dense_side(dec, source, chosen["depth"], chosen["bm25_history"]) for source in chosen["sources"]]
     items = pd.read_parquet(tmp_path / "prepared" / "items.parquet")
-    baseline = bm25(queries, items, 5, last_n=chosen["bm25_history"])
+    baseline = bm25(queries, items, chosen["depth"], last_n=chosen["bm25_history"])
     assert (dec.catalog.item_ids[dense[2].items] == baseline["item_id"].to_numpy()).all()
     expect = gen if chosen["weights"][0] == 1.0 else fuse([gen] + dense, chosen["weights"], 60, len(dec.catalog.item_ids))
     pd.testing.assert_frame_equal(ranked, ranked_frame(dec.query_ids, expect, dec.catalog))

@@ -80,7 +80,7 @@ def check_eval_params(params: dict) -> None:
 def eval_depth(params: dict) -> int:
     """How many items the baselines return: the deepest K evaluated."""
     ev = params["eval"]
-    return int(max(list(ev["ks"]) + list(ev.get("deep_ks") or [])))
+    return int(max(list(ev["ks"]) + list(ev["deep_ks"]) + list(ev["budgets"])))
 
 
 def fetch_depth(params: dict) -> int:
@@ -119,17 +119,21 @@ def check_sid_version(params: dict) -> None:
 def run_generative(params: dict, test: pd.DataFrame) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     """Constrained and unconstrained ranked results of the trained retriever, and per-query hallucination.
 
+    The constrained list reaches the deepest eval.budgets for every query (retrieve_at_least: a second,
+    deeper decode for the queries its first beam leaves short); the unconstrained one is read as decoded
+    at retriever.beam (its invalid SIDs can leave it short: reach@K says so).
+
     Hallucination (components.ranking.metrics.hallucination_table): over all B beams, over the top
     eval.headline_k beams, and normalised by the chance rate of random SIDs of the same lengths,
     which needs the decoder's vocabulary (sids/meta.json codebook_sizes up to max_len, from which
     the retriever's vocabulary is built) and the issued SIDs (sids/sid_table.parquet).
     """
-    from components.retrieval.retrieve import retrieve, retrieve_and_generate
+    from components.retrieval.retrieve import retrieve_and_generate, retrieve_at_least
 
     check_sid_version(params)
     method = params["tokenizer"]["method"]
     beam = int(params["retriever"]["beam"])
-    constrained = retrieve(params, test, beam=beam, constrained=True)
+    constrained = retrieve_at_least(params, test, max(params["eval"]["budgets"]), beam=beam)
     free, generated = retrieve_and_generate(params, test, beam=beam, constrained=False)
     sids = out_path(params, "sids")
     meta = json.loads((sids / "meta.json").read_text())
@@ -206,10 +210,11 @@ def evaluate_method(params: dict, name: str, frame: pd.DataFrame, data: EvalInpu
     ev = params["eval"]
     if ev.get("exclude_history"):
         frame = drop_history_items(frame, data.test, depth)
-    ks, deep = [int(k) for k in ev["ks"]], [int(k) for k in ev.get("deep_ks") or []]
+    ks = [int(k) for k in ev["ks"]]
+    deep = sorted({int(k) for k in list(ev["deep_ks"]) + list(ev["budgets"])} - set(ks))
     result = evaluate_ranked(frame, data.test, data.items, ks, deep, n_boot=int(ev["bootstrap"]),
                              seed=int(params["seed"]), hallucination=hallucination,
-                             source=f"ranked results of {name}")
+                             source=f"ranked results of {name}", budgets=[int(k) for k in ev["budgets"]])
     return result, recall_by_popularity_decile(frame, data.test, data.items, int(ev["headline_k"]))
 
 

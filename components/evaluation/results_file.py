@@ -29,9 +29,10 @@ def _stat(mean: object, std: object) -> dict | None:
     return {"mean": round(m, 6), "std": None if s is None else round(s, 6)}
 
 
-def result_rows(table: pd.DataFrame, k: int) -> list[dict]:
+def result_rows(table: pd.DataFrame, k: int, budgets: list[int] | None = None) -> list[dict]:
     """Rows in table order: R@k overall and by group, NDCG@k, MRR@k, hallucination (all beams, top k,
-    over chance), recall@all, Ret-Per."""
+    over chance), recall@all, Ret-Per; for each budget K beyond k, R@K and reach@K (the share of queries
+    given K items), and by group at the deepest."""
     rows = []
     methods = list(dict.fromkeys(table.index.get_level_values(0)))
     for method in methods:
@@ -50,6 +51,14 @@ def result_rows(table: pd.DataFrame, k: int) -> list[dict]:
         row["hallucination_norm"] = cell(overall, "hallucination_norm")
         row["R@all"] = cell(overall, "recall@all")
         row["ret_per"] = cell(overall, "ret_per")
+        deep = [b for b in budgets or [] if b != k]
+        for b in deep:
+            row[f"R@{b}"] = cell(overall, f"recall@{b}")
+            row[f"reach@{b}"] = cell(overall, f"reach@{b}")
+        if deep:
+            for group in GROUPS:
+                row[f"R@{max(deep)}_{group}"] = cell(part.loc[group], f"recall@{max(deep)}") \
+                    if group in part.index else None
         row["seeds"] = seeds
         rows.append(row)
     return rows
@@ -74,7 +83,7 @@ def write_results_file(table: pd.DataFrame, params: dict, seeds: list[int], comm
     k = int(ev["headline_k"])
     doc = {"dataset": params["dataset"], "command": command, "seeds": [int(s) for s in seeds],
            "split": "test", "k": k, "retriever_beam": int(params["retriever"]["beam"]), "inputs": inputs,
-           "rows": result_rows(table, k)}
+           "budgets": [int(b) for b in ev["budgets"]], "rows": result_rows(table, k, list(ev["budgets"]))}
     path = path or Path(str(ev.get("results_dir") or "results")) / f"{params['dataset']}.json"
     write_json(doc, path)
     return path

@@ -283,8 +283,12 @@ def evaluate_ranked(
     seed: int = 0,
     hallucination: pd.Series | pd.DataFrame | None = None,
     source: str = "ranked results",
+    budgets: list[int] | None = None,
 ) -> dict:
     """Metrics with 95% CIs for one method: {"overall"|"head"|"tail"|"cold": {n_queries, metrics}}.
+
+    `budgets`: for each K, `reach@K`, the share of queries given at least K items (a row whose reach is
+    below 1 could not fill the budget: its R@K is over what it returned).
 
     `hallucination`: optional per-query rates: a Series (hallucination_per_query), reported as
     `hallucination`, or a frame (hallucination_table) whose every column is reported.
@@ -297,6 +301,8 @@ def evaluate_ranked(
         sub = pairs if group == "overall" else pairs[pairs["group"] == group]
         table = per_query_metrics(sub, ks, deep_ks)
         table["ret_per"] = ret_per.reindex(table.index).to_numpy()
+        for k in budgets or []:
+            table[f"reach@{k}"] = (table["ret_per"] >= k).astype(float)
         if hallucination is not None:
             rates = hallucination.rename("hallucination").to_frame() if isinstance(hallucination, pd.Series) \
                 else hallucination

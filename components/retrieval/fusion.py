@@ -53,11 +53,21 @@ class Ranked:
 def fusion_config(params: dict) -> dict:
     """`retriever.fusion` as the fusion choice reads it (checked once by the schema): the sources resolved
     (`auto`: every registered source the retriever feeds; `none`: []), fixed weights normalised to sum 1,
-    rrf_k as a list of the values to try."""
-    fu = typed_params(params).retriever.fusion
+    rrf_k as a list of the values to try, the objective as {K: weight}, and the depth raised to the deepest
+    budget (eval.budgets, the objective's K): a fused list must reach every budget it is read to."""
+    typed = typed_params(params)
+    fu = typed.retriever.fusion
     weights = fu.weights if fu.weights == "auto" else [float(w) / sum(fu.weights) for w in fu.weights]
-    return {"sources": fusion_sources(params["retriever"]), "weights": weights, "depth": fu.depth,
-            "rrf_k": list(fu.rrf_k) if isinstance(fu.rrf_k, list) else [fu.rrf_k], "bm25_history": fu.bm25_history}
+    objective = parse_objective(fu.objective)
+    return {"sources": fusion_sources(params["retriever"]), "weights": weights,
+            "depth": max(fu.depth, *typed.eval.budgets, *objective),
+            "rrf_k": list(fu.rrf_k) if isinstance(fu.rrf_k, list) else [fu.rrf_k], "bm25_history": fu.bm25_history,
+            "objective": objective, "use_generated": fu.use_generated}
+
+
+def parse_objective(objective: dict[str, float]) -> dict[int, float]:
+    """retriever.fusion.objective ({recall@10: 0.5, recall@500: 0.5}) as {K: weight}."""
+    return {int(key.split("@", 1)[1]): float(w) for key, w in objective.items()}
 
 
 def weight_grid(n_lists: int, step: float = STEP) -> list[tuple[float, ...]]:
@@ -170,27 +180,41 @@ def recall_at(ranked: Ranked, targets: np.ndarray, k: int) -> float:
     return recall_of_top(ranked.top(k), targets)
 
 
-def choose_fusion(generated: Ranked, dense: dict[str, Ranked], targets: np.ndarray, k: int,
-                  rrf_k: int | list[int], n_items: int, weights: list | None = None
-                  ) -> tuple[list[float], int, list[dict]]:
-    """Best weights (generated list first, then each other source) and reciprocal-rank constant by
-    validation Recall@k.
+def objective_score(recalls: dict[int, float], objective: dict[int, float]) -> float:
+    """The fusion choice's validation objective: the weighted sum of Recall@K over its budgets K."""
+    return float(sum(w * recalls[k] for k, w in objective.items()))
 
-    `weights` None = the whole grid (`weight_grid`), tried with every constant in `rrf_k`; ties go
-    to the larger generated weight (without a gain the generated list stays alone), then to the
-    constant listed first. Returns the weights, the constant and every point tried."""
+
+def choose_fusion(generated: Ranked, dense: dict[str, Ranked], targets: np.ndarray, objective: int | dict[int, float],
+                  rrf_k: int | list[int], n_items: int, weights: list | None = None, with_generated: bool = True
+                  ) -> tuple[list[float], int, list[dict]]:
+    """Best weights (generated list first, then each other source) and reciprocal-rank constant by the
+    validation objective: Recall@k (an int), or a weighted sum of Recall@K over budgets ({10: 0.5, 500: 0.5}:
+    retriever.fusion.objective, for a list read to several depths).
+
+    `weights` None = the whole grid (`weight_grid`), tried with every constant in `rrf_k`;
+    `with_generated=False` keeps the generated weight at 0 (the ablation without generation). Ties go to
+    the larger generated weight (without a gain the generated list stays alone), then to the constant
+    listed first. Returns the weights, the constant and every point tried, with each budget's recall."""
+    goal = {objective: 1.0} if isinstance(objective, int) else {int(k): float(w) for k, w in objective.items()}
     names = list(dense)
     grid = weight_grid(len(names) + 1) if weights is None else [tuple(weights)]
+    if not with_generated:
+        grid = [w for w in grid if w[0] == 0.0]
     ks = rrf_k if isinstance(rrf_k, list) else [rrf_k]
-    alone = recall_at(generated, targets, k)
-    candidates = FusionCandidates([generated] + [dense[n] for n in names], n_items)
+    deepest = max(goal)
+    alone = generated.top(deepest)
+    lists = ([generated] if with_generated else []) + [dense[n] for n in names]
+    candidates = FusionCandidates(lists, n_items)   # without generation: the generated list is not even a tie-break
     tried = []
     for order, c in enumerate(ks):
         for w in grid:
-            score = alone if w[0] == 1.0 else recall_of_top(candidates.top(w, c, k), targets)
-            tried.append({"weights": dict(zip(["generated"] + names, w)), "rrf_k": c, f"recall@{k}": score,
-                          "_order": order})
-    best = max(tried, key=lambda t: (round(t[f"recall@{k}"], 12), t["weights"]["generated"], -t["_order"]))
+            top = alone if w[0] == 1.0 else candidates.top(w if with_generated else w[1:], c, deepest)
+            recalls = {k: recall_of_top(top[:, :k], targets) for k in sorted(goal)}
+            tried.append({"weights": dict(zip(["generated"] + names, w)), "rrf_k": c,
+                          **{f"recall@{k}": r for k, r in recalls.items()},
+                          "objective": objective_score(recalls, goal), "_order": order})
+    best = max(tried, key=lambda t: (round(t["objective"], 12), t["weights"]["generated"], -t["_order"]))
     for t in tried:
         del t["_order"]
     return [best["weights"][n] for n in ["generated"] + names], best["rrf_k"], tried

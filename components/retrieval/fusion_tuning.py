@@ -13,21 +13,23 @@ from components.retrieval.fusion import choose_fusion, fusion_config
 from components.retrieval.retrieve import decode_queries, dense_side, generated_ranking
 from components.retrieval.retriever import RetrieverModel
 
-VAL_K = 10
-
 
 def tune_fusion(params: dict, net: RetrieverModel, valid: pd.DataFrame) -> tuple[dict | None, list[dict]]:
-    """The fusion for `net` by validation Recall@10 (None: no fusion asked for), and the grid tried."""
+    """The fusion for `net` by the validation objective (retriever.fusion.objective; None: no fusion asked
+    for), and the grid tried."""
     fu = fusion_config(params)
     if not fu["sources"] or valid.empty:
         return None, []
     dec = decode_queries(params, valid, model=net, beam=int(params["retriever"]["fusion"]["beam"]))
     dense = {s: dense_side(dec, s, fu["depth"], fu["bm25_history"]) for s in fu["sources"]}
-    weights, rrf_k, grid = choose_fusion(generated_ranking(dec), dense, dec.dataset.ex.targets, VAL_K, fu["rrf_k"],
-                                         len(dec.catalog.item_ids), None if fu["weights"] == "auto" else fu["weights"])
+    weights, rrf_k, grid = choose_fusion(generated_ranking(dec), dense, dec.dataset.ex.targets, fu["objective"],
+                                         fu["rrf_k"], len(dec.catalog.item_ids),
+                                         None if fu["weights"] == "auto" else fu["weights"], fu["use_generated"])
     chosen = {"sources": fu["sources"], "weights": weights, "depth": fu["depth"], "rrf_k": rrf_k}
     if "bm25" in fu["sources"]:
         chosen["bm25_history"] = fu["bm25_history"]
+    if not fu["use_generated"]:
+        chosen["use_generated"] = False
     return chosen, grid
 
 

@@ -213,6 +213,9 @@ def ranked_items(dec: Decoded, order: str = "popularity") -> pd.DataFrame:
         return ranked_frame(dec.query_ids, generated, dec.catalog)
     dense = [dense_side(dec, source, int(fusion["depth"]), int(fusion.get("bm25_history", 3)))
              for source in fusion["sources"]]
+    if fusion.get("use_generated", True) is False:   # the ablation: the generated list takes no part at all
+        fused = fuse(dense, fusion["weights"][1:], int(fusion["rrf_k"]), len(dec.catalog.item_ids))
+        return ranked_frame(dec.query_ids, fused, dec.catalog)
     fused = fuse([generated] + dense, fusion["weights"], int(fusion["rrf_k"]), len(dec.catalog.item_ids))
     return ranked_frame(dec.query_ids, fused, dec.catalog)
 
@@ -342,6 +345,29 @@ def retrieve(params: dict, queries: pd.DataFrame, *, model: RetrieverModel | Non
     order = group_order(params)
     return ranked_items(decode_queries(params, queries, model=model, beam=beam, constrained=constrained,
                                        out_dir=out_dir), order)
+
+
+def retrieve_at_least(params: dict, queries: pd.DataFrame, k: int, *, beam: int | None = None,
+                      model: RetrieverModel | None = None) -> pd.DataFrame:
+    """`retrieve` (constrained) with at least `k` items for every query the catalog can fill: a query whose
+    beam of `beam` SIDs holds fewer items is decoded once more with a beam of `k` SIDs, which reaches k
+    items because every issued SID holds at least one. So each query costs one decode when its first beam
+    reaches k (a fused list, or SIDs shared by several items), at most two otherwise; the deeper list
+    replaces the first one whole (its top is the larger beam's, never worse in sequence score)."""
+    beam = int(beam or params["retriever"]["beam"])
+    ranked = retrieve(params, queries, model=model, beam=beam)
+    if beam >= k:
+        return ranked
+    counts = ranked.groupby("query_id").size().reindex(queries["query_id"].astype(str), fill_value=0)
+    short = queries[(counts < k).to_numpy()]
+    if short.empty:
+        return ranked
+    deeper = retrieve(params, short, model=model, beam=k)
+    kept = ranked[~ranked["query_id"].isin(set(short["query_id"].astype(str)))]
+    order = {q: i for i, q in enumerate(queries["query_id"].astype(str))}
+    out = pd.concat([kept, deeper], ignore_index=True)
+    return out.sort_values(["query_id", "rank"], key=lambda c: c.map(order) if c.name == "query_id" else c,
+                           kind="stable").reset_index(drop=True)
 
 
 def retrieve_and_generate(params: dict, queries: pd.DataFrame, *, beam: int | None = None, constrained: bool = True

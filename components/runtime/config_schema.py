@@ -205,6 +205,12 @@ def _strategy(value: Any) -> Any:
     return value
 
 
+def _objective(v: Any) -> bool:
+    return isinstance(v, dict) and bool(v) and all(
+        isinstance(k, str) and k.startswith("recall@") and k[7:].isdigit() and int(k[7:]) >= 1
+        and _is_finite(w) and w >= 0 for k, w in v.items()) and sum(v.values()) > 0
+
+
 def _devices(v: Any) -> bool:
     return v == "auto" or (_is_int(v) and (v >= 1 or v == -1)) or (
         isinstance(v, list) and bool(v) and all(_is_int(d) and d >= 0 for d in v))
@@ -318,6 +324,9 @@ Fusion = section(
     bm25_history=integer(1),
     beam=BEAM,
     val_max_queries=integer(0, "0 = all"),
+    objective=rule("must map recall@K (K >= 1) to weights >= 0 with a positive sum, e.g. {recall@10: 1.0}",
+                   _objective),
+    use_generated=FLAG,
 )
 
 Trainer = section(
@@ -407,6 +416,7 @@ Eval = section(
     "Eval",
     ks=TOP_KS,
     deep_ks=int_list(1, empty_ok=True, le=100000, why="items ranked and held per query"),
+    budgets=int_list(1, le=100000, why="items ranked and held per query"),
     headline_k=TOP_K,
     bootstrap=integer(0, "0 = no intervals", le=100000, why="resamples x queries are drawn at once"),
     seeds=SEEDS,
