@@ -186,8 +186,8 @@ def objective_score(recalls: dict[int, float], objective: dict[int, float]) -> f
 
 
 def choose_fusion(generated: Ranked, dense: dict[str, Ranked], targets: np.ndarray, objective: int | dict[int, float],
-                  rrf_k: int | list[int], n_items: int, weights: list | None = None, with_generated: bool = True
-                  ) -> tuple[list[float], int, list[dict]]:
+                  rrf_k: int | list[int], n_items: int, weights: list | None = None, with_generated: bool = True,
+                  report: list[int] | None = None) -> tuple[list[float], int, list[dict]]:
     """Best weights (generated list first, then each other source) and reciprocal-rank constant by the
     validation objective: Recall@k (an int), or a weighted sum of Recall@K over budgets ({10: 0.5, 500: 0.5}:
     retriever.fusion.objective, for a list read to several depths).
@@ -195,14 +195,16 @@ def choose_fusion(generated: Ranked, dense: dict[str, Ranked], targets: np.ndarr
     `weights` None = the whole grid (`weight_grid`), tried with every constant in `rrf_k`;
     `with_generated=False` keeps the generated weight at 0 (the ablation without generation). Ties go to
     the larger generated weight (without a gain the generated list stays alone), then to the constant
-    listed first. Returns the weights, the constant and every point tried, with each budget's recall."""
+    listed first. Returns the weights, the constant and every point tried, with the recall at each of the
+    objective's K and at each K of `report` (eval.budgets: what another objective would have chosen)."""
     goal = {objective: 1.0} if isinstance(objective, int) else {int(k): float(w) for k, w in objective.items()}
     names = list(dense)
     grid = weight_grid(len(names) + 1) if weights is None else [tuple(weights)]
     if not with_generated:
         grid = [w for w in grid if w[0] == 0.0]
     ks = rrf_k if isinstance(rrf_k, list) else [rrf_k]
-    deepest = max(goal)
+    depths = sorted(set(goal) | set(report or []))
+    deepest = max(depths)
     alone = generated.top(deepest)
     lists = ([generated] if with_generated else []) + [dense[n] for n in names]
     candidates = FusionCandidates(lists, n_items)   # without generation: the generated list is not even a tie-break
@@ -210,7 +212,7 @@ def choose_fusion(generated: Ranked, dense: dict[str, Ranked], targets: np.ndarr
     for order, c in enumerate(ks):
         for w in grid:
             top = alone if w[0] == 1.0 else candidates.top(w if with_generated else w[1:], c, deepest)
-            recalls = {k: recall_of_top(top[:, :k], targets) for k in sorted(goal)}
+            recalls = {k: recall_of_top(top[:, :k], targets) for k in depths}
             tried.append({"weights": dict(zip(["generated"] + names, w)), "rrf_k": c,
                           **{f"recall@{k}": r for k, r in recalls.items()},
                           "objective": objective_score(recalls, goal), "_order": order})

@@ -24,7 +24,8 @@ def tune_fusion(params: dict, net: RetrieverModel, valid: pd.DataFrame) -> tuple
     dense = {s: dense_side(dec, s, fu["depth"], fu["bm25_history"]) for s in fu["sources"]}
     weights, rrf_k, grid = choose_fusion(generated_ranking(dec), dense, dec.dataset.ex.targets, fu["objective"],
                                          fu["rrf_k"], len(dec.catalog.item_ids),
-                                         None if fu["weights"] == "auto" else fu["weights"], fu["use_generated"])
+                                         None if fu["weights"] == "auto" else fu["weights"], fu["use_generated"],
+                                         report=list(params["eval"]["budgets"]))
     chosen = {"sources": fu["sources"], "weights": weights, "depth": fu["depth"], "rrf_k": rrf_k}
     if "bm25" in fu["sources"]:
         chosen["bm25_history"] = fu["bm25_history"]
