@@ -20,6 +20,7 @@ import pandas as pd
 
 from components.baselines.registry import baseline_label, baselines, get_baseline
 from components.evaluation.evaluate import check_eval_params, evaluate_all, load_eval_inputs, log_to_wandb, slug
+from components.evaluation.recall_curve import recall_at_k_figure
 from components.evaluation.report import metric_label, sid_stats_row
 from components.evaluation.results_file import input_digests, write_results_file
 from components.evaluation.training_curves import gather_curves, write_curves
@@ -355,6 +356,11 @@ def curves_file(results: Path) -> Path:
     return results.with_name(f"{results.stem}-curves.png")
 
 
+def recall_file(results: Path) -> Path:
+    """The Recall@K-against-K figure beside a results file: <name>-recall-at-k.png."""
+    return results.with_name(f"{results.stem}-recall-at-k.png")
+
+
 def aggregate(params: dict, variants: list[dict], seeds: list[int], command: str,
               results: Path | None = None) -> pd.DataFrame:
     """Mean and std over seeds per (method, group) for every stored variant run and baseline (the
@@ -362,8 +368,8 @@ def aggregate(params: dict, variants: list[dict], seeds: list[int], command: str
 
     Writes <out_dir>/<eval.compare_dir>/: results.md (Tables 1 and 2), summary.csv, summary.json
     (overall rows), results_long.csv (every seed), sid_stats.csv, curves.csv / curves.png (validation
-    Recall@10 per epoch), and the results file `results` (default: results_file) with <name>-curves.png
-    beside it. The DVC plan passes a subset comparison's own file, so it never replaces the full one's.
+    Recall@10 per epoch), and the results file `results` (default: results_file) with <name>-curves.png and
+    <name>-recall-at-k.png (Recall@K against K) beside it. The DVC plan passes a subset comparison's own file, so it never replaces the full one's.
     """
     set_offline_defaults()
     check_eval_params(params)
@@ -388,6 +394,7 @@ def aggregate(params: dict, variants: list[dict], seeds: list[int], command: str
                                              for v in variants for s in seeds]), root)
         with atomic_path(curves_file(results)) as tmp:
             tmp.write_bytes(curves["png"].read_bytes())
+        recall_at_k_figure(table, recall_file(results), list(params["eval"]["budgets"]))
     log_to_wandb(params, {m: {k: v for k, v in row.items() if v is not None} for m, row in overall.items()},
                  {"comparison": table.reset_index(), "sid_stats": sid_frame}, {}, job="compare")
     return table

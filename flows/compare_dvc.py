@@ -48,6 +48,7 @@ from flows.compare import (
     eval_keys,
     evaluate_variant,
     pick_variants,
+    recall_file,
     results_file,
     results_name,
     run_baseline,
@@ -240,13 +241,14 @@ def plan_set(params: dict, params_file: str, overrides: list[str], variants: lis
     stages[f"aggregate_{sid}"] = {
         "cmd": f"sa2crq compare-step aggregate --set {sid}", "wdir": "../..",
         "deps": deps + code_deps("aggregate"), "params": [{files.plan.as_posix(): [f"aggregate_keys.{sid}"]}],
-        "outs": tables + [{curves_file(Path(results)).as_posix(): {"cache": False}}],
+        "outs": tables + [{curves_file(Path(results)).as_posix(): {"cache": False}},
+                          {recall_file(Path(results)).as_posix(): {"cache": False}}],
         "metrics": [{results: {"cache": False}}]}
     plan["stages"] = stages
     plan["aggregate_keys"][sid] = {
         "dataset": params["dataset"], "title": dataset_title(params), "command": command, "seeds": seeds,
         "variants": [v["name"] for v in variants], "baselines": list(ev["baselines"]),
-        "eval": {k: ev[k] for k in ("ks", "deep_ks", "headline_k", "compare_dir", "results_dir")},
+        "eval": {k: ev[k] for k in ("ks", "deep_ks", "budgets", "headline_k", "compare_dir", "results_dir")},
         "retriever_beam": params["retriever"]["beam"]}
     return sid, plan
 

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from helpers import tiny_params, write_catalog
 
+from components.evaluation.recall_curve import recall_at_k_figure
 from components.ranking.metrics import evaluate_ranked
 from components.retrieval.fusion import FusionCandidates, Ranked, choose_fusion, recall_of_top
 from components.retrieval.retrieve import retrieve, retrieve_at_least
@@ -81,3 +82,12 @@ def test_a_generative_row_reaches_the_budget_a_small_beam_leaves_short(tmp_path)
         pd.testing.assert_frame_equal(same, first[first.query_id == qid].reset_index(drop=True))
     for _, grp in deep.groupby("query_id"):
         assert grp["rank"].tolist() == list(range(len(grp)))
+
+
+def test_the_recall_at_k_figure_draws_the_main_rows_under_their_results_names(tmp_path):
+    index = pd.MultiIndex.from_product([["SA2CRQ", "bm25", "popular", "TIGER (no collision token)"],
+                                        ["overall", "head"]], names=["method", "group"])
+    table = pd.DataFrame({"recall@10": 0.1, "recall@100": 0.3, "recall@500": 0.5, "recall@all": 0.6}, index=index)
+    rows = recall_at_k_figure(table, tmp_path / "r.png", [10, 100, 500])
+    assert rows == ["SA2CRQ", "BM25"]                       # most popular and the ablations stay in the tables
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
