@@ -78,6 +78,14 @@ def cmd_deps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fusion_objectives(args: argparse.Namespace) -> int:
+    """What each fusion objective would choose from the trained retriever's validation grid, and its cost."""
+    from components.retrieval.fusion_report import objectives_table
+
+    print(objectives_table(_params(args)))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the DVC pipeline; --dataset / --profile / -s are passed as dvc exp params (checked first).
 
@@ -244,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "modules it imports (components/runtime/stage_deps.py)")
     s.add_argument("--check", action="store_true", help="change nothing; exit 2 naming a stage whose code deps are off")
     s.set_defaults(func=cmd_deps)
+
+    s = sub.add_parser("fusion-objectives", parents=[common],
+                       help="from the trained retriever's validation fusion grid (metrics/retriever_train.json): the "
+                            "point each objective (recall@K, balanced, the configured one, without generation) "
+                            "chooses and its validation recall at every eval.budgets K")
+    s.set_defaults(func=cmd_fusion_objectives)
 
     s = sub.add_parser("compare", parents=[common],
                        help="the paper's Table 1: train and evaluate every tokenizer variant in eval.variants over eval.seeds")

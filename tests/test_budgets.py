@@ -91,3 +91,44 @@ def test_the_recall_at_k_figure_draws_the_main_rows_under_their_results_names(tm
     rows = recall_at_k_figure(table, tmp_path / "r.png", [10, 100, 500])
     assert rows == ["SA2CRQ", "BM25"]                       # most popular and the ablations stay in the tables
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_balanced_weighs_every_budget_by_its_best_and_each_objective_says_its_cost():
+    """Point a is best at R@10, b at R@500, c is near the best at both: balanced (each recall over its best,
+    averaged) takes c, where a raw sum would take b (R@500's scale dominates); objective_choices lists each
+    objective's point with its recall at every budget."""
+    from components.retrieval.fusion import objective_choices
+
+    def point(gen: float, r10: float, r500: float) -> dict:
+        return {"weights": {"generated": gen, "zero_shot": 1 - gen}, "rrf_k": 60, "recall@10": r10,
+                "recall@500": r500}
+
+    grid = [point(0.6, 0.130, 0.40), point(0.2, 0.090, 0.58), point(0.4, 0.125, 0.53)]
+    rows = {r["objective"]: r for r in objective_choices(
+        grid, {"r10": {10: 1.0}, "r500": {500: 1.0}, "sum": {10: 1.0, 500: 1.0}, "balanced": "balanced"}, [10, 500])}
+    assert rows["r10"]["weights"]["generated"] == 0.6 and rows["r500"]["weights"]["generated"] == 0.2
+    assert rows["sum"]["weights"]["generated"] == 0.2 and rows["balanced"]["weights"]["generated"] == 0.4
+    assert (rows["balanced"]["recall@10"], rows["balanced"]["recall@500"]) == (0.125, 0.53)
+
+
+def test_fusion_objectives_reads_the_trained_grid_and_names_a_missing_one(tmp_path, smoke_params, capsys):
+    import json
+
+    from components.runtime.config import resolve_params
+    from sa2crq.cli import main
+
+    params = resolve_params(smoke_params, [f"out_dir={tmp_path}"])
+    args = ["fusion-objectives", "-s", "profile=smoke", "-s", f"out_dir={tmp_path}"]
+    assert main(args) == 2 and "retriever_train.json: not found" in capsys.readouterr().err
+    budgets = params["eval"]["budgets"]
+    grid = [{"weights": {"generated": g, "bm25": 1 - g}, "rrf_k": 60,
+             **{f"recall@{k}": (0.1 + g / 10 if k == budgets[0] else 0.5 - g / 10) for k in budgets}}
+            for g in (0.0, 0.5, 1.0)]
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "retriever_train.json").write_text(json.dumps({"fusion_grid": grid}))
+    assert main(args) == 0
+    table = capsys.readouterr().out.splitlines()
+    rows = {line.split(" | ")[0].strip("| "): line for line in table[2:]}
+    assert "generated 1.0" in rows[f"recall@{budgets[0]}"] and "generated 0.0" in rows[f"recall@{budgets[-1]}"]
+    without = [line for name, line in rows.items() if name.endswith("without generation")]
+    assert len(without) == 1 and "generated 0.0" in without[0]

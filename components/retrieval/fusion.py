@@ -60,13 +60,15 @@ def fusion_config(params: dict) -> dict:
     weights = fu.weights if fu.weights == "auto" else [float(w) / sum(fu.weights) for w in fu.weights]
     objective = parse_objective(fu.objective)
     return {"sources": fusion_sources(params["retriever"]), "weights": weights,
-            "depth": max(fu.depth, *typed.eval.budgets, *objective),
+            "depth": max(fu.depth, *typed.eval.budgets, *(objective if isinstance(objective, dict) else ())),
             "rrf_k": list(fu.rrf_k) if isinstance(fu.rrf_k, list) else [fu.rrf_k], "bm25_history": fu.bm25_history,
             "objective": objective, "use_generated": fu.use_generated}
 
 
-def parse_objective(objective: dict[str, float]) -> dict[int, float]:
-    """retriever.fusion.objective ({recall@10: 0.5, recall@500: 0.5}) as {K: weight}."""
+def parse_objective(objective: dict[str, float] | str) -> Objective:
+    """retriever.fusion.objective ({recall@10: 0.5, recall@500: 0.5}) as {K: weight}; "balanced" stays."""
+    if objective == "balanced":
+        return "balanced"
     return {int(key.split("@", 1)[1]): float(w) for key, w in objective.items()}
 
 
@@ -180,43 +182,72 @@ def recall_at(ranked: Ranked, targets: np.ndarray, k: int) -> float:
     return recall_of_top(ranked.top(k), targets)
 
 
-def objective_score(recalls: dict[int, float], objective: dict[int, float]) -> float:
-    """The fusion choice's validation objective: the weighted sum of Recall@K over its budgets K."""
-    return float(sum(w * recalls[k] for k, w in objective.items()))
+Objective = dict[int, float] | str   # {K: weight}, or "balanced" (see score_points)
 
 
-def choose_fusion(generated: Ranked, dense: dict[str, Ranked], targets: np.ndarray, objective: int | dict[int, float],
+def score_points(tried: list[dict], objective: Objective, budgets: list[int]) -> None:
+    """Set each grid point's "objective": the weighted sum of its Recall@K ({K: weight}), or for
+    "balanced" the mean over `budgets` of its Recall@K relative to the best any point reaches at that K, so
+    no budget's scale dominates and a point near the best at every depth wins (a rule with no weight to tune,
+    which carries over to catalogs whose recall levels differ)."""
+    if objective == "balanced":
+        best = {k: max(t[f"recall@{k}"] for t in tried) for k in budgets}
+        for t in tried:
+            t["objective"] = float(np.mean([t[f"recall@{k}"] / best[k] if best[k] > 0 else 0.0 for k in budgets]))
+        return
+    for t in tried:
+        t["objective"] = float(sum(w * t[f"recall@{k}"] for k, w in objective.items()))
+
+
+def best_point(tried: list[dict]) -> dict:
+    """The point with the best objective; ties go to the larger generated weight (without a gain the generated
+    list stays alone), then to the point tried first (the constant listed first)."""
+    return max(enumerate(tried), key=lambda it: (round(it[1]["objective"], 12), it[1]["weights"]["generated"],
+                                                 -it[0]))[1]
+
+
+def objective_choices(tried: list[dict], objectives: dict[str, Objective], budgets: list[int]) -> list[dict]:
+    """For each named objective, the point it chooses from one grid and that point's recall at each budget:
+    what choosing for one budget costs at the others (read back from metrics/retriever_train.json)."""
+    rows = []
+    for name, objective in objectives.items():
+        points = [dict(t) for t in tried]
+        score_points(points, objective, budgets)
+        best = best_point(points)
+        rows.append({"objective": name, "weights": best["weights"], "rrf_k": best["rrf_k"],
+                     **{f"recall@{k}": best[f"recall@{k}"] for k in budgets}})
+    return rows
+
+
+def choose_fusion(generated: Ranked, dense: dict[str, Ranked], targets: np.ndarray, objective: int | Objective,
                   rrf_k: int | list[int], n_items: int, weights: list | None = None, with_generated: bool = True,
                   report: list[int] | None = None) -> tuple[list[float], int, list[dict]]:
     """Best weights (generated list first, then each other source) and reciprocal-rank constant by the
-    validation objective: Recall@k (an int), or a weighted sum of Recall@K over budgets ({10: 0.5, 500: 0.5}:
-    retriever.fusion.objective, for a list read to several depths).
+    validation objective (score_points): Recall@k (an int), a weighted sum of Recall@K ({10: 0.5, 500: 0.5}),
+    or "balanced" over the `report` budgets (retriever.fusion.objective, for a list read to several depths).
 
     `weights` None = the whole grid (`weight_grid`), tried with every constant in `rrf_k`;
     `with_generated=False` keeps the generated weight at 0 (the ablation without generation). Ties go to
     the larger generated weight (without a gain the generated list stays alone), then to the constant
     listed first. Returns the weights, the constant and every point tried, with the recall at each of the
     objective's K and at each K of `report` (eval.budgets: what another objective would have chosen)."""
-    goal = {objective: 1.0} if isinstance(objective, int) else {int(k): float(w) for k, w in objective.items()}
+    goal = {objective: 1.0} if isinstance(objective, int) else objective
     names = list(dense)
     grid = weight_grid(len(names) + 1) if weights is None else [tuple(weights)]
     if not with_generated:
         grid = [w for w in grid if w[0] == 0.0]
     ks = rrf_k if isinstance(rrf_k, list) else [rrf_k]
-    depths = sorted(set(goal) | set(report or []))
+    depths = sorted(set(report or []) | (set(goal) if isinstance(goal, dict) else set()))
     deepest = max(depths)
     alone = generated.top(deepest)
     lists = ([generated] if with_generated else []) + [dense[n] for n in names]
     candidates = FusionCandidates(lists, n_items)   # without generation: the generated list is not even a tie-break
     tried = []
-    for order, c in enumerate(ks):
+    for c in ks:
         for w in grid:
             top = alone if w[0] == 1.0 else candidates.top(w if with_generated else w[1:], c, deepest)
-            recalls = {k: recall_of_top(top[:, :k], targets) for k in depths}
             tried.append({"weights": dict(zip(["generated"] + names, w)), "rrf_k": c,
-                          **{f"recall@{k}": r for k, r in recalls.items()},
-                          "objective": objective_score(recalls, goal), "_order": order})
-    best = max(tried, key=lambda t: (round(t["objective"], 12), t["weights"]["generated"], -t["_order"]))
-    for t in tried:
-        del t["_order"]
+                          **{f"recall@{k}": recall_of_top(top[:, :k], targets) for k in depths}})
+    score_points(tried, goal, list(report or depths))
+    best = best_point(tried)
     return [best["weights"][n] for n in ["generated"] + names], best["rrf_k"], tried

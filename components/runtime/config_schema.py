@@ -206,7 +206,7 @@ def _strategy(value: Any) -> Any:
 
 
 def _objective(v: Any) -> bool:
-    return isinstance(v, dict) and bool(v) and all(
+    return v == "balanced" or isinstance(v, dict) and bool(v) and all(
         isinstance(k, str) and k.startswith("recall@") and k[7:].isdigit() and int(k[7:]) >= 1
         and _is_finite(w) and w >= 0 for k, w in v.items()) and sum(v.values()) > 0
 
@@ -324,7 +324,8 @@ Fusion = section(
     bm25_history=integer(1),
     beam=BEAM,
     val_max_queries=integer(0, "0 = all"),
-    objective=rule("must map recall@K (K >= 1) to weights >= 0 with a positive sum, e.g. {recall@10: 1.0}",
+    objective=rule("must be balanced or map recall@K (K >= 1) to weights >= 0 with a positive sum, e.g. "
+                   "{recall@10: 1.0}",
                    _objective),
     use_generated=FLAG,
 )
