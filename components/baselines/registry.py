@@ -115,3 +115,6 @@ register_baseline(Baseline("sasrec", "components.baselines.sasrec:run_sasrec_ids
 register_baseline(Baseline("sasrec_text", "components.baselines.sasrec:run_sasrec_text", label="SASRec + text",
                            reads=("sasrec",), seeded=True,
                            doc="SASRec with the items' text embeddings"))
+register_baseline(Baseline("sasrec_text_fusion", "components.baselines.sasrec_fusion:run_sasrec_text_fusion",
+                           label="SASRec + text + fusion", reads=("sasrec", "bm25_history", "dense_history"),
+                           seeded=True, doc="SASRec + text fused with dense and BM25 (RRF weights chosen on validation)"))

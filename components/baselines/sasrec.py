@@ -13,11 +13,14 @@ as published; only three things are ours:
 - `SASRec + text`: item embedding = cornac's id embedding + a learned linear projection of the
   item's frozen MiniLM vector, used for the input sequence and for scoring alike.
 Test scores cover every item (history items stay unless eval.exclude_history), so the rows rank
-the same queries as the other baselines.
+the same queries as the other baselines. A fit is kept per process (`fitted_sasrec`, keyed by its settings,
+seed and data), so `SASRec + text + fusion` (components/baselines/sasrec_fusion.py) reuses `SASRec + text`'s.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import sys
 import time
@@ -287,6 +290,90 @@ def mean_metrics(idx: np.ndarray, queries: pd.DataFrame, items: pd.DataFrame, k:
 
 
 # --------------------------------------------------------------------------- the baseline
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Torch on `n` threads for a while (eval.sasrec.threads), the caller's count restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class FittedSASRec:
+    """A fitted SASRec row: its chosen checkpoint and what ranking a query needs (item rows, history length)."""
+
+    run: SASRecRun
+    rows: dict[str, int]
+    max_len: int
+    threads: int
+    sessions: int
+
+    def rank(self, queries: pd.DataFrame, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """(N, depth) item rows and scores per query over all items, best first (history items kept)."""
+        with torch_threads(self.threads):
+            return search(self.run.net, padded(queries, self.rows, self.max_len, len(self.rows)), depth, False)
+
+
+FIT_CACHE_SIZE = 2  # fitted models kept per process (SASRec and SASRec + text of one run)
+FIT_CACHE: OrderedDict[str, FittedSASRec] = OrderedDict()
+
+
+def fit_key(params: dict, data, text: bool) -> str:
+    """What a fit reads: its settings, the seed and the data (query and item ids, the text vectors when used)."""
+    ev = params["eval"]
+    settings = {"sasrec": sasrec_config(params), "seed": int(params["seed"]), "text": text,
+                "max_history": int(params["data"]["max_history"]), "headline_k": int(ev["headline_k"]),
+                "exclude_history": bool(ev.get("exclude_history"))}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for frame, column in ((data.train, "query_id"), (data.valid, "query_id"), (data.items, "item_id")):
+        if frame is not None:
+            digest.update("\0".join(map(str, frame[column])).encode() + b"\1")
+    if text:
+        digest.update(np.ascontiguousarray(data.item_emb).tobytes())
+    return digest.hexdigest()
+
+
+def fitted_sasrec(params: dict, data, text: bool) -> FittedSASRec | None:
+    """SASRec (text=False) or SASRec + text fitted on `data`'s train split, checkpoint chosen on its valid
+    split; None (logged) when it does not apply. Kept in FIT_CACHE, so the rows that read one fit in one
+    process (`SASRec + text` and `SASRec + text + fusion` in one evaluate step) train it once."""
+    label = baseline_label("sasrec_text" if text else "sasrec")
+    cfg, seed, ev = sasrec_config(params), int(params["seed"]), params["eval"]
+    k_val, exclude = int(ev["headline_k"]), bool(ev.get("exclude_history"))
+    rows = {item_id: row for row, item_id in enumerate(data.items["item_id"])}
+    n_items = len(rows)
+    valid = history_queries(data.valid if data.valid is not None else data.train.iloc[:0])
+    sessions = [s for s in train_sessions(data.train, rows, int(params["data"]["max_history"])) if len(s) >= 2]
+    why = ("no training sequences (queries without histories)" if not sessions else
+           "no validation query with a history" if valid.empty else
+           "no test query with a history" if history_queries(data.test).empty else "")
+    if why:
+        log.warning("%s row skipped: %s in dataset %s", label, why, params.get("dataset"))
+        return None
+    key = fit_key(params, data, text)
+    if key in FIT_CACHE:
+        FIT_CACHE.move_to_end(key)
+        return FIT_CACHE[key]
+    val_seqs = padded(valid, rows, cfg["max_len"], n_items)
+
+    def val_fn(net) -> dict:
+        return mean_metrics(search(net, val_seqs, k_val, exclude)[0], valid, data.items, k_val)
+
+    with torch_threads(cfg["threads"]):
+        run = fit_sasrec(cornac_train_set(sessions, n_items, seed), val_fn, cfg, seed,
+                         data.item_emb if text else None, cfg["val_metric"])
+    log.info("%s: dropout %s, epoch %d, valid %s, %.0f s", label, run.dropout, run.epoch, run.val, run.seconds)
+    fit = FIT_CACHE[key] = FittedSASRec(run, rows, cfg["max_len"], cfg["threads"], len(sessions))
+    while len(FIT_CACHE) > FIT_CACHE_SIZE:
+        FIT_CACHE.popitem(last=False)
+    return fit
+
+
 def run_sasrec_ids(params: dict, data, k: int) -> pd.DataFrame | None:
     """The `sasrec` baseline's runner (components/baselines/registry.py): SASRec on item ids."""
     return run_sasrec(params, data, k, text=False)
@@ -303,37 +390,13 @@ def run_sasrec(params: dict, data, k: int, text: bool) -> pd.DataFrame | None:
     `data`: components.evaluation.evaluate.EvalInputs (with its valid split). The fit's record (dropout,
     epoch, validation metrics, curves, seconds) is in the frame's attrs["sasrec"].
     """
-    import torch
-
-    label = baseline_label("sasrec_text" if text else "sasrec")
-    cfg, seed, ev = sasrec_config(params), int(params["seed"]), params["eval"]
-    k_val, exclude = int(ev["headline_k"]), bool(ev.get("exclude_history"))
-    rows = {item_id: row for row, item_id in enumerate(data.items["item_id"])}
-    n_items = len(rows)
-    valid = history_queries(data.valid if data.valid is not None else data.train.iloc[:0])
-    sessions = [s for s in train_sessions(data.train, rows, int(params["data"]["max_history"])) if len(s) >= 2]
-    why = ("no training sequences (queries without histories)" if not sessions else
-           "no validation query with a history" if valid.empty else
-           "no test query with a history" if history_queries(data.test).empty else "")
-    if why:
-        log.warning("%s row skipped: %s in dataset %s", label, why, params.get("dataset"))
+    fit = fitted_sasrec(params, data, text)
+    if fit is None:
         return None
-    val_seqs = padded(valid, rows, cfg["max_len"], n_items)
-
-    def val_fn(net) -> dict:
-        return mean_metrics(search(net, val_seqs, k_val, exclude)[0], valid, data.items, k_val)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg["threads"])
-    try:
-        run = fit_sasrec(cornac_train_set(sessions, n_items, seed), val_fn, cfg, seed,
-                         data.item_emb if text else None, cfg["val_metric"])
-        idx, vals = search(run.net, padded(data.test, rows, cfg["max_len"], n_items), k, False)
-    finally:
-        torch.set_num_threads(threads)
+    idx, vals = fit.rank(data.test, k)
     frame = ranked_frame(data.test["query_id"], idx, vals, data.items["item_id"].to_numpy())
-    frame.attrs["sasrec"] = {"row": label, "seed": seed, "dropout": run.dropout, "epoch": run.epoch,
-                             "val": run.val, "curves": run.curves, "seconds": round(run.seconds, 1),
-                             "train_sessions": len(sessions)}
-    log.info("%s: dropout %s, epoch %d, valid %s, %.0f s", label, run.dropout, run.epoch, run.val, run.seconds)
+    run = fit.run
+    frame.attrs["sasrec"] = {"row": baseline_label("sasrec_text" if text else "sasrec"), "seed": int(params["seed"]),
+                             "dropout": run.dropout, "epoch": run.epoch, "val": run.val, "curves": run.curves,
+                             "seconds": round(run.seconds, 1), "train_sessions": fit.sessions}
     return frame

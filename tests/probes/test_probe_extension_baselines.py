@@ -83,7 +83,8 @@ def test_a_registered_baseline_is_a_choice_of_eval_baselines(toy) -> None:
     unregister_baseline("toy")
     try:
         with pytest.raises(ConfigError, match=r"'eval.baselines': must be a list from bm25 \| dense \| popular \| "
-                                              r"two_tower \| sasrec \| sasrec_text, got \['bm25', 'toy'\]"):
+                                              r"two_tower \| sasrec \| sasrec_text \| sasrec_text_fusion, "
+                                              r"got \['bm25', 'toy'\]"):
             load_params(ROOT / "params.yaml", ["eval.baselines=[bm25, toy]"])
     finally:
         register_baseline(toy)
