@@ -16,6 +16,7 @@ from components.retrieval.fusion import (
     fuse,
     fusion_config,
     recall_at,
+    recall_of_top,
     weight_grid,
 )
 from components.retrieval.retriever import RetrieverModel, model_config
@@ -223,3 +224,28 @@ def test_the_grid_s_top_k_is_the_full_fusion_s_top_k(data):
     rrf_k, k = data.draw(st.sampled_from([1, 20, 60])), data.draw(st.integers(1, 5))
     candidates = FusionCandidates(lists, n_items)
     np.testing.assert_array_equal(candidates.top(weights, rrf_k, k), fuse(lists, weights, rrf_k, n_items).top(k))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_each_target_s_rank_gives_the_recall_of_the_full_fusion_at_every_k(data):
+    """`target_ranks` (the grid's recall at deep budgets, one comparison per target) gives the recall of
+    sorting the whole fusion at every k, ties included, targets no list holds included."""
+    from components.retrieval.fusion import recall_of_ranks
+
+    n_q, n_items = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 12))
+    lists = []
+    for _ in range(data.draw(st.integers(2, 4))):
+        lists.append(_ranked([data.draw(st.lists(st.integers(0, n_items - 1), max_size=n_items, unique=True))
+                              for _ in range(n_q)]))
+    weights = data.draw(st.lists(st.sampled_from([0.0, 0.1, 0.2, 0.5, 1.0]), min_size=len(lists),
+                                 max_size=len(lists)))
+    rrf_k = data.draw(st.sampled_from([1, 20, 60]))
+    targets = np.array([data.draw(st.lists(st.integers(-1, n_items - 1), min_size=2, max_size=2))
+                        for _ in range(n_q)])
+    candidates = FusionCandidates(lists, n_items)
+    ranks = candidates.target_ranks(weights, rrf_k, candidates.target_pairs(targets))
+    full = fuse(lists, weights, rrf_k, n_items)
+    for k in range(1, n_items + 2):
+        expect, got = recall_of_top(full.top(k), targets), recall_of_ranks(ranks, targets, k)
+        assert (np.isnan(expect) and np.isnan(got)) or got == pytest.approx(expect)
