@@ -57,7 +57,11 @@ def cmd_resolve_params(args: argparse.Namespace) -> int:
 
 def cmd_steps(args: argparse.Namespace) -> int:
     from components.pipeline.steps import STEPS
+    from components.runtime.resolved_params import run_resolve_params
 
+    first = (run_resolve_params.__doc__ or "").strip().splitlines()[0]
+    print(f"{'resolve_params':16s} {run_resolve_params.__module__}.{run_resolve_params.__name__} "
+          f"(sa2crq resolve-params, dvc.yaml's first stage): {first}")
     for name, step in STEPS.items():
         print(f"{name:16s} {step.__doc__}")
     return 0

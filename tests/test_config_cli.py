@@ -60,3 +60,17 @@ def test_unknown_step_exits_2_with_names(capsys):
 def test_missing_params_file_exits_2(tmp_path, capsys):
     assert main(["stage", "prepare", "--params", str(tmp_path / "missing.yaml")]) == 2
     assert "params file not found" in capsys.readouterr().err
+
+
+def test_sa2crq_steps_lists_every_stage_of_dvc_yaml(capsys):
+    """`sa2crq steps` names every stage dvc.yaml runs, resolve_params (the first, not a pipeline step) too."""
+    from pathlib import Path
+
+    import yaml
+
+    from sa2crq.cli import main
+
+    stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]
+    assert main(["steps"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert set(stages) <= set(listed) and listed[0] == "resolve_params"
