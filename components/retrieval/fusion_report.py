@@ -33,7 +33,8 @@ def objectives_table(params: dict) -> str:
     head = "| objective | weights (generated first) | rrf_k | " + " | ".join(f"val R@{k}" for k in budgets) + " |"
     lines = [head, "|" + "---|" * (3 + len(budgets))]
     for r in rows:
-        weights = ", ".join(f"{n} {w:.1f}" for n, w in r["weights"].items())
+        order = ["generated"] + sorted(n for n in r["weights"] if n != "generated")
+        weights = ", ".join(f"{n} {r['weights'][n]:.1f}" for n in order)
         lines.append(f"| {r['objective']} | {weights} | {r['rrf_k']} | "
                      + " | ".join(f"{r[f'recall@{k}']:.4f}" for k in budgets) + " |")
     return "\n".join(lines)
