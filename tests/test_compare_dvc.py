@@ -178,13 +178,15 @@ def _summary(stdout: str) -> dict:
 
 
 @pytest.mark.slow
-def test_compare_runs_through_dvc(tmp_path):
+def test_compare_runs_through_dvc(tmp_path, smoke_embed_cache):
     """The real thing on the smoke slice: `sa2crq compare --jobs 2` of one variant and one seed
     reproduces its inputs, the run and a baseline (each stage's command beside DVC, then `dvc
     commit`), then the aggregate; then DVC finds every stage up to date. A subset (issue 27): its
     plan is experiments/scratch/, its results <out_dir>/compare/_subset/results.json, and the
-    committed results/amazon-scientific.json and plan keep their bytes."""
+    committed results/amazon-scientific.json and plan keep their bytes. (The embed stage reads the smoke
+    catalog's cached vectors.)"""
     root = _project(tmp_path / "project", data=True, committed=True)
+    shutil.copytree(smoke_embed_cache, root / "outputs-t" / "embed_cache")
     before = {name: (root / name).read_bytes() for name in COMMITTED}
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                PYTHONPATH=str(root))

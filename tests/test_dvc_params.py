@@ -112,16 +112,17 @@ def pipeline(request, tmp_path, monkeypatch) -> Path:
 
 def _edit(root: Path, change: Callable[[dict], None]) -> set[str]:
     """Edit params.yaml and return what `dvc status` finds changed once resolve_params (what `dvc repro`
-    runs first) has run; then params.yaml is put back and resolved again, so edits do not add up."""
-    text = (root / "params.yaml").read_text()
-    params = yaml.safe_load(text)
+    runs first) has run; then params.yaml, its resolved file and dvc.lock get their bytes back (what
+    resolving the original again would write), so edits do not add up."""
+    saved = {path: (root / path).read_bytes() for path in ("params.yaml", f"outputs/{RESOLVED_FILE}", "dvc.lock")}
+    params = yaml.safe_load(saved["params.yaml"])
     change(params)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _status(root) == {"resolve_params"}           # params.yaml is the resolving stage's input alone
     _resolve(root)
     changed = _status(root)
-    (root / "params.yaml").write_text(text)
-    _resolve(root)
+    for path, data in saved.items():
+        (root / path).write_bytes(data)
     return changed
 
 

@@ -25,8 +25,9 @@ def _dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A copy of the project set to the smoke profile, with the data in place, as a git repo."""
+def project(tmp_path_factory, smoke_embed_cache) -> Path:
+    """A copy of the project set to the smoke profile, with the data in place, as a git repo; its
+    outputs/embed_cache holds the smoke catalog's vectors, so the embed stage reads them."""
     root = tmp_path_factory.mktemp("project")
     for name in PROJECT_FILES:
         src = ROOT / name
@@ -36,6 +37,7 @@ def project(tmp_path_factory) -> Path:
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, root / name)
     shutil.copytree(data_root(), root / "data", ignore=shutil.ignore_patterns("*.md"))
+    shutil.copytree(smoke_embed_cache, root / "outputs" / "embed_cache")
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["profile"] = "smoke"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -118,13 +118,15 @@ def _expected_row(run_dir: Path, k: int) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_a_repeated_sweep_retrains_nothing_and_a_new_point_trains_alone(tmp_path, monkeypatch, prefect_server):
+def test_a_repeated_sweep_retrains_nothing_and_a_new_point_trains_alone(tmp_path, monkeypatch, prefect_server,
+                                                                        smoke_embed_cache):
     """The real thing on the smoke slice: one point, then the grid grown by a seed (only the new point's
     stages run), then the same grid again (nothing runs, the models keep their mtime); the table's values
-    are the points' metrics files."""
+    are the points' metrics files. (The embed stage reads the smoke catalog's cached vectors.)"""
     from flows.sweep_flow import sweep_flow
 
     root = _project(tmp_path / "project", data=True)
+    shutil.copytree(smoke_embed_cache, root / "outputs-t" / "embed_cache")
     monkeypatch.chdir(root)
     monkeypatch.setenv("PYTHONPATH", str(root))
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")

@@ -418,9 +418,12 @@ def test_run_refuses_params_dvc_would_not_read(project, tmp_path, monkeypatch, c
 
 # ---- the same through real DVC: a one-stage project ------------------------------------------
 
+# with {hold}: the stage then waits (at most 120 s) for a file `release` in the project, so a test
+# holds the run's lock exactly as long as it needs it
+HOLD = " && for i in $(seq 1200); do [ -e release ] && break; sleep 0.1; done"
 DVC_YAML = """stages:
   resolve_params:
-    cmd: sa2crq resolve-params && sleep {sleep}
+    cmd: sa2crq resolve-params{hold}
     params:
       - params.yaml:
     outs:
@@ -428,7 +431,7 @@ DVC_YAML = """stages:
 """
 
 
-def _dvc_project(root: Path, sleep: float) -> dict[str, str]:
+def _dvc_project(root: Path) -> dict[str, str]:
     """A git + DVC project holding params.yaml and dvc.yaml's first stage (which takes the out_dir
     lock, as every stage does); the environment to run `sa2crq` in it."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -436,7 +439,7 @@ def _dvc_project(root: Path, sleep: float) -> dict[str, str]:
            "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}
     env.pop(HELD_ENV, None)
     shutil.copy(PARAMS, root / "params.yaml")
-    (root / "dvc.yaml").write_text(DVC_YAML.format(sleep=sleep))
+    (root / "dvc.yaml").write_text(DVC_YAML.format(hold=""))
     (root / ".gitignore").write_text("/outputs\n")
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
@@ -447,12 +450,12 @@ def _text(path: Path) -> str:
     return path.read_text() if path.exists() else ""
 
 
-@pytest.mark.slow   # git, dvc init and three `dvc exp run`s: 20-60 s
+@pytest.mark.slow   # git, dvc init and three `dvc exp run`s: 10-20 s
 def test_real_dvc_run_set_beats_profile_and_second_run_is_refused(tmp_path):
     """Findings 4 and 5 through DVC itself: the stage (another process) re-enters the run's lock;
     `-s retriever.beam=5` after `--profile smoke` reaches params.resolved.yaml; a second run while
     the first holds the lock exits 2 with our line and leaves params.yaml as it was."""
-    env = _dvc_project(tmp_path, sleep=0)
+    env = _dvc_project(tmp_path)
     sa2crq = [str(Path(sys.executable).parent / "sa2crq")]
 
     def run(*args: str) -> subprocess.CompletedProcess:
@@ -465,12 +468,12 @@ def test_real_dvc_run_set_beats_profile_and_second_run_is_refused(tmp_path):
     resolved = yaml.safe_load((tmp_path / "outputs" / "params.resolved.yaml").read_text())
     assert (resolved["profile"], resolved["retriever"]["beam"], resolved["retriever"]["epochs"]) == ("smoke", 5, 2)
 
-    (tmp_path / "dvc.yaml").write_text(DVC_YAML.format(sleep=20))
+    (tmp_path / "dvc.yaml").write_text(DVC_YAML.format(hold=HOLD))
     first = subprocess.Popen(sa2crq + ["run", "-s", "retriever.beam=6"], cwd=tmp_path, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     resolved_file = tmp_path / "outputs" / "params.resolved.yaml"
     try:
-        deadline = time.monotonic() + 120   # its stage has run (and sleeps) once the file says beam 6
+        deadline = time.monotonic() + 120   # its stage has run (and holds) once the file says beam 6
         while first.poll() is None and time.monotonic() < deadline and "beam: 6" not in _text(resolved_file):
             time.sleep(0.1)
         assert first.poll() is None and "beam: 6" in _text(resolved_file)
@@ -481,5 +484,6 @@ def test_real_dvc_run_set_beats_profile_and_second_run_is_refused(tmp_path):
         assert f"outputs/: another sa2crq run holds the lock (pid {first.pid}," in line
         assert (tmp_path / "params.yaml").read_bytes() == before
     finally:
+        (tmp_path / "release").touch()
         out, err = first.communicate(timeout=300)
     assert first.returncode == 0, out[-2000:] + err[-2000:]
