@@ -15,6 +15,19 @@ from components.runtime.runtime_env import set_offline_defaults  # noqa: E402
 set_offline_defaults(ROOT)
 
 
+# session fixtures that run real steps (the encoder, training): a test using one belongs to the slow tier
+SLOW_FIXTURES = ("smoke_embedded", "smoke_embed_cache", "trained")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Stop at collection when a test outside the slow tier uses a slow fixture: the fast tier would pay
+    for the real prepare and embed (about 20-50 s) that the slow tier shares."""
+    unmarked = [item.nodeid for item in items if item.get_closest_marker("slow") is None
+                and set(SLOW_FIXTURES) & set(getattr(item, "fixturenames", ()))]
+    if unmarked:
+        raise pytest.UsageError(f"mark slow (they use {' / '.join(SLOW_FIXTURES)}): {', '.join(unmarked)}")
+
+
 def data_root() -> Path:
     """The project's dvc-pulled data/, or ../shared/datasets when it has not been pulled."""
     local = ROOT / "data"

@@ -52,6 +52,7 @@ def test_a_baseline_section_is_checked_with_params_and_required_while_chosen(dee
         load_params(ROOT / "params.yaml", ["eval.deep_toy.keep=-1"])
 
 
+@pytest.mark.slow   # smoke_embedded: the real prepare and embed (shared by the slow tier)
 def test_a_baseline_section_is_in_its_run_key_only_and_its_runner_reads_it(deep_toy, smoke_embedded) -> None:
     from components.evaluation.evaluate import evaluate_all, load_eval_inputs
     from components.runtime.config import resolve_params
