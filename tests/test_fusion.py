@@ -209,11 +209,8 @@ def test_cold_items_score_by_their_text_alone_and_their_id_rows_learn_nothing():
     assert "cold_item_rows" not in RetrieverModel(model_config({**RP, "item_head": True}, (4, 4), 8, 5, n_items=12)).config
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.data())
-def test_the_grid_s_top_k_is_the_full_fusion_s_top_k(data):
-    """`FusionCandidates.top` (the validation grid's shortcut) equals sorting the whole fusion, ties included:
-    small item pools make equal scores common."""
+def _drawn_fusion(data) -> tuple[int, int, list[Ranked], list[float]]:
+    """A few queries, 2-4 ranked lists over a small item pool (equal scores are common) and their weights."""
     n_q, n_items = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 12))
     lists = []
     for _ in range(data.draw(st.integers(2, 4))):
@@ -221,6 +218,15 @@ def test_the_grid_s_top_k_is_the_full_fusion_s_top_k(data):
                               for _ in range(n_q)]))
     weights = data.draw(st.lists(st.sampled_from([0.0, 0.1, 0.2, 0.5, 1.0]), min_size=len(lists),
                                  max_size=len(lists)))
+    return n_q, n_items, lists, weights
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_the_grid_s_top_k_is_the_full_fusion_s_top_k(data):
+    """`FusionCandidates.top` (the validation grid's shortcut) equals sorting the whole fusion, ties included:
+    small item pools make equal scores common."""
+    n_q, n_items, lists, weights = _drawn_fusion(data)
     rrf_k, k = data.draw(st.sampled_from([1, 20, 60])), data.draw(st.integers(1, 5))
     candidates = FusionCandidates(lists, n_items)
     np.testing.assert_array_equal(candidates.top(weights, rrf_k, k), fuse(lists, weights, rrf_k, n_items).top(k))
@@ -233,13 +239,7 @@ def test_each_target_s_rank_gives_the_recall_of_the_full_fusion_at_every_k(data)
     sorting the whole fusion at every k, ties included, targets no list holds included."""
     from components.retrieval.fusion import recall_of_ranks
 
-    n_q, n_items = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 12))
-    lists = []
-    for _ in range(data.draw(st.integers(2, 4))):
-        lists.append(_ranked([data.draw(st.lists(st.integers(0, n_items - 1), max_size=n_items, unique=True))
-                              for _ in range(n_q)]))
-    weights = data.draw(st.lists(st.sampled_from([0.0, 0.1, 0.2, 0.5, 1.0]), min_size=len(lists),
-                                 max_size=len(lists)))
+    n_q, n_items, lists, weights = _drawn_fusion(data)
     rrf_k = data.draw(st.sampled_from([1, 20, 60]))
     targets = np.array([data.draw(st.lists(st.integers(-1, n_items - 1), min_size=2, max_size=2))
                         for _ in range(n_q)])
