@@ -248,11 +248,14 @@ def baseline_file(params: dict, name: str, seed: int) -> Path:
 
 def baseline_keys(params: dict, name: str) -> dict:
     """The params one baseline reads (its seed aside): every param but the tokenizer's, the generative
-    ranking's and the comparison's bookkeeping, so a baseline is shared by every variant."""
+    ranking's (but those it declares in reads_retriever) and the comparison's bookkeeping, so a baseline is
+    shared by every variant."""
+    baseline = get_baseline(name)
     kept = copy.deepcopy({k: v for k, v in _public(params).items() if k not in OPERATIONAL_KEYS + ("tokenizer", "seed")})
-    kept["retriever"] = {k: v for k, v in kept["retriever"].items() if k not in GENERATIVE_RANKING_KEYS}
+    kept["retriever"] = {k: v for k, v in kept["retriever"].items()
+                         if k not in GENERATIVE_RANKING_KEYS or k in baseline.reads_retriever}
     kept["embed"] = {k: v for k, v in params.get("embed", {}).items() if k not in NOT_RUN_EMBED_KEYS}
-    own = get_baseline(name).reads
+    own = baseline.reads
     kept["eval"] = {k: v for k, v in kept["eval"].items()
                     if k in own or k not in not_run_keys() + ("results_dir", "group_order")}
     _drop_earlier_behaviour(kept, BASELINE_EARLIER_BEHAVIOUR)

@@ -33,12 +33,15 @@ class Baseline:
     check(params): ConfigError for settings it cannot run with (before any step runs; a callable or a
     reference). section: its own settings block `eval.<name>` (a model made with
     components.runtime.config_schema.section), checked with the rest of params, required while the baseline
-    is in eval.baselines; its name joins `reads`. doc: the docs table's description."""
+    is in eval.baselines; its name joins `reads`. reads_retriever: the `retriever.*` keys of the generative
+    ranking (flows.compare.GENERATIVE_RANKING_KEYS, e.g. `fusion`) it reads too, kept in its run key so a
+    change there reruns it. doc: the docs table's description."""
 
     name: str
     runner: Callable[[dict, Any, int], pd.DataFrame | None] | str
     label: str = ""
     reads: tuple[str, ...] = ()
+    reads_retriever: tuple[str, ...] = ()
     seeded: bool = False
     check: Callable[[dict], Any] | str | None = None
     section: Any = None
@@ -117,4 +120,5 @@ register_baseline(Baseline("sasrec_text", "components.baselines.sasrec:run_sasre
                            doc="SASRec with the items' text embeddings"))
 register_baseline(Baseline("sasrec_text_fusion", "components.baselines.sasrec_fusion:run_sasrec_text_fusion",
                            label="SASRec + text + fusion", reads=("sasrec", "bm25_history", "dense_history"),
+                           reads_retriever=("fusion",),
                            seeded=True, doc="SASRec + text fused with dense and BM25 (RRF weights chosen on validation)"))

@@ -49,6 +49,16 @@ def test_the_row_is_registered_and_in_the_default_baselines():
     assert load_params(ROOT / "params.yaml")["eval"]["baselines"][-1] == NAME
 
 
+def test_a_fusion_setting_reruns_the_fused_row_but_not_plain_sasrec():
+    """The row reads retriever.fusion (objective, rrf_k, depth): it is in its comparison run key, and only in its."""
+    from flows.compare import baseline_keys
+
+    base = load_params(ROOT / "params.yaml")
+    moved = deep_merge(base, {"retriever": {"fusion": {"objective": {"recall@500": 1.0}}}})
+    assert baseline_keys(moved, NAME) != baseline_keys(base, NAME)
+    assert baseline_keys(moved, "sasrec_text") == baseline_keys(base, "sasrec_text")
+
+
 def test_text_queries_have_no_sasrec_list_and_fuse_dense_and_bm25_alone(smoke_params):
     """A stub SASRec ranks history queries only; text queries' fused order is dense + BM25's own fusion."""
     tiny = _tiny()
