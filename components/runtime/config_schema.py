@@ -279,6 +279,9 @@ Embed = section(
     num_threads=THREADS,
     cache=FLAG,
     cache_every_batches=integer(1),
+    # what runs MiniLM (components/data/embed.py BACKENDS, DEFAULT_BACKEND): torch = sentence-transformers fp32;
+    # onnx / onnx-int8 = ONNX Runtime, faster on CPU (bench/bench_embed.py). Left out of params.yaml: torch
+    backend=(choice("torch", "onnx", "onnx-int8"), "torch"),
 )
 
 Sarq = section(
