@@ -5,7 +5,8 @@ scratch out_dir (<out_dir>/<eval.compare_dir>/<variant>/seed<k>, with prepared/ 
 linked from the set's out_dir), then its generative retriever is evaluated constrained (recall,
 Ret-Per) and unconstrained (hallucination) into eval/compare_run.json. Baselines are evaluated
 once (per seed for the trained ones, two-tower and SASRec) into <compare_dir>/baselines/; one that
-does not apply (SASRec on a search dataset) stores a null result and has no row. `aggregate`
+does not apply (SASRec on a search dataset) stores a null result, and its row keeps its place in every
+table and file, without values, noted why (its registration's `skipped`). `aggregate`
 reads what the runs stored and writes the tables. Which run is stale is DVC's call
 (experiments/dvc.yaml, flows/compare_dvc.py): the *_keys functions below say which params
 each run reads, and those are its DVC params.
@@ -22,7 +23,7 @@ from components.baselines.registry import baseline_label, baselines, get_baselin
 from components.evaluation.evaluate import check_eval_params, evaluate_all, load_eval_inputs, log_to_wandb, slug
 from components.evaluation.recall_curve import recall_at_k_figure
 from components.evaluation.report import metric_label, sid_stats_row
-from components.evaluation.results_file import input_digests, write_results_file
+from components.evaluation.results_file import catalog_name, input_digests, results_name, write_results_file
 from components.evaluation.training_curves import gather_curves, write_curves
 from components.ranking.metrics import GROUPS
 from components.runtime.atomic import atomic_path, write_json
@@ -42,6 +43,9 @@ COMPARISON_KEYS = ("variants", "seeds", "compare_dir", "baselines", "threads", "
 OPERATIONAL_KEYS = ("out_dir", "wandb", "flows", "serve")
 # embed settings that only decide how vectors are cached, not what they are
 NOT_RUN_EMBED_KEYS = ("cache", "cache_every_batches")
+# settings that only name what a comparison covers (its results file, plots, title): no run reads them, so
+# naming a catalog reruns its aggregate alone
+NAMING_KEYS = (("data", "generic", "name"),)
 
 
 def table_metrics(params: dict) -> list[str]:
@@ -122,6 +126,15 @@ def _drop_earlier_behaviour(kept: dict, earlier: dict[tuple[str, ...], object]) 
             parent.pop(path[-1], None)
 
 
+def drop_naming(kept: dict) -> dict:
+    """`kept` (a copy of params, or part of one from the top) without NAMING_KEYS, changed in place."""
+    for path in NAMING_KEYS:
+        parent = _get(kept, path[:-1])
+        if isinstance(parent, dict):
+            parent.pop(path[-1], None)
+    return kept
+
+
 def run_params_key(p: dict) -> dict:
     """The params one variant run depends on (seed included), so adding or dropping variants keeps finished runs.
 
@@ -138,6 +151,7 @@ def run_params_key(p: dict) -> dict:
     kept["tokenizer"] = {k: v for k, v in p["tokenizer"].items() if k not in unread}
     kept["retriever"] = copy.deepcopy(p["retriever"])
     _drop_earlier_behaviour(kept, {**EARLIER_BEHAVIOUR, **tok_earlier})
+    drop_naming(kept)
     for path, (switch, is_on) in {**READ_ONLY_WHEN, **tok_only_when}.items():
         parent = _get(kept, path[:-1])
         if isinstance(parent, dict) and not is_on(_get(p, switch)):
@@ -259,7 +273,7 @@ def baseline_keys(params: dict, name: str) -> dict:
     kept["eval"] = {k: v for k, v in kept["eval"].items()
                     if k in own or k not in not_run_keys() + ("results_dir", "group_order")}
     _drop_earlier_behaviour(kept, BASELINE_EARLIER_BEHAVIOUR)
-    return kept
+    return drop_naming(kept)
 
 
 def run_baseline(params: dict, name: str, seed: int) -> dict | None:
@@ -278,11 +292,14 @@ def _stored(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def collect_runs(params: dict, variants: list[dict], seeds: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def collect_runs(params: dict, variants: list[dict], seeds: list[int]
+                 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
     """Long results (one row per method, group and seed) from the stored variant runs and baselines,
-    and SID statistics rows. Unseeded baselines were evaluated once, with the first seed."""
+    SID statistics rows, and the baseline rows asked for that no seed could run, with their note (SASRec
+    without histories: "skipped: ..."). Unseeded baselines were evaluated once, with the first seed."""
     rows: list[dict] = []
     sid_rows: list[dict] = []
+    skipped: dict[str, str] = {}
     for variant in variants:
         for seed in seeds:
             run = _stored(Path(variant_params(params, variant, seed)["out_dir"]) / "eval" / "compare_run.json")
@@ -291,9 +308,35 @@ def collect_runs(params: dict, variants: list[dict], seeds: list[int]) -> tuple[
     for seed in seeds:
         for name in params["eval"]["baselines"]:
             result = _stored(baseline_file(params, name, seed if seeded(name) else seeds[0]))["result"]
-            if result is not None:  # None: not applicable to the dataset (SASRec without histories)
+            if result is not None:
                 rows += _rows(baseline_label(name), seed, result, None)
-    return pd.DataFrame(rows), pd.DataFrame(sid_rows)
+            else:                   # not applicable to the dataset (SASRec without histories)
+                skipped[baseline_label(name)] = get_baseline(name).skipped_note
+    ran = {row["method"] for row in rows}
+    return pd.DataFrame(rows), pd.DataFrame(sid_rows), {m: note for m, note in skipped.items() if m not in ran}
+
+
+def with_skipped(table: pd.DataFrame, skipped: dict[str, str], order: list[str]) -> pd.DataFrame:
+    """The table with a row for each method asked for that did not run: overall only, no values, 0 seeds,
+    and a `note` column saying why, every row in the order the methods were asked for. Unchanged when none
+    was skipped."""
+    if not skipped:
+        return table
+    ran = list(dict.fromkeys(table.index.get_level_values(0)))
+    methods = [m for m in order if m in ran or m in skipped] + [m for m in ran if m not in order]
+    index = [key for m in methods for key in (table.loc[[m]].index if m in ran else [(m, "overall")])]
+    out = table.reindex(pd.MultiIndex.from_tuples(index, names=["method", "group"]))
+    out["seeds"] = out["seeds"].fillna(0).astype(int)
+    out["note"] = [skipped.get(m) for m, _ in out.index]
+    return out
+
+
+def _summary_row(row: pd.Series) -> dict:
+    """One row of summary.json: each metric a float or null, and a skipped row's note."""
+    out = {k: (None if pd.isna(v) else float(v)) for k, v in row.items() if k != "note"}
+    if isinstance(row.get("note"), str):
+        out["note"] = row["note"]
+    return out
 
 
 def _mean_std(mean: pd.Series, std: pd.Series, digits: int) -> list[str]:
@@ -315,17 +358,21 @@ def headline_table(table: pd.DataFrame, k: int) -> pd.DataFrame:
         if m in overall.columns:
             out[metric_label(m)] = _mean_std(overall[m], overall[f"{m} std"], digits)
     out["seeds"] = overall["seeds"].to_numpy()
+    if "note" in overall.columns:
+        out["note"] = overall["note"].fillna("").to_numpy()
     return out
 
 
 def results_markdown(table: pd.DataFrame, sid_table: pd.DataFrame, params: dict) -> str:
     """RESULTS-style Markdown: the headline table, Table 1 (mean ± std over seeds, by group) and Table 2 (SIDs)."""
     ev = params["eval"]
-    metrics = [c for c in table.columns if not c.endswith(" std") and c != "seeds"]
+    metrics = [c for c in table.columns if not c.endswith(" std") and c not in ("seeds", "note")]
     cells = pd.DataFrame(index=[m if g == "overall" else f"({g})" for m, g in table.index])
     for m in metrics:
         cells[metric_label(m)] = _mean_std(table[m], table[f"{m} std"], 1 if m == "ret_per" else 4)
     cells["seeds"] = table["seeds"].to_numpy()
+    if "note" in table.columns:
+        cells["note"] = table["note"].fillna("").to_numpy()
     depth = max(list(ev["ks"]) + list(ev.get("deep_ks") or []))
     lines = [f"# Tokenizer comparison on {dataset_title(params)}", "",
              f"Test split, item level; mean ± std over seeds {list(ev['seeds'])}; retriever beam "
@@ -339,14 +386,6 @@ def results_markdown(table: pd.DataFrame, sid_table: pd.DataFrame, params: dict)
             lambda s: round(float(s.mean()), 4) if pd.api.types.is_numeric_dtype(s) else s.iloc[0])
         lines += ["## Table 2: semantic IDs (mean over seeds)", "", sid_mean.to_markdown(), ""]
     return "\n".join(lines)
-
-
-def results_name(params: dict) -> str:
-    """The results file's name (no suffix): the dataset's, or for a user's catalog (`dataset: generic`)
-    'generic-<out_dir's name>', so two catalogs compared in two out_dirs keep two files."""
-    if params["dataset"] != "generic":
-        return str(params["dataset"])
-    return f"generic-{Path(str(params['out_dir'])).name}"
 
 
 def results_file(params: dict) -> Path:
@@ -372,15 +411,20 @@ def aggregate(params: dict, variants: list[dict], seeds: list[int], command: str
     Writes <out_dir>/<eval.compare_dir>/: results.md (Tables 1 and 2), summary.csv, summary.json
     (overall rows), results_long.csv (every seed), sid_stats.csv, curves.csv / curves.png (validation
     Recall@10 per epoch), and the results file `results` (default: results_file) with <name>-curves.png and
-    <name>-recall-at-k.png (Recall@K against K) beside it. The DVC plan passes a subset comparison's own file, so it never replaces the full one's.
+    <name>-recall-at-k.png (Recall@K against K) beside it. The DVC plan passes a subset comparison's own file,
+    so it never replaces the full one's. A baseline asked for that did not apply keeps its row (with_skipped).
     """
     set_offline_defaults()
     check_eval_params(params)
     if not variants and not params["eval"]["baselines"]:
         raise ConfigError("eval.variants", "no variants and no baselines to compare")
     seeds = [int(s) for s in seeds]
-    long, sid_frame = collect_runs(params, variants, seeds)
-    table = _aggregate(long, table_metrics(params))
+    long, sid_frame, skipped = collect_runs(params, variants, seeds)
+    if long.empty:
+        notes = "; ".join(f"{m} ({note})" for m, note in skipped.items())
+        raise ConfigError("eval.baselines", f"no row to compare: {notes}")
+    asked = [v["name"] for v in variants] + [baseline_label(n) for n in params["eval"]["baselines"]]
+    table = with_skipped(_aggregate(long, table_metrics(params)), skipped, asked)
     root = out_path(params, params["eval"]["compare_dir"])
     with lock_out_dir(params):
         with atomic_path(root / "results.md") as tmp:
@@ -388,8 +432,7 @@ def aggregate(params: dict, variants: list[dict], seeds: list[int], command: str
         for name, frame in (("results_long", long), ("summary", table.reset_index()), ("sid_stats", sid_frame)):
             with atomic_path(root / f"{name}.csv") as tmp:
                 frame.to_csv(tmp, index=False)
-        overall = {m: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()}
-                   for m, row in table.xs("overall", level="group").iterrows()}
+        overall = {m: _summary_row(row) for m, row in table.xs("overall", level="group").iterrows()}
         write_json(overall, root / "summary.json")
         results = write_results_file(table, params, seeds, command, input_digests(params),
                                      path=results or results_file(params))
@@ -416,8 +459,8 @@ def pick_variants(variants: list[dict], names: str | None) -> list[dict]:
 
 
 def dataset_title(params: dict) -> str:
-    """The dataset's name, and for a user's own catalog the files it came from."""
+    """The dataset's name, and for a user's own catalog its name and the files it came from."""
     if params["dataset"] != "generic":
         return params["dataset"]
     files = params["data"]["generic"]
-    return f"generic ({Path(files['items']).name}, {Path(files['queries']).name})"
+    return f"{catalog_name(params)} (generic catalog: {Path(files['items']).name}, {Path(files['queries']).name})"

@@ -10,7 +10,8 @@ entry per (variant, seed) run and per baseline, and for each the params it reads
 Then it runs `dvc repro` on the set's aggregate stage, which brings up to date every run, baseline
 and input it reads, and shows the progress. Each stage re-reads params.yaml with the set's
 overrides and stops if compare.yaml no longer matches them (edited params.yaml, then a bare
-`dvc repro`): a run never trains on params other than the ones DVC recorded.
+`dvc repro`): a run never trains on params other than the ones DVC recorded. The plan holds paths
+relative to the project (`portable`), so a clone with the data at the same relative place resumes it.
 
 Only the full comparison (every variant, seed and baseline params.yaml lists, `subset_of`) writes
 the committed plan and results/<dataset>.json. A subset (`--variants TIGER -s eval.seeds=[0]`) is
@@ -20,6 +21,7 @@ planned in experiments/scratch/ (not committed; DVC refuses git-ignored stage fi
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -130,11 +132,12 @@ def _inside(path: str, name: str) -> str:
 
 
 def input_keys(params: dict) -> dict:
-    """What prepare and embed read: a set whose inputs differ from dvc.yaml's needs an out_dir of its own."""
-    from flows.compare import NOT_RUN_EMBED_KEYS
+    """What prepare and embed read (the catalog's name aside): a set whose inputs differ from dvc.yaml's needs
+    an out_dir of its own."""
+    from flows.compare import NOT_RUN_EMBED_KEYS, drop_naming
 
-    return {"dataset": params["dataset"], "data": params["data"],
-            "embed": {k: v for k, v in params["embed"].items() if k not in NOT_RUN_EMBED_KEYS}}
+    return drop_naming({"dataset": params["dataset"], "data": copy.deepcopy(params["data"]),
+                        "embed": {k: v for k, v in params["embed"].items() if k not in NOT_RUN_EMBED_KEYS}})
 
 
 def stage_kind(stage: str) -> str:
@@ -334,16 +337,21 @@ def _outs(stage: dict) -> list[str]:
             for out in (stage.get("metrics") or []) + (stage.get("outs") or [])]
 
 
-def _check_outs(sid: str, stages: dict) -> None:
+def _check_outs(sid: str, stages: dict, generic: bool) -> None:
     """Stop before DVC does when another set's stage writes one of this set's outputs (DVC refuses a
-    path that two stages write: a second comparison of the same dataset, or --results naming another's file)."""
+    path that two stages write: a second comparison of the same dataset or catalog name, or --results naming
+    another's file), saying what gives this one files of its own (another out_dir would not)."""
     owner = {out: name for files in (COMMITTED, SCRATCH) for name, stage in _set_stages(None, files).items()
              if name not in _stage_keys(sid) for out in _outs(stage)}
+    if scratch_suffix(sid):
+        way_out = "give this subset's results a file of its own (--results FILE)"
+    else:
+        way_out = ("give this catalog a name of its own (-s data.generic.name=NAME) or " if generic else "") + \
+            "write its results to another folder (-s eval.results_dir=FOLDER)"
     for stage in stages.values():
         for out in _outs(stage):
             if out in owner:
-                raise Sa2crqError(f"{out}: already written by stage {owner[out]!r} of another comparison; give this "
-                                  "one its own out_dir or -s eval.results_dir=FOLDER (a subset: --results FILE)")
+                raise Sa2crqError(f"{out}: already written by stage {owner[out]!r} of another comparison; {way_out}")
 
 
 def _release_inputs(sid: str) -> None:
@@ -365,7 +373,7 @@ def write_plan(sid: str, entries: dict) -> None:
     files = plan_files(sid)
     if files is COMMITTED and sid in entries["input_keys"]:
         _release_inputs(sid)
-    _check_outs(sid, entries["stages"])
+    _check_outs(sid, entries["stages"], entries["aggregate_keys"][sid]["dataset"] == "generic")
     plan = read_plan(files)
     for name in SECTIONS:
         plan[name] = _replace(plan[name], lambda k: k == sid or k.startswith(f"{sid}-"), entries[name])
@@ -655,6 +663,25 @@ def subset_of(params: dict, params_file: str, overrides: list[str], variants: li
     return differs
 
 
+def _relative(path: str) -> str:
+    """An absolute path relative to the project root (the current folder), '..' where it lies outside."""
+    try:
+        return Path(os.path.relpath(path, Path.cwd())).as_posix()
+    except ValueError:      # another drive (Windows): no relative path
+        return path
+
+
+def portable(params_file: str, overrides: list[str]) -> tuple[str, list[str]]:
+    """The params file and the -s overrides with every absolute path made relative to the project root, as the
+    plan and the results file's command keep them: a clone on another machine with the data at the same
+    relative place resumes the plan, and typing a path absolute or relative plans the same set."""
+    def value(override: str) -> str:
+        name, sep, raw = override.partition("=")
+        return f"{name}{sep}{_relative(raw.strip())}" if sep and os.path.isabs(raw.strip()) else override
+
+    return (_relative(params_file) if os.path.isabs(params_file) else params_file), [value(o) for o in overrides]
+
+
 def _scratch_results(path: str, full: str) -> str:
     """--results FILE: a .json inside the project (DVC records it) that is not the full comparison's."""
     out = Path(path)
@@ -674,9 +701,14 @@ def run_compare(params: dict, params_file: str, overrides: list[str], opt_varian
 
     The full comparison writes the committed plan and results/<dataset>.json; a subset (subset_of)
     runs as '<set>__subset' in experiments/scratch/ and <out_dir>/<compare_dir>/_subset/, writing
-    its results file there or to `opt_results`, and says so before it starts."""
+    its results file there or to `opt_results`, and says so before it starts. Absolute paths in the params
+    file's name and the overrides are planned relative to the project (portable)."""
     if not DVC_FILE.exists():
         raise FileNotFoundError(f"{DVC_FILE}: missing (run `sa2crq compare` from the project root)")
+    relative = portable(params_file, overrides)
+    if relative != (params_file, list(overrides)):   # paths of this machine: the plan keeps them relative
+        params_file, overrides = relative
+        params = load_params(params_file, overrides)
     variants = pick_variants(list(params["eval"].get("variants") or []), opt_variants)
     if not variants and not params["eval"]["baselines"]:
         raise ConfigError("eval.variants", "no variants and no baselines to compare")

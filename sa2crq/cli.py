@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+from components.runtime.console import lines_when_redirected
 from components.runtime.errors import guarded
 from components.runtime.runtime_env import set_offline_defaults
 
@@ -25,6 +26,7 @@ EPILOG = """examples:
   sa2crq recover                         finish or roll back a promotion that was killed half-way
   sa2crq promote VERSION                 make a kept version live and prod (rollback: an earlier one)
   sa2crq versions                        the live version and the registry (GTO: versions, prod)
+  sa2crq synth --items 1000000 --users 100000   a synthetic catalog in the generic format (--stats: vs amazon)
 
 A bad param, input file or option stops with one line and exit status 2; --debug (or
 SA2CRQ_DEBUG=1) shows the traceback instead.
@@ -165,6 +167,12 @@ def _versions(**kw) -> dict:
     from components.lifecycle.versions import run_versions
 
     return run_versions(**kw)
+
+
+def _synth(**kw) -> dict:
+    from components.data.synth import run_synth
+
+    return run_synth(**kw)
 
 
 def cmd_flow(entry: Callable[..., dict], prefect: bool = True) -> Callable[[argparse.Namespace], int]:
@@ -325,6 +333,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("versions", parents=[common], help="the live version and the model registry (GTO versions, prod)")
     s.set_defaults(func=cmd_flow(_versions, prefect=False))
+
+    # counts are checked by run_synth (not argparse), so a bad one is one line, like every other bad input
+    s = sub.add_parser("synth", parents=[common],
+                       help="write a synthetic recommendation catalog of any size in the generic format (words from "
+                            "amazon-scientific, Zipf popularity, topic histories, a planted next item)")
+    s.add_argument("--items", dest="opt_items", metavar="N", help="catalog size (>= 50)")
+    s.add_argument("--users", dest="opt_users", metavar="U", help="users; each gives leave-last-out queries")
+    s.add_argument("--seed", dest="opt_seed", default="0", metavar="S", help="seed (default 0): same seed, same bytes")
+    s.add_argument("--out", dest="opt_out", metavar="DIR",
+                   help="folder written whole (default <out_dir>/synth/n<N>-u<U>-s<S>)")
+    s.add_argument("--stats", dest="opt_stats", action="store_true",
+                   help="also print its statistics beside amazon-scientific's (docs/SCALING.md)")
+    s.set_defaults(func=cmd_flow(_synth, prefect=False))
     return p
 
 
@@ -346,6 +367,7 @@ def _positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     set_offline_defaults()
+    lines_when_redirected()   # progress bars print lines when stderr is a file or a pipe
     args = build_parser().parse_args(argv)  # usage errors: argparse prints them and exits 2
     if getattr(args, "wait", None) is not None:
         from components.runtime.locks import WAIT_ENV

@@ -7,7 +7,7 @@
 #   bash scripts/test.sh [tier] ARGS  ARGS go to pytest, e.g. `bash scripts/test.sh fast -k sarq`
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --data   # the tests read amazon-scientific and climate-fever, whatever params.yaml's dataset
 source .venv/bin/activate
 export WANDB_MODE=${WANDB_MODE:-disabled}
 tier=all

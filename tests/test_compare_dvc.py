@@ -165,11 +165,38 @@ def test_a_users_catalog_gets_its_own_inputs_and_title(project: Path, tmp_path):
     stages = yaml.safe_load((project / "experiments/sets/dvc.yaml").read_text())["stages"]
     assert stages[f"prepare_{sid}"]["deps"][:2] == ["mine/items.csv", "mine/queries.csv"]
     assert stages[f"embed_{sid}"]["outs"] == ["outputs-mine/embeddings"]
-    assert plan["aggregate_keys"][sid]["title"] == "generic (items.csv, queries.csv)"
+    assert plan["aggregate_keys"][sid]["title"] == "mine (generic catalog: items.csv, queries.csv)"
+    assert plan["sets"][sid]["results"] == "results/generic-mine.json"        # named by the items' folder
     assert compare_dvc.stage_names(sid, plan)[:2] == [f"experiments/sets/dvc.yaml:prepare_{sid}",
                                                       f"experiments/sets/dvc.yaml:embed_{sid}"]
     _plan(BASE)                                                # a second set keeps the first one's stages
     assert f"aggregate_{sid}" in yaml.safe_load((project / "experiments/sets/dvc.yaml").read_text())["stages"]
+
+
+def test_a_catalogs_name_names_its_results_and_reruns_nothing_else(project: Path):
+    """data.generic.name names the results file, its plots and the title; no run reads it, so naming a
+    catalog changes the aggregate's keys alone. A second set of the same name stops before DVC, saying what
+    works (another name or results folder; another out_dir would not)."""
+    (project / "mine").mkdir()
+    (project / "mine" / "items.csv").write_text("item_id,text\ni1,a red lamp\ni2,a blue chair\n")
+    (project / "mine" / "queries.csv").write_text("query_id,split,history,target\nq1,train,i1,i2\n")
+    generic = ["dataset=generic", "data.generic.items=mine/items.csv", "data.generic.queries=mine/queries.csv",
+               "out_dir=outputs-mine"]
+    sid, unnamed = _plan(generic)
+    sid, named = _plan(generic + ["data.generic.name=shop-2"])
+    assert named["sets"][sid]["results"] == "results/generic-shop-2.json"
+    assert named["aggregate_keys"][sid]["title"] == "shop-2 (generic catalog: items.csv, queries.csv)"
+    outs = yaml.safe_load((project / "experiments/sets/dvc.yaml").read_text())["stages"][f"aggregate_{sid}"]["outs"]
+    assert {"results/generic-shop-2-curves.png": {"cache": False}} in outs
+    assert {"results/generic-shop-2-recall-at-k.png": {"cache": False}} in outs
+    for section in ("input_keys", "variant_keys", "eval_keys", "baseline_keys", "runs", "baselines"):
+        assert named[section] == unnamed[section], section
+    with pytest.raises(Sa2crqError, match=r"results/generic-shop-2.json: already written by stage 'aggregate_"
+                                          r"outputs_mine' .*-s data.generic.name=NAME.*-s eval.results_dir="):
+        _plan([*generic[:-1], "out_dir=outputs-mine2", "data.generic.name=shop-2"])
+    assert _plan([*generic[:-1], "out_dir=outputs-mine2", "data.generic.name=shop-3"])[0] == "outputs_mine2"
+    with pytest.raises(ConfigError, match=r"'data.generic.name': must be lowercase letters, digits and '-'"):
+        load_params("params.yaml", generic + ["data.generic.name=My Shop"])
 
 
 def _summary(stdout: str) -> dict:
@@ -206,3 +233,106 @@ def test_compare_runs_through_dvc(tmp_path, smoke_embed_cache):
     assert "compare outputs_t__subset" in first.stderr                   # the progress bar
     status = _dvc(["status", "--json", "experiments/scratch/dvc.yaml"], root)
     assert status.returncode == 0 and json.loads(status.stdout) == {}      # what --jobs ran, DVC records as done
+
+
+def _jsonl_catalog(folder: Path, seed: int) -> list[Path]:
+    """A small catalog of one's own in the documented JSONL format, with the usual file names: 60 items and
+    30 users' next-item queries (two train, one valid, one test each)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    words = ["red", "blue", "lamp", "chair", "book", "novel", "desk", "green", "poem", "table", "song", "map"]
+    items = [{"item_id": f"i{j}", "text": f"{words[j % 12]} {words[(5 * j + seed) % 12]} thing {j}"} for j in range(60)]
+    queries = []
+    for user in range(30):
+        seq = [f"i{int(j)}" for j in rng.integers(0, 60, 5)]
+        for pos, split in ((1, "train"), (2, "train"), (3, "valid"), (4, "test")):
+            queries.append({"query_id": f"u{user}-{pos}", "split": split, "history": seq[:pos], "target": seq[pos]})
+    folder.mkdir(parents=True)
+    files = [folder / "items.jsonl", folder / "queries.jsonl"]
+    for path, rows in zip(files, (items, queries)):
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return files
+
+
+def _generic(files: list[Path], out_dir: str) -> list[str]:
+    return ["dataset=generic", f"data.generic.items={files[0]}", f"data.generic.queries={files[1]}",
+            f"out_dir={out_dir}"]
+
+
+def test_the_plan_holds_paths_relative_to_the_project(project: Path, tmp_path):
+    """Issue 26: a catalog (and the params file) named by absolute paths is planned relative to the project,
+    '..' outside it, so no path of this machine enters the plan or the command the results file names
+    (run_compare plans what `portable` gives; the slow test below runs it)."""
+    files = _jsonl_catalog(tmp_path / "catalogs" / "shop", seed=0)
+    params_file, overrides = compare_dvc.portable(str(project / "params.yaml"),
+                                                  _generic(files, str(project / "outputs-shop")))
+    assert (params_file, overrides) == ("params.yaml", [
+        "dataset=generic", "data.generic.items=../catalogs/shop/items.jsonl",
+        "data.generic.queries=../catalogs/shop/queries.jsonl", "out_dir=outputs-shop"])
+    assert compare_dvc.compare_command(params_file, overrides, None) == (
+        "sa2crq compare -s dataset=generic -s data.generic.items=../catalogs/shop/items.jsonl "
+        "-s data.generic.queries=../catalogs/shop/queries.jsonl -s out_dir=outputs-shop")
+    sid, plan = _plan(overrides)
+    assert sid == "outputs_shop" and plan["sets"][sid]["results"] == "results/generic-shop.json"
+    texts = [(project / name).read_text() for name in ("experiments/compare.yaml", "experiments/sets/dvc.yaml")]
+    assert all(str(tmp_path) not in text for text in texts) and "../catalogs/shop/items.jsonl" in texts[1]
+    assert compare_dvc.load_set(sid)[0]["data"]["generic"]["items"] == "../catalogs/shop/items.jsonl"
+
+
+@pytest.mark.slow   # two real comparisons on DVC (prepare, embed, train, evaluate, a baseline, aggregate): minutes
+def test_two_catalogs_compare_side_by_side_and_a_copy_elsewhere_resumes(tmp_path):
+    """Issue 26 acceptance: two catalogs of one's own (JSONL files of the same names in two folders beside the
+    project, named by absolute paths) compared in a row in one checkout, each a full comparison (params.yaml:
+    the smoke recipe, one variant, one seed, one baseline), write two results files, plots and titles side by
+    side. Then the project and the catalogs, copied to another folder (the first one gone, as on another
+    machine), resume both plans: DVC finds every stage up to date and `sa2crq compare` runs none."""
+    work = tmp_path / "first"
+    root = _project(work / "project")
+    shutil.copytree(ROOT / "sa2crq", root / "sa2crq", ignore=shutil.ignore_patterns("__pycache__"))
+
+    def small(params: dict) -> None:
+        params["profile"] = "smoke"
+        smoke = params["profiles"]["smoke"]
+        smoke["eval"].update(seeds=[0], baselines=["popular"], variants=[smoke["eval"]["variants"][0]])
+        smoke["tokenizer"].update(codebook_sizes=[8, 8, 8], epochs_head=2, epochs_tail=1)
+        smoke["retriever"].update(epochs=1)
+
+    _edit_params(root, small)
+    catalogs = {name: _jsonl_catalog(work / "catalogs" / name, seed) for seed, name in enumerate(("shop", "library"))}
+
+    def compare(project: Path, files: list[Path], out_dir: str) -> dict:
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                   PYTHONPATH=str(project))
+        flags = [x for o in _generic(files, out_dir) for x in ("-s", o)]
+        run = subprocess.run([sys.executable, "-m", "sa2crq.cli", "compare", *flags], cwd=project, env=env,
+                             capture_output=True, text=True, timeout=1200)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        return _summary(run.stdout)
+
+    for name, files in catalogs.items():
+        summary = compare(root, files, f"outputs-{name}")
+        assert summary["full"] is True and summary["stages_run"] == 6     # prepare, embed, train, evaluate, ...
+        assert summary["results"] == f"results/generic-{name}.json"
+    for name in catalogs:
+        doc = json.loads((root / f"results/generic-{name}.json").read_text())
+        assert (doc["dataset"], doc["catalog"]) == ("generic", name)
+        assert [r["name"] for r in doc["rows"]] == ["RQ-KMeans", "most popular"]
+        assert (root / f"results/generic-{name}-curves.png").exists()
+        assert (root / f"results/generic-{name}-recall-at-k.png").exists()
+        title = (root / f"outputs-{name}/compare/results.md").read_text().splitlines()[0]
+        assert title == f"# Tokenizer comparison on {name} (generic catalog: items.jsonl, queries.jsonl)"
+    plan_files = ("experiments/compare.yaml", "experiments/sets/dvc.yaml", "experiments/dvc.lock",
+                  "experiments/sets/dvc.lock")
+    assert all(str(work) not in (root / name).read_text() for name in plan_files)
+
+    elsewhere = tmp_path / "second"
+    shutil.copytree(work, elsewhere, symlinks=True)
+    shutil.rmtree(work)
+    copy = elsewhere / "project"
+    plan = {name: (copy / name).read_bytes() for name in plan_files}
+    assert _stale(copy) == set()
+    for name in catalogs:
+        files = [elsewhere / "catalogs" / name / path.name for path in catalogs[name]]
+        assert compare(copy, files, f"outputs-{name}")["stages_run"] == 0
+    assert {name: (copy / name).read_bytes() for name in plan_files} == plan

@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 
 from components.evaluation import evaluate as evaluate_mod
+from components.evaluation.recall_curve import recall_at_k_figure
 from components.evaluation.report import results_frame, write_report
+from components.evaluation.results_file import catalog_name, write_results_file
 from components.runtime.atomic import write_json, write_npy, write_parquet
 from components.runtime.config import load_params
 from components.runtime.errors import ConfigError
@@ -169,6 +171,7 @@ def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypa
     # results/<dataset>.json: the headline rows with mean and std over seeds, named as the issue asks
     doc = json.loads((Path(params["eval"]["results_dir"]) / f"{params['dataset']}.json").read_text())
     assert doc["dataset"] == params["dataset"] and doc["seeds"] == [0, 1] and doc["command"] == "sa2crq compare"
+    assert "catalog" not in doc and "note" not in doc["rows"][0]     # built-in: the file as before issue 26
     rows = {r["name"]: r for r in doc["rows"]}
     assert list(rows) == ["A one", "B", "most popular"]
     assert rows["A one"]["hallucination"]["mean"] == pytest.approx(0.25)
@@ -192,6 +195,66 @@ def test_compare_runs_each_variant_and_seed_then_aggregates(run_params, monkeypa
     (Path(compare_mod.variant_params(params, variants[1], 1)["out_dir"]) / "eval" / "compare_run.json").unlink()
     with pytest.raises(FileNotFoundError, match="b/seed1/eval/compare_run.json: missing"):
         compare_mod.aggregate(params, variants, [0, 1], "sa2crq compare")
+
+
+def test_a_baseline_that_does_not_apply_keeps_its_row_in_every_table(run_params, monkeypatch, tmp_path):
+    """Issue 26: SASRec on a catalog without validation histories returns None; its row stays, in its place,
+    with no values and the reason, in results.md, summary.csv / .json and the results file; the Recall@K
+    figure leaves it out, and a comparison of nothing but skipped rows stops with one line."""
+    import components.pipeline.stages
+
+    monkeypatch.setattr(components.pipeline.stages, "get_step", _fake_steps([]))
+    params = dict(run_params, eval={**run_params["eval"], "baselines": ["sasrec", "popular"]})
+    table = _compare(params, [{"name": "A", "params": {}}], [0])
+    note = "skipped: no histories, SASRec needs sequences"
+    assert list(dict.fromkeys(table.index.get_level_values(0))) == ["A", "SASRec", "popular"]
+    assert list(table.loc["SASRec"].index) == ["overall"] and table.loc[("SASRec", "overall"), "note"] == note
+    assert table.loc[("SASRec", "overall"), "seeds"] == 0
+    assert table.loc["SASRec"].drop(columns=["seeds", "note"]).isna().all(axis=None)
+    root = Path(params["out_dir"]) / "compare"
+    md = (root / "results.md").read_text()
+    assert md.count("| SASRec ") == 2 and md.count(note) == 2                  # headline table and Table 1
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["SASRec"]["note"] == note and summary["SASRec"]["recall@5"] is None
+    assert "note" not in summary["popular"] and summary["popular"]["recall@5"] is not None
+    csv = pd.read_csv(root / "summary.csv")
+    assert csv.loc[csv["method"] == "SASRec", "note"].tolist() == [note]
+    doc = json.loads(compare_mod.results_file(params).read_text())
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert list(rows) == ["A", "SASRec", "most popular"]
+    assert rows["SASRec"]["note"] == note and rows["SASRec"]["seeds"] == 0
+    assert set(rows["SASRec"]) == set(rows["most popular"]) | {"note"}
+    assert all(v is None for k, v in rows["SASRec"].items() if k not in ("name", "note", "seeds"))
+    assert "note" not in rows["most popular"]
+    assert "SASRec" not in recall_at_k_figure(table, tmp_path / "recall.png", [5, 10])
+    only_skipped = dict(params, eval={**params["eval"], "baselines": ["sasrec"]})
+    with pytest.raises(ConfigError, match=rf"'eval.baselines': no row to compare: SASRec \({note}\)"):
+        compare_mod.aggregate(only_skipped, [], [0], "sa2crq compare --variants none")
+
+
+def test_a_users_catalog_goes_by_its_name(run_params):
+    """Issue 26: a generic catalog's results file, title and `catalog` field use data.generic.name, by
+    default its items file's folder; a built-in dataset keeps its name and file."""
+    def generic(items: str, name: str | None = None) -> dict:
+        files = {"items": items, "queries": "q.csv", **({"name": name} if name else {})}
+        return dict(run_params, dataset="generic", data={**run_params["data"], "generic": files})
+
+    assert catalog_name(run_params) == run_params["dataset"] == "amazon-scientific"
+    assert compare_mod.results_file(run_params).name == "amazon-scientific.json"
+    assert compare_mod.dataset_title(run_params) == "amazon-scientific"
+    for items, name in (("data/shop/items.jsonl", "shop"), ("/abs/My Books_2/items.csv", "my-books-2"),
+                        ("my_items.csv", "my-items"), ("../items.csv", "items")):
+        assert catalog_name(generic(items)) == name
+    named = generic("data/shop/items.jsonl", "kitchen")
+    assert compare_mod.results_file(named).name == "generic-kitchen.json"
+    assert compare_mod.dataset_title(named) == "kitchen (generic catalog: items.jsonl, q.csv)"
+    table = pd.DataFrame({"recall@5": [0.5], "recall@5 std": [0.1], "seeds": [2]},
+                         index=pd.MultiIndex.from_tuples([("A", "overall")], names=["method", "group"]))
+    path = write_results_file(table, named, [0, 1], "sa2crq compare", {})
+    doc = json.loads(path.read_text())
+    assert path.name == "generic-kitchen.json" and (doc["dataset"], doc["catalog"]) == ("generic", "kitchen")
+    builtin = json.loads(write_results_file(table, run_params, [0, 1], "sa2crq compare", {}).read_text())
+    assert builtin["dataset"] == "amazon-scientific" and "catalog" not in builtin
 
 
 def test_run_generative_reports_hallucination_three_ways(run_params, monkeypatch):

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 KIND = "baseline"
+SKIPPED = "does not apply to this catalog"   # a skipped row's reason when its registration gives none
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class Baseline:
 
     runner(params, data, k) -> the ranked frame (query_id, rank, item_id, score) of the test queries in
     `data` (components.evaluation.evaluate.EvalInputs), `k` items each, or None when the baseline does not
-    apply to the data (it logs why; the baseline then has no row). label: its row name in results,
+    apply to the data (it logs why; the comparison keeps its row, without values, noted "skipped: <skipped>";
+    skipped: that reason in a few words, default SKIPPED). label: its row name in results,
     reports and the comparison (default: the name). reads: the `eval.*` keys only this baseline reads
     (its section, its settings): part of its comparison run key, left out of every other run's.
     seeded: trained with the run's seed, so the comparison runs it once per seed (else once).
@@ -46,6 +48,7 @@ class Baseline:
     check: Callable[[dict], Any] | str | None = None
     section: Any = None
     doc: str = ""
+    skipped: str = ""
 
     def __post_init__(self) -> None:
         if self.section is not None and self.name not in self.reads:
@@ -55,6 +58,11 @@ class Baseline:
     def row(self) -> str:
         """The row name in results, reports and the comparison."""
         return self.label or self.name
+
+    @property
+    def skipped_note(self) -> str:
+        """What the comparison's tables say in the row of a run that returned None."""
+        return f"skipped: {self.skipped or SKIPPED}"
 
     def run(self, params: dict, data: Any, k: int) -> pd.DataFrame | None:
         return extensions.resolve(self.runner)(params, data, k)
@@ -113,12 +121,12 @@ register_baseline(Baseline("popular", "components.baselines.classic:run_popular"
 register_baseline(Baseline("two_tower", "components.baselines.two_tower:run_two_tower", reads=("two_tower",),
                            seeded=True, doc="a trained two-tower model on the retriever's query encoder"))
 register_baseline(Baseline("sasrec", "components.baselines.sasrec:run_sasrec_ids", label="SASRec",
-                           reads=("sasrec",), seeded=True,
+                           reads=("sasrec",), seeded=True, skipped="no histories, SASRec needs sequences",
                            doc="SASRec (cornac) on item ids"))
 register_baseline(Baseline("sasrec_text", "components.baselines.sasrec:run_sasrec_text", label="SASRec + text",
-                           reads=("sasrec",), seeded=True,
+                           reads=("sasrec",), seeded=True, skipped="no histories, SASRec needs sequences",
                            doc="SASRec with the items' text embeddings"))
 register_baseline(Baseline("sasrec_text_fusion", "components.baselines.sasrec_fusion:run_sasrec_text_fusion",
                            label="SASRec + text + fusion", reads=("sasrec", "bm25_history", "dense_history"),
-                           reads_retriever=("fusion",),
+                           reads_retriever=("fusion",), skipped="no histories, SASRec needs sequences",
                            seeded=True, doc="SASRec + text fused with dense and BM25 (RRF weights chosen on validation)"))

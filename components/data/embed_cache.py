@@ -1,10 +1,12 @@
 """Text vectors cached by content, so a killed embed resumes and a grown catalog encodes only what is new.
 
 Key = sha256 of (model, max_chars, normalize, text cut to max_chars): the inputs that fix a
-vector. Shards are `.npz` files (keys + float32 rows) each written atomically, so a kill
-loses at most the chunk being encoded and never leaves a half-written shard. The folder
-lives beside the DVC outs (`<out_dir>/embed_cache/`), not in them: a stage's outs are
-deleted before it runs, and the cache only grows. Deleting it is always safe.
+vector; an ONNX backend (embed.backend) adds its name and export recipe, so an int8 vector is never
+served for an fp32 request (the torch backend's keys stay as they were: existing caches stay valid).
+Shards are `.npz` files (keys + float32 rows) each written atomically, so a kill loses at most
+the chunk being encoded and never leaves a half-written shard. The folder lives beside the DVC
+outs (`<out_dir>/embed_cache/`), not in them: a stage's outs are deleted before it runs, and the
+cache only grows. Deleting it is always safe.
 """
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ import hashlib
 import json
 import uuid
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -21,11 +23,15 @@ from components.runtime.atomic import atomic_path
 
 
 class EmbedCache:
-    """Vectors of one encoder setting (model, max_chars, normalize) under `folder`."""
+    """Vectors of one encoder setting (model, max_chars, normalize, backend) under `folder`.
 
-    def __init__(self, folder: str | Path, model: str, max_chars: int, normalize: bool, dim: int):
+    `backend` is None for the torch backend (fp32 sentence-transformers), else the backend and its
+    export recipe (e.g. "onnx-int8/<recipe>"): it joins the key only when given."""
+
+    def __init__(self, folder: str | Path, model: str, max_chars: int, normalize: bool, dim: int,
+                 backend: str | None = None):
         self.folder = Path(folder)
-        self.setting = [model, int(max_chars), bool(normalize)]
+        self.setting = [model, int(max_chars), bool(normalize), *([backend] if backend else [])]
         self.dim = dim
 
     def key(self, text: str) -> str:

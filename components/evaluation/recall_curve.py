@@ -17,9 +17,10 @@ MAIN_ROWS = ("SA2CRQ", "SA2CRQ (paper retriever)", "TIGER", "fusion without gene
 def recall_at_k_figure(table: pd.DataFrame, path: Path, budgets: list[int]) -> list[str]:
     """Mean test Recall@K over seeds (overall) for every K the table holds, log K axis, the budgets marked;
     `table` is the comparison's (method, group) table with `recall@K` columns. Returns the rows drawn (named
-    as in the results file)."""
+    as in the results file); a row without values (skipped) is not drawn."""
     overall = table.xs("overall", level="group")
     ks = sorted(int(c.split("@")[1]) for c in overall.columns if c.startswith("recall@") and c[7:].isdigit())
+    overall = overall[overall[[f"recall@{k}" for k in ks]].notna().any(axis=1)]
     shown = {ROW_NAMES.get(m, m): m for m in overall.index}
     rows = [m for m in MAIN_ROWS if m in shown] or list(shown)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))

@@ -4,12 +4,16 @@ One row per method with each metric as {"mean", "std"} over seeds (std null for 
 the hallucination metrics null for non-generative rows: `hallucination` over all beams,
 `hallucination@k` over the top k, `hallucination_norm` over the chance rate of random SIDs of
 the same lengths, see components.ranking.metrics.hallucination_table), plus the command that produced
-it, so the file stays true to the command it names.
+it, so the file stays true to the command it names. A row asked for that did not run (SASRec on a
+catalog without histories) stays, every metric null, with a `note` saying why. A user's catalog
+(`dataset: generic`) goes by its own name (catalog_name): results/generic-<name>.json with `"catalog":
+<name>`, so two catalogs compared in one checkout keep two files and say which they cover.
 """
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +23,29 @@ from components.runtime.atomic import write_json
 
 # baseline keys of eval.baselines -> their row names in the results file
 ROW_NAMES = {"bm25": "BM25", "dense": "dense", "two_tower": "two-tower", "popular": "most popular"}
+
+
+def catalog_name(params: dict) -> str:
+    """The name a comparison's results, plots and report go by: the dataset's, or for a user's catalog
+    `data.generic.name`, by default the items file's folder name (its own name at the project root) in
+    [a-z0-9-]: data/shop/items.jsonl -> 'shop', my_items.csv -> 'my-items'."""
+    if params["dataset"] != "generic":
+        return str(params["dataset"])
+    generic = params["data"]["generic"]
+    if generic.get("name"):
+        return str(generic["name"])
+    items = Path(str(generic["items"]))
+    for text in (items.parent.name, items.stem):
+        name = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+        if name:
+            return name
+    return "catalog"
+
+
+def results_name(params: dict) -> str:
+    """The results file's name (no suffix): the dataset's, or 'generic-<catalog name>' for a user's catalog
+    (never a built-in dataset's file)."""
+    return str(params["dataset"]) if params["dataset"] != "generic" else f"generic-{catalog_name(params)}"
 
 
 def _stat(mean: object, std: object) -> dict | None:
@@ -32,13 +59,16 @@ def _stat(mean: object, std: object) -> dict | None:
 def result_rows(table: pd.DataFrame, k: int, budgets: list[int] | None = None) -> list[dict]:
     """Rows in table order: R@k overall and by group, NDCG@k, MRR@k, hallucination (all beams, top k,
     over chance), recall@all, Ret-Per; for each budget K beyond k, R@K and reach@K (the share of queries
-    given K items), and by group at the deepest."""
+    given K items), and by group at the deepest. A row the table notes as skipped (its `note` column) keeps
+    every key, null, and says why in `note`."""
     rows = []
     methods = list(dict.fromkeys(table.index.get_level_values(0)))
     for method in methods:
         row: dict = {"name": ROW_NAMES.get(method, method)}
         part = table.loc[method]
         overall = part.loc["overall"]
+        if isinstance(overall.get("note"), str):
+            row["note"] = overall["note"]
         seeds = int(overall["seeds"])
         cell = lambda frame, key: _stat(frame.get(key), frame.get(f"{key} std"))  # noqa: E731
         row[f"R@{k}"] = cell(overall, f"recall@{k}")
@@ -78,12 +108,14 @@ def input_digests(params: dict) -> dict[str, str]:
 
 def write_results_file(table: pd.DataFrame, params: dict, seeds: list[int], command: str, inputs: dict[str, str],
                        path: Path | None = None) -> Path:
-    """Write `path` (default <eval.results_dir>/<dataset>.json) atomically; returns it."""
+    """Write `path` (default <eval.results_dir>/<results_name>.json) atomically; returns it. A user's catalog's
+    file says which catalog it covers (`catalog`)."""
     ev = params["eval"]
     k = int(ev["headline_k"])
-    doc = {"dataset": params["dataset"], "command": command, "seeds": [int(s) for s in seeds],
+    named = {"catalog": catalog_name(params)} if params["dataset"] == "generic" else {}
+    doc = {"dataset": params["dataset"], **named, "command": command, "seeds": [int(s) for s in seeds],
            "split": "test", "k": k, "retriever_beam": int(params["retriever"]["beam"]), "inputs": inputs,
            "budgets": [int(b) for b in ev["budgets"]], "rows": result_rows(table, k, list(ev["budgets"]))}
-    path = path or Path(str(ev.get("results_dir") or "results")) / f"{params['dataset']}.json"
+    path = path or Path(str(ev.get("results_dir") or "results")) / f"{results_name(params)}.json"
     write_json(doc, path)
     return path

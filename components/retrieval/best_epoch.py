@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from components.runtime.divergence import StopOnDivergence
+from components.runtime.train_loggers import line_progress
 
 
 @dataclass
@@ -100,6 +101,7 @@ def fit_best_epoch(module: L.LightningModule, trainer_kwargs: dict, data: L.Ligh
             if patience > 0:
                 callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=patience, min_delta=0.0))
         callbacks.append(FitRecord(record_path))
+        callbacks += line_progress(trainer_kwargs.get("enable_progress_bar", True))
         trainer = L.Trainer(**trainer_kwargs, callbacks=callbacks, enable_checkpointing=checkpoint is not None,
                             num_sanity_val_steps=0)
         trainer.fit(module, datamodule=data)

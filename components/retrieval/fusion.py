@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from components.ranking.dense_index import DENSE_EXACT_UP_TO, ivf_index
 from components.runtime.config_schema import fusion_sources, typed_params
 
 STEP = 0.1  # weight grid step of the validation choice
@@ -92,8 +93,14 @@ def dense_ranking(query_vecs: np.ndarray, item_vecs: np.ndarray, depth: int, chu
 
     Similarities are computed in float64 and rounded to TIE_DECIMALS, so items whose scores are equal
     (a two-item history's mean is exactly as close to either item) rank by item row whatever the
-    query's batch: float32 rounding depends on the batch's shape and would break such ties either way."""
+    query's batch: float32 rounding depends on the batch's shape and would break such ties either way.
+    Above DENSE_EXACT_UP_TO items a faiss IVF index answers instead (components/ranking/dense_index.py);
+    a query whose probed cells hold fewer than `depth` items gets a shorter list."""
     n, depth = len(query_vecs), min(depth, len(item_vecs))
+    if len(item_vecs) > DENSE_EXACT_UP_TO:
+        rows, found = ivf_index(item_vecs).search(query_vecs, depth)
+        keep = rows >= 0
+        return Ranked(rows[keep].astype(np.int64), found[keep].astype(np.float32), keep.sum(1).astype(np.int64))
     rows = np.empty((n, depth), dtype=np.int64)
     scores = np.empty((n, depth), dtype=np.float32)
     items_t = item_vecs.astype(np.float64).T

@@ -55,11 +55,12 @@ def _text_vectors(queries: pd.DataFrame, query_emb: np.ndarray, params: dict) ->
     rows = np.where(is_text, emb_row, -1)
     if not fresh.any():
         return query_emb, rows
-    from components.data.embed import encode_texts
+    from components.data.embed import backend_of, encode_texts
 
     emb = params.get("embed", {})
     new = encode_texts(text[fresh].astype(str).tolist(), batch_size=int(emb.get("batch_size", 64)),
-                       max_chars=int(emb.get("max_chars", 1000)), normalize=bool(emb.get("normalize", True)))
+                       max_chars=int(emb.get("max_chars", 1000)), normalize=bool(emb.get("normalize", True)),
+                       backend=backend_of(emb))   # the backend that made the catalog's vectors
     rows[fresh] = len(query_emb) + np.arange(int(fresh.sum()))
     return np.concatenate([query_emb, new]), rows
 

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from components.retrieval.constrained_decoding import BeamResult, SidTrie, beam_search
-from components.retrieval.item_scorer import ItemScorer
+from components.retrieval.item_scorer import ItemScorer, negatives_for, sampled_candidates
 from components.retrieval.query_encoders import QueryEncoder
 from components.retrieval.seq2seq_backbones import HFSeq2Seq, SmallSeq2Seq
 from components.runtime.atomic import write_torch
@@ -49,6 +49,9 @@ def model_config(rp: dict, codebook_sizes: tuple[int, ...], emb_dim: int, max_hi
             cfg["item_head_encoder"] = "own"
         if rp["cold_item_rows"] == "text":  # absent in older checkpoints: they keep learned rows
             cfg["cold_item_rows"] = "text"
+        negatives = negatives_for(rp.get("item_head_negatives"), n_items)
+        if negatives:  # only when sampled: full-softmax configs stay as they were
+            cfg["item_negatives"] = negatives
     vocab = SidVocab(tuple(cfg["codebook_sizes"]))
     if backbone == "t5":
         from transformers import T5Config
@@ -133,6 +136,7 @@ class RetrieverModel(nn.Module):
         self.scorer_tower = QueryTower(config) if config.get("item_head_encoder") == "own" else None
         self.item_emb: torch.Tensor | None = None
         self.text_only: torch.Tensor | None = None
+        self.target_share: torch.Tensor | None = None
         self.catalog: SidCatalog | None = None
         self.trie: SidTrie | None = None
 
@@ -142,6 +146,9 @@ class RetrieverModel(nn.Module):
         their text alone (see ItemScorer.item_vectors)."""
         self.item_emb = torch.as_tensor(np.asarray(item_emb, dtype=np.float32))
         self.text_only = None
+        if popularity is not None:   # the sampled softmax's in-batch proposal: how often each item is a target
+            pop = torch.as_tensor(np.asarray(popularity, dtype=np.float64)).clamp_min(0)
+            self.target_share = (pop / pop.sum() if pop.sum() > 0 else torch.full_like(pop, 1 / len(pop))).float()
         if self.config.get("cold_item_rows") == "text" and popularity is not None:
             self.text_only = torch.as_tensor(np.asarray(popularity) == 0)
 
@@ -186,21 +193,30 @@ class RetrieverModel(nn.Module):
         return logits + self.layer_bias[: logits.shape[1]], qvec
 
     def loss(self, batch: dict) -> torch.Tensor:
-        """SID cross-entropy; with the item scorer, plus item_head_weight x its softmax loss over the catalog."""
+        """SID cross-entropy; with the item scorer, plus item_head_weight x its softmax loss over the catalog
+        (sampled, with log-Q, when the config has item_negatives: see item_scorer.sampled_candidates)."""
         logits, qvec = self._forward(batch)
         loss = F.cross_entropy(logits.flatten(0, 1), batch["target"].flatten(), ignore_index=PAD)
         if qvec is None:
             return loss
-        item_logits = self.scorer.logits(qvec, self.item_vectors())
-        return loss + self.config["item_head_weight"] * F.cross_entropy(item_logits, batch["target_item"])
+        target = batch["target_item"]
+        if self.config.get("item_negatives"):
+            if self.target_share is None:
+                raise ValueError("a sampled item scorer needs attach_items(item_emb, popularity) first")
+            rows, target, log_q = sampled_candidates(target, self.target_share, int(self.config["item_negatives"]))
+            item_logits = self.scorer.logits(qvec, self.item_vectors(rows)) - log_q
+        else:
+            item_logits = self.scorer.logits(qvec, self.item_vectors())
+        return loss + self.config["item_head_weight"] * F.cross_entropy(item_logits, target)
 
     # --- item scorer (config item_head)
-    def item_vectors(self) -> torch.Tensor:
+    def item_vectors(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Unit vectors of every catalog item (or of `rows` only)."""
         if self.scorer is None or self.item_emb is None:
             raise ValueError("the item scorer needs item_head on and attach_items(item_emb) first")
         device = self.layer_bias.device
         text_only = None if self.text_only is None else self.text_only.to(device)
-        return self.scorer.item_vectors(self.item_emb.to(device), text_only)
+        return self.scorer.item_vectors(self.item_emb.to(device), text_only, None if rows is None else rows.to(device))
 
     def on_device(self, batch: dict) -> dict:
         """The batch's tensors on the model's device (a no-op where they are already)."""

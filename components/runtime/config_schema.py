@@ -20,6 +20,7 @@ import difflib
 import functools
 import json
 import math
+import re
 from collections.abc import Callable
 from typing import Annotated, Any, get_args
 
@@ -253,6 +254,10 @@ Generic = section(
     "Generic",
     items=text(),
     queries=text(),
+    # names the catalog's results file, plots and report (components/evaluation/results_file.py catalog_name);
+    # left out: the items file's folder name. No run reads it (flows/compare.py NAMING_KEYS).
+    name=optional(rule("must be lowercase letters, digits and '-' (it names results/generic-<name>.json), e.g. my-shop",
+                       lambda v: isinstance(v, str) and re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", v) is not None)),
 )
 
 Data = section(
@@ -274,6 +279,9 @@ Embed = section(
     num_threads=THREADS,
     cache=FLAG,
     cache_every_batches=integer(1),
+    # what runs MiniLM (components/data/embed.py BACKENDS, DEFAULT_BACKEND): torch = sentence-transformers fp32;
+    # onnx / onnx-int8 = ONNX Runtime, faster on CPU (bench/bench_embed.py). Left out of params.yaml: torch
+    backend=(choice("torch", "onnx", "onnx-int8"), "torch"),
 )
 
 Sarq = section(
@@ -359,6 +367,9 @@ Retriever = section(
     item_head=FLAG,
     item_head_weight=LOSS_WEIGHT,
     item_head_encoder=choice("shared", "own"),
+    item_head_negatives=optional(rule(
+        "must be auto | full | an integer >= 1 (uniform negatives per step of a sampled softmax)",
+        lambda v: v in ("auto", "full") or (_is_int(v) and v >= 1))),
     cold_item_rows=choice("text", "learned"),
     fusion=Fusion,
     indexing_pairs=FLAG,

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from components.runtime.divergence import StopOnDivergence
+from components.runtime.train_loggers import line_progress
 from components.tokenizers.quantizer import ResidualQuantizer, depth_mask, init_rows_kmeans, reseed_dead_rows, rq_losses
 from components.tokenizers.sarq import PathTable, choose_tau, stop_depths
 
@@ -267,6 +268,7 @@ def fit(model: RQVAE, x: Tensor, spec: TrainSpec, sarq: SarqSpec | None, init_km
             callbacks.append(ReseedDeadCodes(spec.reseed_every))
         if sarq is not None and sarq.frozen_table is None:
             callbacks.append(ReestimatePathTable(sarq.warmup_epochs, sarq.reestimate_every))
+        callbacks += line_progress(progress)
         was_deterministic = torch.are_deterministic_algorithms_enabled()
         try:
             trainer = L.Trainer(max_epochs=spec.epochs, accelerator=spec.accelerator, devices=1,

@@ -180,15 +180,14 @@ def _outs(stages: dict) -> list[str]:
 
 def test_two_generic_catalogs_live_side_by_side(empty_project):
     """Finding 17: a second dataset=generic comparison failed, results/generic-curves.png being an
-    output of both aggregate stages."""
+    output of both aggregate stages. Each catalog goes by its name (issue 26: by default its folder's)."""
     project = empty_project
     sids = [_plan(_catalog(project, name)) for name in ("a", "b")]
     plan = _yaml((project / "experiments/compare.yaml").read_text())
-    assert [plan["sets"][s]["results"] for s in sids] == ["results/generic-outputs-a.json",
-                                                          "results/generic-outputs-b.json"]
+    assert [plan["sets"][s]["results"] for s in sids] == ["results/generic-a.json", "results/generic-b.json"]
     outs = _outs(_yaml((project / "experiments/sets/dvc.yaml").read_text())["stages"])
     assert len(outs) == len(set(outs))                                  # DVC refuses a path two stages write
-    assert {"results/generic-outputs-a-curves.png", "results/generic-outputs-b-curves.png"} <= set(outs)
+    assert {"results/generic-a-curves.png", "results/generic-b-curves.png"} <= set(outs)
 
 
 def test_a_second_set_writing_a_taken_results_file_is_one_line(project):

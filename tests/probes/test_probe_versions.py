@@ -244,7 +244,7 @@ def test_duplicate_new_texts_get_one_vector_fresh_or_cached(smoke_params, tmp_pa
 
     import components.data.embed as embed
 
-    def encode(texts, batch_size=64, max_chars=1000, normalize=True, progress=None):
+    def encode(texts, batch_size=64, max_chars=1000, normalize=True, progress=None, backend="torch"):
         longest = max(len(t) for t in texts)
         return np.array([[zlib.crc32(t.encode()) % 997, 1e-3 * longest] + [0.0] * 382 for t in texts], np.float32)
 
